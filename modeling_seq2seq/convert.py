@@ -1,0 +1,137 @@
+"""Port weights between our model and `transformers.MarianMTModel` (the paper architecture inside transformers).
+
+Marian keeps separate q/k/v projections where we fuse them; everything else maps one to one. `to_marian` gives the
+independent reference our parity tests and benchmarks compare against; `from_marian` runs OPUS-MT checkpoints on
+our code.
+"""
+
+import torch
+from transformers import GenerationConfig, MarianConfig, MarianMTModel
+
+from .configuration_seq2seq import Seq2SeqTransformerConfig
+from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
+
+SHARED_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "activation_function",
+    "max_position_embeddings",
+    "scale_embedding",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+)
+
+
+def layer_renames(config) -> dict[str, str]:
+    """Our parameter name -> Marian's, for the parameters that map one to one."""
+    names = {"model.shared.weight": "model.shared.weight", "lm_head.weight": "lm_head.weight"}
+    for stack, count, sublayers in (
+        ("encoder", config.encoder_layers, ("self_attn_layer_norm", "final_layer_norm")),
+        ("decoder", config.decoder_layers, ("self_attn_layer_norm", "final_layer_norm")),
+    ):
+        for i in range(count):
+            ours, theirs = f"model.{stack}.layers.{i}", f"model.{stack}.layers.{i}"
+            pairs = [(f"{ours}.{n}", f"{theirs}.{n}") for n in sublayers]
+            pairs += [(f"{ours}.self_attn.out_proj", f"{theirs}.self_attn.out_proj")]
+            pairs += [(f"{ours}.feed_forward.fc1", f"{theirs}.fc1"), (f"{ours}.feed_forward.fc2", f"{theirs}.fc2")]
+            if stack == "decoder":
+                pairs += [
+                    (f"{ours}.cross_attn_layer_norm", f"{theirs}.encoder_attn_layer_norm"),
+                    (f"{ours}.cross_attn.out_proj", f"{theirs}.encoder_attn.out_proj"),
+                    (f"{ours}.cross_attn.q_proj", f"{theirs}.encoder_attn.q_proj"),
+                ]
+            for a, b in pairs:
+                names[f"{a}.weight"], names[f"{a}.bias"] = f"{b}.weight", f"{b}.bias"
+    return names
+
+
+def fused_projections(config) -> dict[str, list[str]]:
+    """Our fused projection (without .weight/.bias) -> Marian's projections it concatenates, in order."""
+    fused = {}
+    for stack, count in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
+        for i in range(count):
+            prefix = f"model.{stack}.layers.{i}"
+            fused[f"{prefix}.self_attn.qkv_proj"] = [f"{prefix}.self_attn.{p}_proj" for p in "qkv"]
+            if stack == "decoder":
+                fused[f"{prefix}.cross_attn.kv_proj"] = [f"{prefix}.encoder_attn.{p}_proj" for p in "kv"]
+    return fused
+
+
+def from_marian(marian: MarianMTModel) -> Seq2SeqTransformerForConditionalGeneration:
+    """Our model with the weights, settings and generation defaults of a `MarianMTModel` (e.g. an OPUS-MT model)."""
+    mc = marian.config
+    if not mc.share_encoder_decoder_embeddings or (mc.decoder_vocab_size or mc.vocab_size) != mc.vocab_size:
+        raise ValueError("from_marian needs a Marian model with one vocabulary shared by source and target.")
+    bias = marian.final_logits_bias.detach().reshape(-1)
+    config = Seq2SeqTransformerConfig(
+        **{field: getattr(mc, field) for field in SHARED_FIELDS},
+        positional_encoding_layout="split",
+        layer_norm_position="post",
+        output_bias=bool(bias.any()),
+        init_std=mc.init_std,
+    )
+    model = Seq2SeqTransformerForConditionalGeneration(config)
+    theirs = marian.state_dict()
+    state = {ours: theirs[name] for ours, name in layer_renames(config).items()}
+    for ours, parts in fused_projections(config).items():
+        for kind in ("weight", "bias"):
+            state[f"{ours}.{kind}"] = torch.cat([theirs[f"{p}.{kind}"] for p in parts], dim=0)
+    if config.output_bias:
+        state["lm_head.bias"] = bias
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"Weight mapping from Marian is incomplete: missing {missing}, unexpected {unexpected}.")
+    model.generation_config = GenerationConfig.from_dict(marian.generation_config.to_dict())
+    return model.to(marian.dtype).train(marian.training)
+
+
+def to_marian(model: Seq2SeqTransformerForConditionalGeneration) -> MarianMTModel:
+    """The `MarianMTModel` twin of our model: same weights, same numbers (the parity tests' reference)."""
+    config = model.config
+    if config.layer_norm_position != "post":
+        raise ValueError(f"to_marian needs layer_norm_position='post' (Marian has no pre-LN), got {config.layer_norm_position!r}.")
+    if config.positional_encoding_layout != "split":
+        raise ValueError(
+            "to_marian needs positional_encoding_layout='split' (Marian's sinusoids put sines first), "
+            f"got {config.positional_encoding_layout!r}."
+        )
+    if abs(config.layer_norm_eps - 1e-5) > 1e-12:
+        raise ValueError(f"to_marian needs layer_norm_eps=1e-5 (Marian's), got {config.layer_norm_eps}.")
+    marian_config = MarianConfig(
+        **{field: getattr(config, field) for field in SHARED_FIELDS},
+        forced_eos_token_id=None,
+        share_encoder_decoder_embeddings=True,
+    )
+    marian = MarianMTModel(marian_config)
+    ours = model.state_dict()
+    state = {name: ours[o] for o, name in layer_renames(config).items() if o in ours}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = ours["model.shared.weight"]
+    for fused, parts in fused_projections(config).items():
+        for kind in ("weight", "bias"):
+            for part, chunk in zip(parts, ours[f"{fused}.{kind}"].chunk(len(parts), dim=0)):
+                state[f"{part}.{kind}"] = chunk
+    state["final_logits_bias"] = (
+        ours["lm_head.bias"][None] if config.output_bias else torch.zeros(1, config.vocab_size, dtype=state["model.shared.weight"].dtype)
+    )
+    for stack in ("encoder", "decoder"):
+        state[f"model.{stack}.embed_tokens.weight"] = ours["model.shared.weight"]
+    missing, unexpected = marian.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "embed_positions" not in k]:
+        raise RuntimeError(f"Weight mapping to Marian is incomplete: missing {missing}, unexpected {unexpected}.")
+    marian.generation_config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    return marian.to(model.dtype).train(model.training)

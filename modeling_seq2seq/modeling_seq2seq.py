@@ -1,0 +1,714 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), written out by hand.
+
+Each class below is one idea of the paper, and its docstring names the section. The model is a native
+`transformers` model (config, outputs, cache, generation, save/load) and runs on transformers 5.x and 4.57:
+this file ships to the Hub with the weights, so it imports torch, transformers and the config only.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_seq2seq import Seq2SeqTransformerConfig
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Teacher forcing: the decoder reads the target shifted one position right, starting from the start token."""
+    shifted = labels.new_empty(labels.shape)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill_(shifted == -100, pad_token_id)
+
+
+def attention_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype attention scores are computed in: the autocast dtype when autocast is on."""
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden_states.dtype
+
+
+def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, keys) 1/0 mask -> additive (batch, 1, 1, keys) mask: 0 where attended, the dtype's minimum where not.
+
+    The dtype's minimum rather than -inf: a row whose keys are all padding then gets a uniform softmax, never NaN.
+    """
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_mask(query_length: int, past_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Section 3.2.3: position i may attend to positions <= i ("preventing leftward information flow")."""
+    key_positions = torch.arange(past_length + query_length, device=device)
+    query_positions = torch.arange(past_length, past_length + query_length, device=device)
+    future = key_positions[None, :] > query_positions[:, None]
+    return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)[None, None]
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
+
+    A formula, not a parameter: nothing is learned or saved. The table is computed on first use (in float64, then
+    rounded, so that it equals Marian's bit for bit) and grows when a longer sequence arrives.
+    `layout="interleaved"` alternates sine and cosine as the formula is written; `layout="split"` puts all sines
+    first (tensor2tensor, Marian/OPUS-MT). The two differ by a fixed permutation of dimensions.
+    """
+
+    def __init__(self, d_model: int, max_positions: int, layout: str = "split"):
+        super().__init__()
+        self.d_model, self.max_positions, self.layout = d_model, max_positions, layout
+        self.table = None  # a plain attribute, not a buffer: never in the state dict, never on the meta device
+
+    def compute(self, length: int) -> torch.Tensor:
+        positions = torch.arange(length, dtype=torch.float64)[:, None]
+        angles = positions / 10000 ** (torch.arange(0, self.d_model, 2, dtype=torch.float64) / self.d_model)
+        if self.layout == "interleaved":
+            return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).float()
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
+
+    def forward(self, length: int, past_length: int, device: torch.device) -> torch.Tensor:
+        """Encodings of positions past_length .. past_length + length - 1, shape (length, d_model), float32."""
+        end = past_length + length
+        if self.table is None or self.table.shape[0] < end or self.table.device != device:
+            size = max(self.max_positions, 1 << (end - 1).bit_length(), 0 if self.table is None else self.table.shape[0])
+            self.table = self.compute(size).to(device)
+        return self.table[past_length:end]
+
+
+class ScaledWordEmbedding(nn.Embedding):
+    """Section 3.4: learned embeddings whose weights are multiplied by sqrt(d_model)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float = 1.0):
+        super().__init__(num_embeddings, embedding_dim)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Section 3.2.1, Equation 1: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
+
+    Inputs are (batch, heads, length, head_dim); returns the output as (batch, length, heads, head_dim) and the
+    attention weights as (batch, heads, queries, keys). The softmax runs in float32 for half-precision inputs.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+def sdpa_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=False, **kwargs):
+    """Equation 1 through `torch.nn.functional.scaled_dot_product_attention` (fused kernels); no weights returned."""
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal
+    )
+    return output.transpose(1, 2), None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+# transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; forwards accept both.
+CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+class MultiHeadAttention(nn.Module):
+    """Section 3.2.2: MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+
+    The h per-head projections of a role are one (d_model, d_model) matrix. Self-attention computes Q, K and V
+    with one fused matrix; cross-attention (Section 3.2.3: queries from the decoder, keys and values from the
+    encoder output) fuses K and V, which are computed once per generated sentence and then read from the cache.
+    """
+
+    def __init__(self, config: Seq2SeqTransformerConfig, num_heads: int, is_cross_attention: bool = False, layer_idx=None):
+        super().__init__()
+        d_model = config.d_model
+        self.config = config
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_cross_attention, self.layer_idx = is_cross_attention, layer_idx
+        self.is_causal = False  # read by transformers' shared kernels; our masks say what is causal
+        if is_cross_attention:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, states: torch.Tensor, parts: int):
+        batch, length, _ = states.shape
+        return states.view(batch, length, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+        is_causal: bool = False,
+    ):
+        if self.is_cross_attention:
+            (query,) = self.split_heads(self.q_proj(hidden_states), 1)
+            if cache is not None and cache.is_updated.get(self.layer_idx):
+                layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
+                key, value = layer_cache.keys, layer_cache.values
+            else:
+                key, value = self.split_heads(self.kv_proj(key_value_states), 2)
+                if cache is not None:
+                    key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                    cache.is_updated[self.layer_idx] = True
+        else:
+            query, key, value = self.split_heads(self.qkv_proj(hidden_states), 3)
+            if cache is not None:
+                key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ATTENTION_FUNCTIONS.get(implementation) or ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))
+        return output, weights
+
+
+class PositionwiseFeedForward(nn.Module):
+    """Section 3.3, Equation 2: FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, the same at every position."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, activation_dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.activation = ACT2FN[activation]
+        self.activation_dropout = activation_dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation(self.fc1(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return self.fc2(hidden_states)
+
+
+class SublayerMixin:
+    """Section 3.1 / 5.4: each sub-layer's output is LayerNorm(x + Dropout(Sublayer(x))) ("post"), or, with
+    `layer_norm_position="pre"`, x + Dropout(Sublayer(LayerNorm(x)))."""
+
+    def sublayer(self, hidden_states, layer_norm, function):
+        if self.pre_norm:
+            output, weights = function(layer_norm(hidden_states))
+            return hidden_states + F.dropout(output, p=self.dropout, training=self.training), weights
+        output, weights = function(hidden_states)
+        return layer_norm(hidden_states + F.dropout(output, p=self.dropout, training=self.training)), weights
+
+
+class EncoderLayer(SublayerMixin, GradientCheckpointingLayer):
+    """Section 3.1, encoder layer: multi-head self-attention, then the position-wise feed-forward network."""
+
+    def __init__(self, config: Seq2SeqTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.dropout, self.pre_norm = config.dropout, config.layer_norm_position == "pre"
+        self.self_attn = MultiHeadAttention(config, config.encoder_attention_heads, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.feed_forward = PositionwiseFeedForward(
+            config.d_model, config.encoder_ffn_dim, config.activation_function, config.activation_dropout
+        )
+        self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        hidden_states, weights = self.sublayer(
+            hidden_states,
+            self.self_attn_layer_norm,
+            lambda x: self.self_attn(x, attention_mask=attention_mask, output_attentions=output_attentions),
+        )
+        hidden_states, _ = self.sublayer(hidden_states, self.final_layer_norm, lambda x: (self.feed_forward(x), None))
+        return hidden_states, weights
+
+
+class DecoderLayer(SublayerMixin, GradientCheckpointingLayer):
+    """Section 3.1, decoder layer: masked self-attention, attention over the encoder output, feed-forward."""
+
+    def __init__(self, config: Seq2SeqTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.dropout, self.pre_norm = config.dropout, config.layer_norm_position == "pre"
+        heads = config.decoder_attention_heads
+        self.self_attn = MultiHeadAttention(config, heads, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.cross_attn = MultiHeadAttention(config, heads, is_cross_attention=True, layer_idx=layer_idx)
+        self.cross_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.feed_forward = PositionwiseFeedForward(
+            config.d_model, config.decoder_ffn_dim, config.activation_function, config.activation_dropout
+        )
+        self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        self_attention_mask=None,
+        encoder_attention_mask=None,
+        cache=None,
+        output_attentions=False,
+        is_causal=False,
+        use_cache=None,
+    ):
+        hidden_states, self_weights = self.sublayer(
+            hidden_states,
+            self.self_attn_layer_norm,
+            lambda x: self.self_attn(
+                x, attention_mask=self_attention_mask, cache=cache,
+                output_attentions=output_attentions, is_causal=is_causal,
+            ),
+        )
+        hidden_states, cross_weights = self.sublayer(
+            hidden_states,
+            self.cross_attn_layer_norm,
+            lambda x: self.cross_attn(
+                x, key_value_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                cache=cache, output_attentions=output_attentions,
+            ),
+        )
+        hidden_states, _ = self.sublayer(hidden_states, self.final_layer_norm, lambda x: (self.feed_forward(x), None))
+        return hidden_states, self_weights, cross_weights
+
+
+class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
+    """Weights initialisation and the `transformers` plumbing shared by the models below.
+
+    Initialisation (the paper does not state one): Xavier/Glorot-uniform linear layers with zero biases, as in
+    tensor2tensor and fairseq, and embeddings from N(0, d_model^-1/2) (`init_std`), so that embeddings scaled by
+    sqrt(d_model) start with unit variance and so do the logits of the tied output projection.
+    """
+
+    config_class = Seq2SeqTransformerConfig
+    config: Seq2SeqTransformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EncoderLayer", "DecoderLayer"]
+    _supports_sdpa = True
+    _supports_cache_class = True  # 4.57 reads it; 5.x ignores it
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            std = self.config.init_std if self.config.init_std is not None else self.config.d_model**-0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class Encoder(nn.Module):
+    """Section 3.1, encoder: a stack of N identical layers over the embedded, position-encoded source (3.4, 3.5)."""
+
+    def __init__(self, config: Seq2SeqTransformerConfig, embed_tokens: ScaledWordEmbedding):
+        super().__init__()
+        self.config = config
+        self.embed_tokens_ref = [embed_tokens]  # a reference: the model owns (and saves) the shared embedding once
+        self.embed_positions = SinusoidalPositionalEncoding(
+            config.d_model, config.max_position_embeddings, config.positional_encoding_layout
+        )
+        self.layers = nn.ModuleList([EncoderLayer(config, i) for i in range(config.encoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layer_norm_position == "pre" else None
+        self.gradient_checkpointing = False
+
+    @property
+    def embed_tokens(self):
+        return self.embed_tokens_ref[0]
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens_ref[0] = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("The encoder needs exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings, "input_ids")
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if batch == 0 or length == 0:
+            raise ValueError(f"The encoder got an empty batch: input shape {tuple(inputs_embeds.shape[:2])}.")
+        positions = self.embed_positions(length, 0, inputs_embeds.device)
+        hidden_states = F.dropout(inputs_embeds + positions.to(inputs_embeds.dtype), p=config.dropout, training=self.training)
+
+        mask = None
+        if attention_mask is not None:
+            check_mask_shape(attention_mask, (batch, length), "attention_mask")
+            mask = padding_mask(attention_mask, attention_dtype(hidden_states))
+
+        all_hidden_states, all_attentions = (), ()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, weights = layer(hidden_states, attention_mask=mask, output_attentions=output_attentions)
+            if output_attentions:
+                all_attentions += (weights,)
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        hidden_states_out = all_hidden_states if output_hidden_states else None
+        attentions_out = all_attentions if output_attentions else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, hidden_states_out, attentions_out) if v is not None)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=hidden_states_out, attentions=attentions_out)
+
+
+class Decoder(nn.Module):
+    """Section 3.1, decoder: N identical layers over the shifted, embedded target; each also attends to the encoder."""
+
+    def __init__(self, config: Seq2SeqTransformerConfig, embed_tokens: ScaledWordEmbedding):
+        super().__init__()
+        self.config = config
+        self.embed_tokens_ref = [embed_tokens]
+        self.embed_positions = SinusoidalPositionalEncoding(
+            config.d_model, config.max_position_embeddings, config.positional_encoding_layout
+        )
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.decoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layer_norm_position == "pre" else None
+        self.gradient_checkpointing = False
+
+    embed_tokens = Encoder.embed_tokens
+    get_input_embeddings = Encoder.get_input_embeddings
+    set_input_embeddings = Encoder.set_input_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("The decoder needs exactly one of `decoder_input_ids` and `decoder_inputs_embeds`.")
+        if encoder_hidden_states is None:
+            raise ValueError("The decoder needs the encoder's output: pass `input_ids` or `encoder_outputs`.")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings, "decoder_input_ids")
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if encoder_hidden_states.shape[0] != batch:
+            raise ValueError(
+                f"Batch sizes differ: {batch} decoder sequences but {encoder_hidden_states.shape[0]} encoder outputs."
+            )
+        if self.training and any(layer.gradient_checkpointing for layer in self.layers):
+            use_cache = False
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if not use_cache:
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        positions = self.embed_positions(length, past_length, inputs_embeds.device)
+        hidden_states = F.dropout(inputs_embeds + positions.to(inputs_embeds.dtype), p=config.dropout, training=self.training)
+
+        dtype, device = attention_dtype(hidden_states), hidden_states.device
+        self_mask, is_causal = None, False
+        if attention_mask is not None:
+            if attention_mask.shape[-1] == length and past_length:  # a mask of the new tokens only
+                attention_mask = torch.cat([attention_mask.new_ones(batch, past_length), attention_mask], dim=-1)
+            check_mask_shape(attention_mask, (batch, past_length + length), "decoder_attention_mask")
+            if not bool(attention_mask.all()):
+                self_mask = causal_mask(length, past_length, dtype, device) + padding_mask(attention_mask, dtype)
+        if self_mask is None and length > 1:
+            # One new token may see every earlier one: no mask. Several: SDPA's own causal kernel when nothing
+            # is cached (its is_causal aligns queries and keys at the top-left), else an explicit mask.
+            if past_length == 0 and config._attn_implementation == "sdpa" and not output_attentions:
+                is_causal = True
+            else:
+                self_mask = causal_mask(length, past_length, dtype, device)
+        cross_mask = None
+        if encoder_attention_mask is not None:
+            check_mask_shape(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask")
+            cross_mask = padding_mask(encoder_attention_mask, dtype)
+
+        all_hidden_states, all_self_attentions, all_cross_attentions = (), (), ()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states,
+                encoder_hidden_states,
+                self_attention_mask=self_mask,
+                encoder_attention_mask=cross_mask,
+                cache=cache,
+                output_attentions=output_attentions,
+                is_causal=is_causal,
+                use_cache=use_cache,
+            )
+            if output_attentions:
+                all_self_attentions += (self_weights,)
+                all_cross_attentions += (cross_weights,)
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        outputs = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            **{CACHE_FIELD: cache},
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            attentions=all_self_attentions if output_attentions else None,
+            cross_attentions=all_cross_attentions if output_attentions else None,
+        )
+        return outputs if return_dict else outputs.to_tuple()
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str):
+    """An id outside the vocabulary would index out of bounds deep inside the embedding; say which argument."""
+    if input_ids.numel() and not input_ids.is_cuda:  # a device-to-host sync per call on CUDA is not worth it
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"`{name}` holds token id {high if high >= vocab_size else low}, outside [0, {vocab_size}).")
+
+
+def check_mask_shape(mask: torch.Tensor, expected, name: str):
+    if tuple(mask.shape) != tuple(expected):
+        raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected {tuple(expected)} (batch, length).")
+
+
+class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
+    """Section 3: the encoder-decoder, with one embedding matrix shared by source and target (Section 3.4)."""
+
+    def __init__(self, config: Seq2SeqTransformerConfig):
+        super().__init__(config)
+        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.shared = ScaledWordEmbedding(config.vocab_size, config.d_model, embed_scale)
+        self.encoder = Encoder(config, self.shared)
+        self.decoder = Decoder(config, self.shared)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, value):
+        self.shared = value
+        self.encoder.set_input_embeddings(value)
+        self.decoder.set_input_embeddings(value)
+
+    def get_encoder(self, *args, **kwargs):
+        return self.encoder
+
+    def get_decoder(self, *args, **kwargs):
+        return self.decoder
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        encoder_outputs=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        decoder_inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache=None,
+        **kwargs,
+    ):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError("Pass `decoder_input_ids`, `decoder_inputs_embeds` or `labels` (the target to shift right).")
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        outputs = Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            **{CACHE_FIELD: getattr(decoder_outputs, CACHE_FIELD)},
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+        return outputs if return_dict else outputs.to_tuple()
+
+
+class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedModel, GenerationMixin):
+    """Section 3.4: the encoder-decoder plus the output projection to next-token logits (tied to the embeddings).
+
+    Generation defaults follow Section 6.1: beam search with beam size 4 and length penalty 0.6 (transformers'
+    penalty, the log-probability sum divided by length^0.6).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
+
+    def __init__(self, config: Seq2SeqTransformerConfig):
+        super().__init__(config)
+        self.model = Seq2SeqTransformerModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.output_bias)
+        self.post_init()
+        if self.generation_config is not None:
+            self.generation_config.num_beams = 4
+            self.generation_config.length_penalty = 0.6
+            self.generation_config.max_length = config.max_position_embeddings
+
+    def get_input_embeddings(self):
+        return self.model.shared
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_encoder(self, *args, **kwargs):
+        return self.model.encoder
+
+    def get_decoder(self, *args, **kwargs):
+        return self.model.decoder
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        encoder_outputs=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        decoder_inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache=None,
+        **kwargs,
+    ):
+        """`labels`: target ids, -100 where ignored; the loss is cross-entropy with `config.label_smoothing`
+        (Section 5.4), and, without `decoder_input_ids`, the decoder reads the labels shifted right."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                labels.to(logits.device).flatten(),
+                ignore_index=-100,
+                label_smoothing=self.config.label_smoothing,
+            )
+        output = Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "Seq2SeqTransformerPreTrainedModel",
+    "Seq2SeqTransformerModel",
+    "Seq2SeqTransformerForConditionalGeneration",
+]
