@@ -1,0 +1,424 @@
+"""The core model: parity with transformers' MarianMTModel, the paper's properties, and transformers plumbing."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+from modeling_seq2seq import (
+    Seq2SeqTransformerConfig,
+    Seq2SeqTransformerForConditionalGeneration,
+    Seq2SeqTransformerModel,
+)
+from modeling_seq2seq.convert import from_marian, to_marian
+from modeling_seq2seq.modeling_seq2seq import SinusoidalPositionalEncoding
+from modeling_seq2seq.presets import load_preset
+
+VOCAB = 64
+
+
+def tiny_config(**overrides):
+    fields = dict(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    )
+    return Seq2SeqTransformerConfig(**{**fields, **overrides})
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Seq2SeqTransformerForConditionalGeneration(tiny_config(**overrides)).eval()
+
+
+def padded_batch(seed=0, batch=4, length=11, vocab=VOCAB):
+    """Random source ids (no special tokens) with right padding of different lengths, eos at each end."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, length), generator=generator)
+    lengths = [length - 3 * (i % 3) for i in range(batch)]
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n - 1] = 2
+        ids[i, n:] = 0
+    return ids, mask
+
+
+# --- Parity with an independent reference ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("base", marks=pytest.mark.slow)])
+def test_logits_and_generation_match_marian(preset):
+    """Our hand-written model and transformers' MarianMTModel with the same weights compute the same function."""
+    torch.manual_seed(0)
+    vocab = 300 if preset == "tiny" else 1000
+    config = load_preset(preset, vocab_size=vocab, dropout=0.0)
+    ours = Seq2SeqTransformerForConditionalGeneration(config).eval()
+    marian = to_marian(ours).eval()
+    source, mask = padded_batch(seed=1, batch=4, length=13, vocab=vocab)
+    target, _ = padded_batch(seed=2, batch=4, length=9, vocab=vocab)
+    with torch.no_grad():
+        logits = ours(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        reference = marian(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+    assert (logits - reference).abs().max().item() < 1e-4
+    for settings in (dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)):
+        settings.update(max_new_tokens=16, do_sample=False)
+        assert torch.equal(
+            ours.generate(source, attention_mask=mask, **settings),
+            marian.generate(source, attention_mask=mask, **settings),
+        ), settings
+
+
+def test_from_marian_round_trip_keeps_output_bias():
+    """OPUS-MT checkpoints carry a logits bias: from_marian keeps it, and the ported model matches Marian."""
+    marian = to_marian(make_model()).eval()
+    with torch.no_grad():
+        marian.final_logits_bias.normal_()
+    ours = from_marian(marian).eval()
+    assert ours.config.output_bias
+    source, mask = padded_batch()
+    with torch.no_grad():
+        ours_logits = ours(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits
+        reference = marian(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits
+    assert (ours_logits - reference).abs().max().item() < 1e-5
+
+
+# --- The paper's properties ------------------------------------------------------------------------------------------
+
+
+def test_sinusoids_follow_the_formula_in_both_layouts():
+    d_model, positions = 16, torch.arange(40, dtype=torch.float64)[:, None]
+    frequencies = torch.tensor([10000 ** (-2 * i / d_model) for i in range(d_model // 2)], dtype=torch.float64)
+    sines, cosines = torch.sin(positions * frequencies), torch.cos(positions * frequencies)
+    interleaved = SinusoidalPositionalEncoding(d_model, 8, "interleaved")(40, 0, torch.device("cpu"))
+    split = SinusoidalPositionalEncoding(d_model, 8, "split")(40, 0, torch.device("cpu"))
+    assert torch.allclose(interleaved[:, 0::2].double(), sines, atol=1e-6)
+    assert torch.allclose(interleaved[:, 1::2].double(), cosines, atol=1e-6)
+    assert torch.allclose(split.double(), torch.cat([sines, cosines], dim=1), atol=1e-6)
+
+
+def test_inputs_longer_than_max_position_embeddings_work():
+    """Sinusoids are a formula: the table grows past max_position_embeddings instead of failing."""
+    model = make_model(max_position_embeddings=8)
+    source = torch.randint(4, VOCAB, (1, 20))
+    with torch.no_grad():
+        long_logits = model(input_ids=source, decoder_input_ids=source).logits
+    assert long_logits.shape == (1, 20, VOCAB) and torch.isfinite(long_logits).all()
+    # The first positions do not depend on how large the table is.
+    reference = make_model(max_position_embeddings=64)
+    with torch.no_grad():
+        assert torch.allclose(reference(input_ids=source, decoder_input_ids=source).logits, long_logits, atol=1e-6)
+
+
+def test_decoder_is_causal():
+    """Changing decoder token t changes no logit before t (Section 3.2.3)."""
+    model = make_model()
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 10))
+    changed = target.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % VOCAB
+    with torch.no_grad():
+        before = model(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        after = model(input_ids=source, attention_mask=mask, decoder_input_ids=changed).logits
+    assert torch.equal(before[:, :6], after[:, :6])
+    assert not torch.allclose(before[:, 6:], after[:, 6:])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_padding_does_not_change_a_sequence(implementation):
+    model = make_model()
+    model.config._attn_implementation = implementation
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 7))
+    with torch.no_grad():
+        batch_logits = model(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        for i in range(4):
+            n = int(mask[i].sum())
+            alone = model(input_ids=source[i : i + 1, :n], decoder_input_ids=target[i : i + 1]).logits
+            assert (alone[0] - batch_logits[i]).abs().max().item() < 1e-5
+
+
+def test_eager_and_sdpa_agree():
+    eager = make_model()
+    eager.config._attn_implementation = "eager"
+    sdpa = make_model()
+    sdpa.config._attn_implementation = "sdpa"
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 7))
+    with torch.no_grad():
+        a = eager(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        b = sdpa(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_attn_implementation_is_selectable_at_load(tmp_path):
+    make_model().save_pretrained(tmp_path)
+    for implementation in ("eager", "sdpa"):
+        model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, attn_implementation=implementation)
+        assert model.config._attn_implementation == implementation
+
+
+def test_incremental_decoding_with_cache_equals_full_forward():
+    model = make_model()
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 8))
+    with torch.no_grad():
+        full = model(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=mask)
+        cache, steps = None, []
+        for t in range(target.shape[1]):
+            out = model(
+                encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=target[:, t : t + 1],
+                past_key_values=cache, use_cache=True,
+            )
+            cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+            steps.append(out.logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_cross_attention_keys_are_computed_once_per_generate_call():
+    model = make_model()
+    calls = []
+    for layer in model.model.decoder.layers:
+        layer.cross_attn.kv_proj.register_forward_hook(lambda *args: calls.append(1))
+    source, mask = padded_batch()
+    model.generate(source, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, num_beams=1)
+    assert len(calls) == model.config.decoder_layers
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)])
+def test_generation_is_the_same_with_and_without_cache(settings):
+    model = make_model()
+    source, mask = padded_batch()
+    with_cache = model.generate(source, attention_mask=mask, max_new_tokens=10, use_cache=True, **settings)
+    without = model.generate(source, attention_mask=mask, max_new_tokens=10, use_cache=False, **settings)
+    assert torch.equal(with_cache, without)
+
+
+def test_generate_modes():
+    model = make_model()
+    source, mask = padded_batch()
+    greedy = model.generate(source, attention_mask=mask, num_beams=1, do_sample=False, max_new_tokens=5)
+    assert greedy.shape[0] == 4 and greedy.shape[1] <= 6
+    assert (greedy[:, 0] == model.config.decoder_start_token_id).all()
+    beams = model.generate(source, attention_mask=mask, num_beams=4, num_return_sequences=3, max_new_tokens=5)
+    assert beams.shape[0] == 12
+    torch.manual_seed(0)
+    sampled = model.generate(source, attention_mask=mask, do_sample=True, num_beams=1, top_k=0, max_new_tokens=5,
+                             num_return_sequences=2)
+    assert sampled.shape[0] == 8
+    # The paper's decoding settings are the default (Section 6.1).
+    assert model.generation_config.num_beams == 4 and model.generation_config.length_penalty == 0.6
+    default = model.generate(source, attention_mask=mask, max_new_tokens=5)
+    explicit = model.generate(source, attention_mask=mask, max_new_tokens=5, num_beams=4, length_penalty=0.6)
+    assert torch.equal(default, explicit)
+
+
+# --- Training --------------------------------------------------------------------------------------------------------
+
+
+def test_loss_is_cross_entropy_over_shifted_labels_with_label_smoothing():
+    model = make_model(label_smoothing=0.1)
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    labels[0, 4:] = -100
+    with torch.no_grad():
+        out = model(input_ids=source, attention_mask=mask, labels=labels)
+        decoder_input_ids = torch.cat([torch.full((4, 1), model.config.decoder_start_token_id), labels[:, :-1]], 1)
+        decoder_input_ids[decoder_input_ids == -100] = model.config.pad_token_id
+        logits = model(input_ids=source, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits.double()
+    # Float64 recomputation of label-smoothed cross-entropy: (1 - eps) * NLL + eps * mean over the vocabulary.
+    log_probs = logits.log_softmax(-1)
+    keep = labels != -100
+    nll = -log_probs[keep].gather(-1, labels[keep][:, None]).squeeze(-1)
+    smooth = -log_probs[keep].mean(-1)
+    expected = (0.9 * nll + 0.1 * smooth).mean()
+    assert abs(out.loss.item() - expected.item()) < 1e-5
+    assert torch.allclose(out.logits.double(), logits, atol=1e-5)
+
+
+def test_gradient_reaches_every_parameter():
+    model = make_model().train()
+    source, mask = padded_batch()
+    model(input_ids=source, attention_mask=mask, labels=torch.randint(4, VOCAB, (4, 6))).loss.backward()
+    no_gradient = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_gradient
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    gradients = []
+    for checkpointing in (False, True):
+        model = make_model(dropout=0.0).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=source, attention_mask=mask, labels=labels).loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+def test_tiny_model_overfits_one_batch():
+    model = make_model(dropout=0.0).train()
+    source, mask = padded_batch(batch=8, length=8)
+    labels = torch.randint(4, VOCAB, (8, 6))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-9)
+    for _ in range(200):
+        loss = model(input_ids=source, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.05
+
+
+# --- Embeddings, weights and save/load ------------------------------------------------------------------------------
+
+
+def test_embeddings_are_shared_scaled_and_tied():
+    model = make_model()
+    shared = model.get_input_embeddings()
+    assert model.get_encoder().embed_tokens is shared and model.get_decoder().embed_tokens is shared
+    assert model.get_output_embeddings().weight is shared.weight
+    ids = torch.tensor([[5, 6]])
+    assert torch.allclose(shared(ids), shared.weight[ids] * math.sqrt(model.config.d_model))
+
+
+def test_untied_output_projection_keeps_source_and_target_shared(tmp_path):
+    model = make_model(tie_word_embeddings=False)
+    assert model.lm_head.weight is not model.model.shared.weight
+    assert model.get_encoder().embed_tokens is model.get_decoder().embed_tokens
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.shared.weight)
+
+
+def test_save_and_load_round_trip_with_safetensors(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, output_loading_info=True, use_safetensors=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    assert isinstance(loaded, Seq2SeqTransformerForConditionalGeneration)
+    assert loaded.lm_head.weight is loaded.model.shared.weight
+    source, mask = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.eval()(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits,
+            model(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits,
+        )
+    assert loaded.generation_config.num_beams == 4
+
+
+def test_auto_classes_are_registered(tmp_path):
+    config = tiny_config()
+    assert isinstance(AutoConfig.for_model("seq2seq_transformer", d_model=64), Seq2SeqTransformerConfig)
+    assert isinstance(AutoModel.from_config(config), Seq2SeqTransformerModel)
+    assert isinstance(AutoModelForSeq2SeqLM.from_config(config), Seq2SeqTransformerForConditionalGeneration)
+    make_model().save_pretrained(tmp_path)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), Seq2SeqTransformerModel)
+
+
+def test_resize_token_embeddings_keeps_the_tie():
+    model = make_model()
+    model.resize_token_embeddings(VOCAB + 6)
+    assert model.config.vocab_size == VOCAB + 6
+    assert model.lm_head.weight is model.model.shared.weight
+    assert model.get_encoder().embed_tokens is model.get_input_embeddings()
+    source, mask = padded_batch()
+    assert model(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits.shape[-1] == VOCAB + 6
+
+
+def test_hidden_states_and_attentions_are_returned():
+    model = make_model()
+    model.config._attn_implementation = "sdpa"
+    source, mask = padded_batch()
+    out = model(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :5],
+                output_hidden_states=True, output_attentions=True)
+    assert len(out.encoder_hidden_states) == 3 and len(out.decoder_hidden_states) == 3
+    assert out.cross_attentions[0].shape == (4, 4, 5, source.shape[1])
+    # Attention weights are distributions over the source, and padding gets none of the mass.
+    assert torch.allclose(out.cross_attentions[-1].sum(-1), torch.ones(4, 4, 5), atol=1e-5)
+    assert out.cross_attentions[-1][1, :, :, mask[1] == 0].abs().max() < 1e-6
+
+
+def test_pre_layer_norm_option_builds_and_learns():
+    model = make_model(layer_norm_position="pre").train()
+    assert model.model.encoder.layer_norm is not None
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=source, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_bf16_on_cpu_is_finite_even_for_fully_padded_rows():
+    model = make_model().to(torch.bfloat16)
+    source, mask = padded_batch()
+    mask[3] = 0  # a row that is all padding
+    with torch.no_grad():
+        logits = model(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :4]).logits
+    assert torch.isfinite(logits).all()
+
+
+# --- Configuration ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("encoder_attention_heads", 5),
+        ("d_model", 0),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("activation_function", "tanh"),
+        ("positional_encoding_layout", "rotary"),
+        ("layer_norm_position", "sandwich"),
+        ("encoder_layers", 2.5),
+        ("vocab_size", "big"),
+        ("pad_token_id", 10_000),
+    ],
+)
+def test_config_validation_names_field_and_value(field, value):
+    with pytest.raises(ValueError, match=rf"{field}={value!r}".replace("(", r"\(").replace(".", r"\.")):
+        tiny_config(**{field: value})
+
+
+def test_presets_match_the_paper_sizes():
+    """Table 3: base about 65M and big about 213M parameters with a 37,000-token shared vocabulary."""
+    sizes = {}
+    for name in ("base", "big"):
+        config = load_preset(name)
+        assert config.vocab_size == 37000
+        with torch.device("meta"):
+            model = Seq2SeqTransformerForConditionalGeneration(config)
+        sizes[name] = sum(p.numel() for p in model.parameters())
+    assert abs(sizes["base"] - 65e6) / 65e6 < 0.05, sizes
+    assert abs(sizes["big"] - 213e6) / 213e6 < 0.05, sizes
+    base, big = load_preset("base"), load_preset("big")
+    assert (base.d_model, base.encoder_ffn_dim, base.encoder_attention_heads, base.dropout) == (512, 2048, 8, 0.1)
+    assert (big.d_model, big.encoder_ffn_dim, big.encoder_attention_heads, big.dropout) == (1024, 4096, 16, 0.3)
+    assert base.encoder_layers == base.decoder_layers == big.encoder_layers == 6
+
+
+def test_preset_file_with_unknown_field_is_rejected(tmp_path):
+    path = tmp_path / "preset.json"
+    path.write_text('{"d_model": 64, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "n_layerz": 3}')
+    with pytest.raises(ValueError, match=r"preset\.json: unknown field\(s\) n_layerz"):
+        load_preset(path)
+    path.write_text('{"d_model": 60, "encoder_attention_heads": 8}')
+    with pytest.raises(ValueError, match=r"preset\.json: .*encoder_attention_heads=8"):
+        load_preset(path)
