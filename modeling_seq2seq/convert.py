@@ -5,8 +5,12 @@ independent reference our parity tests and benchmarks compare against; `from_mar
 our code.
 """
 
+import os
+import shutil
+import tempfile
+
 import torch
-from transformers import GenerationConfig, MarianConfig, MarianMTModel
+from transformers import AutoTokenizer, GenerationConfig, MarianConfig, MarianMTModel
 
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
@@ -135,3 +139,29 @@ def to_marian(model: Seq2SeqTransformerForConditionalGeneration) -> MarianMTMode
         raise RuntimeError(f"Weight mapping to Marian is incomplete: missing {missing}, unexpected {unexpected}.")
     marian.generation_config = GenerationConfig.from_dict(model.generation_config.to_dict())
     return marian.to(model.dtype).train(model.training)
+
+
+def convert_folder(source: str, output_dir: str, to: str) -> None:
+    """Load a saved model (Marian or ours), convert it, and save it with its tokenizer into `output_dir`."""
+    if to not in ("ours", "marian"):
+        raise ValueError(f"`to` must be 'ours' or 'marian', got {to!r}.")
+    if to == "ours":
+        model = from_marian(MarianMTModel.from_pretrained(source, use_safetensors=True))
+    else:
+        model = to_marian(Seq2SeqTransformerForConditionalGeneration.from_pretrained(source, use_safetensors=True))
+    output = os.path.abspath(output_dir)
+    if os.path.exists(output) and os.listdir(output):
+        raise FileExistsError(f"{output} exists and is not empty; choose a new --output_dir.")
+    staging = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(output) or ".")
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(staging)
+        except (OSError, ValueError) as error:
+            print(f"note: no tokenizer copied from {source} ({error})")
+        if os.path.exists(output):
+            os.rmdir(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

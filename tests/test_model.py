@@ -422,3 +422,21 @@ def test_preset_file_with_unknown_field_is_rejected(tmp_path):
     path.write_text('{"d_model": 60, "encoder_attention_heads": 8}')
     with pytest.raises(ValueError, match=r"preset\.json: .*encoder_attention_heads=8"):
         load_preset(path)
+
+
+def test_convert_script_round_trip(tmp_path):
+    """scripts/convert_marian.py: ours -> Marian folder -> ours gives the same logits."""
+    import runpy
+
+    convert = runpy.run_path("scripts/convert_marian.py")["main"]
+    model = make_model()
+    model.save_pretrained(tmp_path / "ours")
+    convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "marian")])
+    convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")])
+    back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "back").eval()
+    source, mask = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits,
+                           model(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits)
+    with pytest.raises(FileExistsError, match="not empty"):  # never writes into a non-empty folder
+        convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")])
