@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Train the shared source+target BPE vocabulary and save it as a PreTrainedTokenizerFast.
+
+    python scripts/train_tokenizer.py --vocab_size 1000 --output_dir out/tokenizer            # built-in task
+    python scripts/train_tokenizer.py --train_file train.jsonl --source_lang en --target_lang de \
+        --vocab_size 37000 --output_dir out/tokenizer
+"""
+
+import argparse
+import logging
+
+from modeling_seq2seq.tokenization import train_tokenizer_from_data
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="folder to save tokenizer.json and tokenizer_config.json")
+    parser.add_argument("--vocab_size", type=int, required=True, help="total size, specials and byte tokens included")
+    parser.add_argument("--min_frequency", type=int, default=2)
+    parser.add_argument("--train_file", help=".jsonl/.json/.csv/.tsv; without it and --dataset_name: the built-in task")
+    parser.add_argument("--dataset_name", help="a datasets Hub dataset in the translation layout (e.g. wmt14)")
+    parser.add_argument("--dataset_config_name", help="its configuration (e.g. de-en)")
+    parser.add_argument("--source_lang", default="en")
+    parser.add_argument("--target_lang", default="de")
+    parser.add_argument("--model_max_length", type=int, default=1024)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tokenizer = train_tokenizer_from_data(
+        args.vocab_size,
+        args.output_dir,
+        min_frequency=args.min_frequency,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_file=args.train_file,
+        source_lang=args.source_lang,
+        target_lang=args.target_lang,
+        model_max_length=args.model_max_length,
+    )
+    print(f"saved a vocabulary of {len(tokenizer)} tokens to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""Data layer: the built-in task, file loading and its errors, tokenisation, token batching, collation."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+import logging
+import re
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modeling_seq2seq.data import (
+    DataFileError,
+    Seq2SeqCollator,
+    TokenBatchSampler,
+    builtin_task,
+    load_parallel_data,
+    read_parallel_file,
+    token_lengths,
+    tokenize_pairs,
+)
+from modeling_seq2seq.tokenization import train_tokenizer
+
+PAIRS = [
+    ("the cat", "die Katze"),
+    ('He said "hi", then left', "Er sagte „hallo“, dann ging er"),
+    ("Straße", "street ç 😀"),
+    ("thirty-four", "vierunddreißig"),
+]
+
+
+def write(path, text: str | bytes):
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    path.write_bytes(text)
+    return path
+
+
+def jsonl(pairs, layout="translation"):
+    rows = [{"translation": {"en": s, "de": t}} if layout == "translation" else {"en": s, "de": t} for s, t in pairs]
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def rows_of(ds):
+    return list(zip(ds["source"], ds["target"]))
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return builtin_task()
+
+
+# ------------------------------------------------------------------------------------------------
+# built-in task
+
+
+def test_builtin_splits_sizes_and_columns(builtin):
+    assert set(builtin) == {"train", "validation", "test"}
+    assert {k: len(v) for k, v in builtin.items()} == {"train": 9000, "validation": 500, "test": 500}
+    for ds in builtin.values():
+        assert ds.column_names == ["source", "target"]
+
+
+def test_builtin_is_deterministic_and_seeded(builtin):
+    again = builtin_task()
+    for split in builtin:
+        assert rows_of(again[split]) == rows_of(builtin[split])
+    other = builtin_task(seed=1)
+    assert set(other["test"]["source"]) != set(builtin["test"]["source"])
+
+
+def test_builtin_splits_are_disjoint_and_cover_0_to_9999(builtin):
+    sets = {k: set(v["source"]) for k, v in builtin.items()}
+    assert sets["train"].isdisjoint(sets["test"])
+    assert sets["train"].isdisjoint(sets["validation"])
+    assert sets["validation"].isdisjoint(sets["test"])
+    assert sum(len(s) for s in sets.values()) == 10_000  # no duplicate phrasing inside a split either
+    from num2words import num2words
+
+    assert set().union(*sets.values()) == {num2words(n, lang="en") for n in range(10_000)}
+
+
+def test_builtin_translations_reorder_units_and_tens(builtin):
+    pairs = dict(rows_of(builtin["train"]) + rows_of(builtin["validation"]) + rows_of(builtin["test"]))
+    assert pairs["thirty-four"] == "vierunddreißig"
+    assert pairs["one hundred and twelve"] == "einhundertzwölf"
+    assert pairs["one thousand, two hundred and thirty-four"] == "eintausendzweihundertvierunddreißig"
+    assert pairs["nine thousand, nine hundred and ninety-nine"] == "neuntausendneunhundertneunundneunzig"
+    assert pairs["zero"] == "null"
+
+
+def test_no_data_means_builtin_task(builtin):
+    data = load_parallel_data()
+    assert rows_of(data["test"]) == rows_of(builtin["test"])
+    with pytest.raises(ValueError, match="built-in task is en->de"):
+        load_parallel_data(source_lang="fr", target_lang="de")
+
+
+# ------------------------------------------------------------------------------------------------
+# local files: the accepted layouts
+
+
+def test_all_layouts_give_the_same_pairs(tmp_path):
+    files = {
+        "a.jsonl": jsonl(PAIRS),
+        "b.jsonl": jsonl(PAIRS, layout="flat"),
+        "c.json": json.dumps([{"translation": {"en": s, "de": t}} for s, t in PAIRS], ensure_ascii=False, indent=2),
+        "d.json": jsonl(PAIRS),  # JSON Lines in a .json file, as datasets' json loader accepts
+        "e.csv": "id,en,de\n"
+        + "".join(
+            f'{i},"{s.replace(chr(34), 2 * chr(34))}","{t.replace(chr(34), 2 * chr(34))}"\n'
+            for i, (s, t) in enumerate(PAIRS)
+        ),
+        "f.tsv": "de\ten\n" + "".join(f"{t}\t{s}\n" for s, t in PAIRS),  # raw quotes, columns in any order
+    }
+    for name, text in files.items():
+        ds = read_parallel_file(write(tmp_path / name, text))
+        assert rows_of(ds) == PAIRS, name
+        assert ds.column_names == ["source", "target"]
+
+
+def test_splits_and_language_direction(tmp_path):
+    train = write(tmp_path / "train.jsonl", jsonl(PAIRS))
+    valid = write(tmp_path / "valid.tsv", "en\tde\nx\ty\n")
+    data = load_parallel_data(train_file=train, validation_file=valid, source_lang="de", target_lang="en")
+    assert set(data) == {"train", "validation"}
+    assert rows_of(data["train"]) == [(t, s) for s, t in PAIRS]
+    assert rows_of(data["validation"]) == [("y", "x")]
+
+
+def test_whitespace_is_stripped_and_bom_accepted(tmp_path):
+    f = write(tmp_path / "a.tsv", "\ufeffen\tde\n  a b  \t c \n")
+    assert rows_of(read_parallel_file(f)) == [("a b", "c")]
+
+
+def test_files_and_dataset_name_together_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="either dataset_name"):
+        load_parallel_data(dataset_name="wmt14", train_file=tmp_path / "x.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------
+# local files: every error names the file and the line
+
+
+def check_error(path, *needles, exc=DataFileError):
+    with pytest.raises(exc) as info:
+        read_parallel_file(path)
+    message = str(info.value)
+    assert str(path) in message, message
+    for needle in needles:
+        assert re.search(needle, message), (needle, message)
+    return message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.jsonl"))):
+        load_parallel_data(train_file=tmp_path / "missing.jsonl")
+
+
+def test_missing_language_field_jsonl(tmp_path):
+    f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:2]) + json.dumps({"translation": {"en": "x", "fr": "y"}}) + "\n")
+    check_error(f, r"line 3\b", r"missing language field\(s\) \['de'\]", r"keys found: \['en', 'fr'\]")
+
+
+def test_missing_language_column_csv_names_columns_found(tmp_path):
+    f = write(tmp_path / "a.csv", "english,german\nx,y\n")
+    check_error(f, r"line 1\b", r"missing language column\(s\) \['en', 'de'\]", r"found: \['english', 'german'\]")
+
+
+def test_non_utf8_bytes(tmp_path):
+    f = write(tmp_path / "a.tsv", b"en\tde\na\tb\n" + "caf\u00e9\tx\n".encode("latin-1"))
+    check_error(f, r"line 3\b", "not valid UTF-8", r"byte 4")
+
+
+def test_malformed_json_line(tmp_path):
+    f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:1]) + '{"translation": {"en": "x", "de": }\n')
+    check_error(f, r"line 2\b", "malformed JSON")
+
+
+def test_malformed_json_array(tmp_path):
+    f = write(tmp_path / "a.json", '[\n  {"en": "a", "de": "b"},\n  {"en": "c" "de": "d"}\n]\n')
+    check_error(f, r"line 3\b", "malformed JSON")
+    g = write(tmp_path / "b.json", '[\n  {"en": "a", "de": "b"},\n  {"en": "c"}\n]\n')
+    check_error(g, r"line 3\b", r"array item 2", r"missing language field")
+
+
+def test_non_string_value(tmp_path):
+    f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:1]) + '{"en": "x", "de": 42}\n')
+    check_error(f, r"line 2\b", "'de' value must be a string")
+
+
+def test_json_that_is_not_an_object(tmp_path):
+    f = write(tmp_path / "a.jsonl", '["en", "de"]\n')
+    check_error(f, r"line 1\b", "expected a JSON object")
+
+
+def test_wrong_field_count_tsv(tmp_path):
+    f = write(tmp_path / "a.tsv", "en\tde\na\tb\nc\td\te\n")
+    check_error(f, r"line 3\b", "expected 2 fields", "found 3")
+
+
+def test_malformed_csv_quoting(tmp_path):
+    f = write(tmp_path / "a.csv", 'en,de\na,b\n"c"x,d\n')
+    check_error(f, r"line 3\b", "malformed CSV")
+
+
+def test_binary_file(tmp_path):
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
+    check_error(write(tmp_path / "image.jsonl", png), r"line \d+", "binary file")
+    check_error(write(tmp_path / "blob.tsv", os.urandom(4096).replace(b"\n", b"")), r"line 1\b", "binary file")
+
+
+def test_huge_single_line_is_rejected_with_bounded_memory(tmp_path):
+    f = tmp_path / "huge.jsonl"
+    with open(f, "wb") as out:
+        out.write(jsonl(PAIRS[:1]).encode())
+        out.write(b'{"en": "' + b"a" * (30 << 20) + b'", "de": "b"}\n')  # a 30 MB line
+    tracemalloc.start()
+    try:
+        check_error(f, r"line 2\b", "longer than 1,048,576 bytes")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak Python memory {peak / 2**20:.1f} MiB while rejecting a 30 MB line"
+
+
+def test_unsupported_extension(tmp_path):
+    check_error(write(tmp_path / "a.txt", "x\n"), "unsupported file type '.txt'")
+
+
+def test_empty_pairs_are_skipped_with_a_warning(tmp_path, caplog):
+    f = write(
+        tmp_path / "a.jsonl",
+        jsonl([("a", "b"), ("", "x"), ("c", "d"), ("y", "   ")])
+        + '{"en": "e", "de": null}\n'
+        + "\n"
+        + jsonl([("f", "g")]),
+    )
+    with caplog.at_level(logging.WARNING, logger="modeling_seq2seq.data"):
+        ds = read_parallel_file(f, max_bad_lines_shown=2)
+    assert rows_of(ds) == [("a", "b"), ("c", "d"), ("f", "g")]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert str(f) in message and "skipped 3 pair(s)" in message and "lines 2, 4 and 1 more" in message
+
+
+def test_only_empty_pairs_is_an_error(tmp_path):
+    check_error(write(tmp_path / "a.tsv", "en\tde\n\tx\n"), r"line 1\b", "no usable en-de pairs", "1 skipped")
+    check_error(write(tmp_path / "b.jsonl", ""), "no usable", "no records")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub datasets (the real code path with load_dataset replaced: no network)
+
+
+def test_hub_translation_layout(monkeypatch):
+    raw = DatasetDict(
+        {
+            "train": Dataset.from_dict(
+                {"translation": [{"de": t, "en": s} for s, t in PAIRS] + [{"de": "", "en": "x"}]}
+            ),
+            "validation": Dataset.from_dict({"translation": [{"de": "b", "en": "a"}]}),
+        }
+    )
+    calls = []
+
+    def fake_load_dataset(name, config=None):
+        calls.append((name, config))
+        return raw
+
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_parallel_data(dataset_name="wmt14", dataset_config_name="de-en")
+    assert calls == [("wmt14", "de-en")]
+    assert rows_of(data["train"]) == PAIRS  # the empty target was dropped
+    assert rows_of(data["validation"]) == [("a", "b")]
+    with pytest.raises(DataFileError, match=r"dataset 'wmt14', split 'train', row 0: missing language\(s\) \['fr'\]"):
+        load_parallel_data(dataset_name="wmt14", dataset_config_name="de-en", source_lang="fr")
+
+
+def test_hub_column_layout_and_split_alias(monkeypatch):
+    raw = DatasetDict(
+        {"train": Dataset.from_dict({"en": ["a"], "de": ["b"]}), "dev": Dataset.from_dict({"en": ["c"], "de": ["d"]})}
+    )
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: raw)
+    data = load_parallel_data(dataset_name="some/corpus")
+    assert rows_of(data["validation"]) == [("c", "d")]
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, config=None: DatasetDict({"train": Dataset.from_dict({"x": ["a"]})})
+    )
+    with pytest.raises(DataFileError, match=r"dataset 'some/corpus', split 'train'.*columns found: \['x'\]"):
+        load_parallel_data(dataset_name="some/corpus")
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenisation
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([w for pair in PAIRS for w in pair] * 10, vocab_size=300)
+
+
+def test_tokenize_pairs_adds_ids_and_filters_long_pairs(tok):
+    ds = Dataset.from_dict({"source": [s for s, _ in PAIRS], "target": [t for _, t in PAIRS]})
+    src_len = [len(tok(s)["input_ids"]) for s, _ in PAIRS]
+    tgt_len = [len(tok(t)["input_ids"]) for _, t in PAIRS]
+    max_src, max_tgt = sorted(src_len)[2], sorted(tgt_len)[2]
+    kept = [i for i in range(len(PAIRS)) if src_len[i] <= max_src and tgt_len[i] <= max_tgt]
+    assert 0 < len(kept) < len(PAIRS)  # the test exercises filtering
+    out, n_filtered = tokenize_pairs(ds, tok, max_src, max_tgt)
+    assert n_filtered == len(PAIRS) - len(kept)
+    assert rows_of(out) == [PAIRS[i] for i in kept]
+    for row in out:
+        assert row["input_ids"] == tok(row["source"])["input_ids"]
+        assert row["labels"] == tok(text_target=row["target"])["input_ids"]
+        assert row["labels"][-1] == tok.eos_token_id and row["input_ids"][-1] == tok.eos_token_id
+    s, t = token_lengths(out)
+    assert s.tolist() == [len(x) for x in out["input_ids"]] and t.tolist() == [len(x) for x in out["labels"]]
+    sub = out.select([len(out) - 1])  # an indices mapping: lengths must follow it
+    assert token_lengths(sub)[0].tolist() == [len(out[-1]["input_ids"])]
+
+
+# ------------------------------------------------------------------------------------------------
+# token batching
+
+
+def random_lengths(n=1000, seed=0, high=60):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(1, high, n)
+    tgt = np.clip(src + rng.integers(-5, 6, n), 1, None)
+    return src, tgt
+
+
+def check_epoch(batches, src, tgt, max_tokens, n=None):
+    for b in batches:
+        assert len(b) * max(src[i] for i in b) <= max_tokens
+        assert len(b) * max(tgt[i] for i in b) <= max_tokens
+    flat = [i for b in batches for i in b]
+    if n is not None:
+        assert sorted(flat) == list(range(n))  # every example exactly once
+
+
+def test_token_batches_respect_budget_and_cover_epoch():
+    src, tgt = random_lengths()
+    sampler = TokenBatchSampler(src, tgt, max_tokens=300, seed=3)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        check_epoch(batches, src, tgt, 300, n=len(src))
+        orders.append(batches)
+    assert orders[0] != orders[1] != orders[2]
+    again = TokenBatchSampler(src, tgt, max_tokens=300, seed=3)
+    again.set_epoch(1)
+    assert list(again) == orders[1]  # deterministic given seed and epoch
+
+
+def test_similar_lengths_are_batched_together():
+    src, tgt = random_lengths()
+    batches = list(TokenBatchSampler(src, tgt, max_tokens=600, seed=0))
+    padded = sum(len(b) * max(src[i] for i in b) for b in batches)
+    assert src.sum() / padded > 0.9  # little padding; random batches of these sizes would waste ~half
+    assert len(batches) < len(src) / 5  # and batches are real batches, not singletons
+
+
+def test_max_sentences():
+    src, tgt = np.ones(100, int), np.ones(100, int)
+    batches = list(TokenBatchSampler(src, tgt, max_tokens=1000, max_sentences=7))
+    assert max(len(b) for b in batches) == 7 and sum(len(b) for b in batches) == 100
+
+
+def test_no_shuffle_is_length_ordered_and_epoch_independent():
+    src, tgt = random_lengths(200)
+    sampler = TokenBatchSampler(src, tgt, max_tokens=200, shuffle=False)
+    first = list(sampler)
+    sampler.set_epoch(5)
+    assert list(sampler) == first
+    maxima = [max(src[i] for i in b) for b in first]
+    assert maxima == sorted(maxima)
+
+
+def test_too_long_example_is_an_error():
+    with pytest.raises(
+        ValueError, match=r"2 example\(s\) do not fit in max_tokens=40, e.g. example 2 with 50 source / 3 target tokens"
+    ):
+        TokenBatchSampler([3, 4, 50, 5], [3, 3, 3, 41], max_tokens=40)
+
+
+@pytest.mark.parametrize("num_replicas", [2, 3])
+def test_distributed_shares_are_disjoint_equal_and_complete(num_replicas):
+    src, tgt = random_lengths(777, seed=1)
+    for epoch in range(3):
+        shares = []
+        for rank in range(num_replicas):
+            s = TokenBatchSampler(src, tgt, max_tokens=250, seed=9, num_replicas=num_replicas, rank=rank)
+            s.set_epoch(epoch)
+            shares.append(list(s))
+            assert len(shares[-1]) == len(s)
+        assert len({len(share) for share in shares}) == 1  # equal counts: no rank waits at a barrier
+        check_epoch([b for share in shares for b in share], src, tgt, 250, n=len(src))  # disjoint + complete
+
+
+def test_batch_count_is_made_a_multiple_by_splitting():
+    # 3 batches of 4 identical examples -> 2 replicas need 4 batches: one batch is split in two
+    src = tgt = np.full(12, 10)
+    one = TokenBatchSampler(src, tgt, max_tokens=40, shuffle=False)
+    assert [len(b) for b in one] == [4, 4, 4]
+    shares = [list(TokenBatchSampler(src, tgt, max_tokens=40, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert [len(s) for s in shares] == [2, 2]
+    assert sorted(i for s in shares for b in s for i in b) == list(range(12))
+
+
+def test_one_process_can_reproduce_the_multi_process_order():
+    src, tgt = random_lengths(301, seed=2)
+    single = TokenBatchSampler(src, tgt, max_tokens=200, seed=4, batch_count_multiple=2)
+    merged = list(single)
+    ranks = [list(TokenBatchSampler(src, tgt, max_tokens=200, seed=4, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert merged[0::2] == ranks[0] and merged[1::2] == ranks[1]
+
+
+def test_too_few_examples_for_the_replicas_drop_surplus(caplog):
+    with caplog.at_level(logging.WARNING, logger="modeling_seq2seq.data"):
+        # three examples that cannot share a batch: 3 singleton batches, 2 replicas, nothing to split
+        shares = [
+            list(TokenBatchSampler([60, 60, 60], [5, 5, 5], max_tokens=100, num_replicas=2, rank=r)) for r in (0, 1)
+        ]
+    assert [len(s) for s in shares] == [1, 1]
+    assert len({i for s in shares for b in s for i in b}) == 2
+    assert "dropping 1 batch" in caplog.text
+    with pytest.raises(ValueError, match="too few for 2 replicas"):
+        len(TokenBatchSampler([5], [5], max_tokens=100, num_replicas=2, rank=1))
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_resume_continues_the_same_order(num_replicas):
+    src, tgt = random_lengths(500, seed=5)
+    kwargs = {"max_tokens": 200, "seed": 11, "num_replicas": num_replicas, "rank": num_replicas - 1}
+    full = TokenBatchSampler(src, tgt, **kwargs)
+    full.set_epoch(2)
+    epoch2 = list(full)
+    full.set_epoch(3)
+    epoch3 = list(full)
+
+    first = TokenBatchSampler(src, tgt, **kwargs)
+    first.set_epoch(2)
+    it = iter(first)
+    consumed = [next(it) for _ in range(7)]
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+    assert state["epoch"] == 2 and state["batches_consumed"] == 7
+
+    resumed = TokenBatchSampler(src, tgt, **kwargs)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # the loop re-announcing the same epoch must not restart it
+    assert consumed + list(resumed) == epoch2
+    resumed.set_epoch(3)
+    assert list(resumed) == epoch3
+    moved_on = TokenBatchSampler(src, tgt, **kwargs)
+    moved_on.load_state_dict(state)
+    moved_on.set_epoch(3)  # a new epoch starts from its first batch, whatever the saved position
+    assert list(moved_on) == epoch3
+
+
+def test_resume_with_explicit_count_and_mismatch_errors():
+    src, tgt = random_lengths(300, seed=6)
+    s = TokenBatchSampler(src, tgt, max_tokens=200)
+    batches = list(s)
+    state = s.state_dict(batches_consumed=4)  # e.g. a DataLoader with workers prefetched further
+    r = TokenBatchSampler(src, tgt, max_tokens=200)
+    r.load_state_dict(state)
+    assert list(r) == batches[4:]
+    with pytest.raises(ValueError, match="max_tokens: saved 200 vs now 300"):
+        TokenBatchSampler(src, tgt, max_tokens=300).load_state_dict(state)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=120),
+    max_tokens=st.integers(40, 300),
+    num_replicas=st.integers(1, 4),
+    seed=st.integers(0, 3),
+    bucket_size=st.sampled_from([None, 7, 50]),
+)
+def test_batching_property(lengths, max_tokens, num_replicas, seed, bucket_size):
+    src, tgt = [a for a, _ in lengths], [b for _, b in lengths]
+    n = len(lengths)
+    samplers = [
+        TokenBatchSampler(src, tgt, max_tokens, seed=seed, num_replicas=num_replicas, rank=r, bucket_size=bucket_size)
+        for r in range(num_replicas)
+    ]
+    if n < num_replicas:
+        return  # covered by test_too_few_examples_for_the_replicas_drop_surplus
+    shares = [list(s) for s in samplers]
+    assert len({len(x) for x in shares}) == 1
+    flat = [i for share in shares for b in share for i in b]
+    assert len(flat) == len(set(flat))  # disjoint
+    check_epoch([b for share in shares for b in share], src, tgt, max_tokens)
+    # Complete whenever splitting can fix the count: a batch of s examples splits into at most s batches,
+    # so n - L more batches are available, where L is the unsplit count (the one-replica sampler's).
+    unsplit = len(TokenBatchSampler(src, tgt, max_tokens, seed=seed, bucket_size=bucket_size))
+    if n - unsplit >= (-unsplit) % num_replicas:
+        assert sorted(flat) == list(range(n))
+    else:
+        assert len(flat) < n  # the documented fallback: surplus batches dropped, shares still equal
+
+
+# ------------------------------------------------------------------------------------------------
+# collation and the whole path into a DataLoader
+
+
+def test_collator_pads():
+    batch = Seq2SeqCollator(pad_token_id=0)(
+        [{"input_ids": [5, 6, 2], "labels": [7, 2]}, {"input_ids": [9, 2], "labels": [4, 4, 4, 2]}]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 2], [9, 2, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 2, -100, -100], [4, 4, 4, 2]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    with pytest.raises(ValueError, match="empty batch"):
+        Seq2SeqCollator(0)([])
+
+
+def test_dataloader_end_to_end(builtin):
+    tok = train_tokenizer(builtin["train"]["source"][:2000] + builtin["train"]["target"][:2000], vocab_size=600)
+    ds, dropped = tokenize_pairs(builtin["validation"], tok, max_source_length=64, max_target_length=64)
+    assert dropped == 0
+    src, tgt = token_lengths(ds)
+    sampler = TokenBatchSampler(src, tgt, max_tokens=256, seed=0)
+    loader = torch.utils.data.DataLoader(
+        ds.with_format(columns=["input_ids", "labels"]),
+        batch_sampler=sampler,
+        collate_fn=Seq2SeqCollator(tok.pad_token_id),
+    )
+    seen = 0
+    for batch in loader:
+        assert batch["input_ids"].numel() <= 256 and batch["labels"].numel() <= 256
+        assert (batch["labels"] == -100).sum() == (batch["labels"].shape[1] - (batch["labels"] != -100).sum(1)).sum()
+        seen += batch["input_ids"].shape[0]
+    assert seen == len(ds) == 500

@@ -1,0 +1,244 @@
+"""The shared BPE tokenizer: special ids, eos handling, Unicode round trip, portable saving."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from modeling_seq2seq import tokenization
+from modeling_seq2seq.data import builtin_task
+from modeling_seq2seq.tokenization import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    UNK_TOKEN_ID,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+    train_tokenizer_on_pairs,
+)
+
+CORPUS = [
+    "the cat sat on the mat",
+    "die Katze saß auf der Matte",
+    "thirty-four",
+    "vierunddreißig",
+    "one hundred and twelve",
+    "einhundertzwölf",
+    "le garçon va à l'école",
+    "Ça va très bien, merci",
+    "Straße, Größe, Übung, Ärger",
+] * 20
+
+UNICODE_CASES = [
+    "vierunddreißig",
+    "garçon ç",
+    "Ça va? Très bien!",
+    "Straße Größe Übung Ärger",
+    "日本語のテキスト",  # unseen script: byte fallback
+    "😀 👍🏽 🇩🇪 emoji",
+    "Ελληνικά και русский",
+    "mixed: 中文 English Deutsch ß",
+    "  leading, double  and trailing spaces  ",
+    "tab\tand\nnewline\r\n",
+    "control \x00\x07\x1b chars",
+    "e\u0301 (decomposed accent, not normalised)",
+    "",
+    " ",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def builtin_tok():
+    return train_tokenizer_on_pairs(builtin_task()["train"], vocab_size=1000)
+
+
+def test_special_token_ids_match_model_config(tok):
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert (PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID, UNK_TOKEN_ID) == (0, 1, 2, 3)
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<s>", "</s>", "<unk>"]
+    assert tok.padding_side == "right"
+    assert tok.model_max_length == 1024
+    assert len(tok) <= 400
+
+
+def test_source_gets_eos_and_no_bos(tok):
+    ids = tok("the cat sat")["input_ids"]
+    assert ids[-1] == EOS_TOKEN_ID
+    assert EOS_TOKEN_ID not in ids[:-1] and BOS_TOKEN_ID not in ids
+
+
+def test_text_target_uses_same_vocabulary_and_ends_with_eos(tok):
+    enc = tok(["thirty-four"], text_target=["vierunddreißig"])
+    assert enc["labels"][0] == tok("vierunddreißig")["input_ids"]
+    assert enc["labels"][0][-1] == EOS_TOKEN_ID
+    assert enc["input_ids"][0] == tok("thirty-four")["input_ids"]
+
+
+def test_padding_is_on_the_right(tok):
+    enc = tok(["the cat", "the cat sat on the mat"], padding=True)
+    short = enc["input_ids"][0]
+    n = sum(enc["attention_mask"][0])
+    assert short[n - 1] == EOS_TOKEN_ID and set(short[n:]) == {PAD_TOKEN_ID}
+
+
+@pytest.mark.parametrize("text", UNICODE_CASES)
+def test_unicode_round_trip_without_unk(tok, text):
+    ids = tok(text)["input_ids"]
+    assert UNK_TOKEN_ID not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_unseen_characters_fall_back_to_bytes(tok):
+    tokens = tok.convert_ids_to_tokens(tok("😀")["input_ids"])
+    assert tokens[-1] == "</s>"
+    assert [t for t in tokens if t.startswith("<0x")] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+
+
+def test_seen_words_become_few_tokens(tok):
+    # "vierunddreißig" occurs 20 times in the corpus: BPE should merge it well beyond characters
+    assert len(tok("vierunddreißig")["input_ids"]) <= 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters="\u2581", blacklist_categories=("Cs",)), max_size=40))
+def test_round_trip_property(tok, text):
+    ids = tok(text)["input_ids"]
+    assert UNK_TOKEN_ID not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_special_token_strings_in_text_are_plain_text(tok):
+    text = "a </s> b <pad> <s> <unk>"
+    ids = tok(text)["input_ids"]
+    assert ids.count(EOS_TOKEN_ID) == 1 and ids[-1] == EOS_TOKEN_ID
+    assert not {PAD_TOKEN_ID, BOS_TOKEN_ID, UNK_TOKEN_ID} & set(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_documented_limitation_space_mark_decodes_as_space(tok):
+    assert tok.decode(tok("a\u2581b")["input_ids"], skip_special_tokens=True) == "a b"
+
+
+def test_builtin_task_vocabulary(builtin_tok):
+    data = builtin_task()
+    assert len(builtin_tok) <= 1000
+    for split in ("validation", "test"):
+        for row in data[split]:
+            for text in (row["source"], row["target"]):
+                ids = builtin_tok(text)["input_ids"]
+                assert builtin_tok.decode(ids, skip_special_tokens=True) == text
+                assert len(ids) <= 16  # even "neuntausendneunhundertneunundneunzig" is a few pieces
+    # test-set words are spelt with the training alphabet: no byte fallback needed
+    tokens = builtin_tok.convert_ids_to_tokens(builtin_tok(list(data["test"]["target"]))["input_ids"][0])
+    assert not any(t.startswith("<0x") for t in tokens)
+
+
+def test_vocab_size_too_small_is_rejected():
+    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+        train_tokenizer(CORPUS, vocab_size=100)
+
+
+def test_no_texts_is_rejected():
+    with pytest.raises(ValueError, match="no texts"):
+        train_tokenizer([], vocab_size=400)
+
+
+def test_save_writes_portable_config_and_reloads(tok, tmp_path):
+    out = tmp_path / "tok"
+    save_tokenizer(tok, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "TokenizersBackend" not in (out / "tokenizer_config.json").read_text()
+    assert not isinstance(config.get("extra_special_tokens"), list)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]  # no temp left
+
+    texts = ["thirty-four", "Straße 😀", "a </s> b"]
+    for loaded in (AutoTokenizer.from_pretrained(out), load_tokenizer(out), load_tokenizer(out / "tokenizer.json")):
+        assert loaded(texts)["input_ids"] == tok(texts)["input_ids"]
+        assert loaded(text_target=texts)["input_ids"] == tok(text_target=texts)["input_ids"]
+        assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2, 3)
+        assert loaded.padding_side == "right" and loaded.model_max_length == 1024
+
+
+def test_list_valued_extra_special_tokens_move_to_additional():
+    config = {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<2de>", "<2fr>"]}
+    fixed = tokenization._portable_tokenizer_config(config)
+    assert fixed == {"tokenizer_class": "PreTrainedTokenizerFast", "additional_special_tokens": ["<2de>", "<2fr>"]}
+
+
+def test_save_with_extra_special_tokens_reloads(tmp_path):
+    tok = train_tokenizer(CORPUS, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<2de>"]})
+    save_tokenizer(tok, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["additional_special_tokens"] == ["<2de>"] and "extra_special_tokens" not in config
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert "<2de>" in loaded.all_special_tokens
+    assert loaded.convert_tokens_to_ids("<2de>") == tok.convert_tokens_to_ids("<2de>")
+    assert loaded("<2de> the cat")["input_ids"] == tok("<2de> the cat")["input_ids"]
+
+
+def test_failed_save_keeps_previous_files(tok, tmp_path, monkeypatch):
+    save_tokenizer(tok, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = train_tokenizer(CORPUS[:9] * 3, vocab_size=300)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(other), "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_tokenizer(other, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # intact, no temp folder left
+
+
+def test_save_leaves_other_files_alone(tok, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    save_tokenizer(tok, tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_load_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_tokenizer(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
+        load_tokenizer(empty)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(ValueError, match=f"{corrupt / 'tokenizer.json'} is corrupt"):
+        load_tokenizer(corrupt)
+
+
+def test_train_tokenizer_script(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("train_tokenizer_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = tmp_path / "train.tsv"
+    data.write_text("en\tde\n" + "".join(f"{s}\t{t}\n" for s, t in zip(CORPUS[0::2], CORPUS[1::2])), encoding="utf-8")
+    out = tmp_path / "out"
+    module.main(["--train_file", str(data), "--vocab_size", "400", "--output_dir", str(out)])
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert loaded.decode(loaded("die Katze saß")["input_ids"], skip_special_tokens=True) == "die Katze saß"
