@@ -7,6 +7,7 @@ where this package is not installed.
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
+from . import pipeline  # registers the "seq2seq-translation" pipeline task
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import (
     Seq2SeqTransformerForConditionalGeneration,

@@ -5,7 +5,9 @@ Each class below is one idea of the paper, and its docstring names the section. 
 this file ships to the Hub with the weights, so it imports torch, transformers and the config only.
 """
 
+import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +124,28 @@ def sdpa_attention(module, query, key, value, attention_mask, scaling, dropout=0
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
 
+
+def registered_attention(implementation: str):
+    """A kernel registered with transformers (flash, flex, paged...). 5.x looks it up through `get_interface`, which
+    validates the name and is how `model.set_attn_implementation(...)` knows the model can switch; 4.57 indexes."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
 # transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; forwards accept both.
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+def resolve_cache(cache, past_key_values):
+    """The cache passed under either name. Where transformers has renamed it (5.x), the old name warns as the
+    library's own models do; on 4.57 `past_key_values` is the current name (its `generate` passes it) and is silent."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+    if CACHE_FIELD == "cache":
+        warnings.warn("`past_key_values` is deprecated: use `cache` instead.", FutureWarning, stacklevel=3)
+    return past_key_values
 
 
 class MultiHeadAttention(nn.Module):
@@ -179,7 +201,7 @@ class MultiHeadAttention(nn.Module):
                 key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
 
         implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention = ATTENTION_FUNCTIONS.get(implementation) or ALL_ATTENTION_FUNCTIONS[implementation]
+        attention = ATTENTION_FUNCTIONS.get(implementation) or registered_attention(implementation)
         output, weights = attention(
             self,
             query,
@@ -440,6 +462,8 @@ class Decoder(nn.Module):
             check_token_ids(input_ids, self.embed_tokens.num_embeddings, "decoder_input_ids")
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
+        if batch == 0 or length == 0:
+            raise ValueError(f"The decoder got an empty batch: input shape {tuple(inputs_embeds.shape[:2])}.")
         if encoder_hidden_states.shape[0] != batch:
             raise ValueError(
                 f"Batch sizes differ: {batch} decoder sequences but {encoder_hidden_states.shape[0]} encoder outputs."
@@ -539,8 +563,10 @@ class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
         self.encoder.set_input_embeddings(value)
         self.decoder.set_input_embeddings(value)
 
-    def get_encoder(self, *args, **kwargs):
-        return self.encoder
+    def get_encoder(self, modality=None):
+        """The (text) encoder. There is no image or audio encoder: for those `self` is returned, transformers'
+        answer for "none" (else its exporters would take the text encoder for an image tower)."""
+        return self.encoder if modality is None else self
 
     def get_decoder(self, *args, **kwargs):
         return self.decoder
@@ -585,7 +611,7 @@ class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
-            cache=cache if cache is not None else past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -603,6 +629,178 @@ class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
             encoder_attentions=encoder_outputs.attentions,
         )
         return outputs if return_dict else outputs.to_tuple()
+
+
+class IncrementalDecoder:
+    """Section 3.2.3 at inference: the decoder run one token at a time for search, as lean as the paper's math.
+
+    The source is encoded once. Each layer's cross-attention keys and values are projected once per sentence and
+    shared by all its beams: the beams of a sentence act as that sentence's queries, so nothing is copied per
+    beam, and a beam reorder touches only the (small) self-attention cache. Sentences that are done are dropped
+    from the batch, so they cost nothing afterwards.
+    """
+
+    def __init__(self, model, input_ids, attention_mask, num_beams: int):
+        self.model, self.num_beams = model, num_beams
+        self.decoder = model.get_decoder()
+        encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        self.cross_keys_values = [
+            layer.cross_attn.split_heads(layer.cross_attn.kv_proj(encoder_states), 2) for layer in self.decoder.layers
+        ]
+        self.cross_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            self.cross_mask = padding_mask(attention_mask, attention_dtype(encoder_states))
+        self.self_keys_values = [None] * len(self.decoder.layers)
+        self.length = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits in float32, (rows, vocab), for one new token per row (rows = sentences x beams)."""
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(tokens[:, None])
+        hidden = hidden + decoder.embed_positions(1, self.length, hidden.device).to(hidden.dtype)
+        for i, layer in enumerate(decoder.layers):
+            hidden, _ = layer.sublayer(hidden, layer.self_attn_layer_norm, lambda x: (self.self_attention(i, x), None))
+            hidden, _ = layer.sublayer(hidden, layer.cross_attn_layer_norm, lambda x: (self.cross_attention(i, x), None))
+            hidden, _ = layer.sublayer(hidden, layer.final_layer_norm, lambda x: (layer.feed_forward(x), None))
+        if decoder.layer_norm is not None:
+            hidden = decoder.layer_norm(hidden)
+        self.length += 1
+        return self.model.lm_head(hidden[:, 0]).float()
+
+    def self_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        attention = self.decoder.layers[i].self_attn
+        query, key, value = attention.split_heads(attention.qkv_proj(hidden), 3)
+        if self.self_keys_values[i] is not None:
+            past_key, past_value = self.self_keys_values[i]
+            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        self.self_keys_values[i] = (key, value)
+        output = F.scaled_dot_product_attention(query, key, value, scale=attention.scaling)
+        return attention.out_proj(output.transpose(1, 2).reshape(hidden.shape))
+
+    def cross_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        attention = self.decoder.layers[i].cross_attn
+        # (sentences * beams, 1, d) -> (sentences, heads, beams, head_dim): beams become queries of their sentence.
+        query = attention.q_proj(hidden).view(-1, self.num_beams, attention.num_heads, attention.head_dim)
+        key, value = self.cross_keys_values[i]
+        output = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key, value, attn_mask=self.cross_mask, scale=attention.scaling
+        )
+        return attention.out_proj(output.transpose(1, 2).reshape(hidden.shape))
+
+    def reorder(self, rows: torch.Tensor):
+        """Continue from these rows of the self-attention cache (beam search keeps the best continuations)."""
+        self.self_keys_values = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_keys_values]
+
+    def keep_sentences(self, sentences: torch.Tensor):
+        """Keep only these sentences' encoder keys, values and mask (the caller reorders the self-attention rows)."""
+        self.cross_keys_values = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_keys_values]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask.index_select(0, sentences)
+
+
+def suppress_tokens(scores: torch.Tensor, new_tokens: int, settings: dict) -> torch.Tensor:
+    """The logits processors the fast path supports, applied as transformers applies them: banned single tokens,
+    no end-of-sentence before `min_new_tokens`, end-of-sentence forced at the last position."""
+    if settings["banned"]:
+        scores[:, settings["banned"]] = -math.inf
+    if new_tokens < settings["min_new_tokens"]:
+        scores[:, settings["eos"]] = -math.inf
+    if settings["forced_eos"] is not None and new_tokens == settings["max_new_tokens"] - 1:
+        scores.fill_(-math.inf)[:, settings["forced_eos"]] = 0
+    return scores
+
+
+@torch.no_grad()
+def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torch.Tensor:
+    """Pick the most likely token at each step; a finished sentence is padded (transformers' greedy semantics)."""
+    device = decoder.cross_keys_values[0][0].device
+    eos = torch.tensor(settings["eos"], device=device)
+    output = torch.full((batch, settings["max_new_tokens"] + 1), settings["pad"], dtype=torch.long, device=device)
+    output[:, 0] = settings["start"]
+    active, tokens, length = torch.arange(batch, device=device), output[:, 0], 1
+    for step in range(settings["max_new_tokens"]):
+        tokens = suppress_tokens(decoder.step(tokens), step, settings).argmax(dim=-1)
+        output[active, step + 1] = tokens
+        length = step + 2
+        ended = torch.isin(tokens, eos)
+        if bool(ended.any()):
+            keep = (~ended).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            active, tokens = active[keep], tokens[keep]
+            decoder.keep_sentences(keep)
+            decoder.reorder(keep)
+    return output[:, :length]
+
+
+@torch.no_grad()
+def beam_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torch.Tensor:
+    """Section 6.1's beam search with transformers' exact rules, so that outputs equal `GenerationMixin.generate`:
+    keep the 2 x beams best continuations; those among the top `beams` that end (end-of-sentence or length limit)
+    become finished hypotheses scored log-probability sum / length^length_penalty; a sentence is done when its
+    best running beam cannot beat its worst finished hypothesis (transformers' `early_stopping=False` rule)."""
+    beams, penalty, max_new = settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"]
+    device = decoder.cross_keys_values[0][0].device
+    eos = torch.tensor(settings["eos"], device=device)
+    candidates_kept = max(2, 1 + len(settings["eos"])) * beams
+    among_top_beams = torch.arange(candidates_kept, device=device) < beams
+    fill = settings["pad"] or settings["eos"][0]  # transformers pads beam outputs with eos when the pad id is 0
+
+    def gather(tensor, index):  # pick beams (dim 1) of per-sentence tensors
+        return tensor.gather(1, index.view(*index.shape, *[1] * (tensor.dim() - 2)).expand(-1, -1, *tensor.shape[2:]))
+
+    running = torch.full((batch, beams, max_new + 1), fill, dtype=torch.long, device=device)
+    running[:, :, 0] = settings["start"]
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
+    finished, finished_scores = running.clone(), torch.full((batch, beams), -1e9, device=device)
+    finished_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
+    is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    results, results_lengths = finished.clone(), finished_lengths.clone()
+    active, any_dropped = torch.arange(batch, device=device), False
+    for step in range(max_new):
+        log_probs = suppress_tokens(F.log_softmax(decoder.step(running[:, :, step].flatten()), dim=-1), step, settings)
+        vocab = log_probs.shape[-1]
+        scores = (log_probs.view(-1, beams, vocab) + running_scores[:, :, None]).flatten(1)
+        top_scores, top_indices = torch.topk(scores, candidates_kept)
+        parents, tokens = top_indices // vocab, top_indices % vocab
+        top_sequences = gather(running, parents)
+        top_sequences[:, :, step + 1] = tokens
+        ends = torch.isin(tokens, eos) | (step + 1 >= max_new)
+
+        alive_scores = top_scores + ends.float() * -1e9
+        choice = torch.topk(alive_scores, beams).indices
+        running, running_scores, parent_beams = gather(top_sequences, choice), alive_scores.gather(1, choice), parents.gather(1, choice)
+
+        just_finished = ends & among_top_beams
+        merged_scores = torch.cat([finished_scores, top_scores / (step + 1) ** penalty + (~just_finished).float() * -1e9], 1)
+        best = torch.topk(merged_scores, beams).indices
+        finished_scores = merged_scores.gather(1, best)
+        finished = gather(torch.cat([finished, top_sequences], 1), best)
+        finished_lengths = torch.cat([finished_lengths, torch.full_like(tokens, step + 1)], 1).gather(1, best)
+        is_finished = torch.cat([is_finished, just_finished], 1).gather(1, best)
+
+        best_possible = running_scores[:, :1] / (step + 1) ** penalty
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1e9)
+        done = ~(best_possible > worst_finished).any(dim=1)
+        if step + 1 >= max_new or (not any_dropped and bool(ends.all())):
+            done[:] = True
+        sentence_rows = torch.arange(active.numel(), device=device)[:, None] * beams
+        if bool(done.any()):
+            results[active[done]], results_lengths[active[done]] = finished[done], finished_lengths[done]
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            any_dropped = True
+            active, running, running_scores, parent_beams = active[keep], running[keep], running_scores[keep], parent_beams[keep]
+            finished, finished_scores = finished[keep], finished_scores[keep]
+            finished_lengths, is_finished = finished_lengths[keep], is_finished[keep]
+            sentence_rows = sentence_rows[keep]
+            decoder.keep_sentences(keep)
+        decoder.reorder((sentence_rows + parent_beams).flatten())
+    returned = settings["num_return_sequences"]
+    length = int(results_lengths[:, :returned].max()) + 1
+    return results[:, :returned, :length].reshape(batch * returned, length)
 
 
 class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedModel, GenerationMixin):
@@ -636,14 +834,88 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_encoder(self, *args, **kwargs):
-        return self.model.encoder
+    def get_encoder(self, modality=None):
+        return self.model.encoder if modality is None else self
 
     def get_decoder(self, *args, **kwargs):
         return self.model.decoder
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, with a faster path for plain greedy and beam search.
+
+        When the request is greedy or beam search (with length penalty, min/max length, single banned tokens and a
+        forced final end-of-sentence) and asks for token ids only, the search runs on `IncrementalDecoder` and
+        returns exactly what transformers' own loop returns. Anything else (sampling, scores, custom processors,
+        stopping criteria, streamers, ...) goes to transformers' implementation unchanged.
+        """
+        search = self.fast_search_settings(inputs, generation_config, kwargs)
+        if search is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        input_ids, attention_mask, settings = search
+        with torch.no_grad():
+            decoder = IncrementalDecoder(self, input_ids, attention_mask, settings["num_beams"])
+            if settings["num_beams"] == 1:
+                return greedy_search(decoder, input_ids.shape[0], settings)
+            return beam_search(decoder, input_ids.shape[0], settings)
+
+    FAST_SEARCH_FIELDS = {
+        "num_beams", "length_penalty", "early_stopping", "do_sample", "num_return_sequences", "use_cache",
+        "max_length", "max_new_tokens", "min_length", "min_new_tokens", "pad_token_id", "bos_token_id",
+        "eos_token_id", "decoder_start_token_id", "forced_eos_token_id", "bad_words_ids",
+    }
+
+    def fast_search_settings(self, inputs, generation_config, kwargs):
+        """The settings of a greedy/beam search the fast path reproduces exactly, or None to use transformers'."""
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        model_kwargs = config.update(**kwargs)
+        # Values transformers' search accepts silently (negative minimum lengths) or fails on deep inside (no beams).
+        for field, low in (("num_beams", 1), ("num_return_sequences", 1), ("min_new_tokens", 0), ("min_length", 0)):
+            value = getattr(config, field, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"`{field}` must be an integer >= {low}, got {value!r}.")
+        if self.training:
+            return None
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        if model_kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            return None
+        changed = {
+            k for k, v in config.to_diff_dict().items()
+            if not k.startswith("_") and k != "transformers_version" and not (k.startswith(("output_", "return_")) and not v)
+        }
+        if changed - self.FAST_SEARCH_FIELDS:
+            return None
+        num_beams, returned = config.num_beams or 1, config.num_return_sequences or 1
+        eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+        banned = [words[0] for words in config.bad_words_ids or []]
+        if (
+            config.do_sample or config.early_stopping or config.use_cache is False or returned > num_beams
+            or (num_beams == 1 and returned != 1) or None in eos or start is None
+            or any(len(words) != 1 for words in config.bad_words_ids or [])
+        ):
+            return None
+        if config.max_new_tokens is not None:
+            max_new_tokens = config.max_new_tokens
+        elif config.max_length is not None:
+            max_new_tokens = config.max_length - 1  # max_length counts the decoder start token
+        else:
+            return None
+        min_new_tokens = config.min_new_tokens if config.min_new_tokens is not None else max((config.min_length or 0) - 1, 0)
+        if max_new_tokens < 1 or min_new_tokens < 0:
+            return None
+        pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
+        if attention_mask is None and config.pad_token_id is not None and pad not in eos and bool((input_ids == pad).any()):
+            attention_mask = input_ids.ne(pad).long()  # as transformers infers it
+        settings = dict(
+            num_beams=num_beams, num_return_sequences=returned, length_penalty=1.0 if config.length_penalty is None else config.length_penalty,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            eos=eos, pad=pad, start=start, banned=banned, forced_eos=config.forced_eos_token_id,
+        )
+        return input_ids, attention_mask, settings
 
     def forward(
         self,
@@ -676,7 +948,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=encoder_outputs,
-            cache=cache if cache is not None else past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,

@@ -185,6 +185,8 @@ def _portable_tokenizer_config(config: dict) -> dict:
     """Rewrite a 5.x `tokenizer_config.json` into one that transformers 4.57 loads too (STACK.md)."""
     config = dict(config)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # Without it 4.57 also returns token_type_ids, which `generate(**tokenizer(...))` rejects.
+    config.setdefault("model_input_names", ["input_ids", "attention_mask"])
     extra = config.get("extra_special_tokens")
     if isinstance(extra, list):
         additional = list(config.get("additional_special_tokens") or [])

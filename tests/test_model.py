@@ -440,3 +440,28 @@ def test_convert_script_round_trip(tmp_path):
                            model(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits)
     with pytest.raises(FileExistsError, match="not empty"):  # never writes into a non-empty folder
         convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_generate_equals_transformers_generate(seed):
+    """Our decode loop (IncrementalDecoder) returns exactly what transformers' own greedy/beam search returns."""
+    from transformers import GenerationMixin
+
+    model = make_model(seed)
+    with torch.no_grad():  # make end-of-sentence likely, so sentences finish at different steps
+        model.model.shared.weight[2] += 0.3 * (seed % 4)
+    source, mask = padded_batch(seed=seed, batch=1 + seed % 4, length=5 + seed)
+    cases = [
+        dict(num_beams=1),
+        dict(num_beams=4, length_penalty=0.6),
+        dict(num_beams=3, length_penalty=1.0, num_return_sequences=2),
+        dict(num_beams=4, min_new_tokens=3),
+        dict(num_beams=2, bad_words_ids=[[5], [7]], forced_eos_token_id=2),
+        dict(num_beams=1, min_new_tokens=2, forced_eos_token_id=2),
+    ]
+    for settings in cases:
+        settings["max_new_tokens"] = 4 + 2 * seed
+        assert model.fast_search_settings(source, None, dict(settings)) is not None
+        ours = model.generate(source, attention_mask=mask, **settings)
+        reference = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+        assert torch.equal(ours, reference), settings
