@@ -1,0 +1,698 @@
+"""Hub sharing (issue 4): the repository folder, its model card, its code, and loading it without our package.
+
+The helpers at the top (`make_model_dir`, `PROBE`, `run_probe`) are also used by `test_pipeline.py` and
+`test_remote_code_457.py`, which load this file by path.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PUSH_SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"
+TEMPLATE = REPO_ROOT / "model_card.md"  # passed explicitly: an installed (non-editable) package lies elsewhere
+
+# The exact content of the repository folder; a new file must be added here on purpose.
+EXPECTED_FILES = [
+    "README.md",
+    "config.json",
+    "configuration_seq2seq.py",
+    "generation_config.json",
+    "model.safetensors",
+    "modeling_seq2seq.py",
+    "pipeline.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
+SHIPPED_CODE = ["configuration_seq2seq.py", "modeling_seq2seq.py", "pipeline.py"]
+
+PAIRS = [
+    ("the cat sat on the mat", "die katze sass auf der matte"),
+    ("a dog ran in the park", "ein hund lief im park"),
+    ("the house is small", "das haus ist klein"),
+    ("the dog is small", "der hund ist klein"),
+    ("a cat ran", "eine katze lief"),
+    ("the park is big", "der park ist gross"),
+]
+# Inputs of different lengths (so batches are padded), one not seen in training.
+TEXTS = ["the cat sat on the mat", "a dog ran", "the house is small", "the cat is big"]
+EVAL_RESULTS = {
+    "test_bleu": 27.3456789,
+    "test_chrf": 55.5,
+    "test_exact_match": 0.25,
+    "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
+    "dataset": "wmt14",
+    "dataset_config": "de-en",
+    "source_lang": "en",
+    "target_lang": "de",
+}
+GREEDY = {"num_beams": 1, "max_new_tokens": 12}
+
+
+def make_model_dir(path: Path, steps: int = 20) -> Path:
+    """A small model trained for a few steps on `PAIRS` (so outputs depend on the input and end with </s>), saved
+    the way training saves it, with the tokenizer, eval results, a training config and a trainer state."""
+    from modeling_seq2seq import Seq2SeqTransformerConfig, Seq2SeqTransformerForConditionalGeneration
+    from modeling_seq2seq.tokenization import save_tokenizer, train_tokenizer
+
+    tokenizer = train_tokenizer([text for pair in PAIRS for text in pair], vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    config = Seq2SeqTransformerConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+    )
+    model = Seq2SeqTransformerForConditionalGeneration(config)
+    batch = tokenizer(
+        [s for s, _ in PAIRS], text_target=[t for _, t in PAIRS], return_tensors="pt", padding=True
+    )
+    batch["labels"][batch["labels"] == tokenizer.pad_token_id] = -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.config.use_cache = False  # as the Trainer leaves it; the Hub folder must turn it back on
+    model.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
+    (path / "eval_results.json").write_text(json.dumps(EVAL_RESULTS))
+    (path / "training_config.yaml").write_text(f"max_steps: {steps}\nlearning_rate: 0.01\nlabel_smoothing: 0.1\n")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": steps, "epoch": float(steps)}))
+    return path
+
+
+def shared_model_dir(tmp_path_factory) -> Path:
+    """`make_model_dir` once per test session (the three test files use the same model; it is never modified)."""
+    root = tmp_path_factory.getbasetemp() / "hub-tests-shared"
+    if not (root / "complete").is_file():
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        make_model_dir(root / "model")
+        (root / "complete").write_text("")
+    return root / "model"
+
+
+def load_original(model_dir: Path):
+    """The model and tokenizer as the package loads them (the reference for every comparison)."""
+    import modeling_seq2seq  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def reference_outputs(model, tokenizer, texts=TEXTS) -> dict:
+    """Token ids of greedy and (generation-config default) beam search, and the logits of a teacher-forced step."""
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        greedy = model.generate(**encoded, **GREEDY)
+        beam = model.generate(**encoded, max_new_tokens=12)
+        logits = model(**encoded, decoder_input_ids=greedy[:, :4]).logits
+    return {"input_ids": encoded["input_ids"].tolist(), "greedy": greedy.tolist(), "beam": beam.tolist(),
+            "logits": logits.tolist()}
+
+
+# Runs in a fresh interpreter where `import modeling_seq2seq` is impossible (a meta-path finder refuses it, whatever
+# installed it: editable finder, .pth, wheel), on transformers 5.x or 4.57. argv: folder, output JSON, texts JSON.
+PROBE = textwrap.dedent(
+    r'''
+    import ast, importlib, json, os, sys, types
+
+    class BlockPackage:
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_seq2seq" or name.startswith("modeling_seq2seq."):
+                raise ImportError("modeling_seq2seq is blocked in this interpreter")
+            return None
+
+    sys.meta_path.insert(0, BlockPackage())
+    folder, out_path, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    result = {}
+    try:
+        import modeling_seq2seq  # noqa: F401
+        result["package_importable"] = True
+    except ImportError:
+        result["package_importable"] = False
+
+    import torch
+    import transformers
+    from transformers.pipelines import PIPELINE_REGISTRY
+    result["transformers_version"] = transformers.__version__
+    result["task_is_stock"] = "seq2seq-translation" in PIPELINE_REGISTRY.get_supported_tasks()
+
+    # --- What the shipped code does when imported: no file, network, process or file-system changes. -----------
+    # First import what it imports from torch/transformers (their own start-up is not ours to audit), then import the
+    # three files as a package under an audit hook.
+    shipped = sorted(name for name in os.listdir(folder) if name.endswith(".py"))
+    for name in shipped:
+        tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    importlib.import_module(alias.name)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    getattr(module, alias.name, None)
+    real_folder = os.path.realpath(folder)
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)} | {real_folder}
+    bad_prefixes = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                    "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.unlink", "os.chmod", "os.truncate",
+                    "shutil.", "urllib.", "http.", "ftplib.", "smtplib.", "ctypes.", "pickle.", "webbrowser.")
+    audit = {"on": False, "events": []}
+
+    def hook(event, args):
+        if not audit["on"]:
+            return
+        if event == "open":
+            path, mode = args[0], args[1]
+            if isinstance(path, int):
+                return
+            path = os.path.realpath(os.fsdecode(path))
+            writing = isinstance(mode, str) and any(c in mode for c in "wax+")
+            if writing or not any(path == r or path.startswith(r + os.sep) for r in roots):
+                audit["events"].append(f"open {path} {mode}")
+        elif event.startswith(bad_prefixes):
+            audit["events"].append(event)
+
+    sys.addaudithook(hook)
+    sys.dont_write_bytecode = True
+    package = types.ModuleType("shipped_code_under_audit")
+    package.__path__ = [folder]
+    sys.modules[package.__name__] = package
+    audit["on"] = True
+    for name in shipped:
+        importlib.import_module(f"{package.__name__}.{name[:-3]}")
+    audit["on"] = False
+    result["shipped_code"] = shipped
+    result["import_events"] = audit["events"]
+
+    # --- Load and generate as a user without the package would. ----------------------------------------------
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True, use_safetensors=True).eval()
+    result["model_module"] = type(model).__module__
+    result["tokenizer_class"] = type(tokenizer).__name__
+    output_weight, input_weight = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    result["lm_head_tied"] = output_weight.data_ptr() == input_weight.data_ptr()
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    result["input_ids"] = encoded["input_ids"].tolist()
+    with torch.no_grad():
+        greedy = model.generate(**encoded, num_beams=1, max_new_tokens=12)
+        result["greedy"] = greedy.tolist()
+        result["beam"] = model.generate(**encoded, max_new_tokens=12).tolist()
+        result["logits"] = model(**encoded, decoder_input_ids=greedy[:, :4]).logits.tolist()
+    result["decoded"] = tokenizer.batch_decode(greedy, skip_special_tokens=True)
+
+    pipe = pipeline("seq2seq-translation", model=folder, trust_remote_code=True)
+    result["pipeline_module"] = type(pipe).__module__
+    result["pipeline"] = pipe(texts, num_beams=1, max_new_tokens=12, batch_size=3)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        stock = pipeline("translation", model=folder, trust_remote_code=True)
+        result["stock_pipeline_class"] = type(stock).__name__
+        result["stock_translation"] = stock(texts, num_beams=1, max_new_tokens=12)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    '''
+)
+
+
+def run_probe(python: str, folder: Path, workdir: Path, texts=TEXTS, timeout: float = 600) -> dict:
+    """Run `PROBE` with `python` in isolated mode (-I: no PYTHONPATH, no user site, cwd not on sys.path), offline."""
+    script, out = workdir / "probe.py", workdir / "probe.json"
+    script.write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(workdir / "hf_home"), TOKENIZERS_PARALLELISM="false",
+               PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(
+        [python, "-I", str(script), str(folder), str(out), json.dumps(texts)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+def assert_matches_reference(probe: dict, reference: dict) -> None:
+    assert probe["input_ids"] == reference["input_ids"]
+    assert probe["greedy"] == reference["greedy"]
+    assert probe["beam"] == reference["beam"]
+    assert torch.allclose(torch.tensor(probe["logits"]), torch.tensor(reference["logits"]), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return shared_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def hub_folder(model_dir, tmp_path_factory):
+    from modeling_seq2seq.hub import build_hub_folder
+
+    out = tmp_path_factory.mktemp("hub") / "repo"
+    names = build_hub_folder(model_dir, out, repo_id="someone/tiny-transformer", template=TEMPLATE)
+    assert names == EXPECTED_FILES
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return reference_outputs(*load_original(model_dir))
+
+
+def test_folder_holds_exactly_the_expected_files(hub_folder):
+    assert sorted(p.name for p in hub_folder.iterdir()) == EXPECTED_FILES
+    assert all(p.is_file() and not p.is_symlink() for p in hub_folder.iterdir())
+    # No leftovers of the atomic build beside it.
+    assert [p.name for p in hub_folder.parent.iterdir()] == ["repo"]
+
+
+def test_config_declares_remote_code_and_pipeline(hub_folder):
+    config = json.loads((hub_folder / "config.json").read_text())
+    assert config["model_type"] == "seq2seq_transformer"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_seq2seq.Seq2SeqTransformerConfig",
+        "AutoModelForSeq2SeqLM": "modeling_seq2seq.Seq2SeqTransformerForConditionalGeneration",
+    }
+    assert config["custom_pipelines"] == {
+        "seq2seq-translation": {
+            "impl": "pipeline.Seq2SeqTranslationPipeline",
+            "pt": ["AutoModelForSeq2SeqLM"],
+            "type": "text",
+        }
+    }
+    assert config["use_cache"] is True  # the training dir said False
+    assert config["tie_word_embeddings"] is True
+    generation = json.loads((hub_folder / "generation_config.json").read_text())
+    assert generation["decoder_start_token_id"] == 1 and generation["eos_token_id"] == 2
+    assert generation["pad_token_id"] == 0
+    tokenizer_config = json.loads((hub_folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.57 cannot load "TokenizersBackend"
+    assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)
+    assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]  # 4.57: no token_type_ids
+
+
+def test_weights_are_safetensors_with_the_tied_matrix_stored_once(hub_folder, model_dir):
+    from safetensors import safe_open
+
+    with safe_open(hub_folder / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+        shared = f.get_tensor("model.shared.weight")
+    assert "lm_head.weight" not in keys
+    original, _ = load_original(model_dir)
+    assert keys == set(original.state_dict()) - {"lm_head.weight"}
+    assert torch.equal(shared, original.get_output_embeddings().weight)
+    assert not any(p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"} for p in hub_folder.iterdir())
+
+
+def test_shipped_code_is_only_our_three_files_and_imports_nothing_else(hub_folder):
+    from modeling_seq2seq.hub import check_shipped_code
+
+    assert sorted(p.name for p in hub_folder.glob("*.py")) == SHIPPED_CODE
+    assert check_shipped_code(hub_folder) == SHIPPED_CODE
+    import modeling_seq2seq
+
+    package = Path(modeling_seq2seq.__file__).parent
+    for name in SHIPPED_CODE:  # the shipped files are the package's, unchanged
+        assert (hub_folder / name).read_bytes() == (package / name).read_bytes()
+    # An independent reading of the imports: torch, transformers, a few standard modules, and each other.
+    allowed = {"torch", "transformers", "__future__", "math", "typing", "enum", "dataclasses", "collections",
+               "functools", "itertools", "warnings", "copy", "abc", "numbers", "operator", "types", "contextlib"}
+    for name in SHIPPED_CODE:
+        for node in ast.walk(ast.parse((hub_folder / name).read_text())):
+            if isinstance(node, ast.Import):
+                assert {a.name.split(".")[0] for a in node.names} <= allowed, (name, ast.dump(node))
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.level == 1 and f"{node.module}.py" in SHIPPED_CODE, (name, node.module)
+                else:
+                    assert node.module.split(".")[0] in allowed, (name, node.module)
+            elif isinstance(node, ast.Name):
+                assert node.id not in {"exec", "eval", "compile", "open", "__import__"}, (name, node.lineno)
+
+
+@pytest.mark.parametrize(
+    "source, problem",
+    [
+        ("import os\n", "imports os"),
+        ("import subprocess\n", "imports subprocess"),
+        ("from urllib.request import urlopen\n", "imports from urllib.request"),
+        ("x = eval('1')\n", "uses eval"),
+        ("exec('x = 1')\n", "uses exec"),
+        ("data = open('/etc/passwd').read()\n", "uses open"),
+        ("import torch\nstate = torch.load('w.bin')\n", "uses torch.load"),
+        ("from transformers.utils.hub import cached_file\n", "imports from transformers.utils.hub"),
+        ("from .sub.helpers import f\n", "relative import .sub.helpers"),
+        ("import builtins\nbuiltins.__import__('os')\n", "imports builtins"),
+    ],
+)
+def test_code_check_rejects_unsafe_code(tmp_path, source, problem):
+    from modeling_seq2seq.hub import UnsafeRemoteCodeError, check_shipped_code
+
+    (tmp_path / "modeling_seq2seq.py").write_text("import torch\n" + source)
+    with pytest.raises(UnsafeRemoteCodeError, match=problem.replace(".", r"\.")):
+        check_shipped_code(tmp_path)
+
+
+def test_code_check_rejects_an_extra_file(tmp_path):
+    from modeling_seq2seq.hub import UnsafeRemoteCodeError, check_shipped_code
+
+    (tmp_path / "helpers.py").write_text("import math\n")
+    with pytest.raises(UnsafeRemoteCodeError, match="helpers.py: not one of the shipped code files"):
+        check_shipped_code(tmp_path)
+
+
+def test_model_card_metadata_and_content(hub_folder):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(hub_folder / "README.md")
+    data = card.data.to_dict()
+    assert data["language"] == ["en", "de"]
+    assert data["license"] == "apache-2.0"
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "translation"
+    assert data["datasets"] == ["wmt14"]
+    assert {"translation", "custom_code", "attention-is-all-you-need"} <= set(data["tags"])
+    [entry] = data["model-index"]
+    assert entry["name"] == "tiny-transformer"
+    [result] = entry["results"]
+    assert result["task"]["type"] == "translation"
+    assert result["dataset"] == {"name": "wmt14", "type": "wmt14", "config": "de-en", "split": "test"}
+    scores = {m["type"]: m["value"] for m in result["metrics"]}
+    assert scores == {"bleu": 27.3457, "chrf": 55.5, "exact_match": 0.25}
+    text = card.text
+    assert "{{" not in text and "{%" not in text  # every placeholder filled
+    assert 'AutoModelForSeq2SeqLM.from_pretrained("someone/tiny-transformer", trust_remote_code=True)' in text
+    assert 'pipeline("seq2seq-translation", model="someone/tiny-transformer", trust_remote_code=True)' in text
+    assert "| Model width (d_model) | 32 |" in text and "| Layers (N) | 2 |" in text
+    assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0" in text
+    assert "| BLEU | 27.35 |" in text and "| Exact match | 25.00% |" in text
+    assert "trained to translate **en → de** on `wmt14` (de-en)." in text
+    assert "| `learning_rate` | `0.01` |" in text and "Trained for 20 optimiser steps" in text
+    assert "## Intended use and limitations" in text and "vaswani2017attention" in text
+
+
+def test_model_card_without_eval_results(model_dir, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+    from modeling_seq2seq.hub import build_hub_folder
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    for name in ("eval_results.json", "training_config.yaml", "trainer_state.json"):
+        (bare / name).unlink()
+    build_hub_folder(bare, tmp_path / "out", template=TEMPLATE)
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    data = card.data.to_dict()
+    assert "model-index" not in data and "datasets" not in data and "language" not in data
+    assert "No evaluation results were saved with this model." in card.text
+    assert "{{" not in card.text and "Trained for" not in card.text
+
+
+@pytest.mark.parametrize(
+    "results, expected",
+    [
+        ({"dataset": "builtin-number-words"}, (None, "builtin-number-words", None)),
+        ({"dataset": "wmt14/de-en"}, ("wmt14", "wmt14", "de-en")),
+        ({"dataset": "wmt/wmt14/de-en"}, ("wmt/wmt14", "wmt/wmt14", "de-en")),
+        ({"dataset": "Helsinki-NLP/opus_books"}, ("Helsinki-NLP/opus_books", "Helsinki-NLP/opus_books", None)),
+        ({"dataset_name": "wmt16", "dataset_config_name": "ro-en"}, ("wmt16", "wmt16", "ro-en")),
+        ({"dataset": "/data/pairs/train.jsonl"}, (None, "train.jsonl", None)),
+        ({"dataset": "data/train.tsv"}, (None, "train.tsv", None)),
+        ({}, (None, None, None)),
+    ],
+)
+def test_dataset_of_the_eval_results(results, expected):
+    """`scripts/train.py` writes "builtin-number-words", a file path or "NAME[/CONFIG]"; only Hub ids are metadata."""
+    from modeling_seq2seq.hub import _dataset_info
+
+    info = _dataset_info(results)
+    assert (info["id"], info["type"], info["config"]) == expected
+
+
+def test_model_card_from_the_training_scripts_eval_results(model_and_tokenizer_for_card):
+    """eval_results.json as `scripts/train.py` writes it: built-in task, exact match as a fraction, run summary."""
+    from huggingface_hub import ModelCard
+    from modeling_seq2seq.hub import render_model_card
+
+    model, tokenizer = model_and_tokenizer_for_card
+    results = {
+        "step": 1500, "stop_reason": "max_steps", "skipped_steps": 0, "train_time_s": 512.3,
+        "dataset": "builtin-number-words", "source_lang": "en", "target_lang": "de", "num_beams": 4,
+        "averaged_checkpoints": ["checkpoint-1000", "checkpoint-1500"], "test_bleu": 97.123, "test_chrf": 99.01,
+        "test_exact_match": 0.996, "bleu_signature": "nrefs:1|eff:yes", "chrf_signature": "nrefs:1|nc:6",
+        "test_samples": 500,
+    }
+    text = render_model_card(model, tokenizer, template=TEMPLATE, repo_id="me/numbers",
+                             eval_results=results, training={"global_step": 1500, "train_minutes": 8.5,
+                                                             "stop_reason": "max_steps", "averaged_checkpoints": 2})
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert "datasets" not in data  # the built-in task is not a Hub dataset
+    metrics = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"bleu": 97.123, "chrf": 99.01, "exact_match": 0.996}
+    assert "on the built-in English→German number-words task." in card.text
+    assert "| Exact match | 99.60% |" in card.text and "| BLEU | 97.12 |" in card.text
+    assert "(500 sentences), en → de, beam size 4:" in card.text
+    assert "Trained for 1500 optimiser steps in 8.5 minutes (stopped by: max_steps)." in card.text
+    assert "average of the last 2 checkpoints" in card.text
+    assert "BLEU signature: `nrefs:1|eff:yes`. chrF signature: `nrefs:1|nc:6`." in card.text
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer_for_card(model_dir):
+    return load_original(model_dir)
+
+
+def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path):
+    from modeling_seq2seq.hub import build_hub_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_hub_folder(model_dir, out, template=TEMPLATE)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    # A build that fails half-way (bad eval_results.json) leaves the previous folder and no temporary folder.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "eval_results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="eval_results.json is not valid JSON"):
+        build_hub_folder(broken, out, overwrite=True, template=TEMPLATE)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+    assert build_hub_folder(model_dir, out, overwrite=True, template=TEMPLATE) == EXPECTED_FILES
+    assert sorted(p.name for p in out.iterdir()) == EXPECTED_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+    assert (out / "model.safetensors").read_bytes() == (hub_folder / "model.safetensors").read_bytes()
+
+    with pytest.raises(ValueError, match="must be outside the model folder"):
+        build_hub_folder(model_dir, model_dir / "hub")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        build_hub_folder(tmp_path / "nowhere", tmp_path / "x")
+
+
+def test_loads_and_generates_identically_where_the_package_cannot_be_imported(hub_folder, reference, tmp_path):
+    probe = run_probe(sys.executable, hub_folder, tmp_path)
+    assert probe["package_importable"] is False  # the probe really ran without our package
+    assert probe["transformers_version"].startswith("5.")
+    assert probe["task_is_stock"] is False  # our task name collides with no stock task
+    assert probe["model_module"].startswith("transformers_modules.")
+    assert probe["tokenizer_class"] in {"PreTrainedTokenizerFast", "TokenizersBackend"}
+    assert probe["lm_head_tied"] is True
+    assert_matches_reference(probe, reference)
+    assert probe["shipped_code"] == SHIPPED_CODE
+    assert probe["import_events"] == []  # importing the shipped code opened no file, socket or process
+    assert probe["pipeline_module"].startswith("transformers_modules.")
+    assert [r["translation_text"] for r in probe["pipeline"]] == probe["decoded"]
+    assert any(text.strip() for text in probe["decoded"])
+
+
+def test_dry_run_cli_prints_the_file_list(model_dir, tmp_path, capsys):
+    out = tmp_path / "dry"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(PUSH_SCRIPT), "--model_dir", str(model_dir), "--repo_id", "someone/tiny",
+         "--dry_run", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert listed == EXPECTED_FILES
+    assert "not uploaded" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == EXPECTED_FILES
+    # A second dry run into the same, now full, folder refuses with one line and leaves it alone.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    status, captured = _run_main(
+        ["--model_dir", str(model_dir), "--repo_id", "someone/tiny", "--dry_run", str(out)], capsys
+    )
+    assert status == 1
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("error: ") and "not empty" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    status, captured = _run_main(
+        ["--model_dir", str(model_dir), "--repo_id", "someone/tiny", "--dry_run", str(out), "--overwrite"], capsys
+    )
+    assert status == 0 and sorted(p.name for p in out.iterdir()) == EXPECTED_FILES
+
+
+def test_upload_offline_fails_with_one_line(model_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_TOKEN="hf_not_a_real_token", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(PUSH_SCRIPT), "--model_dir", str(model_dir), "--repo_id", "someone/tiny"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot upload: offline mode is on (HF_HUB_OFFLINE=1); unset it to push to the Hub"
+    ]
+
+
+def _run_main(argv, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("push_to_hub_script", PUSH_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    status = script.main(argv)
+    return status, capsys.readouterr()
+
+
+def test_upload_to_unreachable_endpoint_fails_with_one_line(hub_folder, monkeypatch):
+    from huggingface_hub import constants
+    from modeling_seq2seq.hub import HubUploadError, push_folder
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # loopback, nothing listens: refused at once
+    with pytest.raises(HubUploadError) as error:
+        push_folder(hub_folder, "someone/tiny", token="hf_not_a_real_token")
+    [line] = str(error.value).splitlines()
+    assert line.startswith("cannot upload: the Hub at http://127.0.0.1:9 is unreachable (")
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no chained traceback
+
+
+def test_upload_without_token_fails_before_any_request(model_dir, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("no request may be made without a token")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_request)
+    status, captured = _run_main(["--model_dir", str(model_dir), "--repo_id", "someone/tiny"], capsys)
+    assert status == 1
+    assert captured.err.strip().splitlines() == [
+        "error: cannot upload: no Hugging Face token; run `hf auth login` or set HF_TOKEN"
+    ]
+
+
+def test_upload_calls_create_repo_and_upload_folder_with_the_built_folder(model_dir, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+
+    def upload_folder(self, **kwargs):
+        calls["upload_folder"] = kwargs
+        calls["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        return "https://huggingface.co/someone/tiny/commit/0123"
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    status, captured = _run_main(
+        ["--model_dir", str(model_dir), "--repo_id", "someone/tiny", "--private", "--token", "hf_x",
+         "--commit_message", "first model"],
+        capsys,
+    )
+    assert status == 0, captured.err
+    assert calls["create_repo"] == ("someone/tiny", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert calls["upload_folder"]["repo_id"] == "someone/tiny"
+    assert calls["upload_folder"]["commit_message"] == "first model"
+    assert calls["files"] == EXPECTED_FILES
+    assert not Path(calls["upload_folder"]["folder_path"]).exists()  # the temporary folder is cleaned up
+    assert "Uploaded: https://huggingface.co/someone/tiny/commit/0123" in captured.out
+
+
+def test_bad_repo_id_is_a_usage_error(model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(["--model_dir", str(model_dir), "--repo_id", "no-slash"], capsys)
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "status, expected",
+    [
+        (401, "cannot upload to someone/tiny: the Hub refused the token (HTTP 401); check it has write access"),
+        (403, "cannot upload to someone/tiny: the Hub refused the token (HTTP 403); check it has write access"),
+        (500, "cannot upload to someone/tiny: the Hub answered HTTP 500: 500 Server Error"),
+    ],
+)
+def test_upload_refused_by_the_hub_fails_with_one_line(hub_folder, monkeypatch, status, expected):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+    from modeling_seq2seq.hub import HubUploadError, push_folder
+
+    def refuse(self, repo_id, **kwargs):
+        error = HfHubHTTPError.__new__(HfHubHTTPError)  # as raised for an HTTP error answer
+        error.args = (f"{status} {'Client' if status < 500 else 'Server'} Error\nmore details",)
+        error.response = SimpleNamespace(status_code=status)
+        raise error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    with pytest.raises(HubUploadError) as error:
+        push_folder(hub_folder, "someone/tiny", token="hf_x")
+    assert str(error.value) == expected
+
+
+def test_weights_that_do_not_fit_are_not_published(model_dir, tmp_path):
+    import shutil
+
+    from modeling_seq2seq.hub import build_hub_folder
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    state = load_file(damaged / "model.safetensors")
+    del state["model.decoder.layers.0.feed_forward.fc1.weight"]
+    save_file(state, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing: \['model\.decoder\.layers\.0\.feed_forward\.fc1\.weight'\]"):
+        build_hub_folder(damaged, tmp_path / "out", template=TEMPLATE)
+    assert not (tmp_path / "out").exists()
