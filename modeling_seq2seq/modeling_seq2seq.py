@@ -485,7 +485,7 @@ class Decoder(nn.Module):
             if attention_mask.shape[-1] == length and past_length:  # a mask of the new tokens only
                 attention_mask = torch.cat([attention_mask.new_ones(batch, past_length), attention_mask], dim=-1)
             check_mask_shape(attention_mask, (batch, past_length + length), "decoder_attention_mask")
-            if not bool(attention_mask.all()):
+            if torch.compiler.is_compiling() or not bool(attention_mask.all()):
                 self_mask = causal_mask(length, past_length, dtype, device) + padding_mask(attention_mask, dtype)
         if self_mask is None and length > 1:
             # One new token may see every earlier one: no mask. Several: SDPA's own causal kernel when nothing
@@ -533,7 +533,8 @@ class Decoder(nn.Module):
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str):
     """An id outside the vocabulary would index out of bounds deep inside the embedding; say which argument."""
-    if input_ids.numel() and not input_ids.is_cuda:  # a device-to-host sync per call on CUDA is not worth it
+    # Skipped on CUDA (a device-to-host sync per call) and while compiling/exporting (data-dependent control flow).
+    if input_ids.numel() and not input_ids.is_cuda and not torch.compiler.is_compiling():
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(f"`{name}` holds token id {high if high >= vocab_size else low}, outside [0, {vocab_size}).")
@@ -940,6 +941,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             use_cache = False
+            check_token_ids(labels.masked_fill(labels == -100, 0), self.lm_head.out_features, "labels")  # -100: ignored
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
