@@ -158,12 +158,13 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
         for field in ("scale_embedding", "tie_word_embeddings", "output_bias", "use_cache"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            fail("layer_norm_eps", self.layer_norm_eps, "a positive number")
-        if self.init_std is not None and (
-            isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or not self.init_std > 0
-        ):
-            fail("init_std", self.init_std, "a positive number or None")
+        def is_positive_number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+        if not is_positive_number(self.layer_norm_eps):
+            fail("layer_norm_eps", self.layer_norm_eps, "a positive finite number")
+        if self.init_std is not None and not is_positive_number(self.init_std):
+            fail("init_std", self.init_std, "a positive finite number or None")
         for field in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
             value = getattr(self, field)
             if value is not None and (not is_int(value) or not 0 <= value < self.vocab_size):

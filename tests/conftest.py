@@ -1,0 +1,12 @@
+"""Test-wide settings: one torch thread (tiny models on a shared 2-core CI machine run many times faster), and
+no network for the Hub or datasets."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
