@@ -170,9 +170,9 @@ def test_incremental_decoding_with_cache_equals_full_forward():
         for t in range(target.shape[1]):
             out = model(
                 encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=target[:, t : t + 1],
-                past_key_values=cache, use_cache=True,
+                cache=cache, use_cache=True,
             )
-            cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+            cache = out.cache
             steps.append(out.logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
