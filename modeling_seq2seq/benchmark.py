@@ -1,0 +1,1024 @@
+"""Side-by-side speed benchmark (issue 6): our model vs. its `MarianMTModel` twin vs. CTranslate2.
+
+`run_benchmark(BenchmarkSettings(...))` builds, per preset, our model with random weights, its Marian twin
+(`convert.to_marian`: same weights, same numbers) and, when `ctranslate2` is importable, a CTranslate2 model
+converted from that twin (`export.convert_marian_to_ctranslate2`). It measures them in one process, alternating
+implementations (the order flips every repeat), after warm-up, and reports medians over repeats:
+
+- `matmul_peak`: the machine's measured matrix-multiply peak (torch.matmul of large square matrices, best of N;
+  fp32 on CPU, bf16 on GPU), the denominator of the model FLOPs utilisation (MFU).
+- `train`: forward + backward + Adam step on a fixed batch of 16 x 32 source and 16 x 32 target tokens (on GPU also
+  128 x 64 + 128 x 64), fp32 on CPU, bf16 autocast on GPU; tokens/s counts source + target tokens. "Ours" runs the
+  step of our training loop (`training.compute_loss`, `training.make_optimizer_and_scheduler`: Adam(0.9, 0.98, 1e-9)
+  with the inverse-square-root schedule, and the gradient-norm measurement the loop does every step); Marian runs the
+  step a transformers user writes (`model(**batch).loss.backward()`, `torch.optim.Adam(betas=(0.9, 0.98), eps=1e-9)`
+  with torch's default implementation flags, `zero_grad()`). Train mode, the preset's dropout, both.
+  Each record carries the step's analytic FLOPs and its MFU (see `training_flops`).
+- `train_memory`: peak memory of the training step. CPU: a fresh subprocess per implementation builds the model
+  and the optimizer and runs 2 steps; `peak_rss_mb` is its `ru_maxrss`, `step_memory_mb` the peak minus the RSS
+  after imports (weights, gradients, Adam moments, activations, allocator slack). GPU: `max_memory_allocated`.
+- `train_length_mix`: training on sentence pairs of realistic, varying length (source lengths log-normal like WMT
+  sentences, median 22 tokens, clipped to 5..120; target = source x log-normal(0, 0.15)); tokens/s counts only
+  non-padding tokens. `ours+token_batches`: `data.TokenBatchSampler` (length-sorted token batches, `max_tokens` =
+  the mean padded size of the padded batches, so both loaders hand the model batches of the same average size);
+  `ours+padded` / `marian+padded`: what a `Seq2SeqTrainer` user gets (random order, 16 sentences per batch, padded
+  to the longest). Same sentences, one pass each, batches collated beforehand.
+- `decode_greedy` / `decode_beam4`: `generate` on batch 1 and 8 (GPU: also 32) of ~32-token sources, exactly 32 new
+  tokens (`min_new_tokens = max_new_tokens = 32`; CTranslate2: `min/max_decoding_length = 32`), length penalty 0.6
+  for beam search. Before timing, every implementation decodes the inputs once (this is also the warm-up) and the
+  tokens are compared: ours vs. Marian exactly, CTranslate2 vs. Marian token by token; the result is in each
+  record's `token_check` and in the table's last column. tokens/s counts generated tokens (batch x 32).
+- `translate_file`: `scripts/translate.py`'s code path (`training.translate_texts`: sort by length, batches of 64,
+  beam 4, restore the order) vs. a plain loop over `MarianMTModel.generate` one sentence at a time in file order,
+  on sentences of mixed length, both through the same tokenizer. An untrained model never ends a sentence, and
+  translate.py's length rule (longest in batch + 50) would make outputs depend on the batch, so both models'
+  generation configs pin 32 new tokens (`min_new_tokens = max_new_tokens`). Outputs are compared per sentence.
+
+Speed is measured, never asserted. Times are wall-clock (`time.perf_counter`, with `torch.cuda.synchronize` on
+GPU). The machine (CPU model, threads, load average, versions) is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The paper's en-de vocabulary for base/big; a smaller one for the tiny preset.
+VOCAB_SIZES = {"tiny": 8000, "base": 37000, "big": 37000}
+DECODE_NEW_TOKENS = 32
+DECODE_SOURCE_LENGTH = 32
+LENGTH_PENALTY = 0.6
+PADDED_BATCH_SIZE = 16  # Seq2SeqTrainer's per_device_train_batch_size, scaled to a 2-core CPU
+TRANSLATE_BATCH_SIZE = 64  # scripts/translate.py's default --batch_size
+ADAM_BETAS, ADAM_EPS = (0.9, 0.98), 1e-9
+PHASES = ("matmul", "decode", "train", "memory", "length_mix", "translate_file")
+IMPLEMENTATIONS = ("ours", "marian", "ctranslate2")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchmarkSettings:
+    """What to run. `quick`: tiny preset, few repeats (under a minute on 2 CPU cores)."""
+
+    device: str = "cpu"
+    threads: int = 2
+    quick: bool = False
+    presets: tuple[str, ...] | None = None  # None: tiny+base (CPU), tiny+base+big (GPU), tiny when quick
+    phases: tuple[str, ...] = PHASES
+    use_ctranslate2: bool = True
+    seed: int = 0
+    repeats: int | None = None  # override every repeat count (tests)
+    length_mix_sentences: int | None = None  # override the sentence count of `train_length_mix`
+    file_sentences: int | None = None  # override the sentence count of `translate_file`
+    progress: bool = True
+
+    def resolved_presets(self) -> tuple[str, ...]:
+        if self.presets:
+            return tuple(self.presets)
+        if self.quick:
+            return ("tiny",)
+        return ("tiny", "base", "big") if self.is_cuda else ("tiny", "base")
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def plan(self, preset: str) -> dict:
+        """Repeat counts and workload sizes for one preset (chosen to keep the full CPU run near 10 minutes)."""
+        large = preset != "tiny"
+        if self.quick:
+            plan = dict(train=3, decode=2, length_mix=1, file=1, length_mix_sentences=64, file_sentences=24)
+        elif self.is_cuda:
+            plan = dict(train=10, decode=5, length_mix=3, file=1, length_mix_sentences=2048, file_sentences=128)
+        elif large:
+            plan = dict(train=5, decode=3, length_mix=1, file=1, length_mix_sentences=96, file_sentences=32)
+        else:
+            plan = dict(train=7, decode=5, length_mix=3, file=2, length_mix_sentences=384, file_sentences=128)
+        if self.repeats is not None:
+            plan.update(train=self.repeats, decode=self.repeats, length_mix=self.repeats, file=self.repeats)
+        if self.length_mix_sentences is not None:
+            plan["length_mix_sentences"] = self.length_mix_sentences
+        if self.file_sentences is not None:
+            plan["file_sentences"] = self.file_sentences
+        return plan
+
+    def train_shapes(self) -> list[tuple[int, int, int]]:
+        """(batch, source length, target length) of the fixed-shape training measurements."""
+        return [(16, 32, 32), (128, 64, 64)] if self.is_cuda else [(16, 32, 32)]
+
+    def decode_batches(self) -> list[int]:
+        return [1, 8, 32] if self.is_cuda else [1, 8]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Decoding dtype (weights); training keeps fp32 weights and uses autocast on GPU."""
+        return torch.bfloat16 if self.is_cuda else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machine, timing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(settings: BenchmarkSettings) -> dict:
+    import transformers
+
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": settings.threads,
+        "torch_num_threads": torch.get_num_threads(),
+        "device": settings.device,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "ctranslate2_version": None,
+        "load_average_start": list(os.getloadavg()),
+    }
+    with contextlib.suppress(ImportError):
+        import ctranslate2
+
+        info["ctranslate2_version"] = ctranslate2.__version__
+    if settings.is_cuda:
+        info["gpu"] = torch.cuda.get_device_name(torch.device(settings.device))
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def timed(function: Callable[[], object], device: str, outputs: list | None = None) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    if outputs is not None:
+        outputs.append(result)
+    return elapsed
+
+
+def alternate(calls: dict[str, Callable[[], object]], repeats: int, device: str,
+              first_outputs: dict | None = None) -> dict[str, list[float]]:
+    """Time each call `repeats` times, interleaved (A B C, C B A, A B C, ...) so that drift hits all alike.
+
+    With `first_outputs` (a dict), each call's result of the first repeat is stored in it under the call's name.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            keep = [] if first_outputs is not None and repeat == 0 else None
+            times[name].append(timed(calls[name], device, keep))
+            if keep:
+                first_outputs[name] = keep[0]
+    return times
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak so far)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def preset_config(preset: str, vocab_size: int | None = None, **overrides):
+    from .presets import load_preset
+
+    return load_preset(preset, vocab_size=vocab_size or VOCAB_SIZES.get(preset, 8000), **overrides)
+
+
+def build_pair(preset: str, seed: int, vocab_size: int | None = None):
+    """Our model with random weights and its Marian twin (same weights), both fp32 on the CPU, in eval mode."""
+    from . import Seq2SeqTransformerForConditionalGeneration
+    from .convert import to_marian
+
+    torch.manual_seed(seed)
+    ours = Seq2SeqTransformerForConditionalGeneration(preset_config(preset, vocab_size)).eval()
+    marian = to_marian(ours).eval()
+    return ours, marian
+
+
+def marian_config_for(config):
+    """The `MarianConfig` `to_marian` builds for `config` (to make a Marian model without building ours first)."""
+    from transformers import MarianConfig
+
+    from .convert import SHARED_FIELDS
+
+    return MarianConfig(
+        **{f: getattr(config, f) for f in SHARED_FIELDS}, forced_eos_token_id=None, share_encoder_decoder_embeddings=True
+    )
+
+
+def random_ids(generator: torch.Generator, vocab_size: int, shape, low: int = 4) -> torch.Tensor:
+    """Random non-special token ids (the first 4 ids are <pad>, <s>, </s>, <unk>)."""
+    return torch.randint(low, vocab_size, shape, generator=generator)
+
+
+def decode_inputs(vocab_size: int, batch: int, seed: int, eos: int = 2, pad: int = 0):
+    """A right-padded batch of ~32-token sources (lengths 28..32, the first exactly 32) ending with </s>."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [DECODE_SOURCE_LENGTH] + torch.randint(28, DECODE_SOURCE_LENGTH + 1, (batch - 1,), generator=generator).tolist()
+    width = max(lengths)
+    ids = random_ids(generator, vocab_size, (batch, width))
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, length - 1] = eos
+        ids[row, length:] = pad
+        mask[row, :length] = 1
+    return ids, mask, lengths
+
+
+def train_batch(vocab_size: int, batch: int, source_length: int, target_length: int, seed: int, eos: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = random_ids(generator, vocab_size, (batch, source_length))
+    labels = random_ids(generator, vocab_size, (batch, target_length))
+    input_ids[:, -1] = eos
+    labels[:, -1] = eos
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sentence_lengths(count: int, seed: int, low: int = 5, high: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) token lengths like WMT sentences: log-normal (median 22, sigma 0.6) clipped to low..high."""
+    rng = np.random.default_rng(seed)
+    source = np.clip(np.round(rng.lognormal(math.log(22), 0.6, count)), low, high).astype(np.int64)
+    target = np.clip(np.round(source * rng.lognormal(0.0, 0.15, count)), low, high).astype(np.int64)
+    return source, target
+
+
+def mixed_length_examples(count: int, vocab_size: int, seed: int, eos: int = 2) -> list[dict]:
+    """Sentence pairs of realistic lengths; every sequence ends with </s> (as our tokenizer makes them)."""
+    source_lengths, target_lengths = sentence_lengths(count, seed)
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for s, t in zip(source_lengths.tolist(), target_lengths.tolist()):
+        source = random_ids(generator, vocab_size, (s,)).tolist()[:-1] + [eos]
+        target = random_ids(generator, vocab_size, (t,)).tolist()[:-1] + [eos]
+        examples.append({"input_ids": source, "labels": target})
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def ours_train_step(model, device: str) -> Callable[[dict], torch.Tensor]:
+    """The step of our training loop (`training.Trainer.train_step` without the multi-process bookkeeping)."""
+    from .training import TrainingConfig, compute_loss, make_optimizer_and_scheduler
+
+    optimizer, scheduler = make_optimizer_and_scheduler(model, TrainingConfig(), model.config.d_model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: dict) -> torch.Tensor:
+        with autocast(device):
+            loss = compute_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, float("inf"))  # the loop measures the norm every step
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def marian_train_step(model, device: str) -> Callable[[dict], torch.Tensor]:
+    """The step a transformers user writes: loss, backward, `torch.optim.Adam` with default implementation flags."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=ADAM_BETAS, eps=ADAM_EPS)
+
+    def step(batch: dict) -> torch.Tensor:
+        with autocast(device):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    return step
+
+
+TRAIN_STEPS = {"ours": ours_train_step, "marian": marian_train_step}
+
+
+def training_flops(config, batch: int, source_length: int, target_length: int) -> float:
+    """Analytic FLOPs of one training step: 3 x the forward pass's matrix-multiply FLOPs (backward = 2 x forward).
+
+    Forward, with d = d_model, f = d_ff, V = vocabulary, B sentences of S source and T target tokens, a multiply-add
+    counted as 2 FLOPs:
+      encoder, per layer:  2 B S (4 d^2 + 2 d f)          Q, K, V, output projections and the feed-forward
+                           + 4 B S^2 d                      Q K^T and (weights) V
+      decoder, per layer:  2 B T (6 d^2 + 2 d f)          self-attention Q K V O, cross-attention Q O, feed-forward
+                           + 2 B S (2 d^2)                  cross-attention K V (over the source tokens)
+                           + 4 B T^2 d + 4 B T S d          self- and cross-attention scores and values
+      output projection:   2 B T d V
+    Causal self-attention is counted in full (as computed by the kernels). Embedding lookups, LayerNorm, softmax,
+    the loss and the Adam update are element-wise and not counted.
+    """
+    d, V = config.d_model, config.vocab_size
+    B, S, T = batch, source_length, target_length
+    encoder = config.encoder_layers * (2 * B * S * (4 * d * d + 2 * d * config.encoder_ffn_dim) + 4 * B * S * S * d)
+    decoder = config.decoder_layers * (
+        2 * B * T * (6 * d * d + 2 * d * config.decoder_ffn_dim) + 2 * B * S * 2 * d * d + 4 * B * T * T * d + 4 * B * T * S * d
+    )
+    return float(3 * (encoder + decoder + 2 * B * T * d * V))
+
+
+def matmul_peak(device: str, sizes: tuple[int, ...], repeats: int) -> dict:
+    """Best achieved FLOP/s of torch.matmul on square matrices (fp32 on CPU, bf16 on GPU), per size and overall."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    per_size = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        torch.matmul(a, b)  # warm-up
+        best = min(timed(lambda: torch.matmul(a, b), device) for _ in range(repeats))
+        per_size[n] = 2 * n**3 / best
+        del a, b
+    return {"flops_per_second": max(per_size.values()), "per_size": per_size, "dtype": str(dtype).replace("torch.", "")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def strip_special(ids, eos: int, pad: int) -> list[int]:
+    """Generated ids without the decoder start token, cut at the first </s> (or padding)."""
+    out = []
+    for token in ids:
+        if token in (eos, pad):
+            break
+        out.append(int(token))
+    return out
+
+
+def generate_kwargs(num_beams: int) -> dict:
+    kwargs = dict(num_beams=num_beams, do_sample=False, min_new_tokens=DECODE_NEW_TOKENS, max_new_tokens=DECODE_NEW_TOKENS)
+    if num_beams > 1:
+        kwargs["length_penalty"] = LENGTH_PENALTY
+    return kwargs
+
+
+def decode_transformers(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int) -> list[list[int]]:
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs(num_beams))
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    return [strip_special(row[1:], eos, pad) for row in output.tolist()]
+
+
+def decode_ours(model, input_ids, attention_mask, num_beams):
+    """Our model's `generate` (whatever path it takes inside)."""
+    return decode_transformers(model, input_ids, attention_mask, num_beams)
+
+
+def decode_marian(model, input_ids, attention_mask, num_beams):
+    return decode_transformers(model, input_ids, attention_mask, num_beams)
+
+
+def decode_ctranslate2(translator, source_tokens: list[list[str]], num_beams: int, tokenizer) -> list[list[int]]:
+    results = translate_ctranslate2(translator, source_tokens, num_beams)
+    return [tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results]
+
+
+def translate_ctranslate2(translator, source_tokens: list[list[str]], num_beams: int):
+    return translator.translate_batch(
+        source_tokens,
+        beam_size=num_beams,
+        length_penalty=LENGTH_PENALTY if num_beams > 1 else 1.0,
+        min_decoding_length=DECODE_NEW_TOKENS,
+        max_decoding_length=DECODE_NEW_TOKENS,
+        return_scores=False,
+    )
+
+
+def compare_tokens(reference: list[list[int]], candidate: list[list[int]]) -> dict:
+    """Sequence- and token-level agreement of `candidate` with `reference` (a length difference counts as tokens)."""
+    mismatched_sequences = mismatched_tokens = total = 0
+    for ref, cand in zip(reference, candidate):
+        total += max(len(ref), len(cand))
+        differing = sum(a != b for a, b in zip(ref, cand)) + abs(len(ref) - len(cand))
+        mismatched_tokens += differing
+        mismatched_sequences += differing > 0
+    if len(reference) != len(candidate):
+        mismatched_sequences += abs(len(reference) - len(candidate))
+    return {
+        "match": mismatched_sequences == 0,
+        "sequences": max(len(reference), len(candidate)),
+        "mismatched_sequences": mismatched_sequences,
+        "tokens": total,
+        "mismatched_tokens": mismatched_tokens,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Translating a file
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pinned_length(models, new_tokens: int):
+    """Make every `generate` of these models produce exactly `new_tokens` tokens (restored afterwards)."""
+    saved = [(m.generation_config.min_new_tokens, m.generation_config.max_new_tokens) for m in models]
+    try:
+        for m in models:
+            m.generation_config.min_new_tokens = m.generation_config.max_new_tokens = new_tokens
+        yield
+    finally:
+        for m, (low, high) in zip(models, saved):
+            m.generation_config.min_new_tokens, m.generation_config.max_new_tokens = low, high
+
+
+def translate_file_ours(model, tokenizer, texts: list[str], num_beams: int = 4) -> list[str]:
+    """scripts/translate.py's code path."""
+    from .training import translate_texts
+
+    return translate_texts(model, tokenizer, texts, batch_size=TRANSLATE_BATCH_SIZE, num_beams=num_beams,
+                           length_penalty=LENGTH_PENALTY)
+
+
+def translate_file_marian_loop(model, tokenizer, texts: list[str], num_beams: int = 4) -> list[str]:
+    """A plain loop over `MarianMTModel.generate`, one sentence at a time, in file order."""
+    device = next(model.parameters()).device
+    outputs = []
+    with torch.no_grad():
+        for text in texts:
+            encoded = tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(device)
+            generated = model.generate(**encoded, num_beams=num_beams, length_penalty=LENGTH_PENALTY)
+            outputs.append(tokenizer.decode(generated[0], skip_special_tokens=True).strip())
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def memory_probe(implementation: str, preset: str, vocab_size: int, shape: tuple[int, int, int], device: str,
+                 threads: int, seed: int = 0, steps: int = 2) -> dict:
+    """Build one implementation's model and optimizer, run `steps` training steps, report the memory it took."""
+    from transformers import MarianMTModel
+
+    from . import Seq2SeqTransformerForConditionalGeneration
+
+    torch.set_num_threads(threads)
+    config = preset_config(preset, vocab_size)
+    batch = to_device(train_batch(vocab_size, *shape, seed=seed), device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = current_rss_mb()
+    torch.manual_seed(seed)
+    if implementation == "ours":
+        model = Seq2SeqTransformerForConditionalGeneration(config)
+    else:
+        model = MarianMTModel(marian_config_for(config))
+    model = model.to(device).train()
+    step = TRAIN_STEPS[implementation](model, device)
+    for _ in range(steps):
+        step(batch)
+    synchronize(device)
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)  # parameters() lists a tied one once
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        result = {"peak_allocated_mb": peak, "step_memory_mb": peak - base / 2**20}
+        del model, step
+        gc.collect()
+        torch.cuda.empty_cache()
+    else:
+        peak = peak_rss_mb()
+        result = {"peak_rss_mb": peak, "baseline_rss_mb": base, "step_memory_mb": peak - base}
+    result["parameters"] = parameters
+    # Weights + gradients + Adam's two moments, fp32: the floor any implementation pays.
+    result["states_mb"] = parameters * 4 * 4 / 2**20
+    return result
+
+
+def _memory_probe_main() -> None:  # entry point of the subprocess started by `memory_in_subprocesses`
+    arguments = json.loads(sys.argv[1])
+    arguments["shape"] = tuple(arguments["shape"])
+    print(json.dumps(memory_probe(**arguments)))
+
+
+def memory_in_subprocesses(jobs: list[dict], parallel: bool = True) -> list[dict]:
+    """Run `memory_probe(**job)` in fresh Python processes (started together when `parallel`), one per job."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    code = "from modeling_seq2seq.benchmark import _memory_probe_main; _memory_probe_main()"
+    results, running = [], []
+    for job in jobs:
+        process = subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        running.append(process)
+        if not parallel:
+            results.append(_probe_result(process))
+    if parallel:
+        results = [_probe_result(p) for p in running]
+    return results
+
+
+def _probe_result(process) -> dict:
+    out, err = process.communicate()
+    if process.returncode != 0:
+        return {"error": (err or out).strip().splitlines()[-1] if (err or out).strip() else f"exit {process.returncode}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    settings: BenchmarkSettings
+    records: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    peak_flops: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def log(self, message: str) -> None:
+        if self.settings.progress:
+            print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def add(self, implementation: str, preset: str | None, phase: str, batch, seconds: list[float] | None,
+            tokens: int | None, **extra) -> dict:
+        record = {"implementation": implementation, "preset": preset, "phase": phase, "batch": batch}
+        if seconds:
+            record["median_seconds"] = median(seconds)
+            record["min_seconds"] = min(seconds)  # less sensitive to other processes than the median
+            record["tokens_per_second"] = tokens / record["median_seconds"] if tokens else None
+            record["seconds"] = [round(s, 6) for s in seconds]
+            record["repeats"] = len(seconds)
+        else:
+            record["median_seconds"] = None
+            record["tokens_per_second"] = None
+        record["tokens"] = tokens
+        record["device"] = self.settings.device
+        record.update(extra)
+        self.records.append(record)
+        return record
+
+
+def ctranslate2_available() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_translator(marian, tokenizer, settings: BenchmarkSettings, folder: str):
+    import ctranslate2
+
+    from .export import convert_marian_to_ctranslate2
+
+    convert_marian_to_ctranslate2(marian, tokenizer, folder, force=True)
+    if settings.is_cuda:
+        index = torch.device(settings.device).index or 0
+        return ctranslate2.Translator(folder, device="cuda", device_index=index, compute_type="bfloat16")
+    return ctranslate2.Translator(folder, device="cpu", compute_type="float32", intra_threads=settings.threads,
+                                  inter_threads=1)
+
+
+def run_matmul(run: Run) -> None:
+    settings = run.settings
+    if settings.is_cuda:
+        sizes, repeats = (4096, 8192), 10
+    else:
+        sizes, repeats = ((1024, 2048), 3) if settings.quick else ((1024, 2048, 3072), 3)
+    run.log(f"matmul peak ({', '.join(map(str, sizes))})")
+    peak = matmul_peak(settings.device, sizes, repeats)
+    run.peak_flops = peak["flops_per_second"]
+    run.add("torch.matmul", None, "matmul_peak", None, None, None, flops_per_second=peak["flops_per_second"],
+            per_size={str(k): v for k, v in peak["per_size"].items()}, dtype=peak["dtype"], best_of=repeats)
+
+
+def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, tokenizer) -> None:
+    settings, device = run.settings, run.settings.device
+    vocab = ours.config.vocab_size
+    for num_beams, phase in ((1, "decode_greedy"), (4, "decode_beam4")):
+        for batch in settings.decode_batches():
+            input_ids, attention_mask, lengths = decode_inputs(vocab, batch, seed=settings.seed + batch)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            source_tokens = [tokenizer.convert_ids_to_tokens(row[:n]) for row, n in zip(input_ids.tolist(), lengths)]
+            calls = {
+                "ours": lambda: decode_ours(ours, input_ids, attention_mask, num_beams),
+                "marian": lambda: decode_marian(marian, input_ids, attention_mask, num_beams),
+            }
+            if translator is not None:
+                calls["ctranslate2"] = lambda: decode_ctranslate2(translator, source_tokens, num_beams, tokenizer)
+            run.log(f"{preset} {phase} batch {batch}: token check")
+            outputs = {name: call() for name, call in calls.items()}  # also the warm-up
+            checks = {"marian": {"match": True, "reference": True}}
+            checks["ours"] = compare_tokens(outputs["marian"], outputs["ours"])
+            if "ctranslate2" in outputs:
+                checks["ctranslate2"] = compare_tokens(outputs["marian"], outputs["ctranslate2"])
+            run.log(f"{preset} {phase} batch {batch}: timing x{plan['decode']}")
+            times = alternate(calls, plan["decode"], device)
+            tokens = batch * DECODE_NEW_TOKENS
+            for name in calls:
+                run.add(name, preset, phase, batch, times[name], tokens, num_beams=num_beams,
+                        new_tokens=DECODE_NEW_TOKENS, source_lengths=lengths,
+                        dtype=str(settings.dtype).replace("torch.", ""), token_check=checks[name])
+
+
+def run_train(run: Run, preset: str, plan: dict, ours_model, marian_model) -> dict:
+    settings, device = run.settings, run.settings.device
+    steps = {"ours": ours_train_step(ours_model, device), "marian": marian_train_step(marian_model, device)}
+    vocab = ours_model.config.vocab_size
+    for batch, source_length, target_length in settings.train_shapes():
+        data = to_device(train_batch(vocab, batch, source_length, target_length, seed=settings.seed), device)
+        run.log(f"{preset} train {batch}x{source_length}+{batch}x{target_length}: warm-up")
+        for _ in range(2):
+            for step in steps.values():
+                step(data)
+        run.log(f"{preset} train: timing x{plan['train']}")
+        times = alternate({name: (lambda s=s: s(data)) for name, s in steps.items()}, plan["train"], device)
+        flops = training_flops(ours_model.config, batch, source_length, target_length)
+        tokens = batch * (source_length + target_length)
+        for name in steps:
+            achieved = flops / median(times[name])
+            run.add(name, preset, "train", batch, times[name], tokens, source_length=source_length,
+                    target_length=target_length, dtype="bfloat16-autocast" if settings.is_cuda else "float32",
+                    flops=flops, achieved_flops_per_second=achieved,
+                    matmul_peak_flops_per_second=run.peak_flops,
+                    mfu=achieved / run.peak_flops if run.peak_flops else None)
+    return steps
+
+
+def run_length_mix(run: Run, preset: str, plan: dict, steps: dict, pad_token_id: int, vocab: int) -> None:
+    from .data import Seq2SeqCollator, TokenBatchSampler
+
+    settings, device = run.settings, run.settings.device
+    count = plan["length_mix_sentences"]
+    batch_size = PADDED_BATCH_SIZE * (4 if settings.is_cuda else 1)
+    examples = mixed_length_examples(count, vocab, seed=settings.seed + 7)
+    collator = Seq2SeqCollator(pad_token_id=pad_token_id)
+    order = np.random.default_rng(settings.seed).permutation(count).tolist()
+    padded_indices = [order[i : i + batch_size] for i in range(0, count, batch_size)]
+
+    def padded_size(indices):
+        return len(indices) * max(max(len(examples[i]["input_ids"]), len(examples[i]["labels"])) for i in indices)
+
+    max_tokens = math.ceil(statistics.mean(padded_size(b) for b in padded_indices))
+    sampler = TokenBatchSampler([len(e["input_ids"]) for e in examples], [len(e["labels"]) for e in examples],
+                                max_tokens=max_tokens, shuffle=True, seed=settings.seed)
+    token_indices = list(sampler)
+
+    def collate(indices):
+        return to_device(collator([examples[i] for i in indices]), device)
+
+    loaders = {"token_batches": [collate(b) for b in token_indices], "padded": [collate(b) for b in padded_indices]}
+    real_tokens = sum(len(e["input_ids"]) + len(e["labels"]) for e in examples)
+
+    def slots(batches):
+        return sum(b["input_ids"].numel() + b["labels"].numel() for b in batches)
+
+    def epoch(step, batches):
+        for b in batches:
+            step(b)
+
+    calls = {
+        "ours+token_batches": lambda: epoch(steps["ours"], loaders["token_batches"]),
+        "ours+padded": lambda: epoch(steps["ours"], loaders["padded"]),
+        "marian+padded": lambda: epoch(steps["marian"], loaders["padded"]),
+    }
+    run.log(f"{preset} length mix: {count} sentences, {len(token_indices)} token batches (max_tokens {max_tokens}) "
+            f"vs {len(padded_indices)} padded batches; warm-up")
+    for name, loader in (("ours", "token_batches"), ("ours", "padded"), ("marian", "padded")):
+        for b in loaders[loader][:2]:
+            steps[name](b)
+    run.log(f"{preset} length mix: timing x{plan['length_mix']}")
+    times = alternate(calls, plan["length_mix"], device)
+    for name in calls:
+        loader = loaders["token_batches" if "token" in name else "padded"]
+        run.add(name, preset, "train_length_mix", f"{count} sentences", times[name], real_tokens,
+                sentences=count, batches=len(loader), padded_tokens=slots(loader),
+                padding_fraction=1 - real_tokens / slots(loader), max_tokens=max_tokens if "token" in name else None,
+                padded_batch_size=None if "token" in name else batch_size)
+
+
+def run_translate_file(run: Run, preset: str, plan: dict, ours, marian) -> None:
+    from .export import synthetic_tokenizer, synthetic_token
+
+    settings, device = run.settings, run.settings.device
+    config = ours.config
+    count = plan["file_sentences"]
+    # "<s>" as an ordinary word, so that the decoded texts compared below keep it (untrained models emit it a lot).
+    tokenizer = synthetic_tokenizer(config.vocab_size, config.pad_token_id, config.bos_token_id, config.eos_token_id,
+                                    register_bos=False)
+    source_lengths, _ = sentence_lengths(count, seed=settings.seed + 11)
+    generator = torch.Generator().manual_seed(settings.seed + 11)
+    texts = [" ".join(synthetic_token(i) for i in random_ids(generator, config.vocab_size, (n - 1,)).tolist())
+             for n in source_lengths.tolist()]
+    calls = {
+        "ours": lambda: translate_file_ours(ours, tokenizer, texts),
+        "marian": lambda: translate_file_marian_loop(marian, tokenizer, texts),
+    }
+    # No separate warm-up: the decode phase has warmed both models up. The outputs of the first timed pass are
+    # the ones compared.
+    outputs: dict = {}
+    with pinned_length([ours, marian], DECODE_NEW_TOKENS):
+        run.log(f"{preset} translate file: {count} sentences, timing x{plan['file']}")
+        times = alternate(calls, plan["file"], device, first_outputs=outputs)
+    same = sum(a == b for a, b in zip(outputs["ours"], outputs["marian"]))
+    tokens = count * DECODE_NEW_TOKENS
+    check = {"match": same == count, "sentences": count, "same_sentences": same}
+    for name in calls:
+        run.add(name, preset, "translate_file", f"{count} sentences", times[name], tokens, num_beams=4,
+                new_tokens_per_sentence=DECODE_NEW_TOKENS, source_tokens=int(source_lengths.sum()),
+                method="training.translate_texts (scripts/translate.py), batch 64, sorted by length"
+                if name == "ours" else "MarianMTModel.generate, one sentence at a time, file order",
+                output_check=check)
+
+
+def run_memory(run: Run) -> None:
+    settings = run.settings
+    jobs = []
+    for preset in settings.resolved_presets():
+        for shape in settings.train_shapes()[:1]:
+            for implementation in ("ours", "marian"):
+                jobs.append(dict(implementation=implementation, preset=preset, vocab_size=VOCAB_SIZES.get(preset, 8000),
+                                 shape=list(shape), device=settings.device, threads=1 if not settings.is_cuda else settings.threads,
+                                 seed=settings.seed))
+    run.log(f"peak memory of the training step: {len(jobs)} probes" + ("" if settings.is_cuda else " (fresh subprocesses)"))
+    if settings.is_cuda:
+        results = [memory_probe(**{**job, "shape": tuple(job["shape"])}) for job in jobs]
+    else:
+        # Started together (memory, not time, is measured): a probe per core at a time.
+        results = []
+        for start in range(0, len(jobs), max(1, settings.threads)):
+            results += memory_in_subprocesses(jobs[start : start + max(1, settings.threads)])
+    for job, result in zip(jobs, results):
+        batch, source_length, target_length = job["shape"]
+        run.add(job["implementation"], job["preset"], "train_memory", batch, None, None,
+                source_length=source_length, target_length=target_length, **result)
+
+
+def run_benchmark(settings: BenchmarkSettings) -> dict:
+    """Run every requested phase; returns {"machine": ..., "settings": ..., "records": [...]}."""
+    import transformers
+
+    from .export import synthetic_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(settings.threads)
+    run = Run(settings)
+    machine = machine_info(settings)
+    use_ct2 = settings.use_ctranslate2 and ctranslate2_available()
+    if settings.use_ctranslate2 and not use_ct2:
+        run.notes.append("ctranslate2 is not installed: no CTranslate2 column.")
+    phases = set(settings.phases)
+    unknown = phases - set(PHASES)
+    if unknown:
+        raise ValueError(f"unknown phase(s) {sorted(unknown)}; known: {', '.join(PHASES)}")
+    if "matmul" in phases or "train" in phases:
+        run_matmul(run)
+    if "memory" in phases:
+        run_memory(run)  # first: no model of this process is alive yet (GPU), nothing else is timed (CPU)
+    with tempfile.TemporaryDirectory(prefix="bench-ct2-") as workdir:
+        for preset in settings.resolved_presets():
+            plan = settings.plan(preset)
+            if phases & {"decode", "translate_file"}:
+                run.log(f"{preset}: building models")
+                ours, marian = build_pair(preset, settings.seed, VOCAB_SIZES.get(preset))
+                config = ours.config
+                tokenizer = synthetic_tokenizer(config.vocab_size, config.pad_token_id, config.bos_token_id,
+                                                config.eos_token_id)
+                translator = None
+                if use_ct2 and "decode" in phases:
+                    run.log(f"{preset}: converting to CTranslate2")
+                    translator = make_translator(marian, tokenizer, settings, os.path.join(workdir, preset))
+                ours.to(settings.device, settings.dtype)
+                marian.to(settings.device, settings.dtype)
+                if "decode" in phases:
+                    run_decode(run, preset, plan, ours, marian, translator, tokenizer)
+                if "translate_file" in phases:
+                    run_translate_file(run, preset, plan, ours, marian)
+                del ours, marian, translator
+                gc.collect()
+            if phases & {"train", "length_mix"}:
+                run.log(f"{preset}: building training models")
+                ours, marian = build_pair(preset, settings.seed + 1, VOCAB_SIZES.get(preset))
+                ours.to(settings.device).train()
+                marian.to(settings.device).train()
+                steps = run_train(run, preset, plan, ours, marian) if "train" in phases else {
+                    "ours": ours_train_step(ours, settings.device), "marian": marian_train_step(marian, settings.device)}
+                if "length_mix" in phases:
+                    run_length_mix(run, preset, plan, steps, ours.config.pad_token_id, ours.config.vocab_size)
+                del ours, marian, steps
+                gc.collect()
+                if settings.is_cuda:
+                    torch.cuda.empty_cache()
+    machine["load_average_end"] = list(os.getloadavg())
+    machine["wall_seconds"] = round(time.perf_counter() - run.started, 1)
+    settings_dict = dataclasses.asdict(settings)
+    settings_dict["presets"] = list(settings.resolved_presets())
+    settings_dict["ctranslate2"] = use_ct2
+    return {"machine": machine, "settings": settings_dict, "records": run.records, "notes": run.notes}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rate(record: dict | None) -> str:
+    if not record or not record.get("tokens_per_second"):
+        return "-"
+    return f"{record['tokens_per_second']:,.0f} tok/s ({record['median_seconds']:.3g} s)"
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or not a.get("tokens_per_second") or not b.get("tokens_per_second"):
+        return "-"
+    return f"{a['tokens_per_second'] / b['tokens_per_second']:.2f}x"
+
+
+def _check_text(ours: dict | None, ct2: dict | None) -> str:
+    parts = []
+    check = (ours or {}).get("token_check")
+    if check:
+        parts.append("ours=Marian exact" if check["match"] else
+                     f"MISMATCH ours vs Marian: {check['mismatched_sequences']}/{check['sequences']} seqs, "
+                     f"{check['mismatched_tokens']}/{check['tokens']} tok")
+    check = (ct2 or {}).get("token_check")
+    if check:
+        parts.append("CT2=Marian exact" if check["match"] else
+                     f"CT2 vs Marian: {check['mismatched_tokens']}/{check['tokens']} tok differ "
+                     f"({check['mismatched_sequences']}/{check['sequences']} seqs)")
+    return "; ".join(parts)
+
+
+def result_rows(result: dict) -> list[list[str]]:
+    """The table as rows of cells (the header first)."""
+    records = result["records"]
+    header = ["phase", "preset", "shape", "ours", "Marian", "CT2", "ours/Marian", "ours/CT2", "notes"]
+    rows = [header]
+    by_key: dict[tuple, dict[str, dict]] = {}
+    order: list[tuple] = []
+    for r in records:
+        shape = r.get("batch")
+        key = (r["phase"], r["preset"], str(shape), r.get("source_length"))
+        if key not in by_key:
+            by_key[key] = {}
+            order.append(key)
+        by_key[key][r["implementation"]] = r
+    peak = next((r for r in records if r["phase"] == "matmul_peak"), None)
+    for key in order:
+        phase, preset, _, _ = key
+        group = by_key[key]
+        if phase == "matmul_peak":
+            r = group["torch.matmul"]
+            sizes = ", ".join(f"{n}^2 {v / 1e9:.0f}" for n, v in r["per_size"].items())
+            rows.append(["matmul peak (" + r["dtype"] + ")", "-", "square n x n", f"{r['flops_per_second'] / 1e9:,.1f} GFLOP/s",
+                         "", "", "", "", f"best of {r['best_of']} per size; GFLOP/s by size: {sizes}"])
+        elif phase == "train":
+            ours, marian = group.get("ours"), group.get("marian")
+            r = ours or marian
+            shape = f"{r['batch']}x{r['source_length']} + {r['batch']}x{r['target_length']} tok"
+            note = ""
+            if ours and marian and ours.get("mfu") is not None:
+                note = f"MFU ours {ours['mfu']:.0%}, Marian {marian['mfu']:.0%} ({ours['flops'] / 1e9:.1f} GFLOP/step)"
+            rows.append([f"train fwd+bwd+Adam ({r['dtype']})", preset, shape, _rate(ours), _rate(marian), "-",
+                         _ratio(ours, marian), "-", note])
+        elif phase == "train_memory":
+            ours, marian = group.get("ours"), group.get("marian")
+
+            def mem(r):
+                if not r or "step_memory_mb" not in r:
+                    return (r or {}).get("error", "-")
+                total = r.get("peak_rss_mb", r.get("peak_allocated_mb"))
+                return f"{r['step_memory_mb']:,.0f} MB (peak {total:,.0f})"
+
+            ratio = "-"
+            if ours and marian and ours.get("step_memory_mb") and marian.get("step_memory_mb"):
+                ratio = f"{ours['step_memory_mb'] / marian['step_memory_mb']:.2f}x mem"
+            r = ours or marian
+            note = "lower is better; weights+grads+Adam alone: " + (f"{r['states_mb']:,.0f} MB" if r and "states_mb" in r else "-")
+            rows.append(["train step memory", preset, f"{r['batch']}x{r['source_length']} + {r['batch']}x{r['target_length']} tok",
+                         mem(ours), mem(marian), "-", ratio, "-", note])
+        elif phase == "train_length_mix":
+            token, padded, marian = group.get("ours+token_batches"), group.get("ours+padded"), group.get("marian+padded")
+            r = token or padded
+            note = "non-padding tok/s; ours column: TokenBatchSampler, Marian column: padded batches of 16 in random order"
+            if token and padded:
+                note += (f"; ours with padded batches {_rate(padded)}: token batching gains {_ratio(token, padded)}; "
+                         f"padding {padded['padding_fraction']:.0%} -> {token['padding_fraction']:.0%}")
+            rows.append(["train, length mix", preset, f"{r['sentences']} sentences, 5..120 tok", _rate(token), _rate(marian), "-",
+                         _ratio(token, marian), "-", note])
+        elif phase in ("decode_greedy", "decode_beam4"):
+            ours, marian, ct2 = group.get("ours"), group.get("marian"), group.get("ctranslate2")
+            r = ours or marian
+            rows.append([phase.replace("_", " "), preset, f"batch {r['batch']} x {DECODE_NEW_TOKENS} new tok", _rate(ours),
+                         _rate(marian), _rate(ct2), _ratio(ours, marian), _ratio(ours, ct2), _check_text(ours, ct2)])
+        elif phase == "translate_file":
+            ours, marian = group.get("ours"), group.get("marian")
+            check = (ours or marian)["output_check"]
+            note = (f"same outputs {check['same_sentences']}/{check['sentences']} sentences; ours: translate.py path "
+                    f"(sorted, batch {TRANSLATE_BATCH_SIZE}); Marian: generate per sentence in file order")
+            rows.append(["translate file, beam 4", preset, f"{check['sentences']} sentences x {DECODE_NEW_TOKENS} tok",
+                         _rate(ours), _rate(marian), "-", _ratio(ours, marian), "-", note])
+    return rows
+
+
+def format_table(result: dict) -> str:
+    rows = result_rows(result)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths)] + [row[-1]]
+        lines.append(" | ".join(cells).rstrip())
+        if index == 0:
+            lines.append("-|-".join("-" * w for w in widths) + "-|-" + "-" * 5)
+    machine = result["machine"]
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average_start"])
+    footer = [
+        "",
+        f"Machine: {machine['cpu_model']} ({machine['cpu_count']} CPUs), {machine['threads']} threads, device "
+        f"{machine['device']}" + (f" ({machine['gpu']})" if machine.get("gpu") else "")
+        + f"; torch {machine['torch_version']}, transformers {machine['transformers_version']}, ctranslate2 "
+        f"{machine['ctranslate2_version'] or 'not installed'}.",
+        f"Load average at start: {load}" + (f"; at end: {', '.join(f'{x:.2f}' for x in machine['load_average_end'])}"
+                                             if "load_average_end" in machine else "")
+        + f"; wall time {machine.get('wall_seconds', '?')} s. Medians over repeats, implementations alternated; "
+        "tok/s: train = source + target tokens, decode/translate = generated tokens.",
+    ]
+    if machine["load_average_start"][0] > machine["threads"]:
+        footer.append("Warning: the machine was busy when the run started (load above the thread count): timings are noisy.")
+    footer += result.get("notes", [])
+    return "\n".join(lines + footer)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+__all__ = ["BenchmarkSettings", "run_benchmark", "format_table", "write_json", "training_flops", "compare_tokens"]

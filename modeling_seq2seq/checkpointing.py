@@ -1,0 +1,479 @@
+"""Crash-safe training checkpoints: atomic writes, a manifest written last, resume discovery, averaging.
+
+A checkpoint is a folder `checkpoint-<step>` inside the output directory. It is first written as
+`.tmp-checkpoint-<step>-<pid>`, every file is fsynced, then `manifest.json` (file names, sizes, sha256) is
+written and fsynced, and only then is the folder renamed into place. A process killed at any moment
+therefore leaves either a complete, verifiable checkpoint or a temporary folder that resume ignores.
+Older checkpoints are removed only after a newer one is complete.
+
+Training state other than the weights is stored without pickled Python objects: JSON for counters and
+RNG states of `random`/`numpy`, and `torch.save` files of tensors and plain containers, read back with
+`torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+MANIFEST_NAME = "manifest.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+MANIFEST_FORMAT = 1
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, read or verified; the message names the path."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Low-level durable file operations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's contents to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory entry table, so that renames and creations inside it survive a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see either the old or the new content, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + "-", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, payload) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def probe_writable(directory: str | os.PathLike, probe_bytes: int = 1 << 20) -> None:
+    """Create `directory` if needed and prove that a file can be written, fsynced and removed there.
+
+    Raises `CheckpointError` naming the directory when it cannot (read-only, not a directory, disk full),
+    so that a long training run fails before its first step rather than at its first save.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "write-probe-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"\0" * probe_bytes)
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            Path(probe).unlink(missing_ok=True)
+    except OSError as error:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise CheckpointError(f"Output directory {str(directory)!r} is not writable: {reason} ({error}).") from error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(
+        str(path.relative_to(folder)).replace(os.sep, "/")
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != MANIFEST_NAME
+    )
+
+
+def write_manifest(folder: str | os.PathLike, step: int) -> None:
+    """Record every file of `folder` with its size and sha256; written and fsynced last."""
+    folder = Path(folder)
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)} for name in _files_under(folder)}
+    manifest_path = folder / MANIFEST_NAME
+    with open(manifest_path, "w", encoding="utf-8") as handle:
+        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True) -> str | None:
+    """Return None when `folder` is a complete checkpoint, otherwise the reason it is not."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        return "not a directory"
+    if not manifest_path.is_file():
+        return f"no {MANIFEST_NAME} (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            return f"{MANIFEST_NAME} lists no files"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable {MANIFEST_NAME}: {error}"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"missing file {name}"
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            return f"{name} has {size} bytes, the manifest says {expected.get('size')} (truncated?)"
+        if check_hashes and sha256_of(path) != expected.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def read_manifest_step(folder: str | os.PathLike) -> int:
+    return int(json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing, listing, rotating
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def staging_dir_path(output_dir: str | os.PathLike, step: int) -> Path:
+    # A fixed name (no pid): all processes of a distributed run must agree on it without talking.
+    return Path(output_dir) / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
+
+
+def create_staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary folder inside `output_dir` (same filesystem, so the final rename is atomic)."""
+    staging = staging_dir_path(output_dir, step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise CheckpointError(f"Could not create checkpoint staging folder {str(staging)!r}: {error}") from error
+    return staging
+
+
+def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, step: int) -> Path:
+    """fsync every staged file, write the manifest last, and rename the folder to `final`.
+
+    An existing complete folder at `final` (the same step saved again after a resume) is moved aside first
+    and deleted only after the new one is in place.
+    """
+    staging, final = Path(staging), Path(final)
+    try:
+        for name in _files_under(staging):
+            fsync_file(staging / name)
+        write_manifest(staging, step)
+        fsync_dir(staging)
+        displaced = None
+        if final.exists():
+            displaced = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}")
+            os.replace(final, displaced)
+        os.replace(staging, final)
+        fsync_dir(final.parent)
+        if displaced is not None:
+            shutil.rmtree(displaced, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"Could not complete checkpoint {str(final)!r}: {error}") from error
+    return final
+
+
+def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files: Callable[[Path], None]) -> Path:
+    """Write a checkpoint atomically: `write_files(staging_dir)` fills it, then it is committed.
+
+    On failure (disk full, I/O error) the staging folder is removed, earlier checkpoints are untouched, and
+    `CheckpointError` names the checkpoint that could not be written.
+    """
+    final = checkpoint_path(output_dir, step)
+    staging = create_staging_dir(output_dir, step)
+    try:
+        write_files(staging)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = [str(path) for _, path in list_checkpoints(output_dir)[-1:]]
+        note = f" The previous checkpoint {previous[0]!r} is intact." if previous else ""
+        raise CheckpointError(f"Could not write checkpoint {str(final)!r}: {error}.{note}") from error
+    return commit_staging_dir(staging, final, step)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Folders named `checkpoint-<step>` in `output_dir`, oldest first (not verified)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for entry in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike, check_hashes: bool = True) -> Path | None:
+    """The newest checkpoint whose manifest verifies; torn or corrupted ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path, check_hashes=check_hashes)
+        if problem is None:
+            return path
+        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
+def resolve_resume_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """Turn `--resume_from_checkpoint latest|PATH` into a verified folder (None: start from scratch)."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting from scratch.", output_dir)
+        return latest
+    path = Path(resume_from)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"Cannot resume from {str(path)!r}: {problem}.")
+    return path
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, protect: Iterable[Path] = ()) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints; returns the deleted folders.
+
+    Only complete checkpoints count towards `keep_last`, so a torn newer folder never causes the removal of
+    the last good one. Folders are renamed away before deletion so that a half-deleted folder never looks
+    like a checkpoint.
+    """
+    if keep_last is None or keep_last <= 0:
+        return []
+    protected = {Path(path).resolve() for path in protect}
+    complete = [path for _, path in list_checkpoints(output_dir) if verify_checkpoint(path, check_hashes=False) is None]
+    deleted = []
+    for path in complete[: max(0, len(complete) - keep_last)]:
+        if path.resolve() in protected:
+            continue
+        trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(path)
+    return deleted
+
+
+def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary folders left by a process that was killed while writing a checkpoint."""
+    output_dir = Path(output_dir)
+    removed = []
+    if output_dir.is_dir():
+        for entry in output_dir.iterdir():
+            if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safe state files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_torch_state(state, path: str | os.PathLike) -> None:
+    """`torch.save` of tensors and plain containers only (readable with weights_only=True)."""
+    torch.save(state, path)
+
+
+def load_torch_state(path: str | os.PathLike):
+    """Load a state file without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"Could not load {str(path)!r} safely (weights_only=True): {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Averaging
+# ----------------------------------------------------------------------------------------------------------
+
+WEIGHT_FILE_SUFFIX = ".safetensors"
+
+
+def load_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of the `*.safetensors` files of a saved model folder (sharded or not)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*" + WEIGHT_FILE_SUFFIX))
+    if not files:
+        raise CheckpointError(f"No *.safetensors weights in {str(folder)!r}.")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Arithmetic mean of floating-point tensors (accumulated in float64); other tensors must agree."""
+    if not state_dicts:
+        raise ValueError("Nothing to average: no state dicts given.")
+    names = set(state_dicts[0])
+    for index, state in enumerate(state_dicts[1:], start=1):
+        if set(state) != names:
+            diff = sorted(names.symmetric_difference(state))[:5]
+            raise ValueError(f"Checkpoint {index} holds different tensors than checkpoint 0 (e.g. {diff}).")
+    averaged = {}
+    for name in sorted(names):
+        first = state_dicts[0][name]
+        if first.is_floating_point():
+            total = torch.zeros(first.shape, dtype=torch.float64)
+            for state in state_dicts:
+                if state[name].shape != first.shape:
+                    raise ValueError(f"Tensor {name} has different shapes across checkpoints.")
+                total += state[name].to(torch.float64)
+            averaged[name] = (total / len(state_dicts)).to(first.dtype).contiguous()
+        else:
+            if any(not torch.equal(state[name], first) for state in state_dicts):
+                raise ValueError(f"Non-float tensor {name} differs across checkpoints; cannot average it.")
+            averaged[name] = first.clone()
+    return averaged
+
+
+def _belongs_to_saved_model(name: str) -> bool:
+    """Config, generation config, tokenizer and remote-code files are kept; weights are replaced by the
+    average, and optimizer, scheduler, RNG and trainer state do not belong to an averaged model."""
+    if name.endswith((WEIGHT_FILE_SUFFIX, ".pt", ".bin", ".index.json")):
+        return False
+    return name not in (MANIFEST_NAME, TRAINER_STATE_NAME) and not name.startswith("rng_state_")
+
+
+def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | os.PathLike) -> Path:
+    """Average the weights of saved model folders (the paper averaged the last 5 or 20 checkpoints).
+
+    The result is a loadable model folder at `output_dir`: the averaged `model.safetensors` plus the
+    config, generation config and tokenizer files of the last input. It is staged and renamed into place,
+    replacing an existing folder only once complete.
+    """
+    from safetensors.torch import save_file
+
+    if not checkpoints:
+        raise CheckpointError("No checkpoints to average.")
+    for folder in checkpoints:
+        if (Path(folder) / MANIFEST_NAME).exists():
+            problem = verify_checkpoint(folder)
+            if problem is not None:
+                raise CheckpointError(f"Cannot average {str(folder)!r}: {problem}.")
+    averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints])
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.with_name(f"{TMP_PREFIX}{output_dir.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        last = Path(checkpoints[-1])
+        for source in last.iterdir():
+            if source.is_file() and _belongs_to_saved_model(source.name):
+                shutil.copy2(source, staging / source.name)
+        save_file(averaged, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "averaged_from.json").write_text(
+            json.dumps({"checkpoints": [str(Path(c)) for c in checkpoints]}, indent=2) + "\n", encoding="utf-8"
+        )
+        for name in _files_under(staging):
+            fsync_file(staging / name)
+        displaced = None
+        if output_dir.exists():
+            displaced = output_dir.with_name(f"{TRASH_PREFIX}{output_dir.name}-{os.getpid()}")
+            os.replace(output_dir, displaced)
+        os.replace(staging, output_dir)
+        fsync_dir(output_dir.parent)
+        if displaced is not None:
+            shutil.rmtree(displaced, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"Could not write averaged model {str(output_dir)!r}: {error}") from error
+    return output_dir
+
+
+def last_checkpoints(output_dir: str | os.PathLike, count: int) -> list[Path]:
+    """The newest `count` complete checkpoints of a training output folder, oldest first."""
+    complete = [path for _, path in list_checkpoints(output_dir) if verify_checkpoint(path) is None]
+    if count <= 0:
+        raise ValueError(f"count must be positive, got {count}.")
+    return complete[-count:]
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "MANIFEST_NAME",
+    "TRAINER_STATE_NAME",
+    "CheckpointError",
+    "atomic_write_json",
+    "atomic_write_text",
+    "average_checkpoints",
+    "average_state_dicts",
+    "checkpoint_path",
+    "find_latest_checkpoint",
+    "last_checkpoints",
+    "list_checkpoints",
+    "load_safetensors_folder",
+    "load_torch_state",
+    "probe_writable",
+    "remove_stale_staging",
+    "resolve_resume_checkpoint",
+    "rotate_checkpoints",
+    "save_torch_state",
+    "verify_checkpoint",
+    "write_checkpoint",
+]

@@ -1,0 +1,1393 @@
+"""Training with Accelerate and the paper's recipe: schedule, token batches, checkpoints, resume, evaluation.
+
+`main(argv)` is what `scripts/train.py` runs (also under `accelerate launch`). Settings come from a YAML recipe
+(`--config configs/train-tiny.yaml`) and command-line flags override them. `train(config)` does the work:
+
+1. data (the built-in number-words task unless a dataset or files are given) and the shared BPE tokenizer
+   (trained on the training text unless `--tokenizer` is given);
+2. the model from a preset JSON (`--model_config`), Adam(0.9, 0.98, 1e-9) and the inverse-square-root warmup
+   schedule of Section 5.3, batches of about `max_tokens` tokens with gradient accumulation;
+3. periodic validation (loss, BLEU, chrF), atomic checkpoints, resume, a wall-clock budget, NaN/inf guards;
+4. the final model, tokenizer and generation config saved with `save_pretrained`, test-set metrics in
+   `eval_results.json`, a JSONL log and a loss/BLEU curve picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpointing as ckpt
+
+logger = logging.getLogger("modeling_seq2seq.training")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_FILE_NAME = "training_log.jsonl"
+EVAL_RESULTS_NAME = "eval_results.json"
+CURVES_FILE_NAME = "training_curves.png"
+TOKENIZER_DIR_NAME = "tokenizer"
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+TRAINER_STATE_VERSION = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _option(default, help_text, choices=None):
+    metadata = {"help": help_text}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainingConfig:
+    """Every setting of a training run; YAML keys and command-line flags have these names.
+
+    Defaults are the paper's base recipe (Section 5); `configs/train-tiny.yaml` scales it down.
+    """
+
+    # where things go
+    output_dir: str = _option("outputs/transformer", "folder for checkpoints, logs and the final model")
+    # model and tokenizer
+    model_config: str = _option("configs/transformer-base.json", "model preset JSON (a Seq2SeqTransformerConfig)")
+    model_overrides: dict = _option({}, "config fields that replace the preset's (YAML mapping or JSON string)")
+    tokenizer: typing.Optional[str] = _option(None, "a saved tokenizer; without it a shared BPE is trained on the training text")
+    vocab_size: int = _option(37000, "vocabulary size of the BPE trained when --tokenizer is not given")
+    # data
+    dataset_name: typing.Optional[str] = _option(None, "a Hub dataset (e.g. wmt14); none and no files: the built-in task")
+    dataset_config_name: typing.Optional[str] = _option(None, "the Hub dataset's configuration (e.g. de-en)")
+    train_file: typing.Optional[str] = _option(None, "local training file (.jsonl/.json/.csv/.tsv)")
+    validation_file: typing.Optional[str] = _option(None, "local validation file")
+    test_file: typing.Optional[str] = _option(None, "local test file")
+    source_lang: str = _option("en", "source language key/column")
+    target_lang: str = _option("de", "target language key/column")
+    max_source_length: int = _option(256, "longer source sentences (in tokens) are dropped from training")
+    max_target_length: int = _option(256, "longer target sentences (in tokens) are dropped from training")
+    max_train_samples: typing.Optional[int] = _option(None, "use only the first N training pairs")
+    # optimisation (Section 5.3)
+    seed: int = _option(42, "seed of initialisation, data order and dropout")
+    max_steps: int = _option(100000, "number of optimizer updates (the paper: 100k base, 300k big)")
+    max_tokens: int = _option(4096, "tokens (source or target, padding included) per micro-batch and process")
+    gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer update and process")
+    lr_scale: float = _option(1.0, "multiplier of d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)")
+    warmup_steps: int = _option(4000, "linear warmup steps of the learning rate")
+    adam_beta1: float = _option(0.9, "Adam beta1")
+    adam_beta2: float = _option(0.98, "Adam beta2")
+    adam_epsilon: float = _option(1e-9, "Adam epsilon")
+    weight_decay: float = _option(0.0, "decoupled weight decay (AdamW); the paper uses none")
+    max_grad_norm: typing.Optional[float] = _option(None, "clip gradients to this norm (none/0: no clipping)")
+    label_smoothing: float = _option(0.1, "epsilon_ls of the training loss (Section 5.4)")
+    mixed_precision: str = _option("no", "no | bf16 | fp16 (through Accelerate)", choices=("no", "bf16", "fp16"))
+    max_consecutive_bad_steps: int = _option(10, "stop after this many consecutive NaN/inf steps")
+    max_time_minutes: typing.Optional[float] = _option(None, "wall-clock budget; then stop cleanly, save, evaluate")
+    torch_threads: typing.Optional[int] = _option(None, "CPU threads per process for torch (none: torch's default)")
+    # logging, evaluation, checkpoints
+    logging_steps: int = _option(50, "log training loss, lr and tokens/s every N steps")
+    report_to: str = _option("auto", "Accelerate trackers: auto (tensorboard when installed) | none | tensorboard",
+                             choices=("auto", "none", "tensorboard"))
+    eval_steps: int = _option(1000, "validate every N steps (0: only at the end)")
+    eval_max_samples: int = _option(500, "validation sentences translated for BLEU/chrF at each evaluation")
+    eval_num_beams: int = _option(1, "beam size of the periodic validation (1: greedy)")
+    eval_batch_size: int = _option(64, "sentences per generation batch")
+    save_steps: int = _option(1000, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: typing.Optional[int] = _option(5, "keep the newest N checkpoints (none: keep all)")
+    resume_from_checkpoint: typing.Optional[str] = _option(None, "'latest' or a checkpoint folder")
+    overwrite_output_dir: bool = _option(False, "start afresh in an output_dir that holds checkpoints (deletes them)")
+    average_checkpoints: int = _option(0, "at the end, average the last N checkpoints into the final model")
+    # final test evaluation and saved generation defaults (Section 6.1: beam 4, alpha 0.6)
+    num_beams: int = _option(4, "beam size of the test evaluation and the saved generation config")
+    length_penalty: float = _option(0.6, "length penalty of the test evaluation and the saved generation config")
+    max_new_tokens_extra: int = _option(50, "generate at most source length + N tokens (Section 6.1)")
+    test_max_samples: typing.Optional[int] = _option(None, "translate only the first N test sentences")
+    num_samples_to_print: int = _option(5, "sample translations printed at the end")
+    plot: bool = _option(True, "write training_curves.png at the end (needs matplotlib)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_POSITIVE_INTS = ("vocab_size", "max_source_length", "max_target_length", "max_steps", "max_tokens",
+                  "gradient_accumulation_steps", "warmup_steps", "logging_steps", "eval_max_samples",
+                  "eval_num_beams", "eval_batch_size", "num_beams", "max_consecutive_bad_steps")
+_NON_NEGATIVE_INTS = ("eval_steps", "save_steps", "average_checkpoints", "num_samples_to_print", "max_new_tokens_extra")
+
+
+def _field_types() -> dict[str, typing.Any]:
+    return typing.get_type_hints(TrainingConfig)
+
+
+def _unwrap_optional(annotation):
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union and type(None) in args:
+        return next(arg for arg in args if arg is not type(None)), True
+    return annotation, False
+
+
+def _check_value(key: str, value, where: str):
+    """Return `value` converted to the field's type, or raise ValueError naming `where` and `key`."""
+    annotation, optional = _unwrap_optional(_field_types()[key])
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainingConfig)}[key]
+
+    def fail(expected):
+        raise ValueError(f"{where}: '{key}' must be {expected}, got {value!r}.")
+
+    if value is None:
+        if optional:
+            return None
+        fail(annotation.__name__)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        value = float(value)
+        if not math.isfinite(value):
+            fail("a finite number")
+    elif annotation is str:
+        if not isinstance(value, str):
+            fail("a string")
+    elif annotation is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+    if choices is not None and value not in choices:
+        fail(f"one of {', '.join(choices)}")
+    return value
+
+
+def validate_config(config: TrainingConfig, sources: dict[str, str] | None = None) -> TrainingConfig:
+    """Check ranges that types cannot express; errors name the file or flag the value came from."""
+    sources = sources or {}
+
+    def fail(key, expected):
+        where = sources.get(key, "default")
+        raise ValueError(f"{where}: '{key}' must be {expected}, got {getattr(config, key)!r}.")
+
+    for key in _POSITIVE_INTS:
+        if getattr(config, key) <= 0:
+            fail(key, "a positive integer")
+    for key in _NON_NEGATIVE_INTS:
+        if getattr(config, key) < 0:
+            fail(key, "zero or a positive integer")
+    if config.model_overrides:
+        import inspect
+
+        from .configuration_seq2seq import Seq2SeqTransformerConfig
+
+        known = set(inspect.signature(Seq2SeqTransformerConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(config.model_overrides) - known)
+        if unknown:
+            fail("model_overrides", f"a mapping of Seq2SeqTransformerConfig fields (unknown: {', '.join(unknown)})")
+    if config.torch_threads is not None and config.torch_threads < 1:
+        fail("torch_threads", "a positive integer or null")
+    if config.save_total_limit is not None and config.save_total_limit < 1:
+        fail("save_total_limit", "a positive integer or null")
+    if config.max_train_samples is not None and config.max_train_samples < 1:
+        fail("max_train_samples", "a positive integer or null")
+    if config.test_max_samples is not None and config.test_max_samples < 1:
+        fail("test_max_samples", "a positive integer or null")
+    if config.lr_scale <= 0:
+        fail("lr_scale", "a positive number")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(config, key) < 1.0:
+            fail(key, "a number in [0, 1)")
+    if config.adam_epsilon <= 0:
+        fail("adam_epsilon", "a positive number")
+    if config.weight_decay < 0:
+        fail("weight_decay", "zero or a positive number")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        fail("label_smoothing", "a number in [0, 1)")
+    if config.max_grad_norm is not None and config.max_grad_norm < 0:
+        fail("max_grad_norm", "a positive number or null")
+    if config.max_time_minutes is not None and config.max_time_minutes <= 0:
+        fail("max_time_minutes", "a positive number or null")
+    if config.length_penalty != config.length_penalty:
+        fail("length_penalty", "a number")
+    if config.average_checkpoints > 0 and config.save_total_limit is not None and config.save_total_limit < config.average_checkpoints:
+        raise ValueError(
+            f"{sources.get('average_checkpoints', 'default')}: 'average_checkpoints' ({config.average_checkpoints}) needs "
+            f"'save_total_limit' ({config.save_total_limit}, from {sources.get('save_total_limit', 'default')}) to be at "
+            "least as large, or the checkpoints to average would be deleted."
+        )
+    for key in ("max_source_length", "max_target_length"):
+        if getattr(config, key) > config.max_tokens:
+            raise ValueError(
+                f"{sources.get(key, 'default')}: '{key}' ({getattr(config, key)}) is larger than 'max_tokens' "
+                f"({config.max_tokens}, from {sources.get('max_tokens', 'default')}): a sentence that long could never fit "
+                "in a batch. Lower it or raise max_tokens."
+            )
+    if config.dataset_name is None and config.train_file is None and (config.validation_file or config.test_file):
+        fail("train_file", "given when validation_file or test_file is given")
+    return config
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict:
+    """Read a YAML recipe; unknown keys and values of the wrong type raise ValueError naming file and key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Training config file {str(path)!r} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from error
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}.")
+    known = set(_field_types())
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{path}: unknown setting '{key}'.{hint}")
+        values[key] = _check_value(key, value, str(path))
+    return values
+
+
+def _flag_type(key: str):
+    annotation, optional = _unwrap_optional(_field_types()[key])
+
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if annotation is dict:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise argparse.ArgumentTypeError(f"expected a JSON object: {error}") from error
+            if not isinstance(value, dict):
+                raise argparse.ArgumentTypeError("expected a JSON object")
+            return value
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        return text
+
+    parse.__name__ = annotation.__name__
+    return parse
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the Transformer of 'Attention Is All You Need'. Without data arguments it trains on the "
+        "built-in English->German number-words task. Flags override the --config YAML file.",
+    )
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/train-tiny.yaml")
+    for spec in dataclasses.fields(TrainingConfig):
+        annotation, _ = _unwrap_optional(_field_types()[spec.name])
+        help_text = spec.metadata.get("help", "")
+        if annotation is bool:
+            parser.add_argument(f"--{spec.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(
+                f"--{spec.name}",
+                type=_flag_type(spec.name),
+                choices=spec.metadata.get("choices"),
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=spec.name.upper() if spec.metadata.get("choices") is None else None,
+            )
+    return parser
+
+
+DEFAULT_RECIPE = "configs/train-tiny.yaml"
+DATA_FLAGS = ("dataset_name", "train_file", "validation_file", "test_file")
+
+
+def parse_config(argv: list[str] | None = None) -> TrainingConfig:
+    """Defaults < YAML file < flags.
+
+    Without --config and without data, the recipe is configs/train-tiny.yaml: the main job (the tiny preset on
+    the built-in task). With data but no --config, the defaults are the paper's base recipe.
+    """
+    args = vars(build_arg_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    if config_path is None and not any(args.get(flag) for flag in DATA_FLAGS) and (REPO_ROOT / DEFAULT_RECIPE).is_file():
+        config_path = str(REPO_ROOT / DEFAULT_RECIPE)
+        print(f"No --config and no data given: using the default recipe {DEFAULT_RECIPE} (the built-in task).")
+    values, sources = {}, {}
+    if config_path:
+        for key, value in load_yaml_config(config_path).items():
+            values[key], sources[key] = value, str(config_path)
+    for key, value in args.items():
+        values[key] = _check_value(key, value, f"flag --{key}")
+        sources[key] = f"flag --{key}"
+    return validate_config(TrainingConfig(**values), sources)
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, or else relative to the repository (so presets resolve from any working directory)."""
+    candidate = Path(path)
+    if candidate.exists() or candidate.is_absolute():
+        return candidate
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.exists() else candidate
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The learning-rate schedule (Section 5.3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def inverse_sqrt_lr(step: int, d_model: int, warmup_steps: int, scale: float = 1.0) -> float:
+    """lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), for update number `step` >= 1."""
+    step = max(step, 1)
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
+
+
+class InverseSqrtSchedule:
+    """LambdaLR factor: the optimizer's base lr is 1, so the factor is the learning rate itself.
+
+    LambdaLR evaluates the factor at 0 for the first update, so update k (counted from 1) uses factor(k - 1).
+    A callable object, not a closure, so that `LambdaLR.state_dict()` records its settings as plain numbers.
+    """
+
+    def __init__(self, d_model: int, warmup_steps: int, scale: float):
+        self.d_model, self.warmup_steps, self.scale = d_model, warmup_steps, scale
+
+    def __call__(self, scheduler_step: int) -> float:
+        return inverse_sqrt_lr(scheduler_step + 1, self.d_model, self.warmup_steps, self.scale)
+
+
+def make_optimizer_and_scheduler(model: torch.nn.Module, config: TrainingConfig, d_model: int):
+    """Adam(beta1, beta2, eps) with lr = the schedule (Section 5.3); AdamW when weight decay is set."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.weight_decay > 0:
+        optimizer = torch.optim.AdamW(parameters, lr=1.0, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(parameters, lr=1.0, betas=betas, eps=config.adam_epsilon)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, InverseSqrtSchedule(d_model, config.warmup_steps, config.lr_scale))
+    return optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG state (stored as JSON and tensors: nothing pickled)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> tuple[dict, dict]:
+    """(JSON-able python/numpy state, tensor state of torch and CUDA)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    json_state = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gauss)},
+    }
+    tensor_state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensor_state["cuda"] = torch.cuda.get_rng_state_all()
+    return json_state, tensor_state
+
+
+def restore_rng_state(json_state: dict, tensor_state: dict) -> None:
+    python = json_state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    state = json_state["numpy"]
+    np.random.set_state((state["name"], np.array(state["keys"], dtype=np.uint32), state["pos"], state["has_gauss"],
+                         state["cached_gaussian"]))
+    torch.set_rng_state(tensor_state["torch"])
+    if "cuda" in tensor_state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensor_state["cuda"])
+
+
+class preserved_rng:
+    """Run a block (evaluation) without moving any random generator, so checkpoints do not depend on it."""
+
+    def __enter__(self):
+        self.saved = capture_rng_state()
+
+    def __exit__(self, *exc):
+        restore_rng_state(*self.saved)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_raw_data(config: TrainingConfig):
+    """DatasetDict with "source"/"target" columns and train/validation/test splits."""
+    from .data import BUILTIN_SOURCE_LANG, BUILTIN_TARGET_LANG, load_parallel_data
+
+    if uses_builtin_task(config) and (config.source_lang, config.target_lang) == (BUILTIN_SOURCE_LANG, BUILTIN_TARGET_LANG):
+        raw = _builtin_task()
+    else:
+        raw = load_parallel_data(
+            dataset_name=config.dataset_name,
+            dataset_config_name=config.dataset_config_name,
+            train_file=config.train_file,
+            validation_file=config.validation_file,
+            test_file=config.test_file,
+            source_lang=config.source_lang,
+            target_lang=config.target_lang,
+        )
+    if "train" not in raw:
+        raise ValueError("The training data has no 'train' split.")
+    if config.max_train_samples is not None and len(raw["train"]) > config.max_train_samples:
+        from datasets import DatasetDict
+
+        # A new DatasetDict: `raw` may be the cached built-in task, which must stay whole.
+        raw = DatasetDict({**raw, "train": raw["train"].select(range(config.max_train_samples))})
+    return raw
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_task():
+    """The built-in task's splits are fixed (independent of the training seed); generating them takes seconds."""
+    from .data import builtin_task
+
+    return builtin_task()
+
+
+def data_description(config: TrainingConfig) -> str:
+    if config.dataset_name:
+        return config.dataset_name + (f"/{config.dataset_config_name}" if config.dataset_config_name else "")
+    if config.train_file:
+        return str(config.train_file)
+    return BUILTIN_DATASET
+
+
+def batch_token_counts(batch: dict) -> tuple[int, int]:
+    """(non-padding source tokens, target tokens that count in the loss)."""
+    return int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
+
+
+def collate(dataset, indices, collator) -> dict:
+    """One padded batch from rows `indices` (a single Arrow read, not one per row)."""
+    rows = dataset.select_columns(["input_ids", "labels"])[[int(i) for i in indices]]
+    return collator([{"input_ids": s, "labels": t} for s, t in zip(rows["input_ids"], rows["labels"])])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Translation and evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, num_beams: int | None = None,
+                    length_penalty: float | None = None, max_new_tokens_extra: int = 50,
+                    max_source_length: int | None = None) -> list[str]:
+    """Translate `texts`, batched by similar length (fast), returned in the input order.
+
+    `num_beams`/`length_penalty` None take the model's generation config. Each batch may produce at most the
+    longest source length + `max_new_tokens_extra` tokens (Section 6.1).
+    """
+    model_was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # Truncate by hand: truncation=True would store the setting in the tokenizer and so in tokenizer.json.
+    encoded = [tokenizer(text)["input_ids"] for text in texts]
+    if max_source_length is not None:
+        eos = tokenizer.eos_token_id
+        encoded = [ids if len(ids) <= max_source_length else ids[: max_source_length - 1] + [eos] for ids in encoded]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]), reverse=True)
+    outputs: list[str] = [""] * len(texts)
+    generation_kwargs = {}
+    if num_beams is not None:
+        generation_kwargs["num_beams"] = num_beams
+    beams = num_beams if num_beams is not None else model.generation_config.num_beams
+    if length_penalty is not None and (beams or 1) > 1:
+        generation_kwargs["length_penalty"] = length_penalty
+    pad_id = tokenizer.pad_token_id
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                longest = max(len(encoded[i]) for i in chunk)
+                input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+                for row, index in enumerate(chunk):
+                    ids = encoded[index]
+                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    attention_mask[row, : len(ids)] = 1
+                # max_length (decoder start token included) rather than max_new_tokens: the saved generation
+                # config sets max_length, and giving both makes transformers warn on every call.
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_length=longest + max_new_tokens_extra + 1,
+                    **generation_kwargs,
+                )
+                decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+                for index, text in zip(chunk, decoded):
+                    outputs[index] = text.strip()
+    finally:
+        model.train(model_was_training)
+    return outputs
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
+    """A saved model folder (safetensors only) and its tokenizer, in eval mode on `device` (default: cuda if any)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from . import Seq2SeqTransformerConfig  # noqa: F401  (importing the package registers the Auto classes)
+    from .tokenization import load_tokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"No saved model in {str(path)!r} (config.json is missing).")
+    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, dtype=torch_dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    return model, load_tokenizer(path)
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    if not predictions:
+        return 0.0
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
+
+
+def translation_metrics(predictions: list[str], references: list[str], effective_order: bool = False) -> dict:
+    """BLEU, chrF (with sacrebleu's signatures) from the package's `evaluate` module, plus exact match.
+
+    `effective_order=True` is for one-word sentences (the built-in task's German numbers), where standard
+    corpus BLEU has no 2-grams to count and would be 0 for perfect output.
+    """
+    from .metrics import load_sacrebleu
+
+    scores = load_sacrebleu().compute(predictions=predictions, references=references, effective_order=effective_order)
+    signature = scores.get("signature") or {}
+    return {
+        "bleu": float(scores["bleu"]),
+        "chrf": float(scores["chrf"]),
+        "bleu_signature": signature.get("bleu"),
+        "chrf_signature": signature.get("chrf"),
+        "exact_match": exact_match(predictions, references),
+    }
+
+
+BUILTIN_DATASET = "builtin-number-words"
+
+
+def uses_builtin_task(config: TrainingConfig) -> bool:
+    return config.dataset_name is None and config.train_file is None
+
+
+def validation_loss(model, dataset, collator, max_tokens: int) -> dict:
+    """Token-weighted label-smoothed loss and NLL (perplexity) over a tokenized split, in eval mode."""
+    from .data import TokenBatchSampler, token_lengths
+
+    model_was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    source_lengths, target_lengths = token_lengths(dataset)
+    # Validation keeps long pairs, so the batch must be able to hold the longest one.
+    longest = int(max(source_lengths.max(), target_lengths.max()))
+    sampler = TokenBatchSampler(source_lengths, target_lengths, max(max_tokens, longest), shuffle=False)
+    total_loss = total_nll = 0.0
+    total_tokens = 0
+    try:
+        with torch.no_grad():
+            for indices in sampler:
+                batch = {k: v.to(device) for k, v in collate(dataset, indices, collator).items()}
+                output = model(**batch)
+                tokens = int((batch["labels"] != -100).sum())
+                total_loss += float(output.loss) * tokens
+                total_nll += float(torch.nn.functional.cross_entropy(
+                    output.logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum"))
+                total_tokens += tokens
+    finally:
+        model.train(model_was_training)
+    nll = total_nll / max(total_tokens, 1)
+    return {"loss": total_loss / max(total_tokens, 1), "nll": nll, "ppl": math.exp(min(nll, 50.0))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_loss(model, batch: dict) -> torch.Tensor:
+    """Mean label-smoothed cross-entropy of one micro-batch (a module-level seam for fault-injection tests)."""
+    return model(**batch).loss
+
+
+class JsonlLog:
+    """Append-only JSONL records (the visualisation reads them); written by the main process only."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records after the checkpoint's step (and a line torn by a crash)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step and record.get("type") not in ("test", "end"):
+                kept.append(line)
+        ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return records
+
+
+def _tracker_choice(report_to: str):
+    if report_to == "none":
+        return None
+    try:
+        import tensorboard  # noqa: F401  (optional)
+
+        available = True
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+
+            available = True
+        except ImportError:
+            available = False
+    if report_to == "tensorboard" and not available:
+        raise ValueError("report_to=tensorboard but neither tensorboard nor tensorboardX is installed.")
+    return "tensorboard" if available else None
+
+
+def _tracker_hparams(config: TrainingConfig) -> dict:
+    """TensorBoard accepts only scalars and strings as hyper-parameters."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()}
+
+
+def build_model(config: TrainingConfig, tokenizer):
+    """A fresh model from the preset JSON, sized to the tokenizer, with the recipe's label smoothing."""
+    from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
+    from .presets import load_preset
+
+    preset = resolve_path(config.model_config)
+    model_config = load_preset(
+        preset if preset.exists() else config.model_config,
+        **config.model_overrides,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
+        label_smoothing=config.label_smoothing,
+    )
+    return Seq2SeqTransformerForConditionalGeneration(model_config)
+
+
+def load_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load a saved state dict whose tied duplicates (output projection = embeddings) were dropped on save."""
+    own = model.state_dict()
+    loaded_storage = {own[name].data_ptr() for name in weights if name in own}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # A missing name is fine when it is an alias of a loaded tensor (the same storage).
+    really_missing = [name for name in missing if own[name].data_ptr() not in loaded_storage]
+    if really_missing or unexpected:
+        raise ckpt.CheckpointError(
+            f"{source}: weights do not fit the model (missing {really_missing[:5]}, unexpected {list(unexpected)[:5]})."
+        )
+
+
+def _apply_generation_defaults(model, config: TrainingConfig) -> None:
+    """The saved generation config: the recipe's beam size, and its length penalty when beams are used."""
+    model.generation_config.num_beams = config.num_beams
+    # transformers rejects a length penalty without beam search when saving the generation config.
+    model.generation_config.length_penalty = config.length_penalty if config.num_beams > 1 else 1.0
+
+
+def _state_dict_for_saving(accelerator, model) -> dict:
+    return accelerator.get_state_dict(model)
+
+
+def save_tokenizer(tokenizer, directory) -> None:
+    from .tokenization import save_tokenizer as save
+
+    save(tokenizer, directory)
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def optimizer_state_for_saving(accelerator, model, optimizer) -> dict:
+    """The optimizer state as plain tensors; under FSDP gathered into a full (unsharded) state dict."""
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def load_full_weights(accelerator, model, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load full (unsharded) weights into a prepared model; FSDP shards them on the way in."""
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        load_weights(accelerator.unwrap_model(model), weights, source)
+
+
+class Trainer:
+    """One training run; `run()` returns the final metrics. Constructed by `train(config)`."""
+
+    def __init__(self, config: TrainingConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.start_time = time.monotonic()
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
+        tracker = _tracker_choice(config.report_to)
+        # Launched as several processes without a GPU (`accelerate launch --multi_gpu` on a CPU machine):
+        # Accelerate forms a gloo process group only when told to run on the CPU.
+        distributed_on_cpu = int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available()
+        # Accelerate keeps one process-wide state and refuses a second run (a notebook, a test) with another
+        # mixed precision; forget the previous run's settings (the process group, if any, is kept).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        self.accelerator = Accelerator(
+            cpu=distributed_on_cpu,
+            mixed_precision=config.mixed_precision,
+            log_with=tracker,
+            project_dir=str(self.output_dir) if tracker else None,
+            step_scheduler_with_optimizer=False,
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.tracker = tracker
+        # Every rank seeds differently (different dropout masks); initial weights come from rank 0 via DDP.
+        set_seed(config.seed, device_specific=True)
+
+        if self.is_main:
+            ckpt.probe_writable(self.output_dir)
+            for stale in ckpt.remove_stale_staging(self.output_dir):
+                logger.warning("Removed %s, left by a run that stopped while writing it.", stale)
+        self.accelerator.wait_for_everyone()
+        self.log = JsonlLog(self.output_dir / LOG_FILE_NAME, enabled=self.is_main)
+        self.resume_dir = ckpt.resolve_resume_checkpoint(config.resume_from_checkpoint, self.output_dir)
+        self._check_fresh_start()
+
+    def _check_fresh_start(self):
+        """A new run must not mix its checkpoints with an older run's (resume would pick the wrong ones)."""
+        existing = ckpt.list_checkpoints(self.output_dir)
+        if self.resume_dir is not None or not existing:
+            return
+        if not self.config.overwrite_output_dir:
+            raise ValueError(
+                f"Output directory {str(self.output_dir)!r} already holds checkpoints ({existing[-1][1].name}, ...). "
+                "Pass --resume_from_checkpoint latest to continue that run, --overwrite_output_dir to delete them and "
+                "start again, or choose another --output_dir."
+            )
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            for _, path in existing:
+                shutil.rmtree(path)
+            self.print(f"Deleted {len(existing)} checkpoints of an earlier run in {self.output_dir} (--overwrite_output_dir).")
+        self.accelerator.wait_for_everyone()
+
+    def print(self, *args):
+        self.accelerator.print(*args)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def setup_tokenizer(self, raw):
+        from .tokenization import load_tokenizer, save_tokenizer, train_tokenizer
+
+        if self.config.tokenizer:
+            return load_tokenizer(str(resolve_path(self.config.tokenizer)))
+        if self.resume_dir is not None:
+            return load_tokenizer(str(self.resume_dir))
+        saved = self.output_dir / TOKENIZER_DIR_NAME
+        if self.is_main:
+            texts = list(raw["train"]["source"]) + list(raw["train"]["target"])
+            self.print(f"Training a shared BPE tokenizer (vocab {self.config.vocab_size}) on {len(texts)} training sentences.")
+            tokenizer = train_tokenizer(texts, vocab_size=self.config.vocab_size)
+            save_tokenizer(tokenizer, str(saved))
+        self.accelerator.wait_for_everyone()
+        # Every process reads the same files, so all agree on the vocabulary.
+        return load_tokenizer(str(saved))
+
+    def setup_data(self, raw, tokenizer):
+        from .data import Seq2SeqCollator, tokenize_pairs
+
+        config = self.config
+        self.collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id)
+        with self.accelerator.main_process_first():
+            self.train_set, filtered = tokenize_pairs(raw["train"], tokenizer, config.max_source_length, config.max_target_length)
+        if filtered:
+            self.print(f"Filtered {filtered} training pairs longer than {config.max_source_length}/{config.max_target_length} tokens.")
+        if len(self.train_set) == 0:
+            raise ValueError("No training pairs left after tokenization and length filtering.")
+        self.validation_raw = raw["validation"] if "validation" in raw else None
+        self.test_raw = raw["test"] if "test" in raw else None
+        self.validation_set = None
+        if self.validation_raw is not None and len(self.validation_raw):
+            # Validation keeps every pair, however long: filtering it would flatter the scores.
+            with self.accelerator.main_process_first():
+                self.validation_set, _ = tokenize_pairs(self.validation_raw, tokenizer, 10**6, 10**6)
+
+    def make_sampler(self):
+        from .data import TokenBatchSampler, token_lengths
+
+        source_lengths, target_lengths = token_lengths(self.train_set)
+        return TokenBatchSampler(
+            source_lengths,
+            target_lengths,
+            max_tokens=self.config.max_tokens,
+            shuffle=True,
+            seed=self.config.seed,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            # Whole updates per epoch, and the same global batch order for any split of one update into
+            # processes x micro-batches (1 process x 2 micro-batches == 2 processes x 1).
+            batch_count_multiple=self.world_size * self.config.gradient_accumulation_steps,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(self):
+        """Write `checkpoint-<step>` atomically (every rank adds its RNG state), then apply keep-last-K."""
+        accelerator = self.accelerator
+        step = self.step
+        state_dict = _state_dict_for_saving(accelerator, self.model)
+        optimizer_state = optimizer_state_for_saving(accelerator, self.model, self.optimizer)
+        json_rng, tensor_rng = capture_rng_state()
+        trainer_state = {
+            "version": TRAINER_STATE_VERSION,
+            "step": step,
+            "sampler": self.sampler.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_bad_steps": self.consecutive_bad_steps,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_before + time.monotonic() - self.start_time,
+            "world_size": self.world_size,
+            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "config": self.config.to_dict(),
+        }
+
+        def write_main(staging: Path):
+            unwrapped = accelerator.unwrap_model(self.model)
+            unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            save_tokenizer(self.tokenizer, staging)
+            ckpt.save_torch_state(optimizer_state, staging / OPTIMIZER_NAME)
+            ckpt.save_torch_state(self.scheduler.state_dict(), staging / SCHEDULER_NAME)
+            (staging / ckpt.TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True), encoding="utf-8")
+
+        def write_rank(staging: Path):
+            (staging / f"rng_state_{self.rank}.json").write_text(json.dumps(json_rng), encoding="utf-8")
+            ckpt.save_torch_state(tensor_rng, staging / f"rng_state_{self.rank}.pt")
+
+        if self.world_size == 1:
+            def write_all(staging):
+                write_main(staging)
+                write_rank(staging)
+
+            path = ckpt.write_checkpoint(self.output_dir, step, write_all)
+        else:
+            path = self._save_distributed(step, write_main, write_rank)
+        self.last_saved_step = step
+        if self.is_main:
+            for deleted in ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, protect=[path]):
+                logger.info("Deleted old checkpoint %s (save_total_limit=%s).", deleted, self.config.save_total_limit)
+        accelerator.wait_for_everyone()
+        return path
+
+    def _save_distributed(self, step, write_main, write_rank) -> Path:
+        accelerator = self.accelerator
+        final = ckpt.checkpoint_path(self.output_dir, step)
+        staging = ckpt.staging_dir_path(self.output_dir, step)
+        if self.is_main:
+            ckpt.create_staging_dir(self.output_dir, step)
+        accelerator.wait_for_everyone()
+        error = None
+        try:
+            if self.is_main:
+                write_main(staging)
+            write_rank(staging)
+        except Exception as caught:  # every rank must learn of a failure, or the others wait forever
+            error = caught
+        failures = accelerator.reduce(torch.tensor([0 if error is None else 1], device=accelerator.device), "sum")
+        if int(failures.item()):
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise ckpt.CheckpointError(f"Could not write checkpoint {str(final)!r}: {error or 'failed on another process'}.")
+        if self.is_main:
+            ckpt.commit_staging_dir(staging, final, step)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, folder: Path):
+        """Restore weights, optimizer, scheduler, data position and RNG of a verified checkpoint."""
+        state = json.loads((folder / ckpt.TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        if state.get("world_size", 1) != self.world_size:
+            raise ckpt.CheckpointError(
+                f"{folder} was written by {state.get('world_size')} processes; resuming with {self.world_size} would "
+                "change the data order. Resume with the same number of processes."
+            )
+        load_full_weights(self.accelerator, self.model, ckpt.load_safetensors_folder(folder), str(folder))
+        load_optimizer_state(self.accelerator, self.model, self.optimizer, ckpt.load_torch_state(folder / OPTIMIZER_NAME))
+        self.scheduler.load_state_dict(ckpt.load_torch_state(folder / SCHEDULER_NAME))
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.skipped_steps = state["skipped_steps"]
+        self.consecutive_bad_steps = state["consecutive_bad_steps"]
+        self.tokens_seen = state["tokens_seen"]
+        self.elapsed_before = state["elapsed_s"]
+        self.last_saved_step = self.step
+        if state.get("grad_scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        rng_json = folder / f"rng_state_{self.rank}.json"
+        restore_rng_state(json.loads(rng_json.read_text(encoding="utf-8")), ckpt.load_torch_state(folder / f"rng_state_{self.rank}.pt"))
+        self.print(f"Resumed from {folder} at step {self.step} (epoch {self.sampler.epoch}, "
+                   f"{state['sampler']['batches_consumed']} batches into it).")
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def micro_batches(self):
+        """Endless stream of collated micro-batches in the sampler's order (which resumes where it stopped).
+
+        Batches are collated one at a time as they are consumed, so the sampler's count of yielded batches
+        is exactly what has been trained on when a checkpoint is written.
+        """
+        while True:
+            for indices in self.sampler:
+                yield collate(self.train_set, indices, self.collator)
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def evaluate(self) -> dict:
+        """Validation loss, and BLEU/chrF/exact match of greedy (or beam) translations of a small sample."""
+        if self.validation_set is None:
+            return {}
+        config = self.config
+        model = self.accelerator.unwrap_model(self.model)
+        with preserved_rng():
+            losses = validation_loss(self.model, self.validation_set, self.collator, config.max_tokens)
+            count = min(config.eval_max_samples, len(self.validation_raw))
+            sources = list(self.validation_raw["source"][:count])
+            references = list(self.validation_raw["target"][:count])
+            with self.accelerator.autocast():
+                predictions = translate_texts(model, self.tokenizer, sources, config.eval_batch_size, config.eval_num_beams,
+                                              config.length_penalty, config.max_new_tokens_extra, config.max_source_length)
+            scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config))
+        return {"val_loss": losses["loss"], "val_nll": losses["nll"], "val_ppl": losses["ppl"], "val_bleu": scores["bleu"],
+                "val_chrf": scores["chrf"], "val_exact_match": scores["exact_match"]}
+
+    def record_eval(self):
+        metrics = self.evaluate()
+        if not metrics:
+            return metrics
+        self.log.write({"type": "eval", "step": self.step, **metrics})
+        if self.tracker:
+            self.accelerator.log({f"eval/{k[4:]}": v for k, v in metrics.items()}, step=self.step)
+        self.print(
+            f"step {self.step}: val_loss {metrics['val_loss']:.4f}  val_bleu {metrics['val_bleu']:.2f}  "
+            f"val_chrf {metrics['val_chrf']:.2f}  val_exact_match {metrics['val_exact_match']:.3f}"
+        )
+        self.last_eval_step = self.step
+        return metrics
+
+    def _out_of_time(self) -> bool:
+        if self.config.max_time_minutes is None:
+            return False
+        over = time.monotonic() - self.start_time >= self.config.max_time_minutes * 60
+        if self.world_size > 1:  # all ranks must stop at the same step
+            flag = torch.tensor([1 if over else 0], device=self.accelerator.device)
+            over = bool(self.accelerator.reduce(flag, "sum").item())
+        return over
+
+    def train_step(self, batches) -> dict:
+        """One optimizer update over `gradient_accumulation_steps` micro-batches.
+
+        The gradient is that of the mean loss over every target token of the update (all micro-batches and
+        processes), so one process with k micro-batches and k processes with one each compute the same update.
+        """
+        accelerator, model = self.accelerator, self.model
+        device = accelerator.device
+        counts = [batch_token_counts(batch) for batch in batches]
+        local = torch.tensor([sum(c[1] for c in counts), sum(c[0] for c in counts)], dtype=torch.float64, device=device)
+        total_target, total_source = (accelerator.reduce(local, "sum") if self.world_size > 1 else local).tolist()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for index, (batch, (_, target_tokens)) in enumerate(zip(batches, counts)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            last = index == len(batches) - 1
+            context = accelerator.no_sync(model) if (not last and self.world_size > 1) else contextlib.nullcontext()
+            with context:
+                with accelerator.autocast():
+                    loss = compute_loss(model, batch)
+                # DDP averages gradients over processes, hence the world-size factor.
+                weight = target_tokens * self.world_size / total_target
+                accelerator.backward(loss * weight)
+            loss_sum += loss.detach().to(torch.float64) * target_tokens
+        if self.world_size > 1:
+            loss_sum = accelerator.reduce(loss_sum, "sum")
+        mean_loss = float(loss_sum) / total_target
+        # Always measure the gradient norm (max_norm=inf does not clip): a finite loss can still give inf grads.
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        counts = {"loss": mean_loss, "grad_norm": grad_norm, "target_tokens": total_target, "source_tokens": total_source}
+        fp16 = self.config.mixed_precision == "fp16"
+        if not math.isfinite(mean_loss) or (not math.isfinite(grad_norm) and not fp16):
+            # A non-finite update must not touch the weights, the optimizer moments or the schedule.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_bad_steps += 1
+            return {**counts, "status": "bad"}
+        counts["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if accelerator.optimizer_step_was_skipped:
+            # fp16 overflow: the loss scaler skipped the update and lowered its scale; routine, not divergence.
+            return {**counts, "status": "overflow"}
+        self.scheduler.step()
+        self.consecutive_bad_steps = 0
+        self.step += 1
+        return {**counts, "status": "ok"}
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        raw = load_raw_data(config)
+        self.tokenizer = self.setup_tokenizer(raw)
+        self.setup_data(raw, self.tokenizer)
+        self.sampler = self.make_sampler()
+        model = build_model(config, self.tokenizer)
+        _apply_generation_defaults(model, config)
+        optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.step = 0
+        self.skipped_steps = self.consecutive_bad_steps = self.tokens_seen = 0
+        self.elapsed_before = 0.0
+        self.last_saved_step = self.last_eval_step = None
+        if self.resume_dir is not None:
+            self.load_checkpoint(self.resume_dir)
+            self.log.truncate_after(self.step)
+        else:
+            self.log.truncate_after(-1)  # a fresh run starts a fresh log
+        if self.tracker:
+            accelerator.init_trackers("train", config=_tracker_hparams(config))
+        n_params = sum(p.numel() for p in accelerator.unwrap_model(self.model).parameters())
+        self.print(
+            f"Training {n_params / 1e6:.2f}M parameters on {len(self.train_set)} pairs ({data_description(config)}), "
+            f"{self.world_size} process(es) ({accelerator.distributed_type.value}, {accelerator.device}), up to {config.max_steps} steps of {config.gradient_accumulation_steps} x "
+            f"{config.max_tokens} tokens per process."
+        )
+
+        self.model.train()
+        stream = self.micro_batches()
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=not accelerator.is_local_main_process,
+                        desc="training", dynamic_ncols=True)
+        window = {"loss": 0.0, "tokens": 0.0, "steps": 0, "start": time.monotonic()}
+        stop_reason = "max_steps"
+        while self.step < config.max_steps:
+            if self._out_of_time():
+                stop_reason = "max_time"
+                break
+            batches = [next(stream) for _ in range(config.gradient_accumulation_steps)]
+            result = self.train_step(batches)
+            if result["status"] == "overflow":
+                continue
+            if result["status"] == "bad":
+                self.print(f"Non-finite loss/gradient ({result['loss']}) after step {self.step}: update skipped "
+                           f"({self.consecutive_bad_steps} in a row, {self.skipped_steps} in total).")
+                self.log.write({"type": "skipped", "step": self.step, "loss": _json_number(result["loss"]),
+                                "consecutive": self.consecutive_bad_steps, "total_skipped": self.skipped_steps})
+                if self.consecutive_bad_steps >= config.max_consecutive_bad_steps:
+                    stop_reason = "diverged"
+                    break
+                continue
+            tokens = result["source_tokens"] + result["target_tokens"]
+            self.tokens_seen += int(tokens)
+            window["loss"] += result["loss"]
+            window["tokens"] += tokens
+            window["steps"] += 1
+            progress.update(1)
+            if self.step % config.logging_steps == 0 or self.step == config.max_steps:
+                elapsed = max(time.monotonic() - window["start"], 1e-9)
+                record = {
+                    "type": "train",
+                    "step": self.step,
+                    "epoch": self.sampler.epoch,
+                    "loss": window["loss"] / window["steps"],
+                    "lr": result["lr"],
+                    "tokens_per_s": window["tokens"] / elapsed,
+                    "elapsed_s": self.elapsed_before + time.monotonic() - self.start_time,
+                }
+                record["grad_norm"] = result["grad_norm"]
+                self.log.write(record)
+                if self.tracker:
+                    accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"],
+                                     "train/tokens_per_s": record["tokens_per_s"]}, step=self.step)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                window = {"loss": 0.0, "tokens": 0.0, "steps": 0, "start": time.monotonic()}
+            if config.eval_steps and self.step % config.eval_steps == 0 and self.step < config.max_steps:
+                self.record_eval()
+                window["start"] = time.monotonic()  # tokens/s measures training, not evaluation
+            if config.save_steps and self.step % config.save_steps == 0:
+                self.save_checkpoint()
+                window["start"] = time.monotonic()
+        progress.close()
+
+        if stop_reason == "diverged":
+            last = ckpt.find_latest_checkpoint(self.output_dir, check_hashes=False) if self.is_main else None
+            message = (f"Training stopped: {self.consecutive_bad_steps} consecutive steps with a non-finite loss or gradient "
+                       f"(max_consecutive_bad_steps={config.max_consecutive_bad_steps}) after step {self.step}. "
+                       f"The last good checkpoint is {last or 'none (no checkpoint was written)'}.")
+            self.log.write({"type": "end", "step": self.step, "reason": stop_reason})
+            accelerator.end_training()
+            raise TrainingDiverged(message)
+        if stop_reason == "max_time":
+            self.print(f"Wall-clock budget of {config.max_time_minutes} minutes reached at step {self.step}: stopping.")
+        return self.finish(stop_reason)
+
+    # -- the end -------------------------------------------------------------------------------------------
+
+    def finish(self, stop_reason: str) -> dict:
+        config, accelerator = self.config, self.accelerator
+        if self.last_saved_step != self.step:
+            self.save_checkpoint()
+        if self.last_eval_step != self.step:
+            self.record_eval()
+        unwrapped = accelerator.unwrap_model(self.model)
+        averaged_from = []
+        if config.average_checkpoints > 1:
+            averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints)
+            weights = ckpt.average_state_dicts([ckpt.load_safetensors_folder(path) for path in averaged_from])
+            load_full_weights(accelerator, self.model, weights, "averaged checkpoints")
+            self.print(f"Averaged the weights of {len(averaged_from)} checkpoints: {', '.join(p.name for p in averaged_from)}.")
+            if len(averaged_from) < config.average_checkpoints:
+                self.print(f"(asked for {config.average_checkpoints}; only {len(averaged_from)} exist)")
+            # The averaged model is what gets saved and tested; record its validation numbers too.
+            metrics = self.evaluate()
+            if metrics:
+                self.log.write({"type": "eval", "step": self.step, "averaged": True, **metrics})
+        self.save_final_model()
+        results = self.test(stop_reason, [str(p) for p in averaged_from])
+        if self.is_main and config.plot:
+            plot_training_curves(self.output_dir / LOG_FILE_NAME, self.output_dir / CURVES_FILE_NAME)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return results
+
+    def save_final_model(self) -> None:
+        """`save_pretrained` of model, tokenizer and generation config into output_dir, file by file atomically."""
+        accelerator = self.accelerator
+        state_dict = _state_dict_for_saving(accelerator, self.model)
+        if self.is_main:
+            unwrapped = accelerator.unwrap_model(self.model)
+            staging = self.output_dir / f"{ckpt.TMP_PREFIX}final-model"
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+                save_tokenizer(self.tokenizer, staging)
+                for source in sorted(staging.rglob("*")):
+                    if source.is_file():
+                        ckpt.fsync_file(source)
+                # Weights first and config.json (what makes a folder a model) last.
+                files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", p.name))
+                for source in files:
+                    if source.is_file():
+                        target = self.output_dir / source.relative_to(staging)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(source, target)
+                ckpt.fsync_dir(self.output_dir)
+            except OSError as error:
+                raise ckpt.CheckpointError(f"Could not save the final model into {str(self.output_dir)!r}: {error}") from error
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.print(f"Saved model, tokenizer and generation config to {self.output_dir}.")
+        accelerator.wait_for_everyone()
+
+    def test(self, stop_reason: str, averaged_from: list[str]) -> dict:
+        """Translate the test split with the saved generation defaults; write eval_results.json and print samples."""
+        config = self.config
+        results = {
+            "step": self.step,
+            "stop_reason": stop_reason,
+            "skipped_steps": self.skipped_steps,
+            "train_time_s": round(self.elapsed_before + time.monotonic() - self.start_time, 1),
+            "dataset": data_description(config),
+            "source_lang": config.source_lang,
+            "target_lang": config.target_lang,
+            "num_beams": config.num_beams,
+            "averaged_checkpoints": averaged_from,
+        }
+        if self.test_raw is None or len(self.test_raw) == 0:
+            self.print("No test split: skipping the test evaluation.")
+        else:
+            # Every process translates (the same sentences): with sharded weights (FSDP) all must take part.
+            count = len(self.test_raw) if config.test_max_samples is None else min(config.test_max_samples, len(self.test_raw))
+            sources = list(self.test_raw["source"][:count])
+            references = list(self.test_raw["target"][:count])
+            model = self.accelerator.unwrap_model(self.model)
+            start = time.monotonic()
+            with preserved_rng(), self.accelerator.autocast():
+                predictions = translate_texts(model, self.tokenizer, sources, config.eval_batch_size, config.num_beams,
+                                              config.length_penalty, config.max_new_tokens_extra, config.max_source_length)
+            scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config))
+            results.update(
+                test_bleu=scores["bleu"], test_chrf=scores["chrf"], test_exact_match=scores["exact_match"],
+                bleu_signature=scores["bleu_signature"], chrf_signature=scores["chrf_signature"], test_samples=count,
+                test_translate_time_s=round(time.monotonic() - start, 2),
+            )
+            self.log.write({"type": "test", "step": self.step, "test_bleu": scores["bleu"], "test_chrf": scores["chrf"],
+                            "test_exact_match": scores["exact_match"]})
+            lines = [
+                f"Test set ({count} sentences, beam {config.num_beams}): exact match {100 * scores['exact_match']:.2f}%  "
+                f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}",
+                f"  sacrebleu: {scores['bleu_signature']} | {scores['chrf_signature']}",
+            ]
+            for source, prediction, reference in list(zip(sources, predictions, references))[: config.num_samples_to_print]:
+                mark = "ok" if prediction.strip() == reference.strip() else "!="
+                lines.append(f"  [{mark}] {source}  ->  {prediction}   (reference: {reference})")
+            self.print("\n".join(lines))
+        if self.is_main:
+            ckpt.atomic_write_json(self.output_dir / EVAL_RESULTS_NAME, results)
+        self.accelerator.wait_for_everyone()
+        return results
+
+
+def _json_number(value: float):
+    """JSON has no NaN/inf; write them as strings."""
+    return value if math.isfinite(value) else str(value)
+
+
+def plot_training_curves(log_path: Path, image_path: Path) -> Path | None:
+    """Training loss, validation loss and validation BLEU against steps, from the JSONL log."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the training-curve picture (pip install matplotlib).")
+        return None
+    records = JsonlLog(Path(log_path), enabled=False).read()
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval" and not r.get("averaged")]
+    if not train:
+        return None
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        left.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+        right.plot([r["step"] for r in evals], [r["val_bleu"] for r in evals], "o-", color="tab:green", label="validation BLEU")
+    left.set_xlabel("step")
+    left.set_ylabel("label-smoothed cross-entropy")
+    left.legend()
+    right.set_xlabel("step")
+    right.set_ylabel("BLEU")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(image_path, dpi=110)
+    plt.close(figure)
+    return Path(image_path)
+
+
+def train(config: TrainingConfig) -> dict:
+    """Run a training described by `config`; returns the test metrics (also in eval_results.json)."""
+    return Trainer(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point of `scripts/train.py`; returns the process exit code."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("httpx", "datasets", "accelerate", "transformers", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = parse_config(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        train(config)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except (ckpt.CheckpointError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = [
+    "InverseSqrtSchedule",
+    "TrainingConfig",
+    "TrainingDiverged",
+    "exact_match",
+    "inverse_sqrt_lr",
+    "load_model_and_tokenizer",
+    "load_yaml_config",
+    "main",
+    "parse_config",
+    "plot_training_curves",
+    "train",
+    "translate_texts",
+    "translation_metrics",
+]

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Average the weights of several checkpoints (the paper averaged the last 5 or 20) into a loadable model.
+
+    python scripts/average_checkpoints.py --checkpoints out/checkpoint-800 out/checkpoint-900 --output out/avg
+    python scripts/average_checkpoints.py --input_dir out --last 5 --output out/averaged
+"""
+
+import os
+import sys
+
+# Run as `python scripts/x.py`, Python puts scripts/ first on sys.path, where evaluate.py would shadow the
+# `evaluate` library that the metrics use: drop it (this file imports nothing from scripts/).
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse
+
+from modeling_seq2seq.checkpointing import CheckpointError, average_checkpoints, last_checkpoints
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoints", nargs="+", help="model folders to average")
+    source.add_argument("--input_dir", help="a training output folder: average its newest complete checkpoints")
+    parser.add_argument("--last", type=int, default=5, help="with --input_dir: how many checkpoints (default 5)")
+    parser.add_argument("--output", required=True, help="folder for the averaged model")
+    args = parser.parse_args(argv)
+    try:
+        folders = args.checkpoints or last_checkpoints(args.input_dir, args.last)
+        if not folders:
+            raise CheckpointError(f"No complete checkpoints in {args.input_dir!r}.")
+        output = average_checkpoints(folders, args.output)
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Averaged {len(folders)} checkpoints into {output}:")
+    for folder in folders:
+        print(f"  {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Speed of our model vs. its MarianMTModel twin vs. CTranslate2, side by side (issue 6).
+
+    python scripts/benchmark.py                       # CPU, 2 threads, tiny + base presets (~10 minutes)
+    python scripts/benchmark.py --quick --json out.json   # tiny preset only, few repeats (under a minute)
+    python scripts/benchmark.py --device cuda         # the same on a GPU (bf16), plus the big preset
+
+Prints one table and, with --json, writes one record per measurement. What is measured and how is documented in
+`modeling_seq2seq/benchmark.py`.
+"""
+
+import argparse
+import sys
+
+from modeling_seq2seq.benchmark import PHASES, BenchmarkSettings, format_table, run_benchmark, write_json
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and CTranslate2 intra_threads (default 2)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset only, few repeats")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--presets", nargs="+", help="presets to run (default: tiny base; on cuda also big)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="measurements to run (default: all)")
+    parser.add_argument("--repeats", type=int, help="override every repeat count")
+    parser.add_argument("--no_ctranslate2", action="store_true", help="leave CTranslate2 out even when installed")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
+        parser.error("--threads and --repeats must be positive")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+    settings = BenchmarkSettings(
+        device=args.device, threads=args.threads, quick=args.quick, presets=tuple(args.presets) if args.presets else None,
+        phases=tuple(args.phases), use_ctranslate2=not args.no_ctranslate2, seed=args.seed, repeats=args.repeats,
+    )
+    result = run_benchmark(settings)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

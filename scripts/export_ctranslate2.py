@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Export a saved model to CTranslate2 (the serving path): our model -> its MarianMTModel twin -> CTranslate2.
+
+    python scripts/export_ctranslate2.py --model_dir outputs/transformer-base --output_dir outputs/base-ct2
+    python scripts/export_ctranslate2.py --model_dir ... --output_dir ... --quantization int8
+
+The output folder holds the CTranslate2 model and a copy of the tokenizer. Translate with token strings:
+
+    import ctranslate2
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(OUT)
+    translator = ctranslate2.Translator(OUT, device="cpu", intra_threads=4)
+    source = tokenizer.convert_ids_to_tokens(tokenizer("A small house.")["input_ids"])
+    result = translator.translate_batch([source], beam_size=4, length_penalty=0.6)
+    print(tokenizer.decode(tokenizer.convert_tokens_to_ids(result[0].hypotheses[0])))
+
+Needs `pip install ctranslate2` (the `bench` extra).
+"""
+
+import argparse
+import sys
+
+from modeling_seq2seq.export import QUANTIZATIONS
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", required=True, help="a folder written by save_pretrained (scripts/train.py's output)")
+    parser.add_argument("--output_dir", required=True, help="where to write the CTranslate2 model")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="weight type (default: float32, as saved)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder or its tokenizer/ sub-folder)")
+    parser.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
+    args = parser.parse_args(argv)
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        print("error: ctranslate2 is not installed (pip install ctranslate2)", file=sys.stderr)
+        return 1
+    from modeling_seq2seq.export import export_saved_model
+
+    try:
+        output = export_saved_model(args.model_dir, args.output_dir, quantization=args.quantization,
+                                    tokenizer_path=args.tokenizer, force=args.force)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

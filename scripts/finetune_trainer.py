@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Fine-tune a saved model with the stock `transformers` Seq2SeqTrainer (no code of ours in the loop).
+
+    python scripts/finetune_trainer.py --model outputs/transformer-tiny --output_dir outputs/tiny-finetuned \
+        --train_file more.jsonl --validation_file dev.jsonl --max_steps 500
+
+Without data files it fine-tunes on the built-in number-words task. This is the path for users who already
+know `Seq2SeqTrainer`: our model is a regular `transformers` seq2seq LM, so `DataCollatorForSeq2Seq` builds
+its decoder inputs (via `prepare_decoder_input_ids_from_labels`) and `predict_with_generate=True` evaluates
+with beam search. Note the model computes its own label-smoothed loss (`config.label_smoothing`).
+"""
+
+import os
+import sys
+
+# Run as `python scripts/x.py`, Python puts scripts/ first on sys.path, where evaluate.py would shadow the
+# `evaluate` library that the metrics use: drop it (this file imports nothing from scripts/).
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse
+
+import numpy as np
+
+
+def build_datasets(tokenizer, args):
+    """Tokenized train/validation splits with `input_ids`, `attention_mask` and `labels`."""
+    from modeling_seq2seq.data import load_parallel_data
+
+    raw = load_parallel_data(
+        train_file=args.train_file,
+        validation_file=args.validation_file,
+        source_lang=args.source_lang,
+        target_lang=args.target_lang,
+    )
+    if "train" not in raw:
+        raise ValueError("no training split")
+
+    def tokenize(batch):
+        return tokenizer(batch["source"], text_target=batch["target"], truncation=True,
+                         max_length=args.max_source_length)
+
+    train = raw["train"]
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    train = train.map(tokenize, batched=True, remove_columns=train.column_names)
+    validation = None
+    if "validation" in raw:
+        validation = raw["validation"]
+        if args.max_eval_samples:
+            validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+        validation = validation.map(tokenize, batched=True, remove_columns=validation.column_names)
+    return train, validation
+
+
+def finetune(args):
+    """Run Seq2SeqTrainer; returns (trainer, final evaluation metrics or {})."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from modeling_seq2seq.tokenization import save_tokenizer
+    from modeling_seq2seq.training import load_model_and_tokenizer, translation_metrics
+
+    model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if args.use_cpu else None)
+    model.train()
+    train_set, validation_set = build_datasets(tokenizer, args)
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+
+    def compute_metrics(eval_prediction):
+        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+        predictions = np.where(predictions < 0, tokenizer.pad_token_id, predictions)
+        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
+        decoded = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
+        references = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        scores = translation_metrics(decoded, references, effective_order=args.train_file is None)
+        return {"bleu": scores["bleu"], "chrf": scores["chrf"], "exact_match": scores["exact_match"]}
+
+    has_eval = validation_set is not None
+    training_args = Seq2SeqTrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="inverse_sqrt",
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-9,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=args.eval_steps,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        predict_with_generate=True,
+        generation_num_beams=args.num_beams,
+        generation_max_length=min(args.max_source_length + 50, model.config.max_position_embeddings),
+        report_to="none",
+        seed=args.seed,
+        use_cpu=args.use_cpu,
+        disable_tqdm=args.quiet,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=validation_set,
+        data_collator=collator,
+        processing_class=tokenizer,  # transformers 5.x raises on tokenizer=
+        compute_metrics=compute_metrics if has_eval else None,
+    )
+    trainer.train()
+    metrics = trainer.evaluate() if has_eval else {}
+    model.config.use_cache = True  # the Trainer switches the cache off while training
+    trainer.save_model(args.output_dir)
+    save_tokenizer(tokenizer, args.output_dir)  # the portable tokenizer_config.json (see STACK.md)
+    return trainer, metrics
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="saved model folder to start from")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--train_file", help="training pairs (.jsonl/.json/.csv/.tsv); default: the built-in task")
+    parser.add_argument("--validation_file")
+    parser.add_argument("--source_lang", default="en")
+    parser.add_argument("--target_lang", default="de")
+    parser.add_argument("--max_source_length", type=int, default=128)
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=200)
+    parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--batch_size", type=int, default=64, help="sentences per device and step")
+    parser.add_argument("--eval_steps", type=int, default=100)
+    parser.add_argument("--logging_steps", type=int, default=20)
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--use_cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _, metrics = finetune(args)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if metrics:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    print(f"Saved the fine-tuned model to {args.output_dir}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

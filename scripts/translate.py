@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Translate a file (or stdin) line by line with a saved model.
+
+    python scripts/translate.py --model outputs/transformer-tiny --input sentences.txt --output out.txt
+    echo "three hundred and forty-two" | python scripts/translate.py --model outputs/transformer-tiny
+
+Lines are translated in batches of similar length (sorted within the file) and written back in the input
+order; empty lines stay empty. Beam size and length penalty default to the model's generation config.
+"""
+
+import os
+import sys
+
+# Run as `python scripts/x.py`, Python puts scripts/ first on sys.path, where evaluate.py would shadow the
+# `evaluate` library that the metrics use: drop it (this file imports nothing from scripts/).
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse
+
+from modeling_seq2seq.training import load_model_and_tokenizer, translate_texts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="saved model folder (from scripts/train.py)")
+    parser.add_argument("--input", default="-", help="text file, one sentence per line (default: stdin)")
+    parser.add_argument("--output", default="-", help="where to write translations (default: stdout)")
+    parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
+    parser.add_argument("--length_penalty", type=float, default=None, help="beam length penalty (default: generation config)")
+    parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
+    parser.add_argument("--max_new_tokens_extra", type=int, default=50, help="output may be source length + N tokens")
+    parser.add_argument("--max_source_length", type=int, default=None, help="truncate longer inputs (tokens)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.num_beams is not None and args.num_beams < 1):
+        parser.error("--batch_size and --num_beams must be positive")
+
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+        if args.input == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(args.input, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    wanted = [i for i, line in enumerate(lines) if line.strip()]
+    translations = translate_texts(
+        model,
+        tokenizer,
+        [lines[i].strip() for i in wanted],
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        max_new_tokens_extra=args.max_new_tokens_extra,
+        max_source_length=args.max_source_length,
+    )
+    outputs = [""] * len(lines)
+    for index, translation in zip(wanted, translations):
+        outputs[index] = translation
+    text = "".join(line + "\n" for line in outputs)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The benchmark of issue 6: it runs end to end, writes the documented JSON, and its token check catches mismatches.
+
+Speed is measured by the benchmark, never asserted here.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_seq2seq import benchmark
+from modeling_seq2seq.benchmark import BenchmarkSettings, compare_tokens, format_table, run_benchmark, training_flops
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD_FIELDS = {"implementation", "preset", "phase", "batch", "median_seconds", "tokens_per_second"}
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    machine = result["machine"]
+    assert machine["cpu_model"] and machine["threads"] == 2 and machine["torch_version"] == torch.__version__
+    records = result["records"]
+    assert all(RECORD_FIELDS <= set(r) for r in records)
+    phases = {r["phase"] for r in records}
+    assert phases == {"matmul_peak", "train", "train_memory", "train_length_mix", "decode_greedy", "decode_beam4",
+                      "translate_file"}
+    assert {r["preset"] for r in records if r["preset"]} == {"tiny"}
+    with_ct2 = result["settings"]["ctranslate2"]
+    for phase in ("decode_greedy", "decode_beam4"):
+        for batch in (1, 8):
+            found = {r["implementation"]: r for r in records if r["phase"] == phase and r["batch"] == batch}
+            assert set(found) == ({"ours", "marian", "ctranslate2"} if with_ct2 else {"ours", "marian"})
+            for r in found.values():
+                assert r["median_seconds"] > 0 and r["tokens_per_second"] > 0 and r["tokens"] == batch * 32
+                assert "match" in r["token_check"]
+    train = {r["implementation"]: r for r in records if r["phase"] == "train"}
+    assert set(train) == {"ours", "marian"} and all(0 < r["mfu"] for r in train.values())
+    assert {r["implementation"] for r in records if r["phase"] == "train_length_mix"} == {
+        "ours+token_batches", "ours+padded", "marian+padded"}
+    memory = [r for r in records if r["phase"] == "train_memory"]
+    assert {r["implementation"] for r in memory} == {"ours", "marian"} and all(r["step_memory_mb"] > 0 for r in memory)
+    assert all("same_sentences" in r["output_check"] for r in records if r["phase"] == "translate_file")
+    table = done.stdout
+    assert "ours/Marian" in table and "ours/CT2" in table and "decode beam4" in table and "Machine:" in table
+
+
+def test_token_check_reports_a_mismatch(monkeypatch):
+    """Make our generate return other tokens: the pre-timing check must say so, in the JSON and in the table."""
+    real = benchmark.decode_ours
+
+    def wrong(model, input_ids, attention_mask, num_beams):
+        rows = real(model, input_ids, attention_mask, num_beams)
+        rows[0][3] = (rows[0][3] + 1) % model.config.vocab_size or 4
+        return rows
+
+    monkeypatch.setattr(benchmark, "decode_ours", wrong)
+    settings = BenchmarkSettings(presets=("tiny",), phases=("decode",), repeats=1, progress=False)
+    monkeypatch.setattr(BenchmarkSettings, "decode_batches", lambda self: [2])
+    result = run_benchmark(settings)
+    decoded = [r for r in result["records"] if r["phase"].startswith("decode")]
+    ours = [r for r in decoded if r["implementation"] == "ours"]
+    assert len(ours) == 2
+    for r in ours:
+        assert r["token_check"]["match"] is False
+        assert r["token_check"]["mismatched_sequences"] == 1 and r["token_check"]["mismatched_tokens"] == 1
+    for r in decoded:
+        if r["implementation"] == "ctranslate2":  # the converted model itself agrees with Marian
+            assert r["token_check"]["match"] is True
+    assert "MISMATCH ours vs Marian: 1/2 seqs" in format_table(result)
+
+
+def test_compare_tokens_counts_sequences_and_positions():
+    assert compare_tokens([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == {
+        "match": True, "sequences": 2, "mismatched_sequences": 0, "tokens": 5, "mismatched_tokens": 0}
+    check = compare_tokens([[1, 2, 3], [4, 5]], [[1, 9, 3], [4, 5, 6]])
+    assert not check["match"] and check["mismatched_sequences"] == 2 and check["mismatched_tokens"] == 2
+
+
+def test_training_flops_formula_matches_torch_flop_counter():
+    """The analytic MFU numerator equals what torch counts for forward + backward (eager attention, exact)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
+    from modeling_seq2seq.presets import load_preset
+
+    config = load_preset("tiny", vocab_size=500, dropout=0.0)
+    config._attn_implementation = "eager"
+    model = Seq2SeqTransformerForConditionalGeneration(config).train()
+    batch = benchmark.train_batch(500, 3, 10, 7, seed=0)
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    assert counter.get_total_flops() == training_flops(config, 3, 10, 7)
+
+
+def test_sentence_lengths_are_a_realistic_mix():
+    source, target = benchmark.sentence_lengths(2000, seed=0)
+    assert source.min() >= 5 and source.max() <= 120 and target.min() >= 5 and target.max() <= 120
+    assert 18 <= float(source.mean()) <= 32 and source.std() > 8
+
+
+def test_pinned_length_restores_the_generation_config():
+    from modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
+    from modeling_seq2seq.presets import load_preset
+
+    model = Seq2SeqTransformerForConditionalGeneration(load_preset("tiny", vocab_size=100))
+    before = (model.generation_config.min_new_tokens, model.generation_config.max_new_tokens)
+    with benchmark.pinned_length([model], 7):
+        assert model.generation_config.min_new_tokens == model.generation_config.max_new_tokens == 7
+    assert (model.generation_config.min_new_tokens, model.generation_config.max_new_tokens) == before

@@ -1,0 +1,229 @@
+"""Checkpoint files: atomic writes, manifests, torn-checkpoint detection, rotation, averaging, safe loading."""
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modeling_seq2seq import checkpointing as ckpt
+
+
+def write_fake_checkpoint(output_dir, step, weights=None, extra=b"state"):
+    """A checkpoint with a safetensors file and an opaque state file, written the real (atomic) way."""
+    weights = weights if weights is not None else {"w": torch.full((3, 2), float(step)), "b": torch.arange(4)}
+
+    def write(folder):
+        save_file(weights, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"step": step}))
+        (folder / "optimizer.pt").write_bytes(extra * 100)
+
+    return ckpt.write_checkpoint(output_dir, step, write)
+
+
+def test_write_checkpoint_is_complete_and_verifies(tmp_path):
+    path = write_fake_checkpoint(tmp_path, 10)
+    assert path == tmp_path / "checkpoint-10"
+    manifest = json.loads((path / ckpt.MANIFEST_NAME).read_text())
+    assert manifest["step"] == 10
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "optimizer.pt"}
+    assert all(len(entry["sha256"]) == 64 and entry["size"] > 0 for entry in manifest["files"].values())
+    assert ckpt.verify_checkpoint(path) is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: (p / "optimizer.pt").write_bytes(b"x" * 10), "truncated"),
+        (lambda p: (p / "optimizer.pt").write_bytes(b"X" * 500), "sha256"),
+        (lambda p: (p / "config.json").unlink(), "missing file config.json"),
+        (lambda p: (p / ckpt.MANIFEST_NAME).unlink(), "no manifest.json"),
+        (lambda p: (p / ckpt.MANIFEST_NAME).write_text("{not json"), "unreadable"),
+    ],
+)
+def test_torn_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, caplog, damage, reason):
+    older = write_fake_checkpoint(tmp_path, 5)
+    newer = write_fake_checkpoint(tmp_path, 10)
+    damage(newer)
+    assert reason in ckpt.verify_checkpoint(newer)
+    with caplog.at_level(logging.WARNING, logger="modeling_seq2seq.checkpointing"):
+        assert ckpt.find_latest_checkpoint(tmp_path) == older
+        assert ckpt.resolve_resume_checkpoint("latest", tmp_path) == older
+    assert str(newer) in caplog.text and reason in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-10"):
+        ckpt.resolve_resume_checkpoint(str(newer), tmp_path)
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resolve_resume_checkpoint("latest", tmp_path) is None
+    assert "starting from scratch" in caplog.text
+    assert ckpt.resolve_resume_checkpoint(None, tmp_path) is None
+
+
+def test_failed_write_leaves_previous_checkpoint_and_names_path(tmp_path):
+    previous = write_fake_checkpoint(tmp_path, 5)
+
+    def fail_midway(folder):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.write_checkpoint(tmp_path, 10, fail_midway)
+    message = str(error.value)
+    assert str(tmp_path / "checkpoint-10") in message and "No space left" in message and str(previous) in message
+    assert ckpt.verify_checkpoint(previous) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-5"]
+
+
+def test_sigkill_during_write_leaves_no_checkpoint(tmp_path):
+    """A process killed before the manifest leaves only a staging folder, which discovery ignores."""
+    write_fake_checkpoint(tmp_path, 5)
+    # Load the module by path: importing the package would pull in transformers (slow to start).
+    code = f"""
+import importlib.util, os, signal
+spec = importlib.util.spec_from_file_location("ckpt", {ckpt.__file__!r})
+ckpt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ckpt)
+def write(folder):
+    (folder / "model.safetensors").write_bytes(b"half a tensor")
+    os.kill(os.getpid(), signal.SIGKILL)
+ckpt.write_checkpoint({str(tmp_path)!r}, 10, write)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert result.returncode == -9
+    assert (tmp_path / ".tmp-checkpoint-10").is_dir() and not (tmp_path / "checkpoint-10").exists()
+    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    assert ckpt.remove_stale_staging(tmp_path) == [tmp_path / ".tmp-checkpoint-10"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+
+
+def test_rewriting_the_same_step_replaces_it_atomically(tmp_path):
+    write_fake_checkpoint(tmp_path, 5, extra=b"old")
+    path = write_fake_checkpoint(tmp_path, 5, extra=b"new")
+    assert (path / "optimizer.pt").read_bytes().startswith(b"new")
+    assert ckpt.verify_checkpoint(path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        write_fake_checkpoint(tmp_path, step)
+    torn = write_fake_checkpoint(tmp_path, 5)
+    (torn / ckpt.MANIFEST_NAME).unlink()
+    deleted = ckpt.rotate_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in deleted] == ["checkpoint-1", "checkpoint-2"]
+    # The torn step-5 folder does not count: the two newest *complete* ones survive.
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
+    assert ckpt.rotate_checkpoints(tmp_path, keep_last=None) == []
+
+
+def test_probe_writable_reports_the_directory(tmp_path):
+    ckpt.probe_writable(tmp_path / "new" / "nested")
+    assert (tmp_path / "new" / "nested").is_dir()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ckpt.CheckpointError, match=r"a_file/out.*not writable"):
+        ckpt.probe_writable(blocker / "out")
+
+
+def test_probe_writable_reports_a_full_disk(tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(ckpt.CheckpointError, match="disk is full"):
+        ckpt.probe_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == [], "the probe file is removed"
+
+
+def test_atomic_write_json_replaces_whole_file(tmp_path):
+    target = tmp_path / "eval_results.json"
+    ckpt.atomic_write_json(target, {"a": 1})
+    ckpt.atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval_results.json"]
+
+
+def test_average_equals_arithmetic_mean(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    weights = [
+        {"w": torch.randn(4, 3, generator=generator), "h": torch.randn(5, generator=generator).half(), "ids": torch.arange(3)}
+        for _ in range(3)
+    ]
+    folders = [write_fake_checkpoint(tmp_path / "run", step, w) for step, w in zip((1, 2, 3), weights)]
+    output = ckpt.average_checkpoints(folders, tmp_path / "averaged")
+    averaged = load_file(str(output / "model.safetensors"))
+    torch.testing.assert_close(averaged["w"], (weights[0]["w"] + weights[1]["w"] + weights[2]["w"]) / 3, rtol=0, atol=1e-6)
+    expected_half = ((weights[0]["h"].double() + weights[1]["h"].double() + weights[2]["h"].double()) / 3).half()
+    assert averaged["h"].dtype == torch.float16 and torch.equal(averaged["h"], expected_half)
+    assert torch.equal(averaged["ids"], torch.arange(3))
+    assert (output / "config.json").exists() and not (output / "optimizer.pt").exists()
+    assert not (output / ckpt.MANIFEST_NAME).exists()
+    assert json.loads((output / "averaged_from.json").read_text())["checkpoints"] == [str(f) for f in folders]
+    # --input_dir/--last selects the newest complete checkpoints, oldest first.
+    assert ckpt.last_checkpoints(tmp_path / "run", 2) == folders[1:]
+
+
+def test_average_rejects_mismatched_or_torn_inputs(tmp_path):
+    a = write_fake_checkpoint(tmp_path / "a", 1, {"w": torch.zeros(2)})
+    b = write_fake_checkpoint(tmp_path / "b", 1, {"w": torch.zeros(3)})
+    c = write_fake_checkpoint(tmp_path / "c", 1, {"v": torch.zeros(2)})
+    with pytest.raises(ValueError, match="different shapes"):
+        ckpt.average_checkpoints([a, b], tmp_path / "out")
+    with pytest.raises(ValueError, match="different tensors"):
+        ckpt.average_checkpoints([a, c], tmp_path / "out")
+    (b / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-1"):
+        ckpt.average_checkpoints([a, b], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def load_script(name):
+    """Import a file of scripts/ as a module (the scripts are thin; calling main() in-process is fast)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_average_checkpoints_script(tmp_path, capsys):
+    folders = [write_fake_checkpoint(tmp_path / "run", step, {"w": torch.full((2,), float(step))}) for step in (2, 4, 6)]
+    script = load_script("average_checkpoints")
+    assert script.main(["--input_dir", str(tmp_path / "run"), "--last", "2", "--output", str(tmp_path / "avg")]) == 0
+    assert torch.equal(load_file(str(tmp_path / "avg" / "model.safetensors"))["w"], torch.full((2,), 5.0))
+    assert "checkpoint-4" in capsys.readouterr().out
+    assert script.main(["--checkpoints", str(folders[0]), str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+def test_state_files_load_without_unpickling_objects(tmp_path):
+    good = tmp_path / "optimizer.pt"
+    ckpt.save_torch_state({"state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(3.0)}}, "param_groups": [{"betas": (0.9, 0.98)}]}, good)
+    assert ckpt.load_torch_state(good)["param_groups"][0]["betas"] == (0.9, 0.98)
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"payload": subprocess.Popen}, evil)  # an arbitrary class: must not be unpickled
+    with pytest.raises(ckpt.CheckpointError, match="weights_only=True"):
+        ckpt.load_torch_state(evil)

@@ -1,0 +1,130 @@
+"""The serving path: our saved model -> Marian twin -> CTranslate2 translates the same token ids as our `generate`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
+from modeling_seq2seq.export import export_saved_model, synthetic_tokenizer
+from modeling_seq2seq.presets import load_preset
+from modeling_seq2seq.tokenization import save_tokenizer
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 300
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny model with random weights saved with save_pretrained, plus a word-level tokenizer over its ids."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = Seq2SeqTransformerForConditionalGeneration(load_preset("tiny", vocab_size=VOCAB, dropout=0.0)).eval()
+    model.save_pretrained(folder)
+    save_tokenizer(synthetic_tokenizer(VOCAB), folder)
+    return model, folder
+
+
+def sources(seed=0, batch=4):
+    """Right-padded random sources of different lengths, each ending with </s>."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [11, 7, 9, 4][:batch]
+    ids = torch.zeros(batch, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, : n - 1] = torch.randint(4, VOCAB, (n - 1,), generator=generator)
+        ids[row, n - 1] = 2
+        mask[row, :n] = 1
+    return ids, mask, lengths
+
+
+def ours_ids(model, ids, mask, num_beams):
+    settings = dict(num_beams=num_beams, max_new_tokens=NEW_TOKENS, do_sample=False)
+    if num_beams > 1:
+        settings["length_penalty"] = 0.6
+    output = model.generate(ids, attention_mask=mask, **settings)
+    rows = []
+    for row in output.tolist():
+        tokens = []
+        for token in row[1:]:  # after the decoder start token, up to </s> (CTranslate2 returns no </s>)
+            if token in (0, 2):
+                break
+            tokens.append(token)
+        rows.append(tokens)
+    return rows
+
+
+def ct2_ids(translator, tokenizer, ids, lengths, num_beams):
+    batch = [tokenizer.convert_ids_to_tokens(row[:n]) for row, n in zip(ids.tolist(), lengths)]
+    results = translator.translate_batch(batch, beam_size=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
+                                         max_decoding_length=NEW_TOKENS)
+    return [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
+
+
+def test_export_script_translates_like_our_generate(saved_model, tmp_path):
+    model, folder = saved_model
+    output = tmp_path / "ct2"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "export_ctranslate2.py"), "--model_dir", str(folder), "--output_dir", str(output)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (output / "model.bin").is_file() and (output / "tokenizer.json").is_file()
+    config = json.loads((output / "config.json").read_text())
+    assert config["decoder_start_token"] == "<s>"  # ours starts from <s>, not from OPUS-MT's zero-embedded <pad>
+    translator = ctranslate2.Translator(str(output), device="cpu", intra_threads=1)
+    tokenizer = synthetic_tokenizer(VOCAB)
+    for seed in (0, 1):
+        ids, mask, lengths = sources(seed)
+        for num_beams in (1, 4):
+            expected = ours_ids(model, ids, mask, num_beams)
+            assert ct2_ids(translator, tokenizer, ids, lengths, num_beams) == expected, (seed, num_beams)
+            assert all(len(row) > 0 for row in expected)
+
+
+def test_int8_export_runs(saved_model, tmp_path):
+    model, folder = saved_model
+    output = export_saved_model(folder, tmp_path / "int8", quantization="int8")
+    translator = ctranslate2.Translator(output, device="cpu", compute_type="int8", intra_threads=1)
+    tokenizer = synthetic_tokenizer(VOCAB)
+    ids, mask, lengths = sources()
+    translated = ct2_ids(translator, tokenizer, ids, lengths, 4)
+    assert len(translated) == len(lengths) and all(0 < len(row) <= NEW_TOKENS for row in translated)
+
+
+def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_path):
+    model, _ = saved_model
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        export_saved_model(bare, tmp_path / "out")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(FileExistsError):
+        export_saved_model(saved_model[1], existing)
+
+
+def test_stock_marian_loader_cannot_convert_our_model(saved_model, tmp_path):
+    """Why export.py has its own loader: CTranslate2's Marian loader assumes OPUS-MT's layout (the decoder starts
+    from a zero-embedded <pad>, the last vocabulary row, which it drops) and fails on ours (<pad> is id 0)."""
+    from ctranslate2.converters.converter import Converter
+    from ctranslate2.converters.transformers import MarianMTLoader
+
+    from modeling_seq2seq.convert import to_marian
+
+    model, _ = saved_model
+    marian = to_marian(model).eval()
+    tokenizer = synthetic_tokenizer(VOCAB)
+
+    class Stock(Converter):
+        def _load(self):
+            return MarianMTLoader()(marian, tokenizer)
+
+    with pytest.raises(ValueError, match="vocabulary"):
+        Stock().convert(str(tmp_path / "stock"))

@@ -1,0 +1,522 @@
+"""The training loop: recipe, logging, evaluation, checkpoints, resume after crashes, faults, two processes.
+
+Runs use a 1+1-layer, d_model=32 model on 600 pairs of the built-in task, so each takes seconds.
+Runs that must die (SIGKILL) or use two processes are subprocesses; the rest run in this process.
+"""
+
+import errno
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_seq2seq import checkpointing as ckpt
+from modeling_seq2seq import training
+from modeling_seq2seq.training import (
+    InverseSqrtSchedule,
+    TrainingConfig,
+    inverse_sqrt_lr,
+    load_yaml_config,
+    make_optimizer_and_scheduler,
+    parse_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "dropout": 0.1,
+    "max_position_embeddings": 64,
+}
+# One thread: these models are tiny (intra-op threads only add synchronisation), and CI's two cores are shared
+# by the two processes of the distributed test.
+SUBPROCESS_ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A model preset and a trained tokenizer shared by the runs (BPE training is tested once, in the short run)."""
+    from modeling_seq2seq.data import builtin_task
+    from modeling_seq2seq.tokenization import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("assets")
+    recipe = root / "recipe.yaml"  # empty: the runs use the code's defaults plus their flags, not train-tiny.yaml
+    recipe.write_text("{}\n")
+    preset = root / "tiny.json"
+    preset.write_text(json.dumps(TINY_MODEL))
+    train = builtin_task()["train"].select(range(600))
+    save_tokenizer(train_tokenizer(list(train["source"]) + list(train["target"]), vocab_size=300), root / "tokenizer")
+    return {"preset": str(preset), "tokenizer": str(root / "tokenizer"), "recipe": str(recipe)}
+
+
+def run_args(assets, output_dir, **overrides):
+    """Command-line arguments of a tiny run; keyword arguments replace or add flags."""
+    settings = {
+        "model_config": assets["preset"],
+        "tokenizer": assets["tokenizer"],
+        "output_dir": str(output_dir),
+        "max_train_samples": 600,
+        "max_tokens": 512,
+        "max_source_length": 32,
+        "max_target_length": 32,
+        "max_steps": 12,
+        "warmup_steps": 10,
+        "lr_scale": 2.0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 2,
+        "eval_steps": 0,
+        "eval_max_samples": 16,
+        "eval_batch_size": 16,
+        "test_max_samples": 16,
+        "num_beams": 1,
+        "num_samples_to_print": 2,
+        "save_steps": 4,
+        "save_total_limit": 3,
+        "report_to": "none",
+        "seed": 0,
+    }
+    settings.update(overrides)
+    args = ["--config", assets["recipe"]] + (["--no-plot"] if "plot" not in settings else [])
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            args.append(f"--{key}" if value else f"--no-{key}")
+        elif value is not None:
+            args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return args
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def run_subprocess(args, timeout=300, prelude=""):
+    """Run training.main(args) in a fresh interpreter, after `prelude` (fault-injection patches)."""
+    code = f"{prelude}\nimport sys\nfrom modeling_seq2seq import training\nsys.exit(training.main({args!r}))\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=SUBPROCESS_ENV)
+
+
+def read_log(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / training.LOG_FILE_NAME).read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Recipe and configuration (no training)
+
+
+def test_schedule_matches_the_paper_formula():
+    model = torch.nn.Linear(4, 4)
+    config = TrainingConfig(warmup_steps=40, lr_scale=2.0)
+    optimizer, scheduler = make_optimizer_and_scheduler(model, config, d_model=512)
+    assert isinstance(optimizer, torch.optim.Adam)
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-9
+    seen = []
+    for step in range(1, 201):  # the lr used by update `step`
+        seen.append(optimizer.param_groups[0]["lr"])
+        expected = 2.0 * 512**-0.5 * min(step**-0.5, step * 40**-1.5)
+        assert math.isclose(seen[-1], expected, rel_tol=1e-12), step
+        optimizer.step()
+        scheduler.step()
+    assert max(range(200), key=seen.__getitem__) + 1 == 40, "peak at the end of warmup"
+    assert math.isclose(inverse_sqrt_lr(4000, 512, 4000), 512**-0.5 * 4000**-0.5)
+    # The schedule's settings survive a scheduler state round trip as plain numbers.
+    state = scheduler.state_dict()
+    assert state["lr_lambdas"][0] == {"d_model": 512, "warmup_steps": 40, "scale": 2.0}
+    assert isinstance(InverseSqrtSchedule(512, 40, 2.0)(0), float)
+
+
+def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("max_step: 10\n")
+    with pytest.raises(ValueError, match=r"bad_key\.yaml: unknown setting 'max_step'. Did you mean 'max_steps'"):
+        load_yaml_config(bad_key)
+    bad_type = tmp_path / "bad_type.yaml"
+    bad_type.write_text("max_tokens: lots\n")
+    with pytest.raises(ValueError, match=r"bad_type\.yaml: 'max_tokens' must be an integer, got 'lots'"):
+        parse_config(["--config", str(bad_type)])
+    bad_value = tmp_path / "bad_value.yaml"
+    bad_value.write_text("warmup_steps: 0\n")
+    with pytest.raises(ValueError, match=r"bad_value\.yaml: 'warmup_steps' must be a positive integer, got 0"):
+        parse_config(["--config", str(bad_value)])
+    with pytest.raises(ValueError, match=r"flag --label_smoothing: 'label_smoothing' must be a number in \[0, 1\)"):
+        parse_config(["--label_smoothing", "1.5"])
+    with pytest.raises(ValueError, match=r"'max_source_length' \(300\) is larger than 'max_tokens'"):
+        parse_config(["--max_tokens", "200", "--max_source_length", "300", "--max_target_length", "100"])
+    with pytest.raises(ValueError, match=r"'model_overrides' must be a mapping of Seq2SeqTransformerConfig fields \(unknown: n_layers\)"):
+        parse_config(["--model_overrides", '{"n_layers": 2}'])
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"list\.yaml: expected a mapping"):
+        load_yaml_config(not_mapping)
+    with pytest.raises(SystemExit):
+        parse_config(["--mixed_precision", "fp8"])
+    assert training.main(["--config", str(bad_key)]) == 2
+
+
+def test_flags_override_yaml_and_recipes_parse(tmp_path, capsys):
+    assert parse_config([]).model_config == "configs/transformer-tiny.json", "no arguments: the main job"
+    assert "default recipe configs/train-tiny.yaml" in capsys.readouterr().out
+    assert parse_config(["--train_file", "x.jsonl"]).model_config == "configs/transformer-base.json"
+    config = parse_config(["--config", str(REPO / "configs/train-tiny.yaml"), "--max_steps", "7", "--seed", "3"])
+    assert config.max_steps == 7 and config.seed == 3 and config.model_config == "configs/transformer-tiny.json"
+    base = parse_config(["--config", str(REPO / "configs/train-base-wmt14.yaml")])
+    assert (base.adam_beta1, base.adam_beta2, base.adam_epsilon) == (0.9, 0.98, 1e-9)
+    assert base.warmup_steps == 4000 and base.label_smoothing == 0.1 and base.dataset_name == "wmt14"
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {name: load_config_from_file(str(REPO / f"configs/accelerate/{name}.yaml")).distributed_type.value
+             for name in ("cpu", "single_gpu", "multi_gpu", "fsdp")}
+    assert kinds == {"cpu": "NO", "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# A short run, and what it leaves behind
+
+
+@pytest.fixture(scope="module")
+def short_run(assets, tmp_path_factory):
+    """40 steps with its own BPE tokenizer, validation every 10 steps, checkpoints and a picture."""
+    output_dir = tmp_path_factory.mktemp("short_run")
+    args = run_args(assets, output_dir, tokenizer=None, vocab_size=300, max_steps=40, eval_steps=10, save_steps=20,
+                    plot=True, warmup_steps=20)
+    assert training.main(args) == 0
+    return output_dir
+
+
+def test_short_run_lowers_validation_loss(short_run):
+    evals = [r for r in read_log(short_run) if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
+    for record in evals:
+        assert {"val_loss", "val_bleu", "val_chrf", "val_exact_match", "val_ppl"} <= record.keys()
+
+
+def test_short_run_logs_saves_and_reports(short_run):
+    records = read_log(short_run)
+    train_records = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(2, 41, 2))
+    assert all(r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 for r in train_records)
+    results = json.loads((short_run / training.EVAL_RESULTS_NAME).read_text())
+    assert {"test_bleu", "test_chrf", "test_exact_match", "bleu_signature", "dataset", "source_lang", "target_lang"} <= results.keys()
+    assert results["dataset"] == "builtin-number-words" and results["stop_reason"] == "max_steps" and results["step"] == 40
+    assert results["bleu_signature"].startswith("nrefs:1")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 training.CURVES_FILE_NAME):
+        assert (short_run / name).is_file(), name
+    assert [p.name for _, p in ckpt.list_checkpoints(short_run)] == ["checkpoint-20", "checkpoint-40"]
+    assert all(ckpt.verify_checkpoint(p) is None for _, p in ckpt.list_checkpoints(short_run))
+    assert not [p for p in short_run.iterdir() if p.name.startswith(".")], "no staging files left"
+    # The tokenizer trained for the run is the one saved with the model.
+    assert json.loads((short_run / "tokenizer.json").read_text()) == json.loads((short_run / "tokenizer" / "tokenizer.json").read_text())
+
+    model, tokenizer = training.load_model_and_tokenizer(short_run, device="cpu")
+    assert model.generation_config.num_beams == 1
+    assert model.config.label_smoothing == 0.1 and model.config.d_model == 32
+    out = model.generate(**tokenizer(["forty-two"], return_tensors="pt"), max_new_tokens=5)
+    assert out.shape[0] == 1
+
+
+def load_script(name):
+    path = REPO / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_translate_script_restores_file_order(short_run, tmp_path, monkeypatch, capsys):
+    lines = ["one", "", "nine thousand, nine hundred and ninety-nine", "twenty-one", "three hundred"]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(lines) + "\n")
+    model, tokenizer = training.load_model_and_tokenizer(short_run, device="cpu")
+    one_by_one = [training.translate_texts(model, tokenizer, [line], batch_size=1) for line in lines if line]
+    translate = load_script("translate")
+    assert translate.main(["--model", str(short_run), "--input", str(source), "--output", str(tmp_path / "out.txt"),
+                           "--batch_size", "1"]) == 0
+    output = (tmp_path / "out.txt").read_text().split("\n")[:-1]
+    assert len(output) == len(lines) and output[1] == ""
+    assert [o for i, o in enumerate(output) if lines[i]] == [t[0] for t in one_by_one]
+    # stdin -> stdout, batched and with beams
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n"))
+    assert translate.main(["--model", str(short_run), "--num_beams", "2", "--batch_size", "8"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_evaluate_script_reports_bleu_with_signature(short_run, tmp_path, capsys):
+    evaluate = load_script("evaluate")
+    pairs = tmp_path / "test.jsonl"
+    pairs.write_text("".join(json.dumps({"translation": {"en": e, "de": d}}) + "\n" for e, d in [("one", "eins"), ("two", "zwei")]))
+    assert evaluate.main(["--model", str(short_run), "--test_file", str(pairs), "--output_json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["samples"] == 2 and scores["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no")
+    assert evaluate.main(["--model", str(short_run), "--max_samples", "8", "--num_beams", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin-number-words: 8 sentences" in out and "BLEU signature" in out
+    assert evaluate.main(["--model", str(tmp_path / "nothing")]) == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resume, crashes and faults
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, tmp_path_factory):
+    """The uninterrupted 12-step run that interrupted runs must reproduce."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    assert training.main(run_args(assets, output_dir)) == 0
+    return output_dir
+
+
+def test_stop_and_resume_matches_uninterrupted_run(assets, reference_run, tmp_path):
+    output_dir = tmp_path / "resumed"
+    assert training.main(run_args(assets, output_dir, max_steps=6)) == 0  # stops mid-way (checkpoint-4, final 6)
+    assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0
+    assert_same_weights(output_dir, reference_run)
+    assert_same_weights(output_dir / "checkpoint-12", reference_run / "checkpoint-12")
+    # The log continues where the checkpoint was: one record per step, no duplicates.
+    steps = [r["step"] for r in read_log(output_dir) if r["type"] == "train"]
+    assert steps == list(range(2, 13, 2))
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run, tmp_path, capsys):
+    before = sorted(p.name for p in reference_run.iterdir())
+    assert training.main(run_args(assets, reference_run)) == 1
+    assert "already holds checkpoints (checkpoint-12, ...)" in capsys.readouterr().err
+    assert sorted(p.name for p in reference_run.iterdir()) == before
+    # --overwrite_output_dir starts again: the old run's checkpoints go.
+    (tmp_path / "old" / "checkpoint-500").mkdir(parents=True)
+    assert training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True)) == 0
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-4"]
+
+
+KILL_WHILE_SAVING = """
+import io, os, signal, torch
+from modeling_seq2seq import checkpointing as ckpt
+real_save = ckpt.save_torch_state
+def save_then_die(state, path):
+    if "checkpoint-8" in str(path) and str(path).endswith("optimizer.pt"):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with open(path, "wb") as handle:  # half of the file reaches the disk, then the process dies
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(state, path)
+ckpt.save_torch_state = save_then_die
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_then_resume(assets, reference_run, tmp_path, caplog):
+    output_dir = tmp_path / "killed"
+    result = run_subprocess(run_args(assets, output_dir), prelude=KILL_WHILE_SAVING)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (output_dir / ".tmp-checkpoint-8").is_dir(), "killed inside the checkpoint write"
+    assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
+    assert ckpt.verify_checkpoint(output_dir / "checkpoint-4") is None, "the previous checkpoint survived"
+
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0
+    assert ".tmp-checkpoint-8" in caplog.text
+    assert_same_weights(output_dir, reference_run)
+
+
+def test_torn_newest_checkpoint_is_skipped_on_resume(assets, reference_run, tmp_path, caplog):
+    output_dir = tmp_path / "torn"
+    assert training.main(run_args(assets, output_dir, max_steps=8)) == 0
+    optimizer_file = output_dir / "checkpoint-8" / training.OPTIMIZER_NAME
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])  # truncated behind our back
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0
+    assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-8" in caplog.text
+    assert_same_weights(output_dir, reference_run)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_then_resume(assets, reference_run, tmp_path):
+    """Kill a run at a random time (seeded; printed on failure), resume until done: same weights."""
+    output_dir = tmp_path / "random_kill"
+    args = run_args(assets, output_dir)
+    seed = int(os.environ.get("KILL_SEED", random.randrange(10**6)))
+    delay = random.Random(seed).uniform(8.0, 20.0)
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args], env=SUBPROCESS_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode in (0, -signal.SIGKILL), f"the run failed on its own (exit {process.returncode})"
+    assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0, f"KILL_SEED={seed}"
+    assert_same_weights(output_dir, reference_run)
+
+
+def test_unwritable_output_dir_fails_before_training(assets, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    started = time.monotonic()
+    assert training.main(run_args(assets, blocker / "out")) == 1
+    error = capsys.readouterr().err
+    assert f"Output directory '{blocker / 'out'}' is not writable" in error
+    assert time.monotonic() - started < 30
+
+
+def test_failing_save_names_the_path_and_keeps_the_previous_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    output_dir = tmp_path / "disk_full"
+    real_save = ckpt.save_torch_state
+
+    def disk_full_at_step_8(state, path):
+        if "checkpoint-8" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(ckpt, "save_torch_state", disk_full_at_step_8)
+    assert training.main(run_args(assets, output_dir)) == 1
+    error = capsys.readouterr().err
+    assert f"Could not write checkpoint '{output_dir / 'checkpoint-8'}'" in error and "No space left" in error
+    assert f"previous checkpoint '{output_dir / 'checkpoint-4'}' is intact" in error
+    assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
+    assert ckpt.verify_checkpoint(output_dir / "checkpoint-4") is None
+    assert not [p for p in output_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def nan_injector(bad_calls):
+    """A compute_loss that returns NaN on the given (0-based) calls and checks no update happened after one."""
+    state = {"calls": 0, "snapshot": None, "unchanged_after_bad": []}
+    real = training.compute_loss
+
+    def compute_loss(model, batch):
+        call = state["calls"]
+        state["calls"] += 1
+        params = [p.detach().clone() for p in model.parameters()]
+        if state["snapshot"] is not None:
+            state["unchanged_after_bad"].append(all(torch.equal(a, b) for a, b in zip(state["snapshot"], params)))
+            state["snapshot"] = None
+        loss = real(model, batch)
+        if bad_calls(call):
+            state["snapshot"] = params
+            return loss * float("nan")
+        return loss
+
+    return compute_loss, state
+
+
+def test_nan_steps_are_skipped_and_counted(assets, tmp_path, monkeypatch):
+    fake, state = nan_injector(lambda call: call in (3, 4))
+    monkeypatch.setattr(training, "compute_loss", fake)
+    output_dir = tmp_path / "nan"
+    assert training.main(run_args(assets, output_dir, max_consecutive_bad_steps=3)) == 0
+    results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
+    assert results["skipped_steps"] == 2 and results["step"] == 12
+    assert state["calls"] == 14 and state["unchanged_after_bad"] == [True, True]
+    assert all(torch.isfinite(t).all() for t in weights(output_dir).values())
+    skipped = [r for r in read_log(output_dir) if r["type"] == "skipped"]
+    assert [(r["step"], r["consecutive"], r["loss"]) for r in skipped] == [(3, 1, "nan"), (3, 2, "nan")]
+
+
+def test_too_many_bad_steps_stop_training_and_keep_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    fake, _ = nan_injector(lambda call: call >= 6)
+    monkeypatch.setattr(training, "compute_loss", fake)
+    output_dir = tmp_path / "diverged"
+    assert training.main(run_args(assets, output_dir, max_consecutive_bad_steps=3)) == 3
+    error = capsys.readouterr().err
+    assert "3 consecutive steps with a non-finite loss" in error and "after step 6" in error
+    assert f"last good checkpoint is {output_dir / 'checkpoint-4'}" in error
+    assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
+    assert not (output_dir / "model.safetensors").exists(), "no final model from a diverged run"
+
+
+def test_wall_clock_budget_stops_saves_and_evaluates(assets, tmp_path):
+    output_dir = tmp_path / "budget"
+    assert training.main(run_args(assets, output_dir, max_steps=100000, max_time_minutes=0.001)) == 0
+    results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
+    assert results["stop_reason"] == "max_time" and results["step"] < 100000
+    assert "test_exact_match" in results and (output_dir / "model.safetensors").is_file()
+    assert ckpt.find_latest_checkpoint(output_dir) == output_dir / f"checkpoint-{results['step']}"
+
+
+def test_average_checkpoints_at_the_end(assets, tmp_path):
+    output_dir = tmp_path / "averaged"
+    assert training.main(run_args(assets, output_dir, average_checkpoints=2, save_total_limit=2)) == 0
+    results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
+    assert [Path(p).name for p in results["averaged_checkpoints"]] == ["checkpoint-8", "checkpoint-12"]
+    a, b, final = weights(output_dir / "checkpoint-8"), weights(output_dir / "checkpoint-12"), weights(output_dir)
+    for name in final:
+        torch.testing.assert_close(final[name], (a[name].double() + b[name].double()).div(2).float(), rtol=0, atol=1e-7)
+    # The standalone script gives the same average, as a model folder that loads and generates.
+    averaged = tmp_path / "by_script"
+    assert load_script("average_checkpoints").main(["--input_dir", str(output_dir), "--last", "2", "--output", str(averaged)]) == 0
+    assert_same_weights(averaged, output_dir, atol=0)
+    model, tokenizer = training.load_model_and_tokenizer(averaged, device="cpu")
+    assert len(training.translate_texts(model, tokenizer, ["seven"], num_beams=1)) == 1
+
+
+def test_bf16_mixed_precision_on_cpu(assets, tmp_path):
+    output_dir = tmp_path / "bf16"
+    assert training.main(run_args(assets, output_dir, max_steps=4, mixed_precision="bf16")) == 0
+    losses = [r["loss"] for r in read_log(output_dir) if r["type"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert weights(output_dir)["model.shared.weight"].dtype == torch.float32, "weights stay fp32; compute is bf16"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Two processes (DDP over gloo on the CPU)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path):
+    """2 processes x 1 micro-batch == 1 process x 2 micro-batches: the same token-weighted update.
+
+    Dropout is off (each process draws its own masks). Tolerance 1e-5: only the order of floating-point
+    sums differs (the all-reduce adds the two gradients in another order than accumulation does).
+    """
+    no_dropout = {"dropout": 0.0}
+    one = tmp_path / "one_process"
+    assert training.main(run_args(assets, one, max_steps=8, gradient_accumulation_steps=2, model_overrides=no_dropout)) == 0
+    two = tmp_path / "two_processes"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py")]
+    result = subprocess.run(launch + run_args(assets, two, max_steps=8, model_overrides=no_dropout),
+                            capture_output=True, text=True, timeout=400, env={**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert_same_weights(two, one, atol=1e-5)
+    assert json.loads((two / "checkpoint-8" / ckpt.TRAINER_STATE_NAME).read_text())["world_size"] == 2
+    assert (two / "checkpoint-8" / "rng_state_1.pt").is_file()
