@@ -176,7 +176,11 @@ def test_save_writes_portable_config_and_reloads(tok, tmp_path):
 def test_list_valued_extra_special_tokens_move_to_additional():
     config = {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<2de>", "<2fr>"]}
     fixed = tokenization._portable_tokenizer_config(config)
-    assert fixed == {"tokenizer_class": "PreTrainedTokenizerFast", "additional_special_tokens": ["<2de>", "<2fr>"]}
+    assert fixed == {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "additional_special_tokens": ["<2de>", "<2fr>"],
+        "model_input_names": ["input_ids", "attention_mask"],  # else 4.57 adds token_type_ids that generate rejects
+    }
 
 
 def test_save_with_extra_special_tokens_reloads(tmp_path):
