@@ -637,8 +637,8 @@ class IncrementalDecoder:
 
     The source is encoded once. Each layer's cross-attention keys and values are projected once per sentence and
     shared by all its beams: the beams of a sentence act as that sentence's queries, so nothing is copied per
-    beam, and a beam reorder touches only the (small) self-attention cache. Sentences that are done are dropped
-    from the batch, so they cost nothing afterwards.
+    beam, and a beam reorder touches only the (small) self-attention cache. Sentences that are done leave the
+    batch, so they cost nothing afterwards.
     """
 
     def __init__(self, model, input_ids, attention_mask, num_beams: int):
