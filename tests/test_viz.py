@@ -4,7 +4,7 @@ Every command is run as the command line runs it (`main(argv)` of scripts/visual
 back: the size they should have, and pixels that are not all one colour. The numbers behind the pictures are checked
 directly: attention rows sum to 1 over the source, the encoding is the paper's formula and its dot products decay.
 
-Does "vier" attend to "four"? `test_trained_model_aligns_unit_words` (slow, about a minute on two free cores)
+Does "vier" attend to "four"? `test_trained_model_aligns_unit_words` (slow: about 20 s of training on two cores)
 trains a small model on the built-in task with the project's trainer and measures it on the held-out test split;
 `test_alignment_counting_on_handcrafted_attention` checks the counting itself, fast, on attention built by hand.
 """
@@ -467,7 +467,9 @@ def test_alignment_counting_on_handcrafted_attention(tokenizer, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A small model trained on the built-in task by the project's trainer (about a minute on two free cores)."""
+    """A small model trained on the built-in task by the project's trainer (about 20 s on two free cores).
+
+    lr_scale 1.0: at 2.0 this 64-wide model learns the alignment on some seeds only (seed 1: 55%)."""
     from modeling_seq2seq import training
 
     folder = tmp_path_factory.mktemp("trained")
@@ -476,7 +478,7 @@ def trained_run(tmp_path_factory):
         model_overrides={"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 4,
                          "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
                          "dropout": 0.0, "max_position_embeddings": 64},
-        max_steps=250, max_tokens=2048, warmup_steps=100, lr_scale=2.0, max_grad_norm=1.0, seed=0,
+        max_steps=250, max_tokens=2048, warmup_steps=100, lr_scale=1.0, max_grad_norm=1.0, seed=0,
         logging_steps=25, eval_steps=125, eval_max_samples=50, eval_batch_size=100, save_steps=0, save_total_limit=1,
         num_beams=1, test_max_samples=50, num_samples_to_print=0, report_to="none", plot=False,
     )
