@@ -556,9 +556,9 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
 
 def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
     """A saved model folder (safetensors only) and its tokenizer, in eval mode on `device` (default: cuda if any)."""
+    # Importing this module ran the package's __init__, which registers our classes with the Auto factories.
     from transformers import AutoModelForSeq2SeqLM
 
-    from . import Seq2SeqTransformerConfig  # noqa: F401  (importing the package registers the Auto classes)
     from .tokenization import load_tokenizer
 
     path = Path(path)
@@ -684,17 +684,9 @@ class JsonlLog:
 def _tracker_choice(report_to: str):
     if report_to == "none":
         return None
-    try:
-        import tensorboard  # noqa: F401  (optional)
+    import importlib.util
 
-        available = True
-    except ImportError:
-        try:
-            import tensorboardX  # noqa: F401
-
-            available = True
-        except ImportError:
-            available = False
+    available = any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
     if report_to == "tensorboard" and not available:
         raise ValueError("report_to=tensorboard but neither tensorboard nor tensorboardX is installed.")
     return "tensorboard" if available else None
@@ -1214,7 +1206,6 @@ class Trainer:
             self.save_checkpoint()
         if self.last_eval_step != self.step:
             self.record_eval()
-        unwrapped = accelerator.unwrap_model(self.model)
         averaged_from = []
         if config.average_checkpoints > 1:
             averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints)
