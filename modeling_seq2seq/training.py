@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -107,6 +108,7 @@ class TrainingConfig:
     max_consecutive_bad_steps: int = _option(10, "stop after this many consecutive NaN/inf steps")
     max_time_minutes: typing.Optional[float] = _option(None, "wall-clock budget; then stop cleanly, save, evaluate")
     torch_threads: typing.Optional[int] = _option(None, "CPU threads per process for torch (none: torch's default)")
+    keep_freed_memory: bool = _option(True, "glibc keeps freed memory for reuse: faster CPU steps, higher RSS")
     # logging, evaluation, checkpoints
     logging_steps: int = _option(50, "log training loss, lr and tokens/s every N steps")
     report_to: str = _option("auto", "Accelerate trackers: auto (tensorboard when installed) | none | tensorboard",
@@ -386,13 +388,23 @@ class InverseSqrtSchedule:
 
 
 def make_optimizer_and_scheduler(model: torch.nn.Module, config: TrainingConfig, d_model: int):
-    """Adam(beta1, beta2, eps) with lr = the schedule (Section 5.3); AdamW when weight decay is set."""
+    """Adam(beta1, beta2, eps) with lr = the schedule (Section 5.3); AdamW when weight decay is set.
+
+    The fused implementation (one pass over parameters, gradients and moments) when every parameter is a float
+    tensor on a device torch has fused kernels for: on a 2-core CPU it takes the base model's update from ~260 ms
+    to ~40 ms. Same update rule as the default implementation, up to float rounding.
+    """
     parameters = [p for p in model.parameters() if p.requires_grad]
     betas = (config.adam_beta1, config.adam_beta2)
+    options = dict(lr=1.0, betas=betas, eps=config.adam_epsilon)
     if config.weight_decay > 0:
-        optimizer = torch.optim.AdamW(parameters, lr=1.0, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        optimizer_class, options["weight_decay"] = torch.optim.AdamW, config.weight_decay
     else:
-        optimizer = torch.optim.Adam(parameters, lr=1.0, betas=betas, eps=config.adam_epsilon)
+        optimizer_class = torch.optim.Adam
+    try:
+        optimizer = optimizer_class(parameters, fused=True, **options)
+    except RuntimeError:  # a device or dtype without fused kernels
+        optimizer = optimizer_class(parameters, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, InverseSqrtSchedule(d_model, config.warmup_steps, config.lr_scale))
     return optimizer, scheduler
 
@@ -780,6 +792,28 @@ def load_full_weights(accelerator, model, weights: dict[str, torch.Tensor], sour
         load_weights(accelerator.unwrap_model(model), weights, source)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing big blocks back to the kernel.
+
+    glibc serves every allocation over 32 MB with a fresh mmap and unmaps it on free, so a buffer the training
+    step allocates anew each step (the logits and their gradient, the embedding gradient: 76 MB each at the base
+    preset with a 37k vocabulary) costs ~19k page faults, zero-filled by the kernel, every time. Measured on
+    2 cores: a base step goes from ~2.0 s to ~1.5 s (the same for the MarianMTModel twin). The price is memory:
+    the heap never shrinks, and until the big buffers find holes that fit they take new ones (a few hundred MB
+    more resident memory at the base preset). `--no-keep_freed_memory` turns it off. Linux with glibc only;
+    returns whether the settings were applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another C library
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 class Trainer:
     """One training run; `run()` returns the final metrics. Constructed by `train(config)`."""
 
@@ -792,6 +826,8 @@ class Trainer:
         self.start_time = time.monotonic()
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
+        if config.keep_freed_memory:
+            keep_freed_memory()
         tracker = _tracker_choice(config.report_to)
         # Launched as several processes without a GPU (`accelerate launch --multi_gpu` on a CPU machine):
         # Accelerate forms a gloo process group only when told to run on the CPU.
@@ -1373,6 +1409,7 @@ __all__ = [
     "TrainingDiverged",
     "exact_match",
     "inverse_sqrt_lr",
+    "keep_freed_memory",
     "load_model_and_tokenizer",
     "load_yaml_config",
     "main",

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, GenerationMixin
 
 from modeling_seq2seq import (
     Seq2SeqTransformerConfig,
@@ -13,7 +13,11 @@ from modeling_seq2seq import (
     Seq2SeqTransformerModel,
 )
 from modeling_seq2seq.convert import from_marian, to_marian
-from modeling_seq2seq.modeling_seq2seq import SinusoidalPositionalEncoding
+from modeling_seq2seq.modeling_seq2seq import (
+    LabelSmoothedCrossEntropy,
+    SinusoidalPositionalEncoding,
+    decode_step_linear,
+)
 from modeling_seq2seq.presets import load_preset
 
 VOCAB = 64
@@ -177,6 +181,39 @@ def test_incremental_decoding_with_cache_equals_full_forward():
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_decode_step_linear_equals_f_linear(rows):
+    model = make_model()
+    linear = decode_step_linear(model, torch.device("cpu"), torch.float32)
+    for module in (model.lm_head, model.model.decoder.layers[0].feed_forward.fc1):
+        x = torch.randn(rows, 1, module.in_features)
+        expected = (x.double() @ module.weight.double().T + (0 if module.bias is None else module.bias.double()))
+        assert torch.allclose(linear(module, x).double(), expected, atol=1e-5)
+
+
+def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit():
+    model = make_model()
+    source, mask = padded_batch()
+    settings = dict(num_beams=2, max_new_tokens=8)
+
+    def check():
+        assert torch.equal(model.generate(source, attention_mask=mask, **settings),
+                           GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+
+    check()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # version counter moves
+    check()
+    generator = torch.Generator().manual_seed(1)
+    model.lm_head.weight.data.copy_(model.lm_head.weight.data[torch.randperm(VOCAB, generator=generator)])  # it does not
+    check()
+    model.model.decoder.layers[1].feed_forward.fc2.weight.data[5] = 3.0  # one row, behind autograd's back
+    check()
+    layer = model.model.decoder.layers[0].self_attn
+    layer.qkv_proj.weight = torch.nn.Parameter(torch.randn_like(layer.qkv_proj.weight))  # a new tensor
+    check()
+
+
 def test_cross_attention_keys_are_computed_once_per_generate_call():
     model = make_model()
     calls = []
@@ -236,6 +273,26 @@ def test_loss_is_cross_entropy_over_shifted_labels_with_label_smoothing():
     expected = (0.9 * nll + 0.1 * smooth).mean()
     assert abs(out.loss.item() - expected.item()) < 1e-5
     assert torch.allclose(out.logits.double(), logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.4])
+def test_label_smoothed_loss_and_gradient_equal_a_float64_recomputation(epsilon):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(12, 37)).requires_grad_()
+    labels = torch.randint(0, 37, (12,))
+    labels[[2, 7]] = -100
+    loss = LabelSmoothedCrossEntropy.apply(logits, labels, epsilon)
+    (2 * loss).backward()
+    reference_logits = logits.detach().double().requires_grad_()
+    log_probs, keep = reference_logits.log_softmax(-1)[labels != -100], labels[labels != -100]
+    nll, smooth = -log_probs.gather(-1, keep[:, None]).squeeze(-1), -log_probs.mean(-1)
+    reference = ((1 - epsilon) * nll + epsilon * smooth).mean()
+    (2 * reference).backward()
+    assert abs(loss.item() - reference.item()) < 1e-5
+    assert torch.allclose(logits.grad.double(), reference_logits.grad, atol=1e-6)
+    assert not logits.grad[[2, 7]].any()  # ignored positions get no gradient
+    torch_loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=epsilon)
+    assert abs(loss.item() - torch_loss.item()) < 1e-5
 
 
 def test_gradient_reaches_every_parameter():
@@ -445,8 +502,6 @@ def test_convert_script_round_trip(tmp_path):
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_generate_equals_transformers_generate(seed):
     """Our decode loop (IncrementalDecoder) returns exactly what transformers' own greedy/beam search returns."""
-    from transformers import GenerationMixin
-
     model = make_model(seed)
     with torch.no_grad():  # make end-of-sentence likely, so sentences finish at different steps
         model.model.shared.weight[2] += 0.3 * (seed % 4)

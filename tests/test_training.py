@@ -526,3 +526,32 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
     assert_same_weights(two, one, atol=1e-5)
     assert json.loads((two / "checkpoint-8" / ckpt.TRAINER_STATE_NAME).read_text())["world_size"] == 2
     assert (two / "checkpoint-8" / "rng_state_1.pt").is_file()
+
+
+PAGE_FAULTS_OF_A_REALLOCATION = """
+import resource, sys, torch
+from modeling_seq2seq.training import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+faults = []
+for _ in range(40):  # a buffer allocated anew each step, as the logits' gradient is
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffer, small = torch.empty(64 * 2**20 // 4).fill_(1.0), torch.empty(1000)
+    del buffer
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sum(faults[20:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_keep_freed_memory_reuses_big_buffers_without_page_faults():
+    def steady_state_faults(mode):
+        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_A_REALLOCATION, mode], capture_output=True,
+                                text=True, check=True)
+        applied, count = result.stdout.split()
+        return applied == "True", int(count)
+
+    default_applied, default_faults = steady_state_faults("default")
+    kept_applied, kept_faults = steady_state_faults("keep")
+    pages_per_step = 64 * 2**20 // 4096
+    assert not default_applied and default_faults > 10 * pages_per_step  # a fresh mmap every step
+    assert kept_applied and kept_faults < pages_per_step
