@@ -643,8 +643,8 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
 
     A decode step multiplies 1 to 32 rows by every weight matrix, so its time is the time to stream the weights
     from memory. For such skinny products the MKL path behind `F.linear` reaches about half of the bandwidth that
-    oneDNN's does on AMD CPUs (the output projection at one row: 7.5 ms vs 3.6 ms on 2 cores; CTranslate2 picks
-    oneDNN on AMD for the same reason), and oneDNN is faster still with the weights stored once in its blocked
+    oneDNN's does on AMD CPUs (the output projection at one row: 7.5 ms vs 3.6 ms on 2 cores; CTranslate2 avoids
+    MKL on non-Intel CPUs too), and oneDNN is faster still with the weights stored once in its blocked
     layout (the whole base decoder at 4 rows: 23 ms plain, 14 ms blocked). The blocked copies are kept per model
     (the decoder's weights once more in memory). At the first use in a search each is checked against its layer:
     same tensor, same version counter and same values at every 61st element (edits through `.data` leave the
