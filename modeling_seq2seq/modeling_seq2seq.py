@@ -655,6 +655,7 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
     """
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
     if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu") or onednn is None:
+        PACKED_DECODE_WEIGHTS.pop(model, None)  # e.g. moved to a GPU since: the CPU copies are no use
         return lambda module, x: module(x)
     pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
     cache, checked = PACKED_DECODE_WEIGHTS.setdefault(model, {}), {}
@@ -672,7 +673,7 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
 
     def linear(module, x):
         if (
-            type(module) is nn.Linear and module.weight.numel() >= 2**18
+            type(module) is nn.Linear and module.weight.numel() >= 2**18 and module.weight.dtype == torch.float32
             and not (module._forward_hooks or module._forward_pre_hooks)
         ):
             return onednn(x, module.weight if pack is None else blocked(module), module.bias, "none", [], "")
