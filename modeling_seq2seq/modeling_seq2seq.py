@@ -665,7 +665,8 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
         if packed is None:
             weight, entry = module.weight, cache.get(id(module))
             sample = weight.detach().reshape(-1)[::61]
-            if entry is None or entry[0] is not weight or entry[1] != weight._version or not torch.equal(entry[2], sample):
+            same = entry is not None and entry[0] is weight and entry[1] == weight._version
+            if not (same and torch.equal(entry[2], sample)):
                 entry = (weight, weight._version, sample.clone(), pack(weight.detach(), 32))  # 32: rows it is tuned for
                 cache[id(module)] = entry
             packed = checked[id(module)] = entry[3]
@@ -742,7 +743,8 @@ class IncrementalDecoder:
 
     def feed_forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         feed_forward = self.decoder.layers[i].feed_forward
-        if type(feed_forward) is not PositionwiseFeedForward or feed_forward._forward_hooks or feed_forward._forward_pre_hooks:
+        hooked = feed_forward._forward_hooks or feed_forward._forward_pre_hooks
+        if type(feed_forward) is not PositionwiseFeedForward or hooked:
             return feed_forward(hidden)
         return self.linear(feed_forward.fc2, feed_forward.activation(self.linear(feed_forward.fc1, hidden)))
 
@@ -888,7 +890,7 @@ class LabelSmoothedCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         logits, log_normalizer, targets, valid, count = ctx.saved_tensors
-        grad = torch.exp(logits - log_normalizer[:, None]).sub_(ctx.epsilon / logits.shape[-1])
+        grad = (logits - log_normalizer[:, None]).exp_().sub_(ctx.epsilon / logits.shape[-1])
         grad.scatter_add_(1, targets[:, None], torch.full_like(log_normalizer[:, None], ctx.epsilon - 1))
         return grad.mul_((valid * (grad_loss / count))[:, None]), None, None, None
 

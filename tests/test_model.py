@@ -220,6 +220,19 @@ def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit
     check()
 
 
+def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate():
+    model = make_model()
+    source, mask = padded_batch()
+    feed_forward = model.model.decoder.layers[0].feed_forward
+    feed_forward.register_forward_hook(lambda module, inputs, output: output * -3)
+    model.model.decoder.layers[1].self_attn.out_proj = torch.nn.utils.parametrizations.weight_norm(
+        model.model.decoder.layers[1].self_attn.out_proj)  # no longer a plain nn.Linear forward
+    for num_beams in (1, 3):
+        settings = dict(num_beams=num_beams, max_new_tokens=6)
+        assert torch.equal(model.generate(source, attention_mask=mask, **settings),
+                           GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+
+
 def test_cross_attention_keys_are_computed_once_per_generate_call():
     model = make_model()
     calls = []

@@ -157,6 +157,37 @@ def test_schedule_matches_the_paper_formula():
     assert isinstance(InverseSqrtSchedule(512, 40, 2.0)(0), float)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_optimizer_is_fused_and_updates_like_the_default_implementation(weight_decay, monkeypatch):
+    config = TrainingConfig(warmup_steps=4, weight_decay=weight_decay)
+    torch.manual_seed(0)
+    fused_model = torch.nn.Linear(8, 8)
+    plain_model = torch.nn.Linear(8, 8)
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused, fused_schedule = make_optimizer_and_scheduler(fused_model, config, d_model=512)
+    assert fused.defaults["fused"] is True
+    with monkeypatch.context() as patch:  # a device without fused kernels: torch refuses fused=True
+        optimizer_class = type(fused)
+
+        def refuse_fused(params, fused=None, **options):
+            if fused:
+                raise RuntimeError("`fused=True` requires params of supported devices")
+            return optimizer_class(params, **options)
+
+        patch.setattr(torch.optim, optimizer_class.__name__, refuse_fused)
+        plain, plain_schedule = make_optimizer_and_scheduler(plain_model, config, d_model=512)
+    assert not plain.defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(4, 8)
+        for model, optimizer, schedule in ((fused_model, fused, fused_schedule), (plain_model, plain, plain_schedule)):
+            model(x).square().sum().backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
     bad_key = tmp_path / "bad_key.yaml"
     bad_key.write_text("max_step: 10\n")
