@@ -641,9 +641,9 @@ PACKED_DECODE_WEIGHTS = weakref.WeakKeyDictionary()
 def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
     """`linear(module, x)` for one search: oneDNN's kernel for plain float32 `nn.Linear` layers on a CPU.
 
-    A decode step multiplies 1 to 32 rows by every weight matrix, so its time is the time to stream the weights
-    from memory. For such skinny products the MKL path behind `F.linear` reaches about half of the bandwidth that
-    oneDNN's does on AMD CPUs (the output projection at one row: 7.5 ms vs 3.6 ms on 2 cores; CTranslate2 avoids
+    A decode step multiplies 1 to 32 rows by every weight matrix, so its time is the time it takes to stream the
+    weights out of memory. For such skinny products the MKL path behind `F.linear` reaches about half the bandwidth
+    that oneDNN's does on AMD CPUs (the output projection at one row: 7.5 ms vs 3.6 ms on 2 cores; CTranslate2 avoids
     MKL on non-Intel CPUs too), and oneDNN is faster still with the weights stored once in its blocked
     layout (the whole base decoder at 4 rows: 23 ms plain, 14 ms blocked). The blocked copies are kept per model
     (the decoder's weights once more in memory). At the first use in a search each is checked against its layer:
