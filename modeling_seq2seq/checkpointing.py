@@ -207,11 +207,25 @@ def create_staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return staging
 
 
+def replace_dir(staging: Path, final: Path) -> None:
+    """Rename the complete folder `staging` to `final`. An existing folder at `final` is moved aside first and
+    deleted only once the new one is in place: at every moment one of the two is complete under its name or the
+    trash name."""
+    displaced = None
+    if final.exists():
+        displaced = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}")
+        os.replace(final, displaced)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+
+
 def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, step: int) -> Path:
     """fsync every staged file, write the manifest last, and rename the folder to `final`.
 
-    An existing complete folder at `final` (the same step saved again after a resume) is moved aside first
-    and deleted only after the new one is in place.
+    An existing complete folder at `final` (the same step saved again after a resume) is replaced as
+    `replace_dir` does.
     """
     staging, final = Path(staging), Path(final)
     try:
@@ -219,14 +233,7 @@ def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, ste
             fsync_file(staging / name)
         write_manifest(staging, step)
         fsync_dir(staging)
-        displaced = None
-        if final.exists():
-            displaced = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}")
-            os.replace(final, displaced)
-        os.replace(staging, final)
-        fsync_dir(final.parent)
-        if displaced is not None:
-            shutil.rmtree(displaced, ignore_errors=True)
+        replace_dir(staging, final)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(f"Could not complete checkpoint {str(final)!r}: {error}") from error
@@ -432,14 +439,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
         )
         for name in _files_under(staging):
             fsync_file(staging / name)
-        displaced = None
-        if output_dir.exists():
-            displaced = output_dir.with_name(f"{TRASH_PREFIX}{output_dir.name}-{os.getpid()}")
-            os.replace(output_dir, displaced)
-        os.replace(staging, output_dir)
-        fsync_dir(output_dir.parent)
-        if displaced is not None:
-            shutil.rmtree(displaced, ignore_errors=True)
+        replace_dir(staging, output_dir)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(f"Could not write averaged model {str(output_dir)!r}: {error}") from error
