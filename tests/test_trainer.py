@@ -10,14 +10,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: extra threads only add synchronisation
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_script(name):
     spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

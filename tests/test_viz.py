@@ -33,14 +33,6 @@ SOURCE, TARGET = "two thousand, seven hundred and thirty-four", "zweitausendsieb
 matplotlib_image = pytest.importorskip("matplotlib.image", reason="the pictures need matplotlib (pip install .[viz])")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_script():
     spec = importlib.util.spec_from_file_location("visualize_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
