@@ -689,7 +689,8 @@ class IncrementalDecoder:
     The source is encoded once. Each layer's cross-attention keys and values are projected once per sentence and
     shared by all its beams: the beams of a sentence act as that sentence's queries, so nothing is copied per
     beam, and a beam reorder touches only the (small) self-attention cache. Sentences that are done leave the
-    batch, so they cost nothing afterwards.
+    batch, so they cost nothing afterwards. A step works on (rows, d_model) matrices and reads every layer's parts
+    from lists made once per search: at one row, a step's Python work is as large as a layer's matrix products.
     """
 
     def __init__(self, model, input_ids, attention_mask, num_beams: int):
@@ -697,52 +698,58 @@ class IncrementalDecoder:
         self.decoder = model.get_decoder()
         encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         self.linear = decode_step_linear(model, encoder_states.device, model.lm_head.weight.dtype)
+        layers = self.decoder.layers
+        self.layers = [(layer.self_attn, layer.cross_attn, layer.feed_forward) for layer in layers]
+        self.norms = [
+            [plain_layer_norm(n) for n in (layer.self_attn_layer_norm, layer.cross_attn_layer_norm, layer.final_layer_norm)]
+            for layer in layers
+        ]
+        self.pre_norm = [layer.pre_norm for layer in layers]
         self.cross_keys_values = [
-            layer.cross_attn.split_heads(self.linear(layer.cross_attn.kv_proj, encoder_states), 2)
-            for layer in self.decoder.layers
+            cross_attn.split_heads(self.linear(cross_attn.kv_proj, encoder_states), 2) for _, cross_attn, _ in self.layers
         ]
         self.cross_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             self.cross_mask = padding_mask(attention_mask, attention_dtype(encoder_states))
-        self.self_keys_values = [None] * len(self.decoder.layers)
+        self.self_keys_values = [None] * len(layers)
         self.length = 0
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits in float32, (rows, vocab), for one new token per row (rows = sentences x beams)."""
         decoder = self.decoder
-        hidden = decoder.embed_tokens(tokens[:, None])
+        hidden = decoder.embed_tokens(tokens)
         hidden = hidden + decoder.embed_positions(1, self.length, hidden.device).to(hidden.dtype)
-        for i, layer in enumerate(decoder.layers):
-            hidden, _ = layer.sublayer(hidden, layer.self_attn_layer_norm, lambda x: (self.self_attention(i, x), None))
-            hidden, _ = layer.sublayer(hidden, layer.cross_attn_layer_norm, lambda x: (self.cross_attention(i, x), None))
-            hidden, _ = layer.sublayer(hidden, layer.final_layer_norm, lambda x: (self.feed_forward(i, x), None))
+        sublayers = (self.self_attention, self.cross_attention, self.feed_forward)
+        for i, (norms, pre_norm) in enumerate(zip(self.norms, self.pre_norm)):
+            for sublayer, norm in zip(sublayers, norms):
+                hidden = hidden + sublayer(i, norm(hidden)) if pre_norm else norm(hidden + sublayer(i, hidden))
         if decoder.layer_norm is not None:
             hidden = decoder.layer_norm(hidden)
         self.length += 1
-        return self.linear(self.model.lm_head, hidden[:, 0]).float()
+        return self.linear(self.model.lm_head, hidden).float()
 
     def self_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        attention = self.decoder.layers[i].self_attn
-        query, key, value = attention.split_heads(self.linear(attention.qkv_proj, hidden), 3)
+        attention = self.layers[i][0]
+        rows, heads = hidden.shape[0], attention.num_heads
+        # (rows, 3 d) -> 3 x (rows, heads, 1, head_dim)
+        query, key, value = self.linear(attention.qkv_proj, hidden).view(rows, 3, heads, 1, -1).unbind(1)
         if self.self_keys_values[i] is not None:
             past_key, past_value = self.self_keys_values[i]
             key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
         self.self_keys_values[i] = (key, value)
-        output = F.scaled_dot_product_attention(query, key, value, scale=attention.scaling)
-        return self.linear(attention.out_proj, output.transpose(1, 2).reshape(hidden.shape))
+        output, _ = sdpa_attention(attention, query, key, value, None, attention.scaling)
+        return self.linear(attention.out_proj, output.reshape(hidden.shape))
 
     def cross_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        attention = self.decoder.layers[i].cross_attn
-        # (sentences * beams, 1, d) -> (sentences, heads, beams, head_dim): beams become queries of their sentence.
+        attention = self.layers[i][1]
+        # (sentences * beams, d) -> (sentences, heads, beams, head_dim): beams become queries of their sentence.
         query = self.linear(attention.q_proj, hidden).view(-1, self.num_beams, attention.num_heads, attention.head_dim)
         key, value = self.cross_keys_values[i]
-        output = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key, value, attn_mask=self.cross_mask, scale=attention.scaling
-        )
-        return self.linear(attention.out_proj, output.transpose(1, 2).reshape(hidden.shape))
+        output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, self.cross_mask, attention.scaling)
+        return self.linear(attention.out_proj, output.reshape(hidden.shape))
 
     def feed_forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        feed_forward = self.decoder.layers[i].feed_forward
+        feed_forward = self.layers[i][2]
         hooked = feed_forward._forward_hooks or feed_forward._forward_pre_hooks
         if type(feed_forward) is not PositionwiseFeedForward or hooked:
             return feed_forward(hidden)
@@ -757,6 +764,14 @@ class IncrementalDecoder:
         self.cross_keys_values = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_keys_values]
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, sentences)
+
+
+def plain_layer_norm(module):
+    """`module` as a function; a plain `nn.LayerNorm` without hooks becomes the functional call (no module dispatch)."""
+    if type(module) is not nn.LayerNorm or module._forward_hooks or module._forward_pre_hooks:
+        return module
+    shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+    return lambda x: F.layer_norm(x, shape, weight, bias, eps)
 
 
 def suppress_tokens(scores: torch.Tensor, new_tokens: int, settings: dict) -> torch.Tensor:

@@ -225,6 +225,7 @@ def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate
     source, mask = padded_batch()
     feed_forward = model.model.decoder.layers[0].feed_forward
     feed_forward.register_forward_hook(lambda module, inputs, output: output * -3)
+    model.model.decoder.layers[1].cross_attn_layer_norm.register_forward_hook(lambda module, inputs, output: output.flip(-1))
     model.model.decoder.layers[1].self_attn.out_proj = torch.nn.utils.parametrizations.weight_norm(
         model.model.decoder.layers[1].self_attn.out_proj)  # no longer a plain nn.Linear forward
     for num_beams in (1, 3):
