@@ -118,7 +118,7 @@ class BenchmarkSettings:
         elif self.is_cuda:
             plan = dict(train=10, decode=5, length_mix=3, file=1, length_mix_sentences=2048, file_sentences=128)
         elif large:
-            plan = dict(train=5, decode=5, length_mix=1, file=1, length_mix_sentences=96, file_sentences=32)
+            plan = dict(train=5, decode=5, length_mix=1, file=1, length_mix_sentences=192, file_sentences=32)
         else:
             plan = dict(train=7, decode=5, length_mix=3, file=2, length_mix_sentences=384, file_sentences=128)
         if self.repeats is not None:
