@@ -720,7 +720,7 @@ class IncrementalDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits in float32, (rows, vocab), for one new token per row (rows = sentences x beams)."""
         decoder = self.decoder
-        hidden = decoder.embed_tokens(tokens)
+        hidden = decoder.embed_tokens(tokens[:, None])[:, 0]  # (rows, 1) as in `forward`, for hooks and adapters
         hidden = hidden + decoder.embed_positions(1, self.length, hidden.device).to(hidden.dtype)
         sublayers = (self.self_attention, self.cross_attention, self.feed_forward)
         for i, (norms, pre_norm) in enumerate(zip(self.norms, self.pre_norm)):
