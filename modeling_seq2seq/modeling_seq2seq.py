@@ -692,8 +692,8 @@ class IncrementalDecoder:
     The source is encoded once. Each layer's cross-attention keys and values are projected once per sentence and
     shared by all its beams: the beams of a sentence act as that sentence's queries, so nothing is copied per
     beam, and a beam reorder touches only the (small) self-attention cache. Sentences that are done leave the
-    batch, so they cost nothing afterwards. A step works on (rows, d_model) matrices and reads every layer's parts
-    from lists made once per search: at one row, a step's Python work is as large as a layer's matrix products.
+    batch, so they cost nothing afterwards. A step works on (rows, d_model) matrices, and each layer's parts are
+    looked up once per search: at one row, a step's Python work is as large as a layer's matrix products.
     """
 
     def __init__(self, model, input_ids, attention_mask, num_beams: int):
