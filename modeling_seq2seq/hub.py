@@ -70,7 +70,6 @@ ALLOWED_IMPORT_ROOTS = frozenset(
         "types",
         "typing",
         "warnings",
-        "weakref",
     }
 )
 ALLOWED_RELATIVE_IMPORTS = frozenset(name[: -len(".py")] for name in SHIPPED_CODE)

@@ -8,7 +8,6 @@ this file ships to the Hub with the weights, so it imports torch, transformers a
 import copy
 import math
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -633,9 +632,16 @@ class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
         return outputs if return_dict else outputs.to_tuple()
 
 
-# model -> {id(linear layer): (weight, its version, a sample of its values, the weight in oneDNN's layout)};
-# weak, so that it never keeps a model alive.
-PACKED_DECODE_WEIGHTS = weakref.WeakKeyDictionary()
+class PackedDecodeWeights(dict):
+    """A model's copies of its decode weights in oneDNN's layout: id(linear layer) -> (weight, its version, a sample
+    of its values, the copy). Kept on the model, so they live and die with it; a copy or a pickle of the model starts
+    without them (oneDNN's opaque tensors can be neither copied nor saved)."""
+
+    def __deepcopy__(self, memo):
+        return PackedDecodeWeights()
+
+    def __reduce__(self):
+        return PackedDecodeWeights, ()
 
 
 def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
@@ -655,10 +661,12 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
     """
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
     if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu") or onednn is None:
-        PACKED_DECODE_WEIGHTS.pop(model, None)  # e.g. moved to a GPU since: the CPU copies are no use
+        vars(model).pop("_packed_decode_weights", None)  # e.g. moved to a GPU since: the CPU copies are no use
         return lambda module, x: module(x)
     pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    cache, chosen = PACKED_DECODE_WEIGHTS.setdefault(model, {}), {}
+    cache, chosen = vars(model).get("_packed_decode_weights"), {}
+    if cache is None:
+        cache = model._packed_decode_weights = PackedDecodeWeights()
 
     def choose(module):  # the (weight, bias) oneDNN multiplies by, or None to run the module itself
         if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:

@@ -220,6 +220,24 @@ def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit
     check()
 
 
+
+def test_a_model_that_has_decoded_can_be_copied_and_pickled():
+    """The oneDNN weight copies live on the model; they cannot be copied or saved, so copies start without them."""
+    import copy
+    import pickle
+
+    model = wide_model()
+    source, mask = padded_batch(vocab=600)
+    settings = dict(num_beams=2, max_new_tokens=6)
+    expected = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+    assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected)
+    assert len(vars(model)["_packed_decode_weights"]) > 0  # the fast path did use oneDNN's layout
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert len(vars(twin)["_packed_decode_weights"]) == 0
+        assert torch.equal(twin.generate(source, attention_mask=mask, **settings), expected)
+    twin.lm_head.weight.data.mul_(-1)  # the twin's layers are its own: the original still decodes as before
+    assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected)
+
 def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate():
     model = make_model()
     source, mask = padded_batch()
