@@ -1,6 +1,8 @@
 """The core model: parity with transformers' MarianMTModel, the paper's properties, and transformers plumbing."""
 
+import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -220,12 +222,8 @@ def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit
     check()
 
 
-
 def test_a_model_that_has_decoded_can_be_copied_and_pickled():
     """The oneDNN weight copies live on the model; they cannot be copied or saved, so copies start without them."""
-    import copy
-    import pickle
-
     model = wide_model()
     source, mask = padded_batch(vocab=600)
     settings = dict(num_beams=2, max_new_tokens=6)
