@@ -236,6 +236,21 @@ def test_a_model_that_has_decoded_can_be_copied_and_pickled():
     twin.lm_head.weight.data.mul_(-1)  # the twin's layers are its own: the original still decodes as before
     assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected)
 
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "autocast-bfloat16"])
+def test_fast_generate_in_half_precision_on_cpu_equals_transformers_generate(precision):
+    """Half precision takes the module path of the decode loop (no oneDNN copies), with the same tokens."""
+    model = make_model()
+    autocast = precision.startswith("autocast")
+    if not autocast:
+        model = model.to(getattr(torch, precision))
+    source, mask = padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for num_beams in (1, 3):
+            settings = dict(num_beams=num_beams, max_new_tokens=6)
+            assert torch.equal(model.generate(source, attention_mask=mask, **settings),
+                               GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+
 def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate():
     model = make_model()
     source, mask = padded_batch()
