@@ -28,7 +28,9 @@ implementations (the order flips every repeat), after warm-up, and reports media
   tokens (`min_new_tokens = max_new_tokens = 32`; CTranslate2: `min/max_decoding_length = 32`), length penalty 0.6
   for beam search. Before timing, every implementation decodes the inputs once (this is also the warm-up) and the
   tokens are compared: ours vs. Marian exactly, CTranslate2 vs. Marian token by token; the result is in each
-  record's `token_check` and in the table's last column. tokens/s counts generated tokens (batch x 32).
+  record's `token_check` and in the table's last column. tokens/s counts generated tokens (batch x 32). Our
+  decode loop's matrix products are also timed alone, in the same alternation (`decoder_products_ours`); ours'
+  record holds that as `decoder_products_seconds`, and the table gives the step time both ways.
 - `translate_file`: `scripts/translate.py`'s code path (`training.translate_texts`: sort by length, batches of 64,
   beam 4, restore the order) vs. a plain loop over `MarianMTModel.generate` one sentence at a time in file order,
   on sentences of mixed length, both through the same tokenizer. An untrained model never ends a sentence, and
@@ -439,6 +441,26 @@ def decode_marian(model, input_ids, attention_mask, num_beams):
     return decode_transformers(model, input_ids, attention_mask, num_beams)
 
 
+def decoder_products_ours(model, rows: int, steps: int = DECODE_NEW_TOKENS) -> None:
+    """Our decode loop's matrix products alone: at each step, every decoder layer's projections and the output
+    projection for `rows` rows, through the loop's own `decode_step_linear`. Timed beside `generate`, it splits a
+    step into the matrix products and everything else (encoder, attention, layer norms, search, Python)."""
+    from .modeling_seq2seq import decode_step_linear
+
+    weight = model.lm_head.weight
+    linear = decode_step_linear(model, weight.device, weight.dtype)
+    products = [
+        module for layer in model.get_decoder().layers
+        for module in (layer.self_attn.qkv_proj, layer.self_attn.out_proj, layer.cross_attn.q_proj,
+                       layer.cross_attn.out_proj, layer.feed_forward.fc1, layer.feed_forward.fc2)
+    ] + [model.lm_head]
+    inputs = {n: torch.randn(rows, n, device=weight.device, dtype=weight.dtype) for n in {m.in_features for m in products}}
+    with torch.no_grad():
+        for _ in range(steps):
+            for module in products:
+                linear(module, inputs[module.in_features])
+
+
 def decode_ctranslate2(translator, source_tokens: list[list[str]], num_beams: int, tokenizer) -> list[list[int]]:
     results = translate_ctranslate2(translator, source_tokens, num_beams)
     return [tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results]
@@ -683,12 +705,15 @@ def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, toke
             if "ctranslate2" in outputs:
                 checks["ctranslate2"] = compare_tokens(outputs["marian"], outputs["ctranslate2"])
             run.log(f"{preset} {phase} batch {batch}: timing x{plan['decode']}")
-            times = alternate(calls, plan["decode"], device)
+            products = "ours: decoder matrix products"
+            times = alternate({**calls, products: lambda: decoder_products_ours(ours, batch * num_beams)},
+                              plan["decode"], device)
             tokens = batch * DECODE_NEW_TOKENS
             for name in calls:
+                extra = {"decoder_products_seconds": median(times[products])} if name == "ours" else {}
                 run.add(name, preset, phase, batch, times[name], tokens, num_beams=num_beams,
                         new_tokens=DECODE_NEW_TOKENS, source_lengths=lengths,
-                        dtype=str(settings.dtype).replace("torch.", ""), token_check=checks[name])
+                        dtype=str(settings.dtype).replace("torch.", ""), token_check=checks[name], **extra)
 
 
 def run_train(run: Run, preset: str, plan: dict, ours_model, marian_model) -> dict:
@@ -983,8 +1008,12 @@ def result_rows(result: dict) -> list[list[str]]:
         elif phase in ("decode_greedy", "decode_beam4"):
             ours, marian, ct2 = group.get("ours"), group.get("marian"), group.get("ctranslate2")
             r = ours or marian
+            note = _check_text(ours, ct2)
+            if ours and ours.get("decoder_products_seconds"):
+                step, products = ours["median_seconds"] / DECODE_NEW_TOKENS, ours["decoder_products_seconds"] / DECODE_NEW_TOKENS
+                note += f"; ours per step {step * 1e3:.1f} ms, of which decoder matrix products {products * 1e3:.1f} ms"
             rows.append([phase.replace("_", " "), preset, f"batch {r['batch']} x {DECODE_NEW_TOKENS} new tok", _rate(ours),
-                         _rate(marian), _rate(ct2), _ratio(ours, marian), _ratio(ours, ct2), _check_text(ours, ct2)])
+                         _rate(marian), _rate(ct2), _ratio(ours, marian), _ratio(ours, ct2), note])
         elif phase == "translate_file":
             ours, marian = group.get("ours"), group.get("marian")
             check = (ours or marian)["output_check"]

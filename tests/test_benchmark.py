@@ -43,6 +43,7 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
             for r in found.values():
                 assert r["median_seconds"] > 0 and r["tokens_per_second"] > 0 and r["tokens"] == batch * 32
                 assert "match" in r["token_check"]
+            assert 0 < found["ours"]["decoder_products_seconds"]
     train = {r["implementation"]: r for r in records if r["phase"] == "train"}
     assert set(train) == {"ours", "marian"} and all(0 < r["mfu"] for r in train.values())
     assert {r["implementation"] for r in records if r["phase"] == "train_length_mix"} == {
@@ -52,6 +53,7 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
     assert all("same_sentences" in r["output_check"] for r in records if r["phase"] == "translate_file")
     table = done.stdout
     assert "ours/Marian" in table and "ours/CT2" in table and "decode beam4" in table and "Machine:" in table
+    assert table.count("of which decoder matrix products") == 4
 
 
 def test_token_check_reports_a_mismatch(monkeypatch):
