@@ -246,10 +246,16 @@ def test_fast_generate_in_half_precision_on_cpu_equals_transformers_generate(pre
         model = model.to(getattr(torch, precision))
     source, mask = padded_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        for num_beams in (1, 3):
-            settings = dict(num_beams=num_beams, max_new_tokens=6)
-            assert torch.equal(model.generate(source, attention_mask=mask, **settings),
-                               GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+        assert_fast_generate_equals_transformers_generate(model, source, mask)
+
+
+def assert_fast_generate_equals_transformers_generate(model, source, mask):
+    """Greedy and beam search through our `generate` give the ids of transformers' own `generate`."""
+    for num_beams in (1, 3):
+        settings = dict(num_beams=num_beams, max_new_tokens=6)
+        assert torch.equal(model.generate(source, attention_mask=mask, **settings),
+                           GenerationMixin.generate(model, source, attention_mask=mask, **settings)), settings
+
 
 def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate():
     model = make_model()
@@ -259,10 +265,7 @@ def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate
     model.model.decoder.layers[1].cross_attn_layer_norm.register_forward_hook(lambda module, inputs, output: output.flip(-1))
     model.model.decoder.layers[1].self_attn.out_proj = torch.nn.utils.parametrizations.weight_norm(
         model.model.decoder.layers[1].self_attn.out_proj)  # no longer a plain nn.Linear forward
-    for num_beams in (1, 3):
-        settings = dict(num_beams=num_beams, max_new_tokens=6)
-        assert torch.equal(model.generate(source, attention_mask=mask, **settings),
-                           GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+    assert_fast_generate_equals_transformers_generate(model, source, mask)
 
 
 def test_cross_attention_keys_are_computed_once_per_generate_call():
