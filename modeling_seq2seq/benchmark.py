@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -117,8 +118,8 @@ class BenchmarkSettings:
         large = preset != "tiny"
         if self.quick:
             plan = dict(train=3, decode=2, length_mix=1, file=1, length_mix_sentences=64, file_sentences=24)
-        elif self.is_cuda:
-            plan = dict(train=10, decode=5, length_mix=3, file=1, length_mix_sentences=2048, file_sentences=128)
+        elif self.is_cuda:  # Marian's per-sentence loop takes ~0.3 s a sentence on a GPU: 32 sentences
+            plan = dict(train=10, decode=5, length_mix=3, file=1, length_mix_sentences=2048, file_sentences=32)
         elif large:
             plan = dict(train=5, decode=5, length_mix=1, file=1, length_mix_sentences=192, file_sentences=32)
         else:
@@ -132,8 +133,9 @@ class BenchmarkSettings:
         return plan
 
     def train_shapes(self) -> list[tuple[int, int, int]]:
-        """(batch, source length, target length) of the fixed-shape training measurements."""
-        return [(16, 32, 32), (128, 64, 64)] if self.is_cuda else [(16, 32, 32)]
+        """(batch, source length, target length) of the fixed-shape training measurements. On a GPU also larger
+        token batches, up to the paper's (Section 5.1: ~25,000 source and ~25,000 target tokens per batch)."""
+        return [(16, 32, 32), (128, 64, 64), (200, 128, 128)] if self.is_cuda else [(16, 32, 32)]
 
     def decode_batches(self) -> list[int]:
         return [1, 8, 32] if self.is_cuda else [1, 8]
@@ -626,6 +628,20 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     peak_flops: float | None = None
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def guard(self, what: str):
+        """Run one measurement; if it raises, record the error (table, JSON, exit status) and go on with the next,
+        so that one broken path does not cost the rest of a long run."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - recorded and reported, never hidden
+            traceback.print_exc()
+            self.failures.append(f"{what} failed: {type(error).__name__}: {error}".splitlines()[0])
+            gc.collect()
+            if self.settings.is_cuda:
+                torch.cuda.empty_cache()
 
     def log(self, message: str) -> None:
         if self.settings.progress:
@@ -684,42 +700,70 @@ def run_matmul(run: Run) -> None:
             per_size={str(k): v for k, v in peak["per_size"].items()}, dtype=peak["dtype"], best_of=repeats)
 
 
-def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, tokenizer) -> None:
-    settings, device = run.settings, run.settings.device
-    vocab = ours.config.vocab_size
+def decode_settings(settings: BenchmarkSettings, vocab: int):
+    """(phase, num_beams, batch, input_ids, attention_mask, source lengths) of every decoding measurement."""
     for num_beams, phase in ((1, "decode_greedy"), (4, "decode_beam4")):
         for batch in settings.decode_batches():
             input_ids, attention_mask, lengths = decode_inputs(vocab, batch, seed=settings.seed + batch)
+            yield phase, num_beams, batch, input_ids, attention_mask, lengths
+
+
+def float32_token_checks(run: Run, preset: str, ours, marian) -> dict:
+    """Ours vs. Marian in float32 on the benchmark's device, for every decoding input (TF32 off).
+
+    On a GPU the timed runs are bf16, where two correct implementations that add in different orders can pick
+    different tokens once logits differ by a rounding step; float32 shows whether they compute the same function.
+    """
+    device = run.settings.device
+    checks = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for phase, num_beams, batch, input_ids, attention_mask, _ in decode_settings(run.settings, ours.config.vocab_size):
+            run.log(f"{preset} {phase} batch {batch}: float32 token check")
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            source_tokens = [tokenizer.convert_ids_to_tokens(row[:n]) for row, n in zip(input_ids.tolist(), lengths)]
-            calls = {
-                "ours": lambda: decode_ours(ours, input_ids, attention_mask, num_beams),
-                "marian": lambda: decode_marian(marian, input_ids, attention_mask, num_beams),
-            }
-            if translator is not None:
-                calls["ctranslate2"] = lambda: decode_ctranslate2(translator, source_tokens, num_beams, tokenizer)
-            run.log(f"{preset} {phase} batch {batch}: token check")
-            outputs = {name: call() for name, call in calls.items()}  # also the warm-up
-            checks = {"marian": {"match": True, "reference": True}}
-            checks["ours"] = compare_tokens(outputs["marian"], outputs["ours"])
-            if "ctranslate2" in outputs:
-                checks["ctranslate2"] = compare_tokens(outputs["marian"], outputs["ctranslate2"])
-            run.log(f"{preset} {phase} batch {batch}: timing x{plan['decode']}")
-            products = "ours: decoder matrix products"
-            times = alternate({**calls, products: lambda: decoder_products_ours(ours, batch * num_beams)},
-                              plan["decode"], device)
-            tokens = batch * DECODE_NEW_TOKENS
-            for name in calls:
-                extra = {"decoder_products_seconds": median(times[products])} if name == "ours" else {}
-                run.add(name, preset, phase, batch, times[name], tokens, num_beams=num_beams,
-                        new_tokens=DECODE_NEW_TOKENS, source_lengths=lengths,
-                        dtype=str(settings.dtype).replace("torch.", ""), token_check=checks[name], **extra)
+            checks[phase, batch] = compare_tokens(decode_marian(marian, input_ids, attention_mask, num_beams),
+                                                  decode_ours(ours, input_ids, attention_mask, num_beams))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return checks
 
 
-def run_train(run: Run, preset: str, plan: dict, ours_model, marian_model) -> dict:
+def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, tokenizer,
+               float32_checks: dict | None = None) -> None:
     settings, device = run.settings, run.settings.device
-    steps = {"ours": ours_train_step(ours_model, device), "marian": marian_train_step(marian_model, device)}
-    vocab = ours_model.config.vocab_size
+    for phase, num_beams, batch, input_ids, attention_mask, lengths in decode_settings(settings, ours.config.vocab_size):
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        source_tokens = [tokenizer.convert_ids_to_tokens(row[:n]) for row, n in zip(input_ids.tolist(), lengths)]
+        calls = {
+            "ours": lambda: decode_ours(ours, input_ids, attention_mask, num_beams),
+            "marian": lambda: decode_marian(marian, input_ids, attention_mask, num_beams),
+        }
+        if translator is not None:
+            calls["ctranslate2"] = lambda: decode_ctranslate2(translator, source_tokens, num_beams, tokenizer)
+        run.log(f"{preset} {phase} batch {batch}: token check")
+        outputs = {name: call() for name, call in calls.items()}  # also the warm-up
+        checks = {"marian": {"match": True, "reference": True}}
+        checks["ours"] = compare_tokens(outputs["marian"], outputs["ours"])
+        if "ctranslate2" in outputs:
+            checks["ctranslate2"] = compare_tokens(outputs["marian"], outputs["ctranslate2"])
+        run.log(f"{preset} {phase} batch {batch}: timing x{plan['decode']}")
+        products = "ours: decoder matrix products"
+        times = alternate({**calls, products: lambda: decoder_products_ours(ours, batch * num_beams)},
+                          plan["decode"], device)
+        tokens = batch * DECODE_NEW_TOKENS
+        for name in calls:
+            extra = {"decoder_products_seconds": median(times[products])} if name == "ours" else {}
+            if name == "ours" and float32_checks:
+                extra["float32_token_check"] = float32_checks[phase, batch]
+            run.add(name, preset, phase, batch, times[name], tokens, num_beams=num_beams,
+                    new_tokens=DECODE_NEW_TOKENS, source_lengths=lengths,
+                    dtype=str(settings.dtype).replace("torch.", ""), token_check=checks[name], **extra)
+
+
+def run_train(run: Run, preset: str, plan: dict, steps: dict, config) -> None:
+    settings, device = run.settings, run.settings.device
+    vocab = config.vocab_size
     for batch, source_length, target_length in settings.train_shapes():
         data = to_device(train_batch(vocab, batch, source_length, target_length, seed=settings.seed), device)
         run.log(f"{preset} train {batch}x{source_length}+{batch}x{target_length}: warm-up")
@@ -728,7 +772,7 @@ def run_train(run: Run, preset: str, plan: dict, ours_model, marian_model) -> di
                 step(data)
         run.log(f"{preset} train: timing x{plan['train']}")
         times = alternate({name: (lambda s=s: s(data)) for name, s in steps.items()}, plan["train"], device)
-        flops = training_flops(ours_model.config, batch, source_length, target_length)
+        flops = training_flops(config, batch, source_length, target_length)
         tokens = batch * (source_length + target_length)
         for name in steps:
             achieved = flops / median(times[name])
@@ -737,7 +781,6 @@ def run_train(run: Run, preset: str, plan: dict, ours_model, marian_model) -> di
                     flops=flops, achieved_flops_per_second=achieved,
                     matmul_peak_flops_per_second=run.peak_flops,
                     mfu=achieved / run.peak_flops if run.peak_flops else None)
-    return steps
 
 
 def run_length_mix(run: Run, preset: str, plan: dict, steps: dict, pad_token_id: int, vocab: int) -> None:
@@ -871,9 +914,11 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     if unknown:
         raise ValueError(f"unknown phase(s) {sorted(unknown)}; known: {', '.join(PHASES)}")
     if "matmul" in phases or "train" in phases:
-        run_matmul(run)
+        with run.guard("matmul peak"):
+            run_matmul(run)
     if "memory" in phases:
-        run_memory(run)  # first: no model of this process is alive yet (GPU), nothing else is timed (CPU)
+        with run.guard("train step memory"):
+            run_memory(run)  # first: no model of this process is alive yet (GPU), nothing else is timed (CPU)
     with tempfile.TemporaryDirectory(prefix="bench-ct2-") as workdir:
         for preset in settings.resolved_presets():
             plan = settings.plan(preset)
@@ -886,13 +931,22 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
                 translator = None
                 if use_ct2 and "decode" in phases:
                     run.log(f"{preset}: converting to CTranslate2")
-                    translator = make_translator(marian, tokenizer, settings, os.path.join(workdir, preset))
-                ours.to(settings.device, settings.dtype)
-                marian.to(settings.device, settings.dtype)
+                    with run.guard(f"{preset}: CTranslate2 model on {settings.device}"):
+                        translator = make_translator(marian, tokenizer, settings, os.path.join(workdir, preset))
+                ours.to(settings.device)
+                marian.to(settings.device)
+                float32_checks = None
+                if "decode" in phases and settings.dtype != torch.float32:
+                    with run.guard(f"{preset} float32 token check"):
+                        float32_checks = float32_token_checks(run, preset, ours, marian)
+                ours.to(settings.dtype)
+                marian.to(settings.dtype)
                 if "decode" in phases:
-                    run_decode(run, preset, plan, ours, marian, translator, tokenizer)
+                    with run.guard(f"{preset} decode"):
+                        run_decode(run, preset, plan, ours, marian, translator, tokenizer, float32_checks)
                 if "translate_file" in phases:
-                    run_translate_file(run, preset, plan, ours, marian)
+                    with run.guard(f"{preset} translate file"):
+                        run_translate_file(run, preset, plan, ours, marian)
                 del ours, marian, translator
                 gc.collect()
             if phases & {"train", "length_mix"}:
@@ -900,10 +954,13 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
                 ours, marian = build_pair(preset, settings.seed + 1, VOCAB_SIZES.get(preset))
                 ours.to(settings.device).train()
                 marian.to(settings.device).train()
-                steps = run_train(run, preset, plan, ours, marian) if "train" in phases else {
-                    "ours": ours_train_step(ours, settings.device), "marian": marian_train_step(marian, settings.device)}
+                steps = {"ours": ours_train_step(ours, settings.device), "marian": marian_train_step(marian, settings.device)}
+                if "train" in phases:
+                    with run.guard(f"{preset} train"):
+                        run_train(run, preset, plan, steps, ours.config)
                 if "length_mix" in phases:
-                    run_length_mix(run, preset, plan, steps, ours.config.pad_token_id, ours.config.vocab_size)
+                    with run.guard(f"{preset} length mix"):
+                        run_length_mix(run, preset, plan, steps, ours.config.pad_token_id, ours.config.vocab_size)
                 del ours, marian, steps
                 gc.collect()
                 if settings.is_cuda:
@@ -913,7 +970,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     settings_dict = dataclasses.asdict(settings)
     settings_dict["presets"] = list(settings.resolved_presets())
     settings_dict["ctranslate2"] = use_ct2
-    return {"machine": machine, "settings": settings_dict, "records": run.records, "notes": run.notes}
+    return {"machine": machine, "settings": settings_dict, "records": run.records, "notes": run.notes,
+            "failures": run.failures}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -935,8 +993,18 @@ def _ratio(a: dict | None, b: dict | None) -> str:
 
 def _check_text(ours: dict | None, ct2: dict | None) -> str:
     parts = []
+    exact = (ours or {}).get("float32_token_check")
+    if exact:
+        parts.append("float32: ours=Marian exact" if exact["match"] else
+                     f"MISMATCH in float32, ours vs Marian: {exact['mismatched_sequences']}/{exact['sequences']} seqs, "
+                     f"{exact['mismatched_tokens']}/{exact['tokens']} tok")
     check = (ours or {}).get("token_check")
-    if check:
+    if check and exact:  # timed in half precision: rounding may flip near-ties, so report the agreement
+        dtype = ours.get("dtype", "half precision")
+        parts.append(f"{dtype}: ours=Marian exact" if check["match"] else
+                     f"{dtype}: {check['tokens'] - check['mismatched_tokens']}/{check['tokens']} tok agree "
+                     f"({check['sequences'] - check['mismatched_sequences']}/{check['sequences']} seqs identical)")
+    elif check:
         parts.append("ours=Marian exact" if check["match"] else
                      f"MISMATCH ours vs Marian: {check['mismatched_sequences']}/{check['sequences']} seqs, "
                      f"{check['mismatched_tokens']}/{check['tokens']} tok")
@@ -1049,6 +1117,7 @@ def format_table(result: dict) -> str:
     if machine["load_average_start"][0] > machine["threads"]:
         footer.append("Warning: the machine was busy when the run started (load above the thread count): timings are noisy.")
     footer += result.get("notes", [])
+    footer += [f"FAILED: {failure}" for failure in result.get("failures", [])]
     return "\n".join(lines + footer)
 
 

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(result, args.json)
         print(f"\nwrote {args.json}", file=sys.stderr)
-    return 0
+    return 1 if result["failures"] else 0  # the table and JSON still hold every measurement that ran
 
 
 if __name__ == "__main__":

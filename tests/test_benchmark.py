@@ -81,6 +81,55 @@ def test_token_check_reports_a_mismatch(monkeypatch):
     assert "MISMATCH ours vs Marian: 1/2 seqs" in format_table(result)
 
 
+def test_a_failing_measurement_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    """One broken path (say a GPU kernel) costs its own rows only: the error is in the JSON, the table and the exit
+    status, and the other phases are measured."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(benchmark, "run_decode", broken)
+    monkeypatch.setattr(BenchmarkSettings, "decode_batches", lambda self: [1])
+    monkeypatch.setattr(BenchmarkSettings, "train_shapes", lambda self: [(2, 6, 6)])
+    settings = BenchmarkSettings(presets=("tiny",), phases=("decode", "train"), repeats=1, progress=False,
+                                 use_ctranslate2=False)
+    result = run_benchmark(settings)
+    assert result["failures"] == ["tiny decode failed: RuntimeError: no kernel image is available"]
+    assert {r["phase"] for r in result["records"]} == {"matmul_peak", "train"}
+    assert "FAILED: tiny decode failed: RuntimeError" in format_table(result)
+    assert "Traceback" in capsys.readouterr().err
+
+    from importlib import util
+
+    spec = util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    script = util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "run_benchmark", lambda settings: result)
+    assert script.main(["--quick"]) == 1
+
+
+def test_half_precision_runs_report_the_float32_check_and_the_agreement(monkeypatch):
+    """On a GPU the timed decode is bf16: the float32 check says whether both compute the same function, and the
+    bf16 run reports how many tokens agree instead of calling a rounding flip a mismatch."""
+    monkeypatch.setattr(BenchmarkSettings, "dtype", property(lambda self: torch.bfloat16))
+    monkeypatch.setattr(BenchmarkSettings, "decode_batches", lambda self: [2])
+    real = benchmark.decode_ours
+
+    def flip_in_bf16(model, input_ids, attention_mask, num_beams):
+        rows = real(model, input_ids, attention_mask, num_beams)
+        if model.dtype == torch.bfloat16:
+            rows[1][5] = (rows[1][5] + 1) % model.config.vocab_size or 4
+        return rows
+
+    monkeypatch.setattr(benchmark, "decode_ours", flip_in_bf16)
+    settings = BenchmarkSettings(presets=("tiny",), phases=("decode",), repeats=1, progress=False, use_ctranslate2=False)
+    result = run_benchmark(settings)
+    ours = [r for r in result["records"] if r["implementation"] == "ours"]
+    assert len(ours) == 2 and all(r["float32_token_check"]["match"] for r in ours)
+    assert all(r["dtype"] == "bfloat16" and r["token_check"]["mismatched_tokens"] == 1 for r in ours)
+    table = format_table(result)
+    assert table.count("float32: ours=Marian exact; bfloat16: 63/64 tok agree (1/2 seqs identical)") == 2
+
+
 def test_compare_tokens_counts_sequences_and_positions():
     assert compare_tokens([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == {
         "match": True, "sequences": 2, "mismatched_sequences": 0, "tokens": 5, "mismatched_tokens": 0}

@@ -1,0 +1,200 @@
+"""The CUDA paths, against independent references: Marian on the same GPU, transformers' own `generate`, eager
+attention in float32, a float64 loss. Skipped without CUDA; the GPU machine runs them (see README, "GPU").
+
+tests/test_reliability.py has the autocast/half-precision finiteness test; tests/test_transformers_common.py runs
+transformers' common tests on the GPU when there is one (its `torch_device`).
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import GenerationMixin
+
+from modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
+from modeling_seq2seq.convert import to_marian
+from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy
+from modeling_seq2seq.presets import load_preset
+from test_model import VOCAB, assert_fast_generate_equals_transformers_generate, make_model, padded_batch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    """TF32 off: float32 on the GPU is then float32, as on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def cuda_batch(**kwargs):
+    return tuple(t.cuda() for t in padded_batch(**kwargs))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base"])
+def test_logits_and_generation_match_marian_on_the_gpu(preset):
+    torch.manual_seed(0)
+    vocab = 300 if preset == "tiny" else 1000
+    ours = Seq2SeqTransformerForConditionalGeneration(load_preset(preset, vocab_size=vocab, dropout=0.0)).eval()
+    marian = to_marian(ours).eval().cuda()
+    ours.cuda()
+    source, mask = cuda_batch(seed=1, batch=4, length=13, vocab=vocab)
+    target, _ = cuda_batch(seed=2, batch=4, length=9, vocab=vocab)
+    with torch.no_grad():
+        logits = ours(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        reference = marian(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+    assert logits.is_cuda
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-4)
+    for settings in (dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)):
+        settings.update(max_new_tokens=16, do_sample=False)
+        assert torch.equal(ours.generate(source, attention_mask=mask, **settings),
+                           marian.generate(source, attention_mask=mask, **settings)), settings
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16", "autocast-bfloat16"])
+def test_fast_generate_on_the_gpu_equals_transformers_generate(precision):
+    model = make_model().cuda()
+    autocast = precision.startswith("autocast")
+    if not autocast:
+        model = model.to(getattr(torch, precision))
+    source, mask = cuda_batch()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        assert_fast_generate_equals_transformers_generate(model, source, mask)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_generate_search_rules_on_the_gpu(seed):
+    """test_model's search cases (sentences ending at different steps, banned and forced tokens) on the GPU."""
+    model = make_model(seed).cuda()
+    with torch.no_grad():
+        model.model.shared.weight[2] += 0.3 * (seed + 1)
+    source, mask = cuda_batch(seed=seed, batch=2 + seed, length=6 + seed)
+    for settings in (dict(num_beams=1), dict(num_beams=4, length_penalty=0.6),
+                     dict(num_beams=3, num_return_sequences=2), dict(num_beams=2, bad_words_ids=[[5]], forced_eos_token_id=2)):
+        settings["max_new_tokens"] = 8
+        ours = model.generate(source, attention_mask=mask, **settings)
+        assert ours.is_cuda
+        assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, **settings)), settings
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_unpadded_batches_run_every_attention_on_the_flash_kernel(dtype):
+    """Without padding the model passes no mask (SDPA's causal flag in the decoder), so FlashAttention can run
+    every attention call: forcing the flash kernel must work, and give eager float32's result."""
+    model = make_model().cuda().eval()
+    source = torch.randint(4, VOCAB, (3, 12), device="cuda")
+    target = torch.randint(4, VOCAB, (3, 7), device="cuda")
+    with torch.no_grad():
+        model.config._attn_implementation = "eager"
+        reference = model(input_ids=source, decoder_input_ids=target).logits
+        model.config._attn_implementation = "sdpa"
+        half = model.to(dtype)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            logits = half(input_ids=source, decoder_input_ids=target).logits
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+@pytest.mark.parametrize("dtype", HALF + [torch.float32])
+def test_padded_batches_on_each_sdpa_kernel_equal_eager_attention(backend, dtype):
+    """Padding masks go to the kernels that take a mask; a fully padded source row stays finite."""
+    model = make_model().cuda().eval()
+    source, mask = cuda_batch()
+    mask[2] = 0
+    inputs = dict(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :6])
+    with torch.no_grad():
+        model.config._attn_implementation = "eager"
+        reference = model(**inputs).logits
+        model.config._attn_implementation = "sdpa"
+        model.to(dtype)
+        with sdpa_kernel(backend):
+            logits = model(**inputs).logits.float()
+    assert torch.isfinite(logits).all()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05 * reference[:2].abs().max().item()
+    torch.testing.assert_close(logits[[0, 1, 3]], reference[[0, 1, 3]], rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_label_smoothed_loss_on_bf16_logits_equals_a_float64_recomputation(epsilon):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(40, 1000, device="cuda")).bfloat16().float().requires_grad_()
+    labels = torch.randint(0, 1000, (40,), device="cuda")
+    labels[::7] = -100
+    loss = LabelSmoothedCrossEntropy.apply(logits, labels, epsilon)
+    loss.backward()
+    reference_logits = logits.detach().double().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(reference_logits, labels, label_smoothing=epsilon)
+    reference.backward()
+    assert math.isclose(loss.item(), reference.item(), rel_tol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), reference_logits.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_training_step_follows_float32():
+    """One bf16-autocast training step moves the weights like a float32 step (fused Adam on the GPU)."""
+    from modeling_seq2seq.training import TrainingConfig, compute_loss, make_optimizer_and_scheduler
+
+    source, mask = cuda_batch(batch=6, length=10)
+    batch = dict(input_ids=source, attention_mask=mask, labels=source[:, :8])
+    updated = {}
+    for autocast in (False, True):
+        model = make_model(dropout=0.0).cuda().train()
+        optimizer, scheduler = make_optimizer_and_scheduler(model, TrainingConfig(), model.config.d_model)
+        assert optimizer.defaults.get("fused"), "fused Adam on CUDA"
+        before = model.model.shared.weight.detach().clone()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = compute_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        assert model.model.shared.weight.dtype == torch.float32
+        updated[autocast] = model.model.shared.weight.detach() - before
+    assert updated[False].abs().max() > 0
+    cosine = torch.nn.functional.cosine_similarity(updated[False].flatten(), updated[True].flatten(), dim=0)
+    assert cosine > 0.95
+
+
+def test_gradient_checkpointing_on_the_gpu_gives_the_same_gradients():
+    source, mask = cuda_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(dropout=0.0).cuda().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=source, attention_mask=mask, labels=source[:, :5]).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_training_loop_runs_on_the_gpu_in_bf16_and_resumes(tmp_path, capsys):
+    """scripts/train.py's loop on one GPU (Accelerate picks it), bf16 mixed precision, then stop and resume."""
+    import json
+
+    from modeling_seq2seq import training
+    from test_training import TINY_MODEL, run_args
+    from modeling_seq2seq.data import builtin_task
+    from modeling_seq2seq.tokenization import save_tokenizer, train_tokenizer
+
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_MODEL))
+    (tmp_path / "recipe.yaml").write_text("{}\n")
+    train = builtin_task()["train"].select(range(600))
+    save_tokenizer(train_tokenizer(list(train["source"]) + list(train["target"]), vocab_size=300), tmp_path / "tok")
+    assets = {"preset": str(tmp_path / "tiny.json"), "tokenizer": str(tmp_path / "tok"), "recipe": str(tmp_path / "recipe.yaml")}
+
+    out = tmp_path / "run"
+    assert training.main(run_args(assets, out, max_steps=8, mixed_precision="bf16")) == 0
+    printed = capsys.readouterr().out
+    assert "cuda" in printed, printed[-2000:]
+    log = [json.loads(line) for line in (out / training.LOG_FILE_NAME).read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "train"]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    assert training.main(run_args(assets, out, max_steps=12, mixed_precision="bf16", resume_from_checkpoint="latest")) == 0
+    assert (out / "checkpoint-12").is_dir()
+    model, tokenizer = training.load_model_and_tokenizer(out)
+    assert next(model.parameters()).is_cuda
+    assert len(training.translate_texts(model, tokenizer, ["seven", "forty-two"], num_beams=4)) == 2
