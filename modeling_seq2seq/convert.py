@@ -141,6 +141,21 @@ def to_marian(model: Seq2SeqTransformerForConditionalGeneration) -> MarianMTMode
     return marian.to(model.dtype).train(model.training)
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "source.spm", "vocab.json")
+
+
+def copy_tokenizer(source: str, destination: str) -> None:
+    """Save `source`'s tokenizer into `destination`, if it has one. A local folder without tokenizer files is left
+    alone: where sentencepiece is installed, AutoTokenizer would try a MarianTokenizer without its vocabulary."""
+    if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        print(f"note: {source} has no tokenizer files; none copied")
+        return
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+    except (OSError, ValueError, TypeError) as error:  # TypeError: a tokenizer class whose files are missing
+        print(f"note: no tokenizer copied from {source} ({type(error).__name__}: {error})")
+
+
 def convert_folder(source: str, output_dir: str, to: str) -> None:
     """Load a saved model (Marian or ours), convert it, and save it with its tokenizer into `output_dir`."""
     if to not in ("ours", "marian"):
@@ -155,10 +170,7 @@ def convert_folder(source: str, output_dir: str, to: str) -> None:
     staging = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(output) or ".")
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        try:
-            AutoTokenizer.from_pretrained(source).save_pretrained(staging)
-        except (OSError, ValueError) as error:
-            print(f"note: no tokenizer copied from {source} ({error})")
+        copy_tokenizer(source, staging)
         if os.path.exists(output):
             os.rmdir(output)
         os.replace(staging, output)

@@ -727,16 +727,20 @@ class IncrementalDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits in float32, (rows, vocab), for one new token per row (rows = sentences x beams)."""
+        position = self.decoder.embed_positions(1, self.length, tokens.device)
+        self.length += 1
+        return self.layers_and_output(tokens, position)
+
+    def layers_and_output(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         decoder = self.decoder
         hidden = decoder.embed_tokens(tokens[:, None])[:, 0]  # (rows, 1) as in `forward`, for hooks and adapters
-        hidden = hidden + decoder.embed_positions(1, self.length, hidden.device).to(hidden.dtype)
+        hidden = hidden + position.to(hidden.dtype)
         sublayers = (self.self_attention, self.cross_attention, self.feed_forward)
         for i, (norms, pre_norm) in enumerate(zip(self.norms, self.pre_norm)):
             for sublayer, norm in zip(sublayers, norms):
                 hidden = hidden + sublayer(i, norm(hidden)) if pre_norm else norm(hidden + sublayer(i, hidden))
         if decoder.layer_norm is not None:
             hidden = decoder.layer_norm(hidden)
-        self.length += 1
         return self.linear(self.model.lm_head, hidden).float()
 
     def self_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -775,6 +779,119 @@ class IncrementalDecoder:
         self.cross_keys_values = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_keys_values]
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, sentences)
+
+
+class StaticIncrementalDecoder(IncrementalDecoder):
+    """`IncrementalDecoder` with every shape fixed for the whole search, so that on a GPU its step is recorded once as
+    a CUDA graph and then replayed: one launch per step instead of ~190. On a GPU a decode step is bound by the CPU
+    that launches its small kernels (base, beam 4, 32 sentences: ~1.5 ms of GPU work behind ~4 ms of launches).
+
+    The self-attention cache holds every position from the start and is masked beyond the current one; the batch
+    keeps its first number of rows (a finished sentence's rows stay, unused: the search reads the first rows); a beam
+    reorder becomes a gather at the start of the next step. The same code runs without a graph where
+    `use_graph` is False (how the CPU tests check it).
+    """
+
+    def __init__(self, model, input_ids, attention_mask, num_beams: int, max_new_tokens: int, use_graph: bool):
+        super().__init__(model, input_ids, attention_mask, num_beams)
+        key, _ = self.cross_keys_values[0]
+        device, self.rows = key.device, input_ids.shape[0] * num_beams
+        capacity = -(-max_new_tokens // 16) * 16  # a multiple of 16: the aligned mask the fused kernels want
+        self.self_keys_values = [
+            tuple(
+                torch.zeros(self.rows, attention.num_heads, capacity, attention.head_dim, device=device,
+                            dtype=attention.qkv_proj.weight.dtype) for _ in range(2)
+            )
+            for attention, _, _ in self.layers
+        ]
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_positions = torch.arange(capacity, device=device)
+        self.position_table = self.decoder.embed_positions(capacity, 0, device)
+        self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)
+        self.parents = torch.arange(self.rows, device=device)
+        self.use_graph, self.graph, self.graph_logits = use_graph, None, None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = tokens.shape[0]
+        self.tokens[:rows].copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.graph_logits
+        elif self.use_graph:
+            logits = self.record()
+        else:
+            logits = self.static_step()
+        self.length += 1
+        return logits[:rows]
+
+    def record(self) -> torch.Tensor:
+        """Run the first step for real (it is also the warm-up a capture needs, on a side stream), then record it."""
+        device = self.tokens.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            logits = self.static_step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.graph_logits = self.static_step()
+        except RuntimeError as error:  # a kernel that cannot be recorded: the same step, launched op by op
+            warnings.warn(f"Decoding without a CUDA graph: recording the decode step failed ({error}).", RuntimeWarning)
+            self.use_graph = False
+        else:
+            self.graph = graph
+        return logits
+
+    def static_step(self) -> torch.Tensor:
+        if self.num_beams > 1:
+            for key, value in self.self_keys_values:
+                key.copy_(key.index_select(0, self.parents))
+                value.copy_(value.index_select(0, self.parents))
+        self.self_mask = (self.key_positions <= self.position)[None, None, None]
+        logits = self.layers_and_output(self.tokens, self.position_table.index_select(0, self.position))
+        self.position.add_(1)
+        return logits
+
+    def self_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        attention = self.layers[i][0]
+        rows, heads = hidden.shape[0], attention.num_heads
+        query, key, value = self.linear(attention.qkv_proj, hidden).view(rows, 3, heads, 1, -1).unbind(1)
+        cached_key, cached_value = self.self_keys_values[i]
+        cached_key.index_copy_(2, self.position, key)
+        cached_value.index_copy_(2, self.position, value)
+        output, _ = sdpa_attention(attention, query, cached_key, cached_value, self.self_mask, attention.scaling)
+        return self.linear(attention.out_proj, output.reshape(hidden.shape))
+
+    def reorder(self, rows: torch.Tensor):
+        if self.num_beams > 1:  # gathered inside the next step
+            self.parents[: rows.shape[0]].copy_(rows)
+            return
+        for key, value in self.self_keys_values:
+            key[: rows.shape[0]].copy_(key.index_select(0, rows))
+            value[: rows.shape[0]].copy_(value.index_select(0, rows))
+
+    def keep_sentences(self, sentences: torch.Tensor):
+        kept = sentences.shape[0]  # in place: the recorded step reads these very tensors
+        for key, value in self.cross_keys_values:
+            key[:kept].copy_(key.index_select(0, sentences))
+            value[:kept].copy_(value.index_select(0, sentences))
+        if self.cross_mask is not None:
+            self.cross_mask[:kept].copy_(self.cross_mask.index_select(0, sentences))
+
+
+def graph_safe(model) -> bool:
+    """Whether a recorded decode step computes what running the modules would: no hooks (a recording runs them once,
+    not at every step), no autocast (its weight cache cannot be recorded), not already recording or compiling."""
+    device_type = model.lm_head.weight.device.type
+    if device_type != "cuda" or torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    modules = [model.lm_head, model.get_input_embeddings(), *model.get_decoder().modules()]
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def plain_layer_norm(module):
@@ -929,6 +1046,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
+    decode_with_cuda_graphs = True  # on a GPU, greedy/beam `generate` replays a recorded step (StaticIncrementalDecoder)
 
     def __init__(self, config: Seq2SeqTransformerConfig):
         super().__init__(config)
@@ -974,7 +1092,11 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             return super().generate(inputs, generation_config, **kwargs)
         input_ids, attention_mask, settings = search
         with torch.no_grad():
-            decoder = IncrementalDecoder(self, input_ids, attention_mask, settings["num_beams"])
+            if self.decode_with_cuda_graphs and graph_safe(self):
+                decoder = StaticIncrementalDecoder(self, input_ids, attention_mask, settings["num_beams"],
+                                                   settings["max_new_tokens"], use_graph=True)
+            else:
+                decoder = IncrementalDecoder(self, input_ids, attention_mask, settings["num_beams"])
             if settings["num_beams"] == 1:
                 return greedy_search(decoder, input_ids.shape[0], settings)
             return beam_search(decoder, input_ids.shape[0], settings)

@@ -14,9 +14,9 @@ from transformers import GenerationMixin
 
 from modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
 from modeling_seq2seq.convert import to_marian
-from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy
+from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, StaticIncrementalDecoder
 from modeling_seq2seq.presets import load_preset
-from test_model import VOCAB, assert_fast_generate_equals_transformers_generate, make_model, padded_batch
+from test_model import VOCAB, assert_fast_generate_equals_transformers_generate, make_model, padded_batch, static_generate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -58,12 +58,24 @@ def test_logits_and_generation_match_marian_on_the_gpu(preset):
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16", "autocast-bfloat16"])
 def test_fast_generate_on_the_gpu_equals_transformers_generate(precision):
+    """Each link checked exactly: the recorded step replays the static decoder's arithmetic bit for bit; the static
+    decoder (fixed-size masked cache) equals transformers in float32; the step-by-step decoder (what autocast and
+    hooks use) equals transformers in every precision. In half precision the static decoder's masked attention may
+    round differently from an unmasked one, so its tokens are not compared with transformers' there."""
     model = make_model().cuda()
     autocast = precision.startswith("autocast")
     if not autocast:
         model = model.to(getattr(torch, precision))
     source, mask = cuda_batch()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        for num_beams in (1, 3):
+            settings = dict(num_beams=num_beams, max_new_tokens=6)
+            replayed = model.generate(source, attention_mask=mask, **settings)
+            if not autocast:
+                assert torch.equal(replayed, static_generate(model, source, mask, **settings)), settings
+            if precision == "float32":
+                assert torch.equal(replayed, GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+        model.decode_with_cuda_graphs = False
         assert_fast_generate_equals_transformers_generate(model, source, mask)
 
 
@@ -198,3 +210,36 @@ def test_training_loop_runs_on_the_gpu_in_bf16_and_resumes(tmp_path, capsys):
     model, tokenizer = training.load_model_and_tokenizer(out)
     assert next(model.parameters()).is_cuda
     assert len(training.translate_texts(model, tokenizer, ["seven", "forty-two"], num_beams=4)) == 2
+
+
+def test_generate_replays_a_recorded_step_and_runs_modules_where_it_must(monkeypatch):
+    """On a GPU greedy/beam `generate` records one decode step as a CUDA graph per call; hooks, autocast and the
+    opt-out run the modules step by step instead. Every path gives transformers' tokens."""
+    model = make_model().cuda()
+    source, mask = cuda_batch()
+    recorded = []
+    record = StaticIncrementalDecoder.record
+    monkeypatch.setattr(StaticIncrementalDecoder, "record", lambda self: recorded.append(self) or record(self))
+    settings = dict(num_beams=4, max_new_tokens=9)
+    expected = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+    assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected)
+    assert len(recorded) == 1 and recorded[0].graph is not None
+
+    calls = []
+    handle = model.model.decoder.layers[0].feed_forward.register_forward_hook(lambda *args: calls.append(1))
+    assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected)
+    handle.remove()
+    assert len(recorded) == 1 and len(calls) > 1, "a hooked module runs at every step"
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model.generate(source, attention_mask=mask, **settings)
+    model.decode_with_cuda_graphs = False
+    assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected)
+    assert len(recorded) == 1
+
+    with torch.no_grad():  # the next call records again, with the edited weights
+        model.lm_head.weight.mul_(-1)
+    model.decode_with_cuda_graphs = True
+    edited = model.generate(source, attention_mask=mask, **settings)
+    assert len(recorded) == 2 and not torch.equal(edited, expected)
+    assert torch.equal(edited, GenerationMixin.generate(model, source, attention_mask=mask, **settings))

@@ -18,7 +18,10 @@ from modeling_seq2seq.convert import from_marian, to_marian
 from modeling_seq2seq.modeling_seq2seq import (
     LabelSmoothedCrossEntropy,
     SinusoidalPositionalEncoding,
+    StaticIncrementalDecoder,
+    beam_search,
     decode_step_linear,
+    greedy_search,
 )
 from modeling_seq2seq.presets import load_preset
 
@@ -553,9 +556,20 @@ def test_convert_script_round_trip(tmp_path):
         convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")])
 
 
+def static_generate(model, source, mask, **settings):
+    """Greedy/beam search on `StaticIncrementalDecoder` without recording a graph (the GPU path's arithmetic)."""
+    input_ids, attention_mask, search = model.fast_search_settings(source, None, dict(settings, attention_mask=mask))
+    with torch.no_grad():
+        decoder = StaticIncrementalDecoder(model, input_ids, attention_mask, search["num_beams"],
+                                           search["max_new_tokens"], use_graph=False)
+        return (greedy_search if search["num_beams"] == 1 else beam_search)(decoder, input_ids.shape[0], search)
+
+
+@pytest.mark.parametrize("decoder", ["incremental", "static"])
 @pytest.mark.parametrize("seed", range(6))
-def test_fast_generate_equals_transformers_generate(seed):
-    """Our decode loop (IncrementalDecoder) returns exactly what transformers' own greedy/beam search returns."""
+def test_fast_generate_equals_transformers_generate(seed, decoder):
+    """Our decode loops return exactly what transformers' own greedy/beam search returns: `IncrementalDecoder`
+    (generate's path) and `StaticIncrementalDecoder` (fixed shapes: the path a GPU replays as a CUDA graph)."""
     model = make_model(seed)
     with torch.no_grad():  # make end-of-sentence likely, so sentences finish at different steps
         model.model.shared.weight[2] += 0.3 * (seed % 4)
@@ -571,6 +585,9 @@ def test_fast_generate_equals_transformers_generate(seed):
     for settings in cases:
         settings["max_new_tokens"] = 4 + 2 * seed
         assert model.fast_search_settings(source, None, dict(settings)) is not None
-        ours = model.generate(source, attention_mask=mask, **settings)
+        if decoder == "static":
+            ours = static_generate(model, source, mask, **settings)
+        else:
+            ours = model.generate(source, attention_mask=mask, **settings)
         reference = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
         assert torch.equal(ours, reference), settings

@@ -33,12 +33,12 @@ def model_and_tokenizer(model_dir):
 @pytest.fixture(scope="module")
 def translator(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    return pipeline(TASK, model=model, tokenizer=tokenizer)
+    return pipeline(TASK, model=model, tokenizer=tokenizer)  # on a GPU machine transformers moves the model there
 
 
 def generate_one(model, tokenizer, text, **kwargs):
     with torch.no_grad():
-        return model.generate(**tokenizer([text], return_tensors="pt"), **kwargs)[0].tolist()
+        return model.generate(**tokenizer([text], return_tensors="pt").to(model.device), **kwargs)[0].tolist()
 
 
 def decode(tokenizer, ids):
@@ -100,7 +100,7 @@ def test_several_sequences_per_input(translator, model_and_tokenizer):
     assert [len(records) for records in out] == [2, 2]
     for text, records in zip(TEXTS[:2], out):
         with torch.no_grad():
-            ids = model.generate(**tokenizer([text], return_tensors="pt"), **kwargs)
+            ids = model.generate(**tokenizer([text], return_tensors="pt").to(model.device), **kwargs)
         assert [r["translation_text"] for r in records] == tokenizer.batch_decode(ids, skip_special_tokens=True)
     single = translator(TEXTS[0], **kwargs)
     assert single == out[0]
@@ -132,7 +132,7 @@ def test_prefix_truncation_and_clean_output(translator, model_and_tokenizer):
     try:
         truncated = translator(TEXTS[0], truncation=True, return_tensors=True, **GREEDY)
         with torch.no_grad():
-            encoded = tokenizer([TEXTS[0]], truncation=True, return_tensors="pt")
+            encoded = tokenizer([TEXTS[0]], truncation=True, return_tensors="pt").to(model.device)
             assert encoded["input_ids"].shape[1] == 3
             expected = model.generate(**encoded, **GREEDY)[0].tolist()
     finally:

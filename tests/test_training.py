@@ -113,10 +113,10 @@ def assert_same_weights(a, b, atol=1e-6):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def run_subprocess(args, timeout=300, prelude=""):
+def run_subprocess(args, timeout=300, prelude="", env=SUBPROCESS_ENV):
     """Run training.main(args) in a fresh interpreter, after `prelude` (fault-injection patches)."""
     code = f"{prelude}\nimport sys\nfrom modeling_seq2seq import training\nsys.exit(training.main({args!r}))\n"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=SUBPROCESS_ENV)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def read_log(output_dir):
@@ -536,14 +536,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
     sums differs (the all-reduce adds the two gradients in another order than accumulation does).
     """
     no_dropout = {"dropout": 0.0}
+    cpu_only = {**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""}  # both on the CPU, also on a machine with a GPU
     one = tmp_path / "one_process"
-    assert training.main(run_args(assets, one, max_steps=8, gradient_accumulation_steps=2, model_overrides=no_dropout)) == 0
+    done = run_subprocess(run_args(assets, one, max_steps=8, gradient_accumulation_steps=2, model_overrides=no_dropout),
+                          env=cpu_only)
+    assert done.returncode == 0, done.stderr[-3000:]
     two = tmp_path / "two_processes"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py")]
     result = subprocess.run(launch + run_args(assets, two, max_steps=8, model_overrides=no_dropout),
-                            capture_output=True, text=True, timeout=400, env={**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""})
+                            capture_output=True, text=True, timeout=400, env=cpu_only)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert_same_weights(two, one, atol=1e-5)
