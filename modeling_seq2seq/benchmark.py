@@ -8,7 +8,7 @@ implementations (the order flips every repeat), after warm-up, and reports media
 - `matmul_peak`: the machine's measured matrix-multiply peak (torch.matmul of large square matrices, best of N;
   fp32 on CPU, bf16 on GPU), the denominator of the model FLOPs utilisation (MFU).
 - `train`: forward + backward + Adam step on a fixed batch of 16 x 32 source and 16 x 32 target tokens (on GPU also
-  128 x 64 + 128 x 64), fp32 on CPU, bf16 autocast on GPU; tokens/s counts source + target tokens. "Ours" runs the
+  128 x 64 + 128 x 64 and the paper's ~25k-token batches, 200 x 128 + 200 x 128), fp32 on CPU, bf16 autocast on GPU; tokens/s counts source + target tokens. "Ours" runs the
   step of our training loop (`training.compute_loss`, `training.make_optimizer_and_scheduler`: fused Adam(0.9, 0.98,
   1e-9) with the inverse-square-root schedule, and the gradient-norm measurement the loop does every step); Marian
   runs the step a transformers user writes (`model(**batch).loss.backward()`,
@@ -28,7 +28,9 @@ implementations (the order flips every repeat), after warm-up, and reports media
   tokens (`min_new_tokens = max_new_tokens = 32`; CTranslate2: `min/max_decoding_length = 32`), length penalty 0.6
   for beam search. Before timing, every implementation decodes the inputs once (this is also the warm-up) and the
   tokens are compared: ours vs. Marian exactly, CTranslate2 vs. Marian token by token; the result is in each
-  record's `token_check` and in the table's last column. tokens/s counts generated tokens (batch x 32). Our
+  record's `token_check` and in the table's last column. When the timed dtype is not float32 (bf16 on GPU), ours
+  and Marian are also compared in float32 first (`float32_token_check`), and the bf16 comparison is reported as
+  the share of tokens that agree. tokens/s counts generated tokens (batch x 32). Our
   decode loop's matrix products are also timed alone, in the same alternation (`decoder_products_ours`); ours'
   record holds that as `decoder_products_seconds`, and the table gives the step time both ways.
 - `translate_file`: `scripts/translate.py`'s code path (`training.translate_texts`: sort by length, batches of 64,

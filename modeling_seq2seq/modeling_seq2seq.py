@@ -786,32 +786,45 @@ class StaticIncrementalDecoder(IncrementalDecoder):
     a CUDA graph and then replayed: one launch per step instead of ~190. On a GPU a decode step is bound by the CPU
     that launches its small kernels (base, beam 4, 32 sentences: ~1.5 ms of GPU work behind ~4 ms of launches).
 
-    The self-attention cache holds every position from the start and is masked beyond the current one; the batch
-    keeps its first number of rows (a finished sentence's rows stay, unused: the search reads the first rows); a beam
-    reorder becomes a gather at the start of the next step. The same code runs without a graph where
-    `use_graph` is False (how the CPU tests check it).
+    The self-attention cache is allocated for a number of positions and masked beyond the current one; it grows (and
+    the step is recorded again) when the search goes past it, so that a generous `max_new_tokens` costs memory
+    only as sentences get that long. The batch keeps its first number of rows (a finished sentence's rows stay,
+    unused: the search reads the first rows); a beam reorder becomes a gather at the start of the next step. The
+    same code runs without a graph where `use_graph` is False (how the CPU tests check it).
     """
 
-    def __init__(self, model, input_ids, attention_mask, num_beams: int, max_new_tokens: int, use_graph: bool):
+    def __init__(self, model, input_ids, attention_mask, num_beams: int, max_new_tokens: int, use_graph: bool,
+                 initial_capacity: int = 64):
         super().__init__(model, input_ids, attention_mask, num_beams)
-        key, _ = self.cross_keys_values[0]
-        device, self.rows = key.device, input_ids.shape[0] * num_beams
-        capacity = -(-max_new_tokens // 16) * 16  # a multiple of 16: the aligned mask the fused kernels want
-        self.self_keys_values = [
-            tuple(
-                torch.zeros(self.rows, attention.num_heads, capacity, attention.head_dim, device=device,
-                            dtype=attention.qkv_proj.weight.dtype) for _ in range(2)
-            )
-            for attention, _, _ in self.layers
-        ]
+        device = self.cross_keys_values[0][0].device
+        self.rows, self.max_new_tokens, self.capacity = input_ids.shape[0] * num_beams, max_new_tokens, 0
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.key_positions = torch.arange(capacity, device=device)
-        self.position_table = self.decoder.embed_positions(capacity, 0, device)
         self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)
         self.parents = torch.arange(self.rows, device=device)
         self.use_graph, self.graph, self.graph_logits = use_graph, None, None
+        self.grow(initial_capacity)
+
+    def grow(self, capacity: int):
+        """Hold `capacity` positions (a multiple of 16, the mask alignment fused kernels want; at most what the
+        search can reach), keeping the cached ones. The recorded step read the old tensors: it is recorded again."""
+        capacity = -(-min(capacity, self.max_new_tokens) // 16) * 16
+        device = self.position.device
+        grown = []
+        for (attention, _, _), cached in zip(self.layers, self.self_keys_values):
+            pair = tuple(torch.zeros(self.rows, attention.num_heads, capacity, attention.head_dim, device=device,
+                                     dtype=attention.qkv_proj.weight.dtype) for _ in range(2))
+            if cached is not None:
+                for new, old in zip(pair, cached):
+                    new[:, :, : self.capacity].copy_(old)
+            grown.append(pair)
+        self.self_keys_values, self.capacity = grown, capacity
+        self.key_positions = torch.arange(capacity, device=device)
+        self.position_table = self.decoder.embed_positions(capacity, 0, device)
+        self.graph = self.graph_logits = None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.length >= self.capacity:
+            self.grow(2 * self.capacity)
         rows = tokens.shape[0]
         self.tokens[:rows].copy_(tokens)
         if self.graph is not None:
@@ -832,6 +845,7 @@ class StaticIncrementalDecoder(IncrementalDecoder):
         with torch.cuda.stream(stream):
             logits = self.static_step()
         torch.cuda.current_stream(device).wait_stream(stream)
+        logits.record_stream(torch.cuda.current_stream(device))  # made on the side stream, read on the main one
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):

@@ -556,13 +556,26 @@ def test_convert_script_round_trip(tmp_path):
         convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")])
 
 
-def static_generate(model, source, mask, **settings):
+def static_generate(model, source, mask, initial_capacity=64, return_decoder=False, **settings):
     """Greedy/beam search on `StaticIncrementalDecoder` without recording a graph (the GPU path's arithmetic)."""
     input_ids, attention_mask, search = model.fast_search_settings(source, None, dict(settings, attention_mask=mask))
     with torch.no_grad():
         decoder = StaticIncrementalDecoder(model, input_ids, attention_mask, search["num_beams"],
-                                           search["max_new_tokens"], use_graph=False)
-        return (greedy_search if search["num_beams"] == 1 else beam_search)(decoder, input_ids.shape[0], search)
+                                           search["max_new_tokens"], use_graph=False, initial_capacity=initial_capacity)
+        ids = (greedy_search if search["num_beams"] == 1 else beam_search)(decoder, input_ids.shape[0], search)
+    return (ids, decoder) if return_decoder else ids
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_static_decoder_cache_grows_as_sentences_get_longer(num_beams):
+    """The fixed-size cache starts small and grows (16 -> 32 -> 48 positions for 40 tokens), keeping what it holds."""
+    model = make_model(3)
+    source, mask = padded_batch(seed=3, batch=3)
+    settings = dict(num_beams=num_beams, min_new_tokens=40, max_new_tokens=40)
+    ids, decoder = static_generate(model, source, mask, initial_capacity=16, return_decoder=True, **settings)
+    assert decoder.capacity == 48 and decoder.self_keys_values[0][0].shape[2] == 48
+    assert ids.shape[1] == 41
+    assert torch.equal(ids, GenerationMixin.generate(model, source, attention_mask=mask, **settings))
 
 
 @pytest.mark.parametrize("decoder", ["incremental", "static"])
