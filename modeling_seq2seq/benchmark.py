@@ -31,7 +31,8 @@ implementations (the order flips every repeat), after warm-up, and reports media
   record's `token_check` and in the table's last column. When the timed dtype is not float32 (bf16 on GPU), ours
   and Marian are also compared in float32 first (`float32_token_check`), and the bf16 comparison is reported as
   the share of tokens that agree. tokens/s counts generated tokens (batch x 32). Our
-  decode loop's matrix products are also timed alone, in the same alternation (`decoder_products_ours`); ours'
+  decode loop's matrix products are also timed alone, in the same alternation (`decoder_products_ours`; on a CPU
+  only: a GPU replays the recorded step, and products launched one by one would time the launches); ours'
   record holds that as `decoder_products_seconds`, and the table gives the step time both ways.
 - `translate_file`: `scripts/translate.py`'s code path (`training.translate_texts`: sort by length, batches of 64,
   beam 4, restore the order) vs. a plain loop over `MarianMTModel.generate` one sentence at a time in file order,
@@ -750,12 +751,15 @@ def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, toke
         if "ctranslate2" in outputs:
             checks["ctranslate2"] = compare_tokens(outputs["marian"], outputs["ctranslate2"])
         run.log(f"{preset} {phase} batch {batch}: timing x{plan['decode']}")
-        products = "ours: decoder matrix products"
-        times = alternate({**calls, products: lambda: decoder_products_ours(ours, batch * num_beams)},
-                          plan["decode"], device)
+        # On a GPU the products launched one by one time the launches, not the products (the step is recorded).
+        products = None if settings.is_cuda else "ours: decoder matrix products"
+        timed_calls = dict(calls)
+        if products:
+            timed_calls[products] = lambda: decoder_products_ours(ours, batch * num_beams)
+        times = alternate(timed_calls, plan["decode"], device)
         tokens = batch * DECODE_NEW_TOKENS
         for name in calls:
-            extra = {"decoder_products_seconds": median(times[products])} if name == "ours" else {}
+            extra = {"decoder_products_seconds": median(times[products])} if name == "ours" and products else {}
             if name == "ours" and float32_checks:
                 extra["float32_token_check"] = float32_checks[phase, batch]
             run.add(name, preset, phase, batch, times[name], tokens, num_beams=num_beams,
@@ -1079,9 +1083,10 @@ def result_rows(result: dict) -> list[list[str]]:
             ours, marian, ct2 = group.get("ours"), group.get("marian"), group.get("ctranslate2")
             r = ours or marian
             note = _check_text(ours, ct2)
+            if ours and ours.get("median_seconds"):
+                note += f"; ours per step {ours['median_seconds'] / DECODE_NEW_TOKENS * 1e3:.1f} ms"
             if ours and ours.get("decoder_products_seconds"):
-                step, products = ours["median_seconds"] / DECODE_NEW_TOKENS, ours["decoder_products_seconds"] / DECODE_NEW_TOKENS
-                note += f"; ours per step {step * 1e3:.1f} ms, of which decoder matrix products {products * 1e3:.1f} ms"
+                note += f", of which decoder matrix products {ours['decoder_products_seconds'] / DECODE_NEW_TOKENS * 1e3:.1f} ms"
             rows.append([phase.replace("_", " "), preset, f"batch {r['batch']} x {DECODE_NEW_TOKENS} new tok", _rate(ours),
                          _rate(marian), _rate(ct2), _ratio(ours, marian), _ratio(ours, ct2), note])
         elif phase == "translate_file":
