@@ -796,7 +796,8 @@ class StaticIncrementalDecoder(IncrementalDecoder):
     def __init__(self, model, input_ids, attention_mask, num_beams: int, max_new_tokens: int, use_graph: bool,
                  initial_capacity: int = 64):
         super().__init__(model, input_ids, attention_mask, num_beams)
-        device = self.cross_keys_values[0][0].device
+        key = self.cross_keys_values[0][0]
+        device, self.dtype = key.device, key.dtype  # the activations' dtype (a weight's may be a quantized one)
         self.rows, self.max_new_tokens, self.capacity = input_ids.shape[0] * num_beams, max_new_tokens, 0
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)
@@ -812,7 +813,7 @@ class StaticIncrementalDecoder(IncrementalDecoder):
         grown = []
         for (attention, _, _), cached in zip(self.layers, self.self_keys_values):
             pair = tuple(torch.zeros(self.rows, attention.num_heads, capacity, attention.head_dim, device=device,
-                                     dtype=attention.qkv_proj.weight.dtype) for _ in range(2))
+                                     dtype=self.dtype) for _ in range(2))
             if cached is not None:
                 for new, old in zip(pair, cached):
                     new[:, :, : self.capacity].copy_(old)
@@ -840,21 +841,25 @@ class StaticIncrementalDecoder(IncrementalDecoder):
     def record(self) -> torch.Tensor:
         """Run the first step for real (it is also the warm-up a capture needs, on a side stream), then record it."""
         device = self.tokens.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            logits = self.static_step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        logits.record_stream(torch.cuda.current_stream(device))  # made on the side stream, read on the main one
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.graph_logits = self.static_step()
-        except RuntimeError as error:  # a kernel that cannot be recorded: the same step, launched op by op
-            warnings.warn(f"Decoding without a CUDA graph: recording the decode step failed ({error}).", RuntimeWarning)
-            self.use_graph = False
-        else:
-            self.graph = graph
+        with torch.cuda.device(device):
+            caller = torch.cuda.current_stream(device)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                logits = self.static_step()
+            caller.wait_stream(stream)
+            logits.record_stream(caller)  # made on the side stream, read on the caller's
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=stream):
+                    self.graph_logits = self.static_step()
+            except RuntimeError as error:  # a kernel that cannot be recorded: the same step, launched op by op
+                torch.cuda.set_stream(caller)  # a failed capture can leave its stream current
+                warnings.warn(f"Decoding without a CUDA graph: recording the decode step failed ({error}).",
+                              RuntimeWarning)
+                self.use_graph = False
+            else:
+                self.graph = graph
         return logits
 
     def static_step(self) -> torch.Tensor:
@@ -895,17 +900,35 @@ class StaticIncrementalDecoder(IncrementalDecoder):
 
 
 def graph_safe(model) -> bool:
-    """Whether a recorded decode step computes what running the modules would: no hooks (a recording runs them once,
-    not at every step), no autocast (its weight cache cannot be recorded), not already recording or compiling."""
-    device_type = model.lm_head.weight.device.type
-    if device_type != "cuda" or torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
+    """Whether generate may record its decode step as a CUDA graph: on one GPU, not inside another recording."""
+    device = model.lm_head.weight.device
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and recordable(model, device)
+
+
+def recordable(model, device: torch.device) -> bool:
+    """Whether a recorded decode step computes what running the modules would. A recording runs Python once, so
+    nothing may act at each call: no hooks (also accelerate's, which replace `forward`), no autocast (its weight
+    cache is not recorded), no torch function or dispatch modes, no compiling. The layers must be plain
+    `nn.Linear` with floating-point weights on `device` (quantized, adapter and offloaded layers run step by step)."""
+    if torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling():
         return False
-    if torch.cuda.is_current_stream_capturing():
+    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    modules = [model.lm_head, model.get_input_embeddings(), *model.get_decoder().modules()]
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    decoder = model.get_decoder()
+    modules = [model, model.lm_head, model.get_input_embeddings(), *decoder.modules()]
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules):
+        return False
+    linears = [model.lm_head] + [
+        linear for layer in decoder.layers
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.out_proj, layer.cross_attn.q_proj,
+                       layer.cross_attn.kv_proj, layer.cross_attn.out_proj, layer.feed_forward.fc1, layer.feed_forward.fc2)
+    ]
+    if any(type(linear) is not nn.Linear for linear in linears):
+        return False
+    tensors = [*model.get_encoder().parameters(), *decoder.parameters(), *model.lm_head.parameters()]
+    return all(t.device == device and t.is_floating_point() for t in tensors)
 
 
 def plain_layer_norm(module):
@@ -1098,8 +1121,11 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
 
         When the request is greedy or beam search (with length penalty, min/max length, single banned tokens and a
         forced final end-of-sentence) and asks for token ids only, the search runs on `IncrementalDecoder` and
-        returns exactly what transformers' own loop returns. Anything else (sampling, scores, custom processors,
-        stopping criteria, streamers, ...) goes to transformers' implementation unchanged.
+        returns exactly what transformers' own loop returns. On a GPU it runs on `StaticIncrementalDecoder`, a
+        recorded step replayed as a CUDA graph: the same tokens in float32; in half precision its attention over a
+        masked fixed-size cache may round differently, as transformers' own static cache does
+        (`model.decode_with_cuda_graphs = False` keeps the step-by-step arithmetic). Anything else (sampling,
+        scores, custom processors, stopping criteria, streamers, ...) goes to transformers' implementation unchanged.
         """
         search = self.fast_search_settings(inputs, generation_config, kwargs)
         if search is None:

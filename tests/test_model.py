@@ -578,14 +578,81 @@ def test_static_decoder_cache_grows_as_sentences_get_longer(num_beams):
     assert torch.equal(ids, GenerationMixin.generate(model, source, attention_mask=mask, **settings))
 
 
+def test_static_decoder_updates_what_its_recorded_step_reads_in_place(monkeypatch):
+    """A recorded step reads the tensors it was recorded with. Between two recordings (the first step, and the first
+    after each growth of the cache), every tensor the step reads must keep its memory: sentences that finish and
+    beam reorders write into them. Checked on the CPU, where the step runs without a graph."""
+    def read_by_step(decoder):
+        tensors = [decoder.tokens, decoder.parents, decoder.position, decoder.key_positions, decoder.position_table]
+        tensors += [t for pair in decoder.self_keys_values + decoder.cross_keys_values for t in pair]
+        return [t.data_ptr() for t in tensors + ([decoder.cross_mask] if decoder.cross_mask is not None else [])]
+
+    recorded, checked = {}, []
+    step, grow = StaticIncrementalDecoder.static_step, StaticIncrementalDecoder.grow
+
+    def checking_step(self):
+        recorded.setdefault(id(self), read_by_step(self))
+        assert read_by_step(self) == recorded[id(self)], "a tensor of the recorded step was replaced"
+        checked.append(1)
+        return step(self)
+
+    def recording_again(self, capacity):
+        grow(self, capacity)
+        recorded.pop(id(self), None)
+
+    monkeypatch.setattr(StaticIncrementalDecoder, "static_step", checking_step)
+    monkeypatch.setattr(StaticIncrementalDecoder, "grow", recording_again)
+    model = make_model(5, output_bias=True)
+    with torch.no_grad():  # sentences end at different steps
+        model.lm_head.bias[2] = 2.0
+    source, mask = padded_batch(seed=5, batch=4)
+    for settings in (dict(num_beams=1), dict(num_beams=4), dict(num_beams=3, num_return_sequences=2)):
+        ids = static_generate(model, source, mask, initial_capacity=16, max_new_tokens=40, **settings)
+        assert torch.equal(ids, GenerationMixin.generate(model, source, attention_mask=mask, max_new_tokens=40, **settings))
+    assert len(checked) > 40
+
+
+def test_only_a_plain_model_on_one_device_is_recorded_as_a_graph():
+    """What a CUDA graph would get wrong runs step by step instead: hooks, autocast, dispatch modes, layers that are
+    not plain `nn.Linear` (quantized, adapters). (`recordable` is device-independent, so it is checked here.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_seq2seq.modeling_seq2seq import graph_safe, recordable
+
+    model, cpu = make_model(), torch.device("cpu")
+    assert recordable(model, cpu) and not graph_safe(model)  # the graph itself is a GPU thing
+    handle = model.model.decoder.layers[1].final_layer_norm.register_forward_pre_hook(lambda *args: None)
+    assert not recordable(model, cpu)
+    handle.remove()
+    model.model.decoder.layers[0]._hf_hook = object()  # accelerate's offloading and device maps
+    assert not recordable(model, cpu)
+    del model.model.decoder.layers[0]._hf_hook
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not recordable(model, cpu)
+    with FlopCounterMode(display=False):
+        assert not recordable(model, cpu)
+
+    class Adapter(torch.nn.Linear):
+        pass
+
+    plain = model.model.decoder.layers[0].feed_forward.fc1
+    adapter = Adapter(plain.in_features, plain.out_features)
+    model.model.decoder.layers[0].feed_forward.fc1 = adapter
+    assert not recordable(model, cpu)
+    model.model.decoder.layers[0].feed_forward.fc1 = plain
+    assert recordable(model, cpu)
+    model.lm_head.to("meta")  # a layer elsewhere (offloaded, another device)
+    assert not recordable(model, cpu)
+
+
 @pytest.mark.parametrize("decoder", ["incremental", "static"])
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_generate_equals_transformers_generate(seed, decoder):
     """Our decode loops return exactly what transformers' own greedy/beam search returns: `IncrementalDecoder`
     (generate's path) and `StaticIncrementalDecoder` (fixed shapes: the path a GPU replays as a CUDA graph)."""
-    model = make_model(seed)
+    model = make_model(seed, output_bias=True)
     with torch.no_grad():  # make end-of-sentence likely, so sentences finish at different steps
-        model.model.shared.weight[2] += 0.3 * (seed % 4)
+        model.lm_head.bias[2] = 0.8 * (seed % 4)
     source, mask = padded_batch(seed=seed, batch=1 + seed % 4, length=5 + seed)
     cases = [
         dict(num_beams=1),
