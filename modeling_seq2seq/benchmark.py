@@ -450,7 +450,7 @@ def decoder_products_ours(model, rows: int, steps: int = DECODE_NEW_TOKENS) -> N
     """Our decode loop's matrix products alone: at each step, every decoder layer's projections and the output
     projection for `rows` rows, through the loop's own `decode_step_linear`. Timed beside `generate`, it splits a
     step into the matrix products and everything else (encoder, attention, layer norms, search, Python)."""
-    from .modeling_seq2seq import decode_step_linear
+    from .decoding_seq2seq import decode_step_linear
 
     weight = model.lm_head.weight
     linear = decode_step_linear(model, weight.device, weight.dtype)
@@ -1036,7 +1036,6 @@ def result_rows(result: dict) -> list[list[str]]:
             by_key[key] = {}
             order.append(key)
         by_key[key][r["implementation"]] = r
-    peak = next((r for r in records if r["phase"] == "matmul_peak"), None)
     for key in order:
         phase, preset, _, _ = key
         group = by_key[key]

@@ -7,7 +7,8 @@
     generation_config.json
     model.safetensors          safetensors only; the tied output projection is stored once, as `model.shared.weight`
     tokenizer.json, tokenizer_config.json   (`"tokenizer_class": "PreTrainedTokenizerFast"`: loads on 4.57 and 5.x)
-    configuration_seq2seq.py, modeling_seq2seq.py   the model code, for `trust_remote_code=True`
+    configuration_seq2seq.py, modeling_seq2seq.py, decoding_seq2seq.py
+                               the model code, for `trust_remote_code=True`
     pipeline.py                the `"seq2seq-translation"` pipeline
 
 With it, someone who has plain `transformers` (5.x or 4.57) and not this package runs
@@ -48,7 +49,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_TEMPLATE = PACKAGE_DIR.parent / "model_card.md"
 
 # The code files that ship with the weights, and nothing else.
-SHIPPED_CODE = ("configuration_seq2seq.py", "modeling_seq2seq.py", "pipeline.py")
+SHIPPED_CODE = ("configuration_seq2seq.py", "decoding_seq2seq.py", "modeling_seq2seq.py", "pipeline.py")
 # What the shipped code may import. Anything else (os, sys, subprocess, socket, pathlib, pickle, importlib, ...)
 # makes the build fail: code that runs on a stranger's machine with trust_remote_code=True must do only maths.
 ALLOWED_IMPORT_ROOTS = frozenset(

@@ -14,7 +14,8 @@ from transformers import GenerationMixin
 
 from modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
 from modeling_seq2seq.convert import to_marian
-from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, StaticIncrementalDecoder
+from modeling_seq2seq.decoding_seq2seq import StaticIncrementalDecoder
+from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy
 from modeling_seq2seq.presets import load_preset
 from test_model import VOCAB, assert_fast_generate_equals_transformers_generate, make_model, padded_batch, static_generate
 

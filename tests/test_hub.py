@@ -26,6 +26,7 @@ EXPECTED_FILES = [
     "README.md",
     "config.json",
     "configuration_seq2seq.py",
+    "decoding_seq2seq.py",
     "generation_config.json",
     "model.safetensors",
     "modeling_seq2seq.py",
@@ -33,7 +34,7 @@ EXPECTED_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
 ]
-SHIPPED_CODE = ["configuration_seq2seq.py", "modeling_seq2seq.py", "pipeline.py"]
+SHIPPED_CODE = ["configuration_seq2seq.py", "decoding_seq2seq.py", "modeling_seq2seq.py", "pipeline.py"]
 
 PAIRS = [
     ("the cat sat on the mat", "die katze sass auf der matte"),
@@ -160,7 +161,7 @@ PROBE = textwrap.dedent(
 
     # --- What the shipped code does when imported: no file, network, process or file-system changes. -----------
     # First import what it imports from torch/transformers (their own start-up is not ours to audit), then import the
-    # three files as a package under an audit hook.
+    # shipped files as a package under an audit hook.
     shipped = sorted(name for name in os.listdir(folder) if name.endswith(".py"))
     for name in shipped:
         tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())

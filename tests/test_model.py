@@ -15,14 +15,8 @@ from modeling_seq2seq import (
     Seq2SeqTransformerModel,
 )
 from modeling_seq2seq.convert import from_marian, to_marian
-from modeling_seq2seq.modeling_seq2seq import (
-    LabelSmoothedCrossEntropy,
-    SinusoidalPositionalEncoding,
-    StaticIncrementalDecoder,
-    beam_search,
-    decode_step_linear,
-    greedy_search,
-)
+from modeling_seq2seq.decoding_seq2seq import StaticIncrementalDecoder, beam_search, decode_step_linear, greedy_search
+from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, SinusoidalPositionalEncoding
 from modeling_seq2seq.presets import load_preset
 
 VOCAB = 64
@@ -617,7 +611,7 @@ def test_only_a_plain_model_on_one_device_is_recorded_as_a_graph():
     not plain `nn.Linear` (quantized, adapters). (`recordable` is device-independent, so it is checked here.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from modeling_seq2seq.modeling_seq2seq import graph_safe, recordable
+    from modeling_seq2seq.decoding_seq2seq import graph_safe, recordable
 
     model, cpu = make_model(), torch.device("cpu")
     assert recordable(model, cpu) and not graph_safe(model)  # the graph itself is a GPU thing

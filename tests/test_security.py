@@ -24,7 +24,7 @@ from modeling_seq2seq import checkpointing as ckpt
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "modeling_seq2seq"
 SOURCES = sorted(PACKAGE.rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
-MODELING_FILES = ["configuration_seq2seq.py", "modeling_seq2seq.py"]
+MODELING_FILES = ["configuration_seq2seq.py", "decoding_seq2seq.py", "modeling_seq2seq.py"]
 
 # `X.from_pretrained` where X reads JSON only (configs, generation configs, tokenizers): no weights, no pickle.
 JSON_ONLY_LOADERS = re.compile(r"(^|\.)(AutoConfig|\w*Config|AutoTokenizer|\w*TokenizerFast|\w*Tokenizer)$")
@@ -342,7 +342,7 @@ def saved_folder(tmp_path_factory, quiet):
     return folder
 
 
-def test_save_pretrained_ships_exactly_our_two_modeling_files(saved_folder):
+def test_save_pretrained_ships_exactly_our_modeling_files(saved_folder):
     assert sorted(p.name for p in saved_folder.glob("*.py")) == MODELING_FILES
     assert sorted(p.name for p in saved_folder.iterdir()) == sorted(
         MODELING_FILES + ["config.json", "generation_config.json", "model.safetensors"]

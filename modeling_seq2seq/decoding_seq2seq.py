@@ -1,0 +1,432 @@
+"""Fast greedy and beam search for `Seq2SeqTransformerForConditionalGeneration.generate` (Sections 3.2.3 and 6.1).
+
+The model's `forward` with a cache is what transformers' own generation loop runs; this file is the decode loop the
+model's `generate` uses instead for plain greedy and beam search, with the same outputs: the source is encoded
+once, each step runs the decoder for one new token per row, and the search follows transformers' rules exactly.
+`IncrementalDecoder` is that step, lean for CPUs; `StaticIncrementalDecoder` is the same step with fixed shapes, which
+a GPU records once as a CUDA graph and replays. It ships to the Hub with the model (torch only).
+"""
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling_seq2seq import PositionwiseFeedForward, attention_dtype, padding_mask, sdpa_attention
+
+
+class PackedDecodeWeights(dict):
+    """A model's copies of its decode weights in oneDNN's layout: id(linear layer) -> (weight, its version, a sample
+    of its values, the copy). Kept on the model, so they live and die with it; a copy or a pickle of the model starts
+    without them (oneDNN's opaque tensors can be neither copied nor saved)."""
+
+    def __deepcopy__(self, memo):
+        return PackedDecodeWeights()
+
+    def __reduce__(self):
+        return PackedDecodeWeights, ()
+
+
+def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
+    """`linear(module, x)` for one search: oneDNN's kernel for plain float32 `nn.Linear` layers on a CPU.
+
+    A decode step multiplies 1 to 32 rows by every weight matrix, so its time is the time it takes to stream the
+    weights out of memory. For such skinny products the MKL path behind `F.linear` reaches about half the bandwidth
+    that oneDNN's does on AMD CPUs (the output projection at one row: 7.5 ms vs 3.6 ms on 2 cores; CTranslate2 avoids
+    MKL on non-Intel CPUs too), and oneDNN is faster still with the weights stored once in its blocked
+    layout (the whole base decoder at 4 rows: 23 ms plain, 14 ms blocked). The blocked copies are kept per model
+    (the decoder's weights once more in memory). At the first use in a search each is checked against its layer:
+    same tensor, same version counter and same values at every 61st element (edits through `.data` leave the
+    version counter alone; a sample reads a quarter of the memory a full comparison would), else rebuilt.
+    Results equal `F.linear` up to float rounding. Matrices under 1 MB (2^18 floats) stay in cache, where a oneDNN
+    call's fixed cost (~40 us against ~10 us) outweighs its bandwidth: they, layers that are not plain
+    (subclasses, adapters, hooks), and other devices or dtypes run the module itself.
+    """
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu") or onednn is None:
+        vars(model).pop("_packed_decode_weights", None)  # e.g. moved to a GPU since: the CPU copies are no use
+        return lambda module, x: module(x)
+    pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    cache, chosen = vars(model).get("_packed_decode_weights"), {}
+    if cache is None:
+        cache = model._packed_decode_weights = PackedDecodeWeights()
+
+    def choose(module):  # the (weight, bias) oneDNN multiplies by, or None to run the module itself
+        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return None
+        weight = module.weight
+        if weight.numel() < 2**18 or weight.dtype != torch.float32:
+            return None
+        if pack is None:
+            return weight, module.bias
+        entry, sample = cache.get(id(module)), weight.detach().reshape(-1)[::61]
+        same = entry is not None and entry[0] is weight and entry[1] == weight._version
+        if not (same and torch.equal(entry[2], sample)):
+            entry = (weight, weight._version, sample.clone(), pack(weight.detach(), 32))  # 32: rows it is tuned for
+            cache[id(module)] = entry
+        return entry[3], module.bias
+
+    def linear(module, x):
+        key = id(module)
+        if key not in chosen:  # decided once per search, not at each of a step's 37 calls (base)
+            chosen[key] = choose(module)
+        if chosen[key] is None:
+            return module(x)
+        return onednn(x, *chosen[key], "none", [], "")
+
+    return linear
+
+
+class IncrementalDecoder:
+    """Section 3.2.3 at inference: the decoder run one token at a time for search, as lean as the paper's math.
+
+    The source is encoded once. Each layer's cross-attention keys and values are projected once per sentence and
+    shared by all its beams: the beams of a sentence act as that sentence's queries, so nothing is copied per
+    beam, and a beam reorder touches only the (small) self-attention cache. Sentences that are done leave the
+    batch, so they cost nothing afterwards. A step works on (rows, d_model) matrices, and each layer's parts are
+    looked up once per search: at one row, a step's Python work is as large as a layer's matrix products.
+    """
+
+    def __init__(self, model, input_ids, attention_mask, num_beams: int):
+        self.model, self.num_beams = model, num_beams
+        self.decoder = model.get_decoder()
+        encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        self.linear = decode_step_linear(model, encoder_states.device, model.lm_head.weight.dtype)
+        layers = self.decoder.layers
+        self.layers = [(layer.self_attn, layer.cross_attn, layer.feed_forward) for layer in layers]
+        self.norms = [
+            [plain_layer_norm(n) for n in (layer.self_attn_layer_norm, layer.cross_attn_layer_norm, layer.final_layer_norm)]
+            for layer in layers
+        ]
+        self.pre_norm = [layer.pre_norm for layer in layers]
+        self.cross_keys_values = [
+            cross_attn.split_heads(self.linear(cross_attn.kv_proj, encoder_states), 2) for _, cross_attn, _ in self.layers
+        ]
+        self.cross_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            self.cross_mask = padding_mask(attention_mask, attention_dtype(encoder_states))
+        self.self_keys_values = [None] * len(layers)
+        self.length = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits in float32, (rows, vocab), for one new token per row (rows = sentences x beams)."""
+        position = self.decoder.embed_positions(1, self.length, tokens.device)
+        self.length += 1
+        return self.layers_and_output(tokens, position)
+
+    def layers_and_output(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(tokens[:, None])[:, 0]  # (rows, 1) as in `forward`, for hooks and adapters
+        hidden = hidden + position.to(hidden.dtype)
+        sublayers = (self.self_attention, self.cross_attention, self.feed_forward)
+        for i, (norms, pre_norm) in enumerate(zip(self.norms, self.pre_norm)):
+            for sublayer, norm in zip(sublayers, norms):
+                hidden = hidden + sublayer(i, norm(hidden)) if pre_norm else norm(hidden + sublayer(i, hidden))
+        if decoder.layer_norm is not None:
+            hidden = decoder.layer_norm(hidden)
+        return self.linear(self.model.lm_head, hidden).float()
+
+    def self_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        attention = self.layers[i][0]
+        rows, heads = hidden.shape[0], attention.num_heads
+        # (rows, 3 d) -> 3 x (rows, heads, 1, head_dim)
+        query, key, value = self.linear(attention.qkv_proj, hidden).view(rows, 3, heads, 1, -1).unbind(1)
+        if self.self_keys_values[i] is not None:
+            past_key, past_value = self.self_keys_values[i]
+            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        self.self_keys_values[i] = (key, value)
+        output, _ = sdpa_attention(attention, query, key, value, None, attention.scaling)
+        return self.linear(attention.out_proj, output.reshape(hidden.shape))
+
+    def cross_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        attention = self.layers[i][1]
+        # (sentences * beams, d) -> (sentences, heads, beams, head_dim): beams become queries of their sentence.
+        query = self.linear(attention.q_proj, hidden).view(-1, self.num_beams, attention.num_heads, attention.head_dim)
+        key, value = self.cross_keys_values[i]
+        output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, self.cross_mask, attention.scaling)
+        return self.linear(attention.out_proj, output.reshape(hidden.shape))
+
+    def feed_forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        feed_forward = self.layers[i][2]
+        hooked = feed_forward._forward_hooks or feed_forward._forward_pre_hooks
+        if type(feed_forward) is not PositionwiseFeedForward or hooked:
+            return feed_forward(hidden)
+        return self.linear(feed_forward.fc2, feed_forward.activation(self.linear(feed_forward.fc1, hidden)))
+
+    def reorder(self, rows: torch.Tensor):
+        """Continue from these rows of the self-attention cache (beam search keeps the best continuations)."""
+        self.self_keys_values = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_keys_values]
+
+    def keep_sentences(self, sentences: torch.Tensor):
+        """Keep only these sentences' encoder keys, values and mask (the caller reorders the self-attention rows)."""
+        self.cross_keys_values = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_keys_values]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask.index_select(0, sentences)
+
+
+class StaticIncrementalDecoder(IncrementalDecoder):
+    """`IncrementalDecoder` with every shape fixed for the whole search, so that on a GPU its step is recorded once as
+    a CUDA graph and then replayed: one launch per step instead of ~190. On a GPU a decode step is bound by the CPU
+    that launches its small kernels (base, beam 4, 32 sentences: ~1.5 ms of GPU work behind ~4 ms of launches).
+
+    The self-attention cache is allocated for a number of positions and masked beyond the current one; it grows (and
+    the step is recorded again) when the search goes past it, so that a generous `max_new_tokens` costs memory
+    only as sentences get that long. The batch keeps its first number of rows (a finished sentence's rows stay,
+    unused: the search reads the first rows); a beam reorder becomes a gather at the start of the next step. The
+    same code runs without a graph where `use_graph` is False (how the CPU tests check it).
+    """
+
+    def __init__(self, model, input_ids, attention_mask, num_beams: int, max_new_tokens: int, use_graph: bool,
+                 initial_capacity: int = 64):
+        super().__init__(model, input_ids, attention_mask, num_beams)
+        key = self.cross_keys_values[0][0]
+        device, self.dtype = key.device, key.dtype  # the activations' dtype (a weight's may be a quantized one)
+        self.rows, self.max_new_tokens, self.capacity = input_ids.shape[0] * num_beams, max_new_tokens, 0
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)
+        self.parents = torch.arange(self.rows, device=device)
+        self.use_graph, self.graph, self.graph_logits = use_graph, None, None
+        self.grow(initial_capacity)
+
+    def grow(self, capacity: int):
+        """Hold `capacity` positions (a multiple of 16, the mask alignment fused kernels want; at most what the
+        search can reach), keeping the cached ones. The recorded step read the old tensors: it is recorded again."""
+        capacity = -(-min(capacity, self.max_new_tokens) // 16) * 16
+        device = self.position.device
+        grown = []
+        for (attention, _, _), cached in zip(self.layers, self.self_keys_values):
+            pair = tuple(torch.zeros(self.rows, attention.num_heads, capacity, attention.head_dim, device=device,
+                                     dtype=self.dtype) for _ in range(2))
+            if cached is not None:
+                for new, old in zip(pair, cached):
+                    new[:, :, : self.capacity].copy_(old)
+            grown.append(pair)
+        self.self_keys_values, self.capacity = grown, capacity
+        self.key_positions = torch.arange(capacity, device=device)
+        self.position_table = self.decoder.embed_positions(capacity, 0, device)
+        self.graph = self.graph_logits = None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.length >= self.capacity:
+            self.grow(2 * self.capacity)
+        rows = tokens.shape[0]
+        self.tokens[:rows].copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.graph_logits
+        elif self.use_graph:
+            logits = self.record()
+        else:
+            logits = self.static_step()
+        self.length += 1
+        return logits[:rows]
+
+    def record(self) -> torch.Tensor:
+        """Run the first step for real (it is also the warm-up a capture needs, on a side stream), then record it."""
+        device = self.tokens.device
+        with torch.cuda.device(device):
+            caller = torch.cuda.current_stream(device)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                logits = self.static_step()
+            caller.wait_stream(stream)
+            logits.record_stream(caller)  # made on the side stream, read on the caller's
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=stream):
+                    self.graph_logits = self.static_step()
+            except RuntimeError as error:  # a kernel that cannot be recorded: the same step, launched op by op
+                torch.cuda.set_stream(caller)  # a failed capture can leave its stream current
+                warnings.warn(f"Decoding without a CUDA graph: recording the decode step failed ({error}).",
+                              RuntimeWarning)
+                self.use_graph = False
+            else:
+                self.graph = graph
+        return logits
+
+    def static_step(self) -> torch.Tensor:
+        if self.num_beams > 1:
+            for key, value in self.self_keys_values:
+                key.copy_(key.index_select(0, self.parents))
+                value.copy_(value.index_select(0, self.parents))
+        self.self_mask = (self.key_positions <= self.position)[None, None, None]
+        logits = self.layers_and_output(self.tokens, self.position_table.index_select(0, self.position))
+        self.position.add_(1)
+        return logits
+
+    def self_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        attention = self.layers[i][0]
+        rows, heads = hidden.shape[0], attention.num_heads
+        query, key, value = self.linear(attention.qkv_proj, hidden).view(rows, 3, heads, 1, -1).unbind(1)
+        cached_key, cached_value = self.self_keys_values[i]
+        cached_key.index_copy_(2, self.position, key)
+        cached_value.index_copy_(2, self.position, value)
+        output, _ = sdpa_attention(attention, query, cached_key, cached_value, self.self_mask, attention.scaling)
+        return self.linear(attention.out_proj, output.reshape(hidden.shape))
+
+    def reorder(self, rows: torch.Tensor):
+        if self.num_beams > 1:  # gathered inside the next step
+            self.parents[: rows.shape[0]].copy_(rows)
+            return
+        for key, value in self.self_keys_values:
+            key[: rows.shape[0]].copy_(key.index_select(0, rows))
+            value[: rows.shape[0]].copy_(value.index_select(0, rows))
+
+    def keep_sentences(self, sentences: torch.Tensor):
+        kept = sentences.shape[0]  # in place: the recorded step reads these very tensors
+        for key, value in self.cross_keys_values:
+            key[:kept].copy_(key.index_select(0, sentences))
+            value[:kept].copy_(value.index_select(0, sentences))
+        if self.cross_mask is not None:
+            self.cross_mask[:kept].copy_(self.cross_mask.index_select(0, sentences))
+
+
+def graph_safe(model) -> bool:
+    """Whether generate may record its decode step as a CUDA graph: on one GPU, not inside another recording."""
+    device = model.lm_head.weight.device
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and recordable(model, device)
+
+
+def recordable(model, device: torch.device) -> bool:
+    """Whether a recorded decode step computes what running the modules would. A recording runs Python once, so
+    nothing may act at each call: no hooks (also accelerate's, which replace `forward`), no autocast (its weight
+    cache is not recorded), no torch function or dispatch modes, no compiling. The layers must be plain
+    `nn.Linear` with floating-point weights on `device` (quantized, adapter and offloaded layers run step by step)."""
+    if torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    decoder = model.get_decoder()
+    modules = [model, model.lm_head, model.get_input_embeddings(), *decoder.modules()]
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules):
+        return False
+    linears = [model.lm_head] + [
+        linear for layer in decoder.layers
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.out_proj, layer.cross_attn.q_proj,
+                       layer.cross_attn.kv_proj, layer.cross_attn.out_proj, layer.feed_forward.fc1, layer.feed_forward.fc2)
+    ]
+    if any(type(linear) is not nn.Linear for linear in linears):
+        return False
+    tensors = [*model.get_encoder().parameters(), *decoder.parameters(), *model.lm_head.parameters()]
+    return all(t.device == device and t.is_floating_point() for t in tensors)
+
+
+def plain_layer_norm(module):
+    """`module` as a function; a plain `nn.LayerNorm` without hooks becomes the functional call (no module dispatch)."""
+    if type(module) is not nn.LayerNorm or module._forward_hooks or module._forward_pre_hooks:
+        return module
+    shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+    return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+
+
+def suppress_tokens(scores: torch.Tensor, new_tokens: int, settings: dict) -> torch.Tensor:
+    """The logits processors the fast path supports, applied as transformers applies them: banned single tokens,
+    no end-of-sentence before `min_new_tokens`, end-of-sentence forced at the last position."""
+    if settings["banned"]:
+        scores[:, settings["banned"]] = -math.inf
+    if new_tokens < settings["min_new_tokens"]:
+        scores[:, settings["eos"]] = -math.inf
+    if settings["forced_eos"] is not None and new_tokens == settings["max_new_tokens"] - 1:
+        scores.fill_(-math.inf)[:, settings["forced_eos"]] = 0
+    return scores
+
+
+@torch.no_grad()
+def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torch.Tensor:
+    """Pick the most likely token at each step; a finished sentence is padded (transformers' greedy semantics)."""
+    device = decoder.cross_keys_values[0][0].device
+    eos = torch.tensor(settings["eos"], device=device)
+    output = torch.full((batch, settings["max_new_tokens"] + 1), settings["pad"], dtype=torch.long, device=device)
+    output[:, 0] = settings["start"]
+    active, tokens, length = torch.arange(batch, device=device), output[:, 0], 1
+    for step in range(settings["max_new_tokens"]):
+        tokens = suppress_tokens(decoder.step(tokens), step, settings).argmax(dim=-1)
+        output[active, step + 1] = tokens
+        length = step + 2
+        ended = torch.isin(tokens, eos)
+        if bool(ended.any()):
+            keep = (~ended).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            active, tokens = active[keep], tokens[keep]
+            decoder.keep_sentences(keep)
+            decoder.reorder(keep)
+    return output[:, :length]
+
+
+@torch.no_grad()
+def beam_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torch.Tensor:
+    """Section 6.1's beam search with transformers' exact rules, so that outputs equal `GenerationMixin.generate`:
+    keep the 2 x beams best continuations; those among the top `beams` that end (end-of-sentence or length limit)
+    become finished hypotheses scored log-probability sum / length^length_penalty; a sentence is done when its
+    best running beam cannot beat its worst finished hypothesis (transformers' `early_stopping=False` rule)."""
+    beams, penalty, max_new = settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"]
+    device = decoder.cross_keys_values[0][0].device
+    eos = torch.tensor(settings["eos"], device=device)
+    candidates_kept = max(2, 1 + len(settings["eos"])) * beams
+    among_top_beams = torch.arange(candidates_kept, device=device) < beams
+    fill = settings["pad"] or settings["eos"][0]  # transformers pads beam outputs with eos when the pad id is 0
+
+    def gather(tensor, index):  # pick beams (dim 1) of per-sentence tensors
+        return tensor.gather(1, index.view(*index.shape, *[1] * (tensor.dim() - 2)).expand(-1, -1, *tensor.shape[2:]))
+
+    running = torch.full((batch, beams, max_new + 1), fill, dtype=torch.long, device=device)
+    running[:, :, 0] = settings["start"]
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
+    finished, finished_scores = running.clone(), torch.full((batch, beams), -1e9, device=device)
+    finished_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
+    is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    results, results_lengths = finished.clone(), finished_lengths.clone()
+    active, any_dropped = torch.arange(batch, device=device), False
+    for step in range(max_new):
+        log_probs = suppress_tokens(F.log_softmax(decoder.step(running[:, :, step].flatten()), dim=-1), step, settings)
+        vocab = log_probs.shape[-1]
+        scores = (log_probs.view(-1, beams, vocab) + running_scores[:, :, None]).flatten(1)
+        top_scores, top_indices = torch.topk(scores, candidates_kept)
+        parents, tokens = top_indices // vocab, top_indices % vocab
+        top_sequences = gather(running, parents)
+        top_sequences[:, :, step + 1] = tokens
+        ends = torch.isin(tokens, eos) | (step + 1 >= max_new)
+
+        alive_scores = top_scores + ends.float() * -1e9
+        choice = torch.topk(alive_scores, beams).indices
+        running, running_scores, parent_beams = gather(top_sequences, choice), alive_scores.gather(1, choice), parents.gather(1, choice)
+
+        just_finished = ends & among_top_beams
+        merged_scores = torch.cat([finished_scores, top_scores / (step + 1) ** penalty + (~just_finished).float() * -1e9], 1)
+        best = torch.topk(merged_scores, beams).indices
+        finished_scores = merged_scores.gather(1, best)
+        finished = gather(torch.cat([finished, top_sequences], 1), best)
+        finished_lengths = torch.cat([finished_lengths, torch.full_like(tokens, step + 1)], 1).gather(1, best)
+        is_finished = torch.cat([is_finished, just_finished], 1).gather(1, best)
+
+        best_possible = running_scores[:, :1] / (step + 1) ** penalty
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1e9)
+        done = ~(best_possible > worst_finished).any(dim=1)
+        if step + 1 >= max_new or (not any_dropped and bool(ends.all())):
+            done[:] = True
+        sentence_rows = torch.arange(active.numel(), device=device)[:, None] * beams
+        if bool(done.any()):
+            results[active[done]], results_lengths[active[done]] = finished[done], finished_lengths[done]
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            any_dropped = True
+            active, running, running_scores, parent_beams = active[keep], running[keep], running_scores[keep], parent_beams[keep]
+            finished, finished_scores = finished[keep], finished_scores[keep]
+            finished_lengths, is_finished = finished_lengths[keep], is_finished[keep]
+            sentence_rows = sentence_rows[keep]
+            decoder.keep_sentences(keep)
+        decoder.reorder((sentence_rows + parent_beams).flatten())
+    returned = settings["num_return_sequences"]
+    length = int(results_lengths[:, :returned].max()) + 1
+    return results[:, :returned, :length].reshape(batch * returned, length)
+
+
+__all__ = ["IncrementalDecoder", "StaticIncrementalDecoder", "greedy_search", "beam_search", "graph_safe", "decode_step_linear"]
