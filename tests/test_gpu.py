@@ -1,5 +1,5 @@
 """The CUDA paths, against independent references: Marian on the same GPU, transformers' own `generate`, eager
-attention in float32, a float64 loss. Skipped without CUDA; the GPU machine runs them (see README, "GPU").
+attention in float32, a float64 loss. Skipped without CUDA; the GPU machine runs them (README, "On a GPU").
 
 tests/test_reliability.py has the autocast/half-precision finiteness test; tests/test_transformers_common.py runs
 transformers' common tests on the GPU when there is one (its `torch_device`).
