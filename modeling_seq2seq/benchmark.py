@@ -8,12 +8,12 @@ implementations (the order flips every repeat), after warm-up, and reports media
 - `matmul_peak`: the machine's measured matrix-multiply peak (torch.matmul of large square matrices, best of N;
   fp32 on CPU, bf16 on GPU), the denominator of the model FLOPs utilisation (MFU).
 - `train`: forward + backward + Adam step on a fixed batch of 16 x 32 source and 16 x 32 target tokens (on GPU also
-  128 x 64 + 128 x 64 and the paper's ~25k-token batches, 200 x 128 + 200 x 128), fp32 on CPU, bf16 autocast on GPU; tokens/s counts source + target tokens. "Ours" runs the
-  step of our training loop (`training.compute_loss`, `training.make_optimizer_and_scheduler`: fused Adam(0.9, 0.98,
-  1e-9) with the inverse-square-root schedule, and the gradient-norm measurement the loop does every step); Marian
-  runs the step a transformers user writes (`model(**batch).loss.backward()`,
-  `torch.optim.Adam(betas=(0.9, 0.98), eps=1e-9)` with torch's default implementation flags, `zero_grad()`). Train
-  mode, the preset's dropout, both.
+  128 x 64 + 128 x 64 and the paper's ~25k-token batches, 200 x 128 + 200 x 128), fp32 on CPU, bf16 autocast on
+  GPU; tokens/s counts source + target tokens. "Ours" runs the step of our training loop (`training.compute_loss`,
+  `training.make_optimizer_and_scheduler`: fused Adam(0.9, 0.98, 1e-9) with the inverse-square-root schedule, and
+  the gradient-norm measurement the loop does every step); Marian runs the step a transformers user writes
+  (`model(**batch).loss.backward()`, `torch.optim.Adam(betas=(0.9, 0.98), eps=1e-9)` with torch's default
+  implementation flags, `zero_grad()`). Train mode, the preset's dropout, both.
   Each record carries the step's analytic FLOPs and its MFU (see `training_flops`).
 - `train_memory`: peak memory of the training step. CPU: a fresh subprocess per implementation builds the model
   and the optimizer and runs 2 steps; `peak_rss_mb` is its `ru_maxrss`, `step_memory_mb` the peak minus the RSS

@@ -308,7 +308,8 @@ def recordable(model, device: torch.device) -> bool:
     linears = [model.lm_head] + [
         linear for layer in decoder.layers
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.out_proj, layer.cross_attn.q_proj,
-                       layer.cross_attn.kv_proj, layer.cross_attn.out_proj, layer.feed_forward.fc1, layer.feed_forward.fc2)
+                       layer.cross_attn.kv_proj, layer.cross_attn.out_proj,
+                       layer.feed_forward.fc1, layer.feed_forward.fc2)
     ]
     if any(type(linear) is not nn.Linear for linear in linears):
         return False
