@@ -18,6 +18,7 @@ from modeling_seq2seq.decoding_seq2seq import StaticIncrementalDecoder
 from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy
 from modeling_seq2seq.presets import load_preset
 from test_model import VOCAB, assert_fast_generate_equals_transformers_generate, make_model, padded_batch, static_generate
+from test_training import assets, read_log, run_args  # noqa: F401 - `assets` is the training tests' fixture
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -184,27 +185,15 @@ def test_gradient_checkpointing_on_the_gpu_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_training_loop_runs_on_the_gpu_in_bf16_and_resumes(tmp_path, capsys):
+def test_training_loop_runs_on_the_gpu_in_bf16_and_resumes(assets, tmp_path, capsys):
     """scripts/train.py's loop on one GPU (Accelerate picks it), bf16 mixed precision, then stop and resume."""
-    import json
-
     from modeling_seq2seq import training
-    from test_training import TINY_MODEL, run_args
-    from modeling_seq2seq.data import builtin_task
-    from modeling_seq2seq.tokenization import save_tokenizer, train_tokenizer
-
-    (tmp_path / "tiny.json").write_text(json.dumps(TINY_MODEL))
-    (tmp_path / "recipe.yaml").write_text("{}\n")
-    train = builtin_task()["train"].select(range(600))
-    save_tokenizer(train_tokenizer(list(train["source"]) + list(train["target"]), vocab_size=300), tmp_path / "tok")
-    assets = {"preset": str(tmp_path / "tiny.json"), "tokenizer": str(tmp_path / "tok"), "recipe": str(tmp_path / "recipe.yaml")}
 
     out = tmp_path / "run"
     assert training.main(run_args(assets, out, max_steps=8, mixed_precision="bf16")) == 0
     printed = capsys.readouterr().out
     assert "cuda" in printed, printed[-2000:]
-    log = [json.loads(line) for line in (out / training.LOG_FILE_NAME).read_text().splitlines()]
-    losses = [r["loss"] for r in log if r["type"] == "train"]
+    losses = [r["loss"] for r in read_log(out) if r["type"] == "train"]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert training.main(run_args(assets, out, max_steps=12, mixed_precision="bf16", resume_from_checkpoint="latest")) == 0
     assert (out / "checkpoint-12").is_dir()
