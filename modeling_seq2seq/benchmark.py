@@ -5,8 +5,9 @@
 converted from that twin (`export.convert_marian_to_ctranslate2`). It measures them in one process, alternating
 implementations (the order flips every repeat), after warm-up, and reports medians over repeats:
 
-- `matmul_peak`: the machine's measured matrix-multiply peak (torch.matmul of large square matrices, best of N;
-  fp32 on CPU, bf16 on GPU), the denominator of the model FLOPs utilisation (MFU).
+- `matmul_peak`: the machine's measured matrix-multiply peak (large square matrices, best of N, fp32 on CPU, bf16
+  on GPU; the faster of torch.matmul and, on a CPU, oneDNN's kernel that our model uses), the denominator of the
+  model FLOPs utilisation (MFU).
 - `train`: forward + backward + Adam step on a fixed batch of 16 x 32 source and 16 x 32 target tokens (on GPU also
   128 x 64 + 128 x 64 and the paper's ~25k-token batches, 200 x 128 + 200 x 128), fp32 on CPU, bf16 autocast on
   GPU; tokens/s counts source + target tokens. "Ours" runs the step of our training loop (`training.compute_loss`,
@@ -395,18 +396,34 @@ def training_flops(config, batch: int, source_length: int, target_length: int) -
     return float(3 * (encoder + decoder + 2 * B * T * d * V))
 
 
+def matmul_kernels(device: str) -> dict[str, Callable]:
+    """The matrix products the machine offers: torch.matmul, and on a CPU also oneDNN's (`OneDNNLinear`'s kernel,
+    which on AMD CPUs is faster than the MKL behind torch.matmul). Each computes a @ b."""
+    from .modeling_seq2seq import ONEDNN_LINEAR
+
+    kernels = {"torch.matmul": lambda a, b, b_t: torch.matmul(a, b)}
+    if not device.startswith("cuda") and ONEDNN_LINEAR is not None:
+        kernels["onednn"] = lambda a, b, b_t: ONEDNN_LINEAR(a, b_t, None, "none", [], "")
+    return kernels
+
+
 def matmul_peak(device: str, sizes: tuple[int, ...], repeats: int) -> dict:
-    """Best achieved FLOP/s of torch.matmul on square matrices (fp32 on CPU, bf16 on GPU), per size and overall."""
+    """Best achieved FLOP/s of a matrix product of square matrices (fp32 on CPU, bf16 on GPU), per size and kernel,
+    and the best of all: the peak counts the fastest kernel, so that using it cannot inflate the MFU."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    per_size = {}
+    per_size, per_kernel = {}, {}
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        torch.matmul(a, b)  # warm-up
-        best = min(timed(lambda: torch.matmul(a, b), device) for _ in range(repeats))
-        per_size[n] = 2 * n**3 / best
-        del a, b
-    return {"flops_per_second": max(per_size.values()), "per_size": per_size, "dtype": str(dtype).replace("torch.", "")}
+        b_t = b.t().contiguous()
+        for name, kernel in matmul_kernels(device).items():
+            kernel(a, b, b_t)  # warm-up
+            best = min(timed(lambda: kernel(a, b, b_t), device) for _ in range(repeats))
+            per_kernel.setdefault(name, {})[n] = 2 * n**3 / best
+        per_size[n] = max(rates[n] for rates in per_kernel.values())
+        del a, b, b_t
+    return {"flops_per_second": max(per_size.values()), "per_size": per_size, "per_kernel": per_kernel,
+            "dtype": str(dtype).replace("torch.", "")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -699,8 +716,9 @@ def run_matmul(run: Run) -> None:
     run.log(f"matmul peak ({', '.join(map(str, sizes))})")
     peak = matmul_peak(settings.device, sizes, repeats)
     run.peak_flops = peak["flops_per_second"]
-    run.add("torch.matmul", None, "matmul_peak", None, None, None, flops_per_second=peak["flops_per_second"],
-            per_size={str(k): v for k, v in peak["per_size"].items()}, dtype=peak["dtype"], best_of=repeats)
+    run.add("matmul", None, "matmul_peak", None, None, None, flops_per_second=peak["flops_per_second"],
+            per_size={str(k): v for k, v in peak["per_size"].items()}, dtype=peak["dtype"], best_of=repeats,
+            per_kernel={kernel: {str(k): v for k, v in rates.items()} for kernel, rates in peak["per_kernel"].items()})
 
 
 def decode_settings(settings: BenchmarkSettings, vocab: int):
@@ -1040,10 +1058,11 @@ def result_rows(result: dict) -> list[list[str]]:
         phase, preset, _, _ = key
         group = by_key[key]
         if phase == "matmul_peak":
-            r = group["torch.matmul"]
-            sizes = ", ".join(f"{n}^2 {v / 1e9:.0f}" for n, v in r["per_size"].items())
+            r = group["matmul"]
+            sizes = "; ".join(kernel + " " + ", ".join(f"{n}^2 {v / 1e9:.0f}" for n, v in rates.items())
+                              for kernel, rates in r["per_kernel"].items())
             rows.append(["matmul peak (" + r["dtype"] + ")", "-", "square n x n", f"{r['flops_per_second'] / 1e9:,.1f} GFLOP/s",
-                         "", "", "", "", f"best of {r['best_of']} per size; GFLOP/s by size: {sizes}"])
+                         "", "", "", "", f"best of {r['best_of']} per size and kernel; GFLOP/s: {sizes}"])
         elif phase == "train":
             ours, marian = group.get("ours"), group.get("marian")
             r = ours or marian

@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling_seq2seq import PositionwiseFeedForward, attention_dtype, padding_mask, sdpa_attention
+from .modeling_seq2seq import (
+    ONEDNN_LINEAR,
+    PositionwiseFeedForward,
+    attention_dtype,
+    is_plain_linear,
+    padding_mask,
+    sdpa_attention,
+)
 
 
 class PackedDecodeWeights(dict):
@@ -44,7 +51,7 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
     call's fixed cost (~40 us against ~10 us) outweighs its bandwidth: they, layers that are not plain
     (subclasses, adapters, hooks), and other devices or dtypes run the module itself.
     """
-    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    onednn = ONEDNN_LINEAR
     if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu") or onednn is None:
         vars(model).pop("_packed_decode_weights", None)  # e.g. moved to a GPU since: the CPU copies are no use
         return lambda module, x: module(x)
@@ -54,7 +61,7 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
         cache = model._packed_decode_weights = PackedDecodeWeights()
 
     def choose(module):  # the (weight, bias) oneDNN multiplies by, or None to run the module itself
-        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        if not is_plain_linear(module):
             return None
         weight = module.weight
         if weight.numel() < 2**18 or weight.dtype != torch.float32:

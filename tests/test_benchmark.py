@@ -168,3 +168,16 @@ def test_pinned_length_restores_the_generation_config():
     with benchmark.pinned_length([model], 7):
         assert model.generation_config.min_new_tokens == model.generation_config.max_new_tokens == 7
     assert (model.generation_config.min_new_tokens, model.generation_config.max_new_tokens) == before
+
+
+def test_matmul_peak_is_the_fastest_kernel_and_each_kernel_computes_the_product():
+    """The MFU's denominator counts oneDNN too: our model's products run on it, so a peak of torch.matmul alone
+    could put the MFU above what the machine allows."""
+    a, b = torch.randn(64, 64, dtype=torch.float64), torch.randn(64, 64, dtype=torch.float64)
+    for name, kernel in benchmark.matmul_kernels("cpu").items():
+        assert torch.allclose(kernel(a.float(), b.float(), b.t().contiguous().float()).double(), a @ b, atol=1e-4), name
+    peak = benchmark.matmul_peak("cpu", (128, 256), repeats=2)
+    assert set(peak["per_kernel"]) == set(benchmark.matmul_kernels("cpu")) >= {"torch.matmul", "onednn"}
+    for n in (128, 256):
+        assert peak["per_size"][n] == max(rates[n] for rates in peak["per_kernel"].values())
+    assert peak["flops_per_second"] == max(peak["per_size"].values())

@@ -16,7 +16,7 @@ from modeling_seq2seq import (
 )
 from modeling_seq2seq.convert import from_marian, to_marian
 from modeling_seq2seq.decoding_seq2seq import StaticIncrementalDecoder, beam_search, decode_step_linear, greedy_search
-from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, SinusoidalPositionalEncoding
+from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, SinusoidalPositionalEncoding, linear
 from modeling_seq2seq.presets import load_preset
 
 VOCAB = 64
@@ -194,6 +194,88 @@ def test_decode_step_linear_equals_f_linear(rows):
         x = torch.randn(rows, 1, module.in_features)
         expected = (x.double() @ module.weight.double().T + (0 if module.bias is None else module.bias.double()))
         assert torch.allclose(linear(module, x).double(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(512, 1536, bias=bias)
+    x = torch.randn(4, 48, 512, requires_grad=True)
+    output = linear(module, x)
+    assert type(output.grad_fn).__name__ == "OneDNNLinearBackward"  # the oneDNN path, not module(x)
+    upstream = torch.randn(output.shape)
+    output.backward(upstream)
+    reference_module = copy.deepcopy(module).double()
+    reference_x = x.detach().double().requires_grad_()
+    reference = reference_module(reference_x)
+    reference.backward(upstream.double())
+    assert torch.allclose(output.double(), reference, atol=1e-4)
+    assert torch.allclose(x.grad.double(), reference_x.grad, atol=1e-4)
+    assert torch.allclose(module.weight.grad.double(), reference_module.weight.grad, atol=1e-3)
+    if bias:
+        assert torch.allclose(module.bias.grad.double(), reference_module.bias.grad, atol=1e-3)
+    with torch.no_grad():  # and without autograd, e.g. the encoder inside generate
+        assert torch.allclose(linear(module, x).double(), reference, atol=1e-4)
+
+
+class ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(monkeypatch):
+    """Anything that changes what a layer computes (hooks, subclasses, accelerate's replaced forward, autocast,
+    other dtypes) keeps the module's own call; so does a product too small for oneDNN to pay off."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 512)
+    cases = {}
+    hooked = torch.nn.Linear(512, 512)
+    hooked.register_forward_hook(lambda module, inputs, output: output + 1)
+    cases["forward hook"] = hooked
+    cases["subclass"] = ScaledLinear(512, 512)
+    replaced = torch.nn.Linear(512, 512)
+    original_forward = replaced.forward
+    replaced.forward = lambda x: original_forward(x) * 3  # as accelerate's add_hook_to_module does
+    cases["replaced forward"] = replaced
+    for name, module in cases.items():
+        output = linear(module, x)
+        assert torch.equal(output, module(x)), name
+        assert not torch.allclose(output, torch.nn.functional.linear(x, module.weight, module.bias)), name
+    plain = torch.nn.Linear(512, 512)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: output - 1)
+    try:
+        assert torch.equal(linear(plain, x), plain(x))
+    finally:
+        handle.remove()
+    assert type(linear(plain, x.requires_grad_()).grad_fn).__name__ == "OneDNNLinearBackward"
+    assert type(linear(plain, x[:, :4]).grad_fn).__name__ != "OneDNNLinearBackward"  # 2^20 multiply-adds only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(plain, x).dtype == torch.bfloat16
+    assert linear(copy.deepcopy(plain).double(), x.double()).dtype == torch.float64
+
+
+def test_training_gradients_match_marian_where_products_run_on_onednn():
+    """At widths where every product goes through OneDNNLinear, loss and gradients equal MarianMTModel's (MKL)."""
+    torch.manual_seed(0)
+    ours = make_model(d_model=512, encoder_ffn_dim=1024, decoder_ffn_dim=1024, encoder_attention_heads=8,
+                      decoder_attention_heads=8, vocab_size=2048, dropout=0.0, label_smoothing=0.0).train()
+    marian = to_marian(ours).train()
+    source, mask = padded_batch(batch=8, length=24, vocab=2048)
+    labels = torch.randint(4, 2048, (8, 20))
+    labels[:, -3:] = -100
+    loss = ours(input_ids=source, attention_mask=mask, labels=labels).loss
+    reference = marian(input_ids=source, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    reference.backward()
+    assert abs(loss.item() - reference.item()) < 1e-5
+    pairs = [
+        (ours.model.shared.weight, marian.model.shared.weight),
+        (ours.model.encoder.layers[0].feed_forward.fc1.weight, marian.model.encoder.layers[0].fc1.weight),
+        (ours.model.decoder.layers[-1].feed_forward.fc2.bias, marian.model.decoder.layers[-1].fc2.bias),
+        (ours.model.decoder.layers[0].cross_attn.out_proj.weight, marian.model.decoder.layers[0].encoder_attn.out_proj.weight),
+    ]
+    for mine, theirs in pairs:
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6 * theirs.grad.abs().max().item())
 
 
 def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit():
