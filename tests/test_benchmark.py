@@ -4,6 +4,7 @@ Speed is measured by the benchmark, never asserted here.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,29 @@ def test_matmul_peak_is_the_fastest_kernel_and_each_kernel_computes_the_product(
     for n in (128, 256):
         assert peak["per_size"][n] == max(rates[n] for rates in peak["per_kernel"].values())
     assert peak["flops_per_second"] == max(peak["per_size"].values())
+
+
+@pytest.mark.skipif(not benchmark.ctranslate2_available(), reason="ctranslate2 is not installed")
+def test_ctranslate2_runs_in_a_process_of_its_own_with_the_same_translations(tmp_path):
+    import ctranslate2
+
+    from modeling_seq2seq.export import synthetic_tokenizer
+
+    with pytest.raises(RuntimeError, match="CTranslate2: .*no-such-model"):
+        benchmark.CTranslate2Process(model_path=str(tmp_path / "no-such-model"), device="cpu")
+    ours, marian = benchmark.build_pair("tiny", seed=0, vocab_size=300)
+    config = ours.config
+    tokenizer = synthetic_tokenizer(config.vocab_size, config.pad_token_id, config.bos_token_id, config.eos_token_id)
+    settings = BenchmarkSettings(presets=("tiny",), threads=1)
+    translator = benchmark.make_translator(marian, tokenizer, settings, str(tmp_path / "ct2"))
+    try:
+        assert isinstance(translator, benchmark.CTranslate2Process) and translator.process.pid != os.getpid()
+        ids, _, lengths = benchmark.decode_inputs(config.vocab_size, 3, seed=0)
+        source = [tokenizer.convert_ids_to_tokens(row[:n]) for row, n in zip(ids.tolist(), lengths)]
+        here = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+        for num_beams in (1, 4):
+            expected = [r.hypotheses for r in benchmark.translate_ctranslate2(here, source, num_beams)]
+            assert [r.hypotheses for r in benchmark.translate_ctranslate2(translator, source, num_beams)] == expected
+    finally:
+        translator.close()
+    assert translator.process.returncode == 0
