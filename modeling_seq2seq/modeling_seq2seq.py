@@ -107,12 +107,15 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, computed by `OneDNNLinear` for a plain float32 `nn.Linear` on a CPU with enough work to pay for
-    oneDNN's dearer call (~10 us more than MKL's): 2^23 multiply-adds, or a weight of 2^20 values or more."""
+    """`module(x)`, computed by `OneDNNLinear` when training a plain float32 `nn.Linear` on a CPU with enough work to
+    pay for oneDNN's dearer call (~10 us more than MKL's): 2^23 multiply-adds, or a weight of 2^20 values or more.
+    Forward passes without autograd keep `F.linear`, so that inference logits stay bit-identical to MarianMTModel's
+    (the decode loop picks its own kernels, `decoding_seq2seq.decode_step_linear`)."""
     weight = module.weight
     work = x.numel() // max(x.shape[-1], 1) * weight.numel()
     if (
         ONEDNN_LINEAR is None
+        or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or x.device.type != "cpu" or weight.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32
         or work == 0 or (work < 2**23 and weight.numel() < 2**20)
