@@ -2,8 +2,10 @@
 
 `run_benchmark(BenchmarkSettings(...))` builds, per preset, our model with random weights, its Marian twin
 (`convert.to_marian`: same weights, same numbers) and, when `ctranslate2` is importable, a CTranslate2 model
-converted from that twin (`export.convert_marian_to_ctranslate2`). It measures them in one process, alternating
-implementations (the order flips every repeat), after warm-up, and reports medians over repeats:
+converted from that twin (`export.convert_marian_to_ctranslate2`), which runs in a process of its own
+(`CTranslate2Process`: in torch's process it would share torch's OpenMP runtime and slow both). It measures them
+in one run, alternating implementations (the order flips every repeat), after warm-up, and reports medians over
+repeats:
 
 - `matmul_peak`: the machine's measured matrix-multiply peak (large square matrices, best of N, fp32 on CPU, bf16
   on GPU; the faster of torch.matmul and, on a CPU, oneDNN's kernel that our model uses), the denominator of the
@@ -400,11 +402,12 @@ def training_flops(config, batch: int, source_length: int, target_length: int) -
 def matmul_kernels(device: str) -> dict[str, Callable]:
     """The matrix products the machine offers: torch.matmul, and on a CPU also oneDNN's (`OneDNNLinear`'s kernel,
     which on AMD CPUs is faster than the MKL behind torch.matmul). Each computes a @ b."""
-    from .modeling_seq2seq import ONEDNN_LINEAR
+    from .modeling_seq2seq import onednn_linear_kernel
 
     kernels = {"torch.matmul": lambda a, b, b_t: torch.matmul(a, b)}
-    if not device.startswith("cuda") and ONEDNN_LINEAR is not None:
-        kernels["onednn"] = lambda a, b, b_t: ONEDNN_LINEAR(a, b_t, None, "none", [], "")
+    onednn = onednn_linear_kernel()
+    if not device.startswith("cuda") and onednn is not None:
+        kernels["onednn"] = lambda a, b, b_t: onednn(a, b_t, None, "none", [], "")
     return kernels
 
 

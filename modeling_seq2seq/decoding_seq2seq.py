@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling_seq2seq import (
-    ONEDNN_LINEAR,
     PositionwiseFeedForward,
     attention_dtype,
     is_plain_linear,
+    onednn_linear_kernel,
     padding_mask,
     sdpa_attention,
 )
@@ -51,7 +51,7 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
     call's fixed cost (~40 us against ~10 us) outweighs its bandwidth: they, layers that are not plain
     (subclasses, adapters, hooks), and other devices or dtypes run the module itself.
     """
-    onednn = ONEDNN_LINEAR
+    onednn = onednn_linear_kernel()
     if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu") or onednn is None:
         vars(model).pop("_packed_decode_weights", None)  # e.g. moved to a GPU since: the CPU copies are no use
         return lambda module, x: module(x)

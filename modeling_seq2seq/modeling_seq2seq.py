@@ -60,7 +60,9 @@ def causal_mask(query_length: int, past_length: int, dtype: torch.dtype, device:
     return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)[None, None]
 
 
-ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+def onednn_linear_kernel():
+    """oneDNN's `linear(x, weight, bias, ...)` kernel, or None where torch was built without it."""
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -89,7 +91,7 @@ class OneDNNLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
-        return ONEDNN_LINEAR(rows, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
+        return onednn_linear_kernel()(rows, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -98,7 +100,8 @@ class OneDNNLinear(torch.autograd.Function):
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = ONEDNN_LINEAR(grad_rows, weight.t(), None, "none", [], "").view(*grad_output.shape[:-1], -1)
+            grad_x = onednn_linear_kernel()(grad_rows, weight.t(), None, "none", [], "")
+            grad_x = grad_x.view(*grad_output.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
             grad_weight = grad_rows.t() @ rows
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -114,14 +117,14 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     work = x.numel() // max(x.shape[-1], 1) * weight.numel()
     if (
-        ONEDNN_LINEAR is None
-        or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or x.device.type != "cpu" or weight.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32
         or work == 0 or (work < 2**23 and weight.numel() < 2**20)
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
         or not is_plain_linear(module)
+        or onednn_linear_kernel() is None
     ):
         return module(x)
     return OneDNNLinear.apply(x, weight, module.bias)
