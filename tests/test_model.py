@@ -440,12 +440,13 @@ def test_gradient_reaches_every_parameter():
     assert not no_gradient
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("width", [{}, dict(d_model=512, encoder_ffn_dim=1024, decoder_ffn_dim=1024)])  # wide: OneDNNLinear
+def test_gradient_checkpointing_gives_the_same_gradients(width):
     source, mask = padded_batch()
     labels = torch.randint(4, VOCAB, (4, 6))
     gradients = []
     for checkpointing in (False, True):
-        model = make_model(dropout=0.0).train()
+        model = make_model(dropout=0.0, **width).train()
         if checkpointing:
             model.gradient_checkpointing_enable()
         model(input_ids=source, attention_mask=mask, labels=labels).loss.backward()
