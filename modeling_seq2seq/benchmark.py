@@ -60,6 +60,7 @@ import math
 import os
 import platform
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -734,20 +735,32 @@ class CTranslate2Process:
     process gives CTranslate2 the runtime it has when used alone, and leaves ours alone. The pipe's round trip
     (~0.1 ms) is inside CTranslate2's timings."""
 
-    def __init__(self, **translator_arguments):
+    def __init__(self, timeout: float = 600.0, **translator_arguments):
+        self.timeout = timeout  # seconds one request may take before the process is taken for hung and killed
         self.process = subprocess.Popen([sys.executable, "-c", _CTRANSLATE2_PROCESS_CODE], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
-        self._call(translator_arguments)
+        try:
+            self._call(translator_arguments)
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, message: dict) -> dict:
+        if self.process.stdin.closed:
+            raise RuntimeError("the CTranslate2 process is closed")
+        line = ""
         try:
             self.process.stdin.write(json.dumps(message) + "\n")
             self.process.stdin.flush()
-            line = self.process.stdout.readline()
+            if select.select([self.process.stdout], [], [], self.timeout)[0]:
+                line = self.process.stdout.readline()
+            else:
+                self.close(kill=True)
+                raise RuntimeError(f"the CTranslate2 process did not answer within {self.timeout:g} s; killed")
         except BrokenPipeError:
-            line = ""
+            pass
         if not line:
-            self.close()
+            self.close(kill=True)
             raise RuntimeError(f"the CTranslate2 process ended (exit status {self.process.returncode}); "
                                "its error is on stderr above")
         reply = json.loads(line)
@@ -759,19 +772,22 @@ class CTranslate2Process:
         reply = self._call({"source": source, "options": options})
         return [types.SimpleNamespace(hypotheses=hypotheses) for hypotheses in reply["hypotheses"]]
 
-    def close(self) -> None:
-        if self.process.poll() is None:
+    def close(self, kill: bool = False) -> None:
+        """End the process (asked to by closing its input; killed if `kill` or after a minute) and reap it."""
+        with contextlib.suppress(BrokenPipeError):
             self.process.stdin.close()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if kill:
+            self.process.kill()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self.process.stdout.close()
 
     def __del__(self):
-        if getattr(self, "process", None) is not None and self.process.poll() is None:
-            self.process.kill()
+        if getattr(self, "process", None) is not None and self.process.returncode is None:
+            self.close(kill=True)
 
 
 def make_translator(marian, tokenizer, settings: BenchmarkSettings, folder: str) -> CTranslate2Process:

@@ -61,8 +61,11 @@ def causal_mask(query_length: int, past_length: int, dtype: torch.dtype, device:
 
 
 def onednn_linear_kernel():
-    """oneDNN's `linear(x, weight, bias, ...)` kernel, or None where torch was built without it."""
-    return getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    """oneDNN's `linear(x, weight, bias, ...)` kernel, or None where torch lacks it or `torch.backends.mkldnn` is
+    disabled."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -81,27 +84,27 @@ def is_plain_linear(module: nn.Module) -> bool:
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """x W^T + b in float32 on a CPU by oneDNN. On AMD CPUs oneDNN uses AVX-512 and the MKL behind `F.linear` does
-    not: at the base preset's training shapes oneDNN reaches about 1.25x MKL's FLOP/s for the product and for
-    d/dx. d/dW stays with MKL (`torch.mm`), which is as fast there and writes the weight's layout. Same results as
-    `F.linear` up to float rounding."""
+    """rows W^T + b for float32 (rows, in_features) on a CPU, by oneDNN. On AMD CPUs oneDNN uses AVX-512 and the MKL
+    behind `F.linear` does not: at the base preset's training shapes oneDNN reaches about 1.25x MKL's FLOP/s for the
+    product and for d/dx. d/dW stays with MKL (`torch.mm`), which is as fast there and writes the weight's layout.
+    Same results as `F.linear` up to float rounding. A backward that builds a graph (double backward) uses plain
+    differentiable products."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        rows = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(rows, weight)
+    def forward(ctx, rows, weight, bias):
+        ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
-        return onednn_linear_kernel()(rows, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
+        return onednn_linear_kernel()(rows, weight, bias, "none", [], "")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_rows):
         rows, weight = ctx.saved_tensors
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = onednn_linear_kernel()(grad_rows, weight.t(), None, "none", [], "")
-            grad_x = grad_x.view(*grad_output.shape[:-1], -1)
+            if torch.is_grad_enabled():
+                grad_x = grad_rows @ weight
+            else:
+                grad_x = onednn_linear_kernel()(grad_rows, weight.t(), None, "none", [], "")
         if ctx.needs_input_grad[1]:
             grad_weight = grad_rows.t() @ rows
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -110,24 +113,27 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, computed by `OneDNNLinear` when training a plain float32 `nn.Linear` on a CPU with enough work to
-    pay for oneDNN's dearer call (~10 us more than MKL's): 2^23 multiply-adds, or a weight of 2^20 values or more.
-    Forward passes without autograd keep `F.linear`, so that inference logits stay bit-identical to MarianMTModel's
-    (the decode loop picks its own kernels, `decoding_seq2seq.decode_step_linear`)."""
+    """`module(x)`, computed by `OneDNNLinear` when training (module in train mode, autograd recording) a plain
+    float32 `nn.Linear` on a CPU with enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23
+    multiply-adds, or a weight of 2^20 values or more. Evaluation keeps `F.linear`, so that logits stay
+    bit-identical to MarianMTModel's (the decode loop picks its own kernels, `decoding_seq2seq.decode_step_linear`)."""
+    if not (module.training and torch.is_grad_enabled() and is_plain_linear(module)):
+        return module(x)
     weight = module.weight
     work = x.numel() // max(x.shape[-1], 1) * weight.numel()
     if (
-        not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        not (x.requires_grad or weight.requires_grad)
         or x.device.type != "cpu" or weight.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32
         or work == 0 or (work < 2**23 and weight.numel() < 2**20)
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-        or not is_plain_linear(module)
+        or torch.autograd.forward_ad._current_level >= 0  # forward-mode AD (dual tensors) has no rule here
         or onednn_linear_kernel() is None
     ):
         return module(x)
-    return OneDNNLinear.apply(x, weight, module.bias)
+    rows = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, module.bias)
+    return rows.view(*x.shape[:-1], rows.shape[-1])  # a view outside the Function: in-place edits stay allowed
 
 
 class SinusoidalPositionalEncoding(nn.Module):

@@ -5,6 +5,7 @@ Speed is measured by the benchmark, never asserted here.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,17 @@ def test_ctranslate2_runs_in_a_process_of_its_own_with_the_same_translations(tmp
     finally:
         translator.close()
     assert translator.process.returncode == 0
+    with pytest.raises(RuntimeError, match="is closed"):
+        translator.translate_batch(source)
+
+    hung = benchmark.make_translator(marian, tokenizer, settings, str(tmp_path / "ct2"))
+    hung.timeout = 1
+    os.kill(hung.process.pid, signal.SIGSTOP)  # a process that never answers is killed, not waited for forever
+    with pytest.raises(RuntimeError, match="did not answer within 1 s"):
+        hung.translate_batch(source)
+    assert hung.process.returncode is not None
+    dead = benchmark.make_translator(marian, tokenizer, settings, str(tmp_path / "ct2"))
+    dead.process.kill()
+    with pytest.raises(RuntimeError, match="CTranslate2 process ended"):
+        dead.translate_batch(source)
+    assert dead.process.returncode is not None

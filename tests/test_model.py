@@ -202,7 +202,7 @@ def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias):
     module = torch.nn.Linear(512, 1536, bias=bias)
     x = torch.randn(4, 48, 512, requires_grad=True)
     output = linear(module, x)
-    assert type(output.grad_fn).__name__ == "OneDNNLinearBackward"  # the oneDNN path, not module(x)
+    assert ran_on_onednn(output)  # not module(x)
     upstream = torch.randn(output.shape)
     output.backward(upstream)
     reference_module = copy.deepcopy(module).double()
@@ -218,11 +218,37 @@ def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias):
         assert torch.equal(linear(module, x), torch.nn.functional.linear(x, module.weight, module.bias))
 
 
+def ran_on_onednn(output):
+    node = output.grad_fn
+    while type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return type(node).__name__ == "OneDNNLinearBackward"
+
+
+def test_onednn_linear_output_can_be_edited_in_place_and_differentiated_twice():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(512, 1024)
+    x = torch.randn(3, 40, 512, requires_grad=True)
+    reference = copy.deepcopy(module)
+    reference_x = x.detach().clone().requires_grad_()
+    results = []
+    for layer, inputs, run in ((module, x, linear), (reference, reference_x, lambda m, v: m(v))):
+        output = run(layer, inputs)
+        output.relu_()  # in place on the output, as an in-place activation or a hook would
+        (grad_x,) = torch.autograd.grad(output.square().sum(), inputs, create_graph=True)
+        grad_x.square().sum().backward()  # a gradient penalty: backward through the backward
+        results.append((output.detach(), inputs.grad, layer.weight.grad))
+    assert ran_on_onednn(linear(module, x))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-3 * theirs.abs().max().item())
+
+
 class ScaledLinear(torch.nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao, mkldnn.flags
 def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(monkeypatch):
     """Anything that changes what a layer computes (hooks, subclasses, accelerate's replaced forward, autocast,
     other dtypes) keeps the module's own call; so does a product too small for oneDNN to pay off."""
@@ -247,8 +273,19 @@ def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(mon
         assert torch.equal(linear(plain, x), plain(x))
     finally:
         handle.remove()
-    assert type(linear(plain, x.requires_grad_()).grad_fn).__name__ == "OneDNNLinearBackward"
-    assert type(linear(plain, x[:, :4]).grad_fn).__name__ != "OneDNNLinearBackward"  # 2^20 multiply-adds only
+    assert ran_on_onednn(linear(plain, x.requires_grad_()))
+    assert not ran_on_onednn(linear(plain, x[:, :4]))  # 2^20 multiply-adds only
+    assert not ran_on_onednn(linear(copy.deepcopy(plain).eval(), x))  # evaluation: F.linear, Marian's bits
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not ran_on_onednn(linear(plain, x))
+    with torch.autograd.forward_ad.dual_level():  # forward-mode AD
+        dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
+        tangent = torch.autograd.forward_ad.unpack_dual(linear(plain, dual)).tangent
+        assert torch.allclose(tangent, torch.ones_like(x) @ plain.weight.detach().T)
+    quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(plain), {torch.nn.Linear})[0]
+    assert torch.equal(linear(quantized, x.detach()), quantized(x.detach()))  # its `weight` is a method
+    lazy = torch.nn.LazyLinear(512)
+    assert linear(lazy, x).shape == x.shape  # no weight before its first call
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(plain, x).dtype == torch.bfloat16
     assert linear(copy.deepcopy(plain).double(), x.double()).dtype == torch.float64
