@@ -128,7 +128,7 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or work == 0 or (work < 2**23 and weight.numel() < 2**20)
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-        or torch.autograd.forward_ad._current_level >= 0  # forward-mode AD (dual tensors) has no rule here
+        or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0  # forward-mode AD: no rule here
         or onednn_linear_kernel() is None
     ):
         return module(x)
