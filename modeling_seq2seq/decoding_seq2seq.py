@@ -318,7 +318,7 @@ def recordable(model, device: torch.device) -> bool:
                        layer.cross_attn.kv_proj, layer.cross_attn.out_proj,
                        layer.feed_forward.fc1, layer.feed_forward.fc2)
     ]
-    if any(type(linear) is not nn.Linear for linear in linears):
+    if not all(is_plain_linear(linear) for linear in linears):
         return False
     tensors = [*model.get_encoder().parameters(), *decoder.parameters(), *model.lm_head.parameters()]
     return all(t.device == device and t.is_floating_point() for t in tensors)
