@@ -109,6 +109,11 @@ class BenchmarkSettings:
     length_mix_sentences: int | None = None  # override the sentence count of `train_length_mix`
     file_sentences: int | None = None  # override the sentence count of `translate_file`
     progress: bool = True
+    compile_training: bool | None = None  # also time `ours+compile` (the loop's `compile: true`); None: on a GPU
+
+    @property
+    def compiles(self) -> bool:
+        return self.is_cuda if self.compile_training is None else self.compile_training
 
     def resolved_presets(self) -> tuple[str, ...]:
         if self.presets:
@@ -339,16 +344,18 @@ def autocast(device: str):
     return contextlib.nullcontext()
 
 
-def ours_train_step(model, device: str) -> Callable[[dict], torch.Tensor]:
-    """The step of our training loop (`training.Trainer.train_step` without the multi-process bookkeeping)."""
-    from .training import TrainingConfig, compute_loss, make_optimizer_and_scheduler
+def ours_train_step(model, device: str, compile: bool = False) -> Callable[[dict], torch.Tensor]:
+    """The step of our training loop (`training.Trainer.train_step` without the multi-process bookkeeping); with
+    `compile`, the loop's `compile: true` (`training.compiled_for_training`)."""
+    from .training import TrainingConfig, compiled_for_training, compute_loss, make_optimizer_and_scheduler
 
     optimizer, scheduler = make_optimizer_and_scheduler(model, TrainingConfig(), model.config.d_model)
     parameters = [p for p in model.parameters() if p.requires_grad]
+    step_model = compiled_for_training(model) if compile else model
 
     def step(batch: dict) -> torch.Tensor:
         with autocast(device):
-            loss = compute_loss(model, batch)
+            loss = compute_loss(step_model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, float("inf"))  # the loop measures the norm every step
         optimizer.step()
@@ -688,6 +695,9 @@ class Run:
         record["device"] = self.settings.device
         record.update(extra)
         self.records.append(record)
+        if record["median_seconds"] is not None:
+            self.log(f"  {implementation} {preset} {phase} {batch}: {record['median_seconds']:.4g} s"
+                     + (f", {record['tokens_per_second']:,.0f} tok/s" if record["tokens_per_second"] else ""))
         return record
 
 
@@ -884,7 +894,8 @@ def run_train(run: Run, preset: str, plan: dict, steps: dict, config) -> None:
     vocab = config.vocab_size
     for batch, source_length, target_length in settings.train_shapes():
         data = to_device(train_batch(vocab, batch, source_length, target_length, seed=settings.seed), device)
-        run.log(f"{preset} train {batch}x{source_length}+{batch}x{target_length}: warm-up")
+        run.log(f"{preset} train {batch}x{source_length}+{batch}x{target_length}: warm-up"
+                + (" (the first compiles ours+compile)" if "ours+compile" in steps else ""))
         for _ in range(2):
             for step in steps.values():
                 step(data)
@@ -1010,8 +1021,9 @@ def run_memory(run: Run) -> None:
                 source_length=source_length, target_length=target_length, **result)
 
 
-def run_benchmark(settings: BenchmarkSettings) -> dict:
-    """Run every requested phase; returns {"machine": ..., "settings": ..., "records": [...]}."""
+def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run every requested phase; returns {"machine": ..., "settings": ..., "records": [...]}. `on_progress` gets
+    the results so far after each preset (scripts/benchmark.py writes them, so a run cut short keeps them)."""
     import transformers
 
     from .export import synthetic_tokenizer
@@ -1027,6 +1039,15 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     use_ct2 = settings.use_ctranslate2 and ctranslate2_available()
     if settings.use_ctranslate2 and not use_ct2:
         run.notes.append("ctranslate2 is not installed: no CTranslate2 column.")
+    def results(complete: bool) -> dict:
+        machine["load_average_end"] = list(os.getloadavg())
+        machine["wall_seconds"] = round(time.perf_counter() - run.started, 1)
+        settings_dict = dataclasses.asdict(settings)
+        settings_dict["presets"] = list(settings.resolved_presets())
+        settings_dict["ctranslate2"] = use_ct2
+        return {"machine": machine, "settings": settings_dict, "records": list(run.records), "notes": run.notes,
+                "failures": run.failures, "complete": complete}
+
     phases = set(settings.phases)
     unknown = phases - set(PHASES)
     if unknown:
@@ -1075,6 +1096,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
                 ours.to(settings.device).train()
                 marian.to(settings.device).train()
                 steps = {"ours": ours_train_step(ours, settings.device), "marian": marian_train_step(marian, settings.device)}
+                if settings.compiles and "train" in phases:  # one compilation (dynamic shapes) serves every shape
+                    steps["ours+compile"] = ours_train_step(ours, settings.device, compile=True)
                 if "train" in phases:
                     with run.guard(f"{preset} train"):
                         run_train(run, preset, plan, steps, ours.config)
@@ -1085,13 +1108,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
                 gc.collect()
                 if settings.is_cuda:
                     torch.cuda.empty_cache()
-    machine["load_average_end"] = list(os.getloadavg())
-    machine["wall_seconds"] = round(time.perf_counter() - run.started, 1)
-    settings_dict = dataclasses.asdict(settings)
-    settings_dict["presets"] = list(settings.resolved_presets())
-    settings_dict["ctranslate2"] = use_ct2
-    return {"machine": machine, "settings": settings_dict, "records": run.records, "notes": run.notes,
-            "failures": run.failures}
+            if on_progress is not None:
+                on_progress(results(complete=False))
+    return results(complete=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1168,6 +1187,12 @@ def result_rows(result: dict) -> list[list[str]]:
                 note = f"MFU ours {ours['mfu']:.0%}, Marian {marian['mfu']:.0%} ({ours['flops'] / 1e9:.1f} GFLOP/step)"
             rows.append([f"train fwd+bwd+Adam ({r['dtype']})", preset, shape, _rate(ours), _rate(marian), "-",
                          _ratio(ours, marian), "-", note])
+            compiled = group.get("ours+compile")
+            if compiled:
+                note = f"ours: torch.compile (training option `compile: true`), Marian eager; MFU {compiled['mfu']:.0%}" \
+                    if compiled.get("mfu") is not None else "ours: torch.compile, Marian eager"
+                rows.append(["  same, ours compiled", preset, shape, _rate(compiled), _rate(marian), "-",
+                             _ratio(compiled, marian), "-", note])
         elif phase == "train_memory":
             ours, marian = group.get("ours"), group.get("marian")
 
@@ -1243,9 +1268,11 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | os.PathLike) -> None:
+    from .checkpointing import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
 
 
 __all__ = ["BenchmarkSettings", "run_benchmark", "format_table", "write_json", "training_flops", "compare_tokens"]

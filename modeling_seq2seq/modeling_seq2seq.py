@@ -120,14 +120,14 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not (module.training and torch.is_grad_enabled() and is_plain_linear(module)):
         return module(x)
     weight = module.weight
-    work = x.numel() // max(x.shape[-1], 1) * weight.numel()
     if (
-        not (x.requires_grad or weight.requires_grad)
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+        or not (x.requires_grad or weight.requires_grad)
         or x.device.type != "cpu" or weight.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32
-        or work == 0 or (work < 2**23 and weight.numel() < 2**20)
+        or (work := x.numel() // max(x.shape[-1], 1) * weight.numel()) == 0
+        or (work < 2**23 and weight.numel() < 2**20)
         or torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
         or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0  # forward-mode AD: no rule here
         or onednn_linear_kernel() is None
     ):
@@ -150,15 +150,17 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.d_model, self.max_positions, self.layout = d_model, max_positions, layout
         self.table = None  # a plain attribute, not a buffer: never in the state dict, never on the meta device
 
-    def compute(self, length: int) -> torch.Tensor:
-        positions = torch.arange(length, dtype=torch.float64)[:, None]
-        angles = positions / 10000 ** (torch.arange(0, self.d_model, 2, dtype=torch.float64) / self.d_model)
+    def compute(self, length: int, start: int = 0, device: torch.device | None = None) -> torch.Tensor:
+        positions = torch.arange(start, start + length, dtype=torch.float64, device=device)[:, None]
+        angles = positions / 10000 ** (torch.arange(0, self.d_model, 2, dtype=torch.float64, device=device) / self.d_model)
         if self.layout == "interleaved":
             return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).float()
         return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
 
     def forward(self, length: int, past_length: int, device: torch.device) -> torch.Tensor:
         """Encodings of positions past_length .. past_length + length - 1, shape (length, d_model), float32."""
+        if torch.compiler.is_compiling():  # a table sized by today's lengths would tie the compiled graph to them
+            return self.compute(length, past_length, device)
         end = past_length + length
         if self.table is None or self.table.shape[0] < end or self.table.device != device:
             size = max(self.max_positions, 1 << (end - 1).bit_length(), 0 if self.table is None else self.table.shape[0])

@@ -105,6 +105,8 @@ class TrainingConfig:
     max_grad_norm: typing.Optional[float] = _option(None, "clip gradients to this norm (none/0: no clipping)")
     label_smoothing: float = _option(0.1, "epsilon_ls of the training loss (Section 5.4)")
     mixed_precision: str = _option("no", "no | bf16 | fp16 (through Accelerate)", choices=("no", "bf16", "fp16"))
+    compile: bool = _option(False, "torch.compile the training step's forward and backward (GPU: fuses the element-wise "
+                                   "work around the matrix products; the first steps compile for a minute or two)")
     max_consecutive_bad_steps: int = _option(10, "stop after this many consecutive NaN/inf steps")
     max_time_minutes: typing.Optional[float] = _option(None, "wall-clock budget; then stop cleanly, save, evaluate")
     torch_threads: typing.Optional[int] = _option(None, "CPU threads per process for torch (none: torch's default)")
@@ -649,6 +651,13 @@ def validation_loss(model, dataset, collator, max_tokens: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def compiled_for_training(model):
+    """`model` behind `torch.compile` (the `compile` option), for the training step only: the wrapper shares the
+    model's parameters, while evaluation, generation and checkpoints keep using the model itself. Shapes are
+    dynamic from the first step, since token batches change them at every step."""
+    return torch.compile(model, dynamic=True)
+
+
 def compute_loss(model, batch: dict) -> torch.Tensor:
     """Mean label-smoothed cross-entropy of one micro-batch (a module-level seam for fault-injection tests)."""
     return model(**batch).loss
@@ -1106,7 +1115,7 @@ class Trainer:
             context = accelerator.no_sync(model) if (not last and self.world_size > 1) else contextlib.nullcontext()
             with context:
                 with accelerator.autocast():
-                    loss = compute_loss(model, batch)
+                    loss = compute_loss(self.step_model, batch)
                 # DDP averages gradients over processes, hence the world-size factor.
                 weight = target_tokens * self.world_size / total_target
                 accelerator.backward(loss * weight)
@@ -1148,6 +1157,7 @@ class Trainer:
         _apply_generation_defaults(model, config)
         optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.step_model = compiled_for_training(self.model) if config.compile else self.model
         self.step = 0
         self.skipped_steps = self.consecutive_bad_steps = self.tokens_seen = 0
         self.elapsed_before = 0.0

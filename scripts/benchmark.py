@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, help="override every repeat count")
     parser.add_argument("--no_ctranslate2", action="store_true", help="leave CTranslate2 out even when installed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="also time the training step under torch.compile (auto: on a GPU only)")
     args = parser.parse_args(argv)
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--threads and --repeats must be positive")
@@ -37,8 +39,10 @@ def main(argv=None) -> int:
     settings = BenchmarkSettings(
         device=args.device, threads=args.threads, quick=args.quick, presets=tuple(args.presets) if args.presets else None,
         phases=tuple(args.phases), use_ctranslate2=not args.no_ctranslate2, seed=args.seed, repeats=args.repeats,
+        compile_training={"auto": None, "on": True, "off": False}[args.compile],
     )
-    result = run_benchmark(settings)
+    # With --json, the results so far are written after each preset: a run cut short keeps what it measured.
+    result = run_benchmark(settings, on_progress=(lambda partial: write_json(partial, args.json)) if args.json else None)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

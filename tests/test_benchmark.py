@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_seq2seq import benchmark
+from modeling_seq2seq import benchmark, training
 from modeling_seq2seq.benchmark import BenchmarkSettings, compare_tokens, format_table, run_benchmark, training_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,13 +100,54 @@ def test_a_failing_measurement_is_reported_and_the_others_still_run(monkeypatch,
     assert "FAILED: tiny decode failed: RuntimeError" in format_table(result)
     assert "Traceback" in capsys.readouterr().err
 
+    script = load_script()
+    monkeypatch.setattr(script, "run_benchmark", lambda settings, **kwargs: result)
+    assert script.main(["--quick"]) == 1
+
+
+def load_script():
     from importlib import util
 
     spec = util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
     script = util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    monkeypatch.setattr(script, "run_benchmark", lambda settings: result)
-    assert script.main(["--quick"]) == 1
+    return script
+
+
+def test_a_run_cut_short_keeps_the_presets_it_finished_in_its_json(monkeypatch, tmp_path):
+    """The JSON is written after each preset (atomically): a run stopped in its second preset still has the first."""
+    real = benchmark.run_train
+
+    def stopped_in_base(run, preset, *args):
+        if preset == "base":
+            raise KeyboardInterrupt
+        return real(run, preset, *args)
+
+    monkeypatch.setattr(benchmark, "run_train", stopped_in_base)
+    monkeypatch.setattr(BenchmarkSettings, "train_shapes", lambda self: [(2, 6, 6)])
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        load_script().main(["--presets", "tiny", "base", "--phases", "train", "--repeats", "1", "--json", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False
+    assert {(r["phase"], r["preset"]) for r in partial["records"]} == {("matmul_peak", None), ("train", "tiny")}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"], "no temporary file left behind"
+
+
+def test_compiled_training_is_a_column_of_its_own(monkeypatch):
+    """`--compile on` (the default on a GPU) adds `ours+compile`, the training loop's `compile: true`, beside the eager
+    step, with its own MFU in the table. (The compiled step itself is tested in test_training.py.)"""
+    compiled = []
+    monkeypatch.setattr(training, "compiled_for_training", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(BenchmarkSettings, "train_shapes", lambda self: [(2, 6, 6)])
+    settings = BenchmarkSettings(presets=("tiny",), phases=("train",), repeats=1, progress=False, compile_training=True)
+    result = run_benchmark(settings)
+    train = {r["implementation"]: r for r in result["records"] if r["phase"] == "train"}
+    assert set(train) == {"ours", "ours+compile", "marian"} and len(compiled) == 1
+    assert train["ours+compile"]["mfu"] > 0
+    row = next(line for line in format_table(result).splitlines() if "same, ours compiled" in line)
+    assert "| tiny" in row and f"MFU {train['ours+compile']['mfu']:.0%}" in row
+    assert BenchmarkSettings(device="cuda").compiles and not BenchmarkSettings().compiles
 
 
 def test_half_precision_runs_report_the_float32_check_and_the_agreement(monkeypatch):

@@ -172,6 +172,52 @@ def test_bf16_autocast_training_step_follows_float32():
     assert cosine > 0.95
 
 
+def test_compiled_bf16_training_step_is_as_close_to_float32_as_the_eager_one():
+    """`compile: true` on the GPU (Triton kernels fuse the casts, dropout, residuals, layer norms and the loss):
+    under bf16 autocast its loss and gradients are as close to the float32 step's as the eager bf16 step's are."""
+    from modeling_seq2seq.training import compiled_for_training, compute_loss
+
+    source, mask = cuda_batch(batch=6, length=10)
+    batch = dict(input_ids=source, attention_mask=mask, labels=source[:, :8])
+    model = make_model(dropout=0.0).cuda().train()
+    compiled = compiled_for_training(model)
+    results = {}
+    for name, step_model, precision in (("float32", model, None), ("eager", model, torch.bfloat16),
+                                        ("compiled", compiled, torch.bfloat16)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision is not None):
+            loss = compute_loss(step_model, batch)
+        loss.backward()
+        results[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    reference_loss, reference_grad = results["float32"]
+
+    def error(name):
+        loss, grad = results[name]
+        return abs(loss - reference_loss), ((grad - reference_grad).norm() / reference_grad.norm()).item()
+
+    (eager_loss_error, eager_grad_error), (loss_error, grad_error) = error("eager"), error("compiled")
+    assert 0 < eager_grad_error < 0.05
+    assert loss_error <= 2 * eager_loss_error + 1e-3 and grad_error <= 2 * eager_grad_error, (error("eager"), error("compiled"))
+
+
+def test_recorded_decode_step_is_recorded_again_as_the_cache_grows():
+    """Sentences longer than the cache (64 positions at first) grow it to 128 and then 160 positions; each growth
+    records the step again, and the tokens stay transformers' (float32)."""
+    model = make_model().cuda()
+    source, mask = cuda_batch()
+    recorded = []
+    record = StaticIncrementalDecoder.record
+    for num_beams in (1, 4):
+        settings = dict(num_beams=num_beams, min_new_tokens=150, max_new_tokens=150)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(StaticIncrementalDecoder, "record", lambda self: recorded.append(self.capacity) or record(self))
+            ids = model.generate(source, attention_mask=mask, **settings)
+        assert recorded == [64, 128, 160], recorded
+        assert ids.shape[1] == 151
+        assert torch.equal(ids, GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+        recorded.clear()
+
+
 def test_gradient_checkpointing_on_the_gpu_gives_the_same_gradients():
     source, mask = cuda_batch()
     grads = []

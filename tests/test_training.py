@@ -518,6 +518,53 @@ def test_bf16_mixed_precision_on_cpu(assets, tmp_path):
     assert weights(output_dir)["model.shared.weight"].dtype == torch.float32, "weights stay fp32; compute is bf16"
 
 
+def test_compiled_step_gives_the_eager_loss_and_gradients_for_every_batch_shape():
+    """`compile: true` runs the step through `compiled_for_training`: the same loss and gradients as the eager model,
+    and one compilation for batches of every shape (token batches change shape at every step)."""
+    from test_model import make_model, padded_batch
+
+    model = make_model(dropout=0.0).train()
+    compiled = training.compiled_for_training(model)
+    for index, (rows, length) in enumerate(((4, 11), (6, 9), (8, 70))):  # 70: past max_position_embeddings
+        source, mask = padded_batch(seed=rows, batch=rows, length=length)
+        batch = dict(input_ids=source, attention_mask=mask, labels=source[:, : length - 1 - 2 * index].clone())
+        results = []
+        for step_model in (compiled, model):  # compiled first: the eager run fills no cache the compiled one reads
+            model.zero_grad(set_to_none=True)
+            with torch._dynamo.config.patch(error_on_recompile=index > 0):
+                loss = training.compute_loss(step_model, batch)
+            loss.backward()
+            results.append((loss.detach(), [p.grad for p in model.parameters()]))
+        (compiled_loss, compiled_grads), (eager_loss, eager_grads) = results
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+        for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
+            torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_loop_with_compile_trains_like_the_eager_loop_and_saves_plain_weights(assets, tmp_path):
+    """The option in the loop: without dropout, the compiled run logs the eager run's losses and ends with its
+    weights, saved under the model's own names (the compiled wrapper is never what gets saved)."""
+    no_dropout = {"dropout": 0.0}
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert training.main(run_args(assets, eager, max_steps=4, model_overrides=no_dropout)) == 0
+    assert training.main(run_args(assets, compiled, max_steps=4, model_overrides=no_dropout, compile=True)) == 0
+    losses = [[r["loss"] for r in read_log(folder) if r["type"] == "train"] for folder in (eager, compiled)]
+    assert len(losses[0]) == 2
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    eager_weights, compiled_weights = weights(eager), weights(compiled)
+    assert compiled_weights.keys() == eager_weights.keys()
+    for name, expected in eager_weights.items():
+        actual = compiled_weights[name]
+        if name.endswith("kv_proj.bias"):  # also qkv_proj
+            # A key bias adds the same score to every key of a query: softmax cancels it, its exact gradient is 0,
+            # and Adam scales the rounding noise standing in for it to full-size steps. Compare the rest.
+            keys = slice(0, len(expected) // 2) if name.endswith(".kv_proj.bias") else slice(len(expected) // 3, 2 * len(expected) // 3)
+            actual, expected = actual.clone(), expected.clone()
+            actual[keys] = expected[keys] = 0
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 # --------------------------------------------------------------------------------------------------------
 # Two processes (DDP over gloo on the CPU)
 
