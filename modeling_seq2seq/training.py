@@ -1157,7 +1157,10 @@ class Trainer:
         _apply_generation_defaults(model, config)
         optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.step_model = compiled_for_training(self.model) if config.compile else self.model
+        self.step_model = self.model
+        if config.compile:
+            self.step_model = compiled_for_training(self.model)
+            self.print("The training step runs under torch.compile: the first steps compile it (minutes).")
         self.step = 0
         self.skipped_steps = self.consecutive_bad_steps = self.tokens_seen = 0
         self.elapsed_before = 0.0

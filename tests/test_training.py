@@ -542,13 +542,21 @@ def test_compiled_step_gives_the_eager_loss_and_gradients_for_every_batch_shape(
 
 
 @pytest.mark.slow
-def test_training_loop_with_compile_trains_like_the_eager_loop_and_saves_plain_weights(assets, tmp_path):
-    """The option in the loop: without dropout, the compiled run logs the eager run's losses and ends with its
+def test_compiled_training_in_two_processes_trains_like_the_eager_loop_and_saves_plain_weights(assets, tmp_path):
+    """The option in the loop, under `accelerate launch` (DDP over gloo, the compiled wrapper around the DDP model):
+    without dropout, 2 compiled processes log the losses of 1 eager process with 2 micro-batches, and end with its
     weights, saved under the model's own names (the compiled wrapper is never what gets saved)."""
     no_dropout = {"dropout": 0.0}
+    cpu_only = {**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""}
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert training.main(run_args(assets, eager, max_steps=4, model_overrides=no_dropout)) == 0
-    assert training.main(run_args(assets, compiled, max_steps=4, model_overrides=no_dropout, compile=True)) == 0
+    assert training.main(run_args(assets, eager, max_steps=4, gradient_accumulation_steps=2, model_overrides=no_dropout)) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py")]
+    result = subprocess.run(launch + run_args(assets, compiled, max_steps=4, model_overrides=no_dropout, compile=True),
+                            capture_output=True, text=True, timeout=600, env=cpu_only)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "runs under torch.compile" in result.stdout
     losses = [[r["loss"] for r in read_log(folder) if r["type"] == "train"] for folder in (eager, compiled)]
     assert len(losses[0]) == 2
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
