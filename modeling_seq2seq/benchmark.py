@@ -661,6 +661,7 @@ class Run:
     peak_flops: float | None = None
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    on_record: Callable[[], None] | None = None  # called after each measurement (writes the results so far)
 
     @contextlib.contextmanager
     def guard(self, what: str):
@@ -698,6 +699,8 @@ class Run:
         if record["median_seconds"] is not None:
             self.log(f"  {implementation} {preset} {phase} {batch}: {record['median_seconds']:.4g} s"
                      + (f", {record['tokens_per_second']:,.0f} tok/s" if record["tokens_per_second"] else ""))
+        if self.on_record is not None:
+            self.on_record()
         return record
 
 
@@ -896,9 +899,13 @@ def run_train(run: Run, preset: str, plan: dict, steps: dict, config) -> None:
         data = to_device(train_batch(vocab, batch, source_length, target_length, seed=settings.seed), device)
         run.log(f"{preset} train {batch}x{source_length}+{batch}x{target_length}: warm-up"
                 + (" (the first compiles ours+compile)" if "ours+compile" in steps else ""))
-        for _ in range(2):
-            for step in steps.values():
-                step(data)
+        for name in list(steps):  # one that fails (a compiler error, say) costs its own rows only
+            failures = len(run.failures)
+            with run.guard(f"{preset} train, {name} warm-up"):
+                for _ in range(2):
+                    steps[name](data)
+            if len(run.failures) > failures:
+                del steps[name]
         run.log(f"{preset} train: timing x{plan['train']}")
         times = alternate({name: (lambda s=s: s(data)) for name, s in steps.items()}, plan["train"], device)
         flops = training_flops(config, batch, source_length, target_length)
@@ -1023,7 +1030,7 @@ def run_memory(run: Run) -> None:
 
 def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], None] | None = None) -> dict:
     """Run every requested phase; returns {"machine": ..., "settings": ..., "records": [...]}. `on_progress` gets
-    the results so far after each preset (scripts/benchmark.py writes them, so a run cut short keeps them)."""
+    the results so far after each measurement (scripts/benchmark.py writes them, so a run cut short keeps them)."""
     import transformers
 
     from .export import synthetic_tokenizer
@@ -1048,6 +1055,8 @@ def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], Non
         return {"machine": machine, "settings": settings_dict, "records": list(run.records), "notes": run.notes,
                 "failures": run.failures, "complete": complete}
 
+    if on_progress is not None:
+        run.on_record = lambda: on_progress(results(complete=False))
     phases = set(settings.phases)
     unknown = phases - set(PHASES)
     if unknown:
@@ -1108,8 +1117,6 @@ def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], Non
                 gc.collect()
                 if settings.is_cuda:
                     torch.cuda.empty_cache()
-            if on_progress is not None:
-                on_progress(results(complete=False))
     return results(complete=True)
 
 

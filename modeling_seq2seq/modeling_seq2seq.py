@@ -160,7 +160,8 @@ class SinusoidalPositionalEncoding(nn.Module):
     def forward(self, length: int, past_length: int, device: torch.device) -> torch.Tensor:
         """Encodings of positions past_length .. past_length + length - 1, shape (length, d_model), float32."""
         if torch.compiler.is_compiling():  # a table sized by today's lengths would tie the compiled graph to them
-            return self.compute(length, past_length, device)
+            float64_device = None if device.type == "mps" else device  # MPS has no float64
+            return self.compute(length, past_length, float64_device).to(device)
         end = past_length + length
         if self.table is None or self.table.shape[0] < end or self.table.device != device:
             size = max(self.max_positions, 1 << (end - 1).bit_length(), 0 if self.table is None else self.table.shape[0])

@@ -106,7 +106,7 @@ class TrainingConfig:
     label_smoothing: float = _option(0.1, "epsilon_ls of the training loss (Section 5.4)")
     mixed_precision: str = _option("no", "no | bf16 | fp16 (through Accelerate)", choices=("no", "bf16", "fp16"))
     compile: bool = _option(False, "torch.compile the training step's forward and backward (GPU: fuses the element-wise "
-                                   "work around the matrix products; the first steps compile for a minute or two)")
+                                   "work around the matrix products; the first steps compile, for minutes)")
     max_consecutive_bad_steps: int = _option(10, "stop after this many consecutive NaN/inf steps")
     max_time_minutes: typing.Optional[float] = _option(None, "wall-clock budget; then stop cleanly, save, evaluate")
     torch_threads: typing.Optional[int] = _option(None, "CPU threads per process for torch (none: torch's default)")
@@ -654,7 +654,8 @@ def validation_loss(model, dataset, collator, max_tokens: int) -> dict:
 def compiled_for_training(model):
     """`model` behind `torch.compile` (the `compile` option), for the training step only: the wrapper shares the
     model's parameters, while evaluation, generation and checkpoints keep using the model itself. Shapes are
-    dynamic from the first step, since token batches change them at every step."""
+    dynamic from the first step, since token batches change them at every step; a few shapes still compile anew
+    (a batch of one row: torch specialises sizes 0 and 1; on a CPU, over 4096 target tokens)."""
     return torch.compile(model, dynamic=True)
 
 
@@ -1158,7 +1159,9 @@ class Trainer:
         optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step_model = self.model
-        if config.compile:
+        if config.compile and accelerator.state.dynamo_plugin.backend.value != "NO":
+            self.print("Accelerate already compiles the model (--dynamo_backend): `compile` adds nothing to it.")
+        elif config.compile:
             self.step_model = compiled_for_training(self.model)
             self.print("The training step runs under torch.compile: the first steps compile it (minutes).")
         self.step = 0

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         phases=tuple(args.phases), use_ctranslate2=not args.no_ctranslate2, seed=args.seed, repeats=args.repeats,
         compile_training={"auto": None, "on": True, "off": False}[args.compile],
     )
-    # With --json, the results so far are written after each preset: a run cut short keeps what it measured.
+    # With --json, the results so far are written after each measurement: a run cut short keeps what it measured.
     result = run_benchmark(settings, on_progress=(lambda partial: write_json(partial, args.json)) if args.json else None)
     print(format_table(result))
     if args.json:

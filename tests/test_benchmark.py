@@ -115,7 +115,7 @@ def load_script():
 
 
 def test_a_run_cut_short_keeps_the_presets_it_finished_in_its_json(monkeypatch, tmp_path):
-    """The JSON is written after each preset (atomically): a run stopped in its second preset still has the first."""
+    """The JSON is written after each measurement (atomically): a run stopped in its second preset keeps the first."""
     real = benchmark.run_train
 
     def stopped_in_base(run, preset, *args):
@@ -148,6 +148,21 @@ def test_compiled_training_is_a_column_of_its_own(monkeypatch):
     row = next(line for line in format_table(result).splitlines() if "same, ours compiled" in line)
     assert "| tiny" in row and f"MFU {train['ours+compile']['mfu']:.0%}" in row
     assert BenchmarkSettings(device="cuda").compiles and not BenchmarkSettings().compiles
+
+
+def test_a_compiler_failure_costs_the_compiled_row_only(monkeypatch):
+    def failing_compile(model):
+        def compiled(**batch):
+            raise RuntimeError("triton: no working compiler")
+        return compiled
+
+    monkeypatch.setattr(training, "compiled_for_training", failing_compile)
+    monkeypatch.setattr(BenchmarkSettings, "train_shapes", lambda self: [(2, 6, 6), (2, 8, 8)])
+    settings = BenchmarkSettings(presets=("tiny",), phases=("train",), repeats=1, progress=False, compile_training=True)
+    result = run_benchmark(settings)
+    assert result["failures"] == ["tiny train, ours+compile warm-up failed: RuntimeError: triton: no working compiler"]
+    train = [(r["implementation"], r["source_length"]) for r in result["records"] if r["phase"] == "train"]
+    assert sorted(train) == [("marian", 6), ("marian", 8), ("ours", 6), ("ours", 8)]
 
 
 def test_half_precision_runs_report_the_float32_check_and_the_agreement(monkeypatch):

@@ -518,13 +518,17 @@ def test_bf16_mixed_precision_on_cpu(assets, tmp_path):
     assert weights(output_dir)["model.shared.weight"].dtype == torch.float32, "weights stay fp32; compute is bf16"
 
 
-def test_compiled_step_gives_the_eager_loss_and_gradients_for_every_batch_shape():
-    """`compile: true` runs the step through `compiled_for_training`: the same loss and gradients as the eager model,
-    and one compilation for batches of every shape (token batches change shape at every step)."""
+def test_compiled_step_gives_the_eager_loss_and_gradients_without_compiling_again_for_new_shapes():
+    """`compile: true` runs the step through `compiled_for_training`: one graph, the same loss and gradients as the
+    eager model, and no new compilation when the shape changes (token batches change it at every step), also past
+    the positional table's size and across `linear()`'s oneDNN work threshold (2^23 multiply-adds)."""
+    from torch._dynamo.utils import counters
+
     from test_model import make_model, padded_batch
 
-    model = make_model(dropout=0.0).train()
+    model = make_model(dropout=0.0, vocab_size=4096).train()  # output layer: 2^17 weights, oneDNN from 64 rows
     compiled = training.compiled_for_training(model)
+    counters.clear()
     for index, (rows, length) in enumerate(((4, 11), (6, 9), (8, 70))):  # 70: past max_position_embeddings
         source, mask = padded_batch(seed=rows, batch=rows, length=length)
         batch = dict(input_ids=source, attention_mask=mask, labels=source[:, : length - 1 - 2 * index].clone())
@@ -539,21 +543,34 @@ def test_compiled_step_gives_the_eager_loss_and_gradients_for_every_batch_shape(
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
         for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
             torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+
+
+@pytest.mark.slow
+def test_compile_leaves_a_model_that_accelerate_compiles_alone(assets, tmp_path, monkeypatch, capsys):
+    """`accelerate launch --dynamo_backend inductor` compiles the model itself: `compile` then wraps nothing more."""
+    compiled = []
+    monkeypatch.setattr(training, "compiled_for_training", lambda model: compiled.append(model) or model)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    assert training.main(run_args(assets, tmp_path / "run", max_steps=2, compile=True)) == 0
+    assert compiled == [] and "Accelerate already compiles the model" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_compiled_training_in_two_processes_trains_like_the_eager_loop_and_saves_plain_weights(assets, tmp_path):
     """The option in the loop, under `accelerate launch` (DDP over gloo, the compiled wrapper around the DDP model):
-    without dropout, 2 compiled processes log the losses of 1 eager process with 2 micro-batches, and end with its
-    weights, saved under the model's own names (the compiled wrapper is never what gets saved)."""
+    without dropout, 2 compiled processes of 2 micro-batches each (the first under DDP's no_sync) log the losses of
+    1 eager process with 4 micro-batches, and end with its weights, saved under the model's own names (the
+    compiled wrapper is never what gets saved)."""
     no_dropout = {"dropout": 0.0}
     cpu_only = {**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""}
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert training.main(run_args(assets, eager, max_steps=4, gradient_accumulation_steps=2, model_overrides=no_dropout)) == 0
+    assert training.main(run_args(assets, eager, max_steps=4, gradient_accumulation_steps=4, model_overrides=no_dropout)) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py")]
-    result = subprocess.run(launch + run_args(assets, compiled, max_steps=4, model_overrides=no_dropout, compile=True),
+    result = subprocess.run(launch + run_args(assets, compiled, max_steps=4, gradient_accumulation_steps=2,
+                                              model_overrides=no_dropout, compile=True),
                             capture_output=True, text=True, timeout=600, env=cpu_only)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "runs under torch.compile" in result.stdout
