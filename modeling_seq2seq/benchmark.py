@@ -1046,6 +1046,7 @@ def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], Non
     use_ct2 = settings.use_ctranslate2 and ctranslate2_available()
     if settings.use_ctranslate2 and not use_ct2:
         run.notes.append("ctranslate2 is not installed: no CTranslate2 column.")
+
     def results(complete: bool) -> dict:
         machine["load_average_end"] = list(os.getloadavg())
         machine["wall_seconds"] = round(time.perf_counter() - run.started, 1)
@@ -1105,7 +1106,7 @@ def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], Non
                 ours.to(settings.device).train()
                 marian.to(settings.device).train()
                 steps = {"ours": ours_train_step(ours, settings.device), "marian": marian_train_step(marian, settings.device)}
-                if settings.compiles and "train" in phases:  # one compilation (dynamic shapes) serves every shape
+                if settings.compiles and "train" in phases:  # compiled at its first warm-up, with dynamic shapes
                     steps["ours+compile"] = ours_train_step(ours, settings.device, compile=True)
                 if "train" in phases:
                     with run.guard(f"{preset} train"):
