@@ -200,6 +200,23 @@ def test_compiled_bf16_training_step_is_as_close_to_float32_as_the_eager_one():
     assert loss_error <= 2 * eager_loss_error + 1e-3 and grad_error <= 2 * eager_grad_error, (error("eager"), error("compiled"))
 
 
+def test_compiled_step_compiles_once_for_the_benchmark_shapes():
+    """The GPU benchmark's training shapes (up to the paper's 25k-token batch, a 37k vocabulary) run on one compiled
+    graph: a recompilation would cost minutes of a GPU run (an earlier benchmark run recompiled at 200x128)."""
+    from modeling_seq2seq.benchmark import train_batch
+    from modeling_seq2seq.training import compiled_for_training, compute_loss
+
+    model = make_model(dropout=0.0, vocab_size=37000).cuda().train()
+    compiled = compiled_for_training(model)
+    for index, (rows, source_length, target_length) in enumerate(((16, 32, 32), (128, 64, 64), (200, 128, 128))):
+        batch = {k: v.cuda() for k, v in train_batch(37000, rows, source_length, target_length, seed=index).items()}
+        with torch._dynamo.config.patch(error_on_recompile=index > 0), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compute_loss(compiled, batch)
+        loss.backward()
+        assert torch.isfinite(loss)
+        model.zero_grad(set_to_none=True)
+
+
 def test_recorded_decode_step_is_recorded_again_as_the_cache_grows():
     """Sentences longer than the cache (64 positions at first) grow it to 128 and then 160 positions; each growth
     records the step again, and the tokens stay transformers' (float32)."""
