@@ -182,10 +182,9 @@ def test_compiled_bf16_training_step_is_as_close_to_float32_as_the_eager_one():
     model = make_model(dropout=0.0).cuda().train()
     compiled = compiled_for_training(model)
     results = {}
-    for name, step_model, precision in (("float32", model, None), ("eager", model, torch.bfloat16),
-                                        ("compiled", compiled, torch.bfloat16)):
+    for name, step_model, bf16 in (("float32", model, False), ("eager", model, True), ("compiled", compiled, True)):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision is not None):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = compute_loss(step_model, batch)
         loss.backward()
         results[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
