@@ -199,21 +199,36 @@ def test_compiled_bf16_training_step_is_as_close_to_float32_as_the_eager_one():
     assert loss_error <= 2 * eager_loss_error + 1e-3 and grad_error <= 2 * eager_grad_error, (error("eager"), error("compiled"))
 
 
-def test_compiled_step_compiles_once_for_the_benchmark_shapes():
-    """The GPU benchmark's training shapes (up to the paper's 25k-token batch, a 37k vocabulary) run on one compiled
-    graph: a recompilation would cost minutes of a GPU run (an earlier benchmark run recompiled at 200x128)."""
+def test_compiled_step_compiles_once_on_each_side_of_inductors_fusion_threshold():
+    """The GPU benchmark's training shapes (up to the paper's 25k-token batch, a 37k vocabulary) and one more large
+    shape run on two compiled graphs: one below and one above Inductor's mix-order-reduction threshold (a fusion
+    heuristic of its GPU backend, for reductions such as the layer-norm backward, that guards on d_model x tokens
+    >= 5 * 2^20; in the benchmark it recompiled base at 200x128 tokens). Any other recompilation fails the test."""
+    from torch._dynamo.utils import counters
+
     from modeling_seq2seq.benchmark import train_batch
     from modeling_seq2seq.training import compiled_for_training, compute_loss
 
-    model = make_model(dropout=0.0, vocab_size=37000).cuda().train()
+    d_model, vocab = 256, 37000
+    model = make_model(dropout=0.0, vocab_size=vocab, d_model=d_model, encoder_ffn_dim=1024,
+                       decoder_ffn_dim=1024).cuda().train()
     compiled = compiled_for_training(model)
-    for index, (rows, source_length, target_length) in enumerate(((16, 32, 32), (128, 64, 64), (200, 128, 128))):
-        batch = {k: v.cuda() for k, v in train_batch(37000, rows, source_length, target_length, seed=index).items()}
-        with torch._dynamo.config.patch(error_on_recompile=index > 0), torch.autocast("cuda", dtype=torch.bfloat16):
+    threshold_tokens = 5 * 2**20 // d_model
+    counters.clear()
+    crossed = False
+    for index, (rows, source_length, target_length) in enumerate(
+            ((16, 32, 32), (128, 64, 64), (200, 128, 128), (176, 120, 136))):
+        above = rows * min(source_length, target_length) >= threshold_tokens
+        compiles = index == 0 or (above and not crossed)
+        crossed |= above
+        batch = {k: v.cuda() for k, v in train_batch(vocab, rows, source_length, target_length, seed=index).items()}
+        with torch._dynamo.config.patch(error_on_recompile=not compiles), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = compute_loss(compiled, batch)
         loss.backward()
         assert torch.isfinite(loss)
         model.zero_grad(set_to_none=True)
+    assert crossed
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters)
 
 
 def test_recorded_decode_step_is_recorded_again_as_the_cache_grows():
