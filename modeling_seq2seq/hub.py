@@ -60,6 +60,7 @@ ALLOWED_IMPORT_ROOTS = frozenset(
         "abc",
         "collections",
         "contextlib",
+        "contextvars",
         "copy",
         "dataclasses",
         "enum",

@@ -6,6 +6,7 @@ this file ships to the Hub with the weights, so it imports torch, transformers a
 `generate`, decoding_seq2seq.py, the fast greedy/beam search that ships beside it).
 """
 
+import contextvars
 import copy
 import math
 import warnings
@@ -112,13 +113,20 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+# The decode loop's `linear(module, x)` while it encodes the source (`decoding_seq2seq.IncrementalDecoder`).
+search_linear = contextvars.ContextVar("search_linear", default=None)
+
+
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, computed by `OneDNNLinear` when training (module in train mode, autograd recording) a plain
     float32 `nn.Linear` on a CPU with enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23
     multiply-adds, or a weight of 2^20 values or more. Evaluation keeps `F.linear`, so that logits stay
-    bit-identical to MarianMTModel's (the decode loop picks its own kernels, `decoding_seq2seq.decode_step_linear`)."""
+    bit-identical to MarianMTModel's, except inside our `generate`, whose search picks its own kernels
+    (`search_linear`, `decoding_seq2seq.decode_step_linear`)."""
     if not (module.training and torch.is_grad_enabled() and is_plain_linear(module)):
-        return module(x)
+        # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
+        search = None if module.training or torch.compiler.is_compiling() else search_linear.get()
+        return module(x) if search is None else search(module, x)
     weight = module.weight
     if (
         torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()

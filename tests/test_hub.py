@@ -339,7 +339,8 @@ def test_shipped_code_is_only_our_three_files_and_imports_nothing_else(hub_folde
         assert (hub_folder / name).read_bytes() == (package / name).read_bytes()
     # An independent reading of the imports: torch, transformers, a few standard modules, and each other.
     allowed = {"torch", "transformers", "__future__", "math", "typing", "enum", "dataclasses", "collections",
-               "functools", "itertools", "warnings", "copy", "abc", "numbers", "operator", "types", "contextlib"}
+               "functools", "itertools", "warnings", "copy", "abc", "numbers", "operator", "types", "contextlib",
+               "contextvars"}
     for name in SHIPPED_CODE:
         for node in ast.walk(ast.parse((hub_folder / name).read_text())):
             if isinstance(node, ast.Import):

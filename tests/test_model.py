@@ -15,8 +15,14 @@ from modeling_seq2seq import (
     Seq2SeqTransformerModel,
 )
 from modeling_seq2seq.convert import from_marian, to_marian
-from modeling_seq2seq.decoding_seq2seq import StaticIncrementalDecoder, beam_search, decode_step_linear, greedy_search
-from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, SinusoidalPositionalEncoding, linear
+from modeling_seq2seq.decoding_seq2seq import (
+    PADDED_ROWS,
+    StaticIncrementalDecoder,
+    beam_search,
+    decode_step_linear,
+    greedy_search,
+)
+from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, SinusoidalPositionalEncoding, linear, search_linear
 from modeling_seq2seq.presets import load_preset
 
 VOCAB = 64
@@ -186,14 +192,20 @@ def wide_model():
                       decoder_attention_heads=8, vocab_size=600)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 32])
-def test_decode_step_linear_equals_f_linear(rows):
+def test_decode_step_linear_equals_a_float64_recomputation():
+    """Also when it multiplies fewer than `PADDED_ROWS` rows as that many, after a call with more rows (the padding
+    rows then hold stale values, which must not leak into the rows returned)."""
     model = wide_model()
     linear = decode_step_linear(model, torch.device("cpu"), torch.float32)
-    for module in (model.lm_head, model.model.decoder.layers[0].feed_forward.fc1):
-        x = torch.randn(rows, 1, module.in_features)
-        expected = (x.double() @ module.weight.double().T + (0 if module.bias is None else module.bias.double()))
-        assert torch.allclose(linear(module, x).double(), expected, atol=1e-4)
+    for shape in [(5,), (1,), (3,), (PADDED_ROWS,), (32,), (3, 1), (1, 1)]:
+        for module in (model.lm_head, model.model.decoder.layers[0].feed_forward.fc1):
+            x = torch.randn(*shape, module.in_features) * 10
+            expected = (x.double() @ module.weight.double().T + (0 if module.bias is None else module.bias.double()))
+            output = linear(module, x)
+            assert output.shape == expected.shape, shape
+            if len(shape) == 1 and shape[0] < PADDED_ROWS:  # the padded product's first rows
+                assert output._base is not None and output._base.shape[0] == PADDED_ROWS, shape
+            assert torch.allclose(output.double(), expected, atol=1e-3), shape
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -340,6 +352,27 @@ def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit
     layer = model.model.decoder.layers[0].self_attn
     layer.qkv_proj.weight = torch.nn.Parameter(torch.randn_like(layer.qkv_proj.weight))  # a new tensor
     check()
+
+
+def test_generate_encodes_with_the_search_kernels_and_leaves_the_encoders_forward_as_it_was():
+    model = wide_model()
+    source, mask = padded_batch(vocab=600)
+    encoder = model.get_encoder()
+    expected = encoder(input_ids=source, attention_mask=mask).last_hidden_state
+    model.generate(source, attention_mask=mask, num_beams=1, max_new_tokens=3)
+    assert id(encoder.layers[0].feed_forward.fc1) in vars(model)["_packed_decode_weights"]
+    assert search_linear.get() is None
+    assert torch.equal(encoder(input_ids=source, attention_mask=mask).last_hidden_state, expected)  # F.linear again
+
+
+def test_an_evaluation_forward_compiles_as_one_graph():
+    """`linear` looks up `search_linear` in evaluation; under dynamo it must not (that lookup breaks the graph)."""
+    model = make_model()
+    source, mask = padded_batch()
+    labels = source[:, :7]
+    expected = model(input_ids=source, attention_mask=mask, labels=labels).logits
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(input_ids=source, attention_mask=mask, labels=labels).logits, expected)
 
 
 def test_a_model_that_has_decoded_can_be_copied_and_pickled():

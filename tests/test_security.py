@@ -267,13 +267,13 @@ def test_safetensors_win_over_a_pickle_next_to_them(tmp_path, marker, quiet):
 
 # --- The code a saved model carries -------------------------------------------------------------------------------
 
-# warnings: for a FutureWarning; enum and __future__: pipeline.py
-ALLOWED_IMPORTS = {"torch", "transformers", "math", "copy", "typing", "warnings", "enum", "__future__"}
+# warnings: for a FutureWarning; enum and __future__: pipeline.py; contextvars: the kernel `generate` encodes with
+ALLOWED_IMPORTS = {"torch", "transformers", "math", "copy", "typing", "warnings", "enum", "__future__", "contextvars"}
 FORBIDDEN_NAMES = {"exec", "eval", "compile", "open", "__import__", "__builtins__", "globals", "breakpoint", "input"}
 FORBIDDEN_ROOTS = {"os", "sys", "subprocess", "socket", "urllib", "requests", "http", "shutil", "pathlib", "pickle",
                    "importlib", "ctypes", "builtins", "io", "tempfile", "huggingface_hub"}
 # Calls that run when the file is imported (module and class bodies, decorators, defaults); nothing else may.
-IMPORT_TIME_CALLS = {"torch.no_grad", "PIPELINE_REGISTRY.register_pipeline"}
+IMPORT_TIME_CALLS = {"torch.no_grad", "PIPELINE_REGISTRY.register_pipeline", "contextvars.ContextVar"}
 
 
 def import_time_calls(tree: ast.Module) -> list[str]:
