@@ -87,16 +87,16 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
         key = id(module)
         if key not in chosen:  # decided once per search, not at each of a step's 37 calls (base)
             chosen[key] = choose(module)
-        if chosen[key] is None:
+        weights, rows = chosen[key], x.shape[0]
+        if weights is None:
             return module(x)
-        rows = x.shape[0]
         if x.dim() == 2 and rows < PADDED_ROWS:
-            columns = x.shape[1]
-            if columns not in padded:
-                padded[columns] = x.new_zeros(PADDED_ROWS, columns)
-            padded[columns][:rows] = x
-            return onednn(padded[columns], *chosen[key], "none", [], "")[:rows]
-        return onednn(x, *chosen[key], "none", [], "")
+            buffer = padded.get(x.shape[1])
+            if buffer is None:
+                buffer = padded[x.shape[1]] = x.new_zeros(PADDED_ROWS, x.shape[1])
+            buffer[:rows] = x
+            return onednn(buffer, *weights, "none", [], "")[:rows]
+        return onednn(x, *weights, "none", [], "")
 
     return linear
 
