@@ -347,7 +347,7 @@ def autocast(device: str):
 def ours_train_step(model, device: str, compile: bool = False) -> Callable[[dict], torch.Tensor]:
     """The step of our training loop (`training.Trainer.train_step` without the multi-process bookkeeping); with
     `compile`, the loop's `compile: true` (`training.compiled_for_training`)."""
-    from .training import TrainingConfig, compiled_for_training, compute_loss, make_optimizer_and_scheduler
+    from .training import TrainingConfig, compiled_for_training, compute_loss, gradient_norm, make_optimizer_and_scheduler
 
     optimizer, scheduler = make_optimizer_and_scheduler(model, TrainingConfig(), model.config.d_model)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -357,7 +357,7 @@ def ours_train_step(model, device: str, compile: bool = False) -> Callable[[dict
         with autocast(device):
             loss = compute_loss(step_model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, float("inf"))  # the loop measures the norm every step
+        gradient_norm(parameters, None)  # the loop measures the norm every step
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

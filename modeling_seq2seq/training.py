@@ -825,6 +825,28 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def gradient_norm(parameters: list, max_norm: float | None, accelerator=None) -> float:
+    """The total 2-norm of the parameters' gradients, after clipping them to `max_norm` when it is set; through
+    `accelerator` when given (it unscales fp16 gradients, and FSDP, DeepSpeed and XLA, whose gradients are sharded
+    or reduced inside accelerate, keep its own method).
+
+    Without clipping only the norm is computed: `clip_grad_norm_(..., inf)` also multiplies every gradient by 1,
+    one more pass over all of them (8 of its 20 ms at the base preset on 2 cores)."""
+    from accelerate.utils import DistributedType
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    sharded = accelerator is not None and accelerator.distributed_type in (
+        DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA
+    )
+    if max_norm or sharded or total_norm is None or any(type(g) is not torch.Tensor for g in grads):
+        clip = torch.nn.utils.clip_grad_norm_ if accelerator is None else accelerator.clip_grad_norm_
+        return float(clip(parameters, max_norm or float("inf")))
+    if accelerator is not None:
+        accelerator.unscale_gradients()
+    return float(total_norm(grads))
+
+
 class Trainer:
     """One training run; `run()` returns the final metrics. Constructed by `train(config)`."""
 
@@ -1126,8 +1148,7 @@ class Trainer:
             loss_sum = accelerator.reduce(loss_sum, "sum")
         mean_loss = float(loss_sum) / total_target
         # Always measure the gradient norm (max_norm=inf does not clip): a finite loss can still give inf grads.
-        max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        grad_norm = gradient_norm(list(model.parameters()), self.config.max_grad_norm, accelerator)
         counts = {"loss": mean_loss, "grad_norm": grad_norm, "target_tokens": total_target, "source_tokens": total_source}
         fp16 = self.config.mixed_precision == "fp16"
         if not math.isfinite(mean_loss) or (not math.isfinite(grad_norm) and not fp16):

@@ -5,6 +5,7 @@ import math
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, GenerationMixin
@@ -22,7 +23,16 @@ from modeling_seq2seq.decoding_seq2seq import (
     decode_step_linear,
     greedy_search,
 )
-from modeling_seq2seq.modeling_seq2seq import LabelSmoothedCrossEntropy, SinusoidalPositionalEncoding, linear, search_linear
+from modeling_seq2seq.modeling_seq2seq import (
+    LabelSmoothedCrossEntropy,
+    SinusoidalPositionalEncoding,
+    add_dropout,
+    apply_dropout,
+    dropout_mask,
+    linear,
+    lowbias32_,
+    search_linear,
+)
 from modeling_seq2seq.presets import load_preset
 
 VOCAB = 64
@@ -510,18 +520,77 @@ def test_gradient_reaches_every_parameter():
     assert not no_gradient
 
 
-@pytest.mark.parametrize("width", [{}, dict(d_model=512, encoder_ffn_dim=1024, decoder_ffn_dim=1024)])  # wide: OneDNNLinear
-def test_gradient_checkpointing_gives_the_same_gradients(width):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(dropout=0.0),
+        dict(dropout=0.0, d_model=512, encoder_ffn_dim=1024, decoder_ffn_dim=1024),  # wide: OneDNNLinear
+        dict(dropout=0.3, activation_dropout=0.2, attention_dropout=0.1, attn_implementation="eager"),  # same masks
+    ],
+)
+def test_gradient_checkpointing_gives_the_same_gradients(settings):
     source, mask = padded_batch()
     labels = torch.randint(4, VOCAB, (4, 6))
     gradients = []
     for checkpointing in (False, True):
-        model = make_model(dropout=0.0, **width).train()
+        model = make_model(**{k: v for k, v in settings.items() if k != "attn_implementation"}).train()
+        model.config._attn_implementation = settings.get("attn_implementation", model.config._attn_implementation)
         if checkpointing:
             model.gradient_checkpointing_enable()
+        torch.manual_seed(5)
         model(input_ids=source, attention_mask=mask, labels=labels).loss.backward()
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+def lowbias32_reference(values: "np.ndarray") -> "np.ndarray":
+    """The hash as published, on uint32 (numpy wraps uint32 products modulo 2^32)."""
+    x = values.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def test_lowbias32_on_int32_equals_the_uint32_hash():
+    edges = torch.tensor([0, 1, -1, 2**31 - 1, -(2**31), 0x7FEB352D, -0x7B935975], dtype=torch.int32)
+    values = torch.cat([edges, torch.randint(-(2**31), 2**31 - 1, (100_000,), dtype=torch.int32)])
+    expected = lowbias32_reference(values.numpy().view(np.uint32))
+    assert np.array_equal(lowbias32_(values.clone()).numpy().view(np.uint32), expected)
+    assert lowbias32_reference(np.array([1], dtype=np.uint32))[0] != 1  # not the identity
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
+def test_dropout_mask_drops_each_element_independently_with_probability_p(p):
+    torch.manual_seed(0)
+    n = 1_000_000
+    first, second = dropout_mask(torch.Size([n]), p, torch.float32), dropout_mask(torch.Size([n]), p, torch.float32)
+    assert torch.equal(first.unique(), torch.tensor([0.0, 1 / (1 - p)]))
+    dropped, dropped_next = first == 0, second == 0
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(dropped.double().mean().item() - p) < 5 * sigma
+    # pairs: neighbours in one mask (consecutive counters), the same element in two masks, and a stride of 512
+    pair_sigma = math.sqrt(p * p * (1 - p * p) / (n // 2))
+    for a, b in ((dropped[:-1], dropped[1:]), (dropped, dropped_next), (dropped[:-512], dropped[512:])):
+        assert abs((a & b).double().mean().item() - p * p) < 5 * pair_sigma
+
+
+def test_dropout_is_reproducible_from_torchs_seed_and_scales_what_it_keeps():
+    x = torch.randn(64, 33, dtype=torch.float64)
+    torch.manual_seed(1)
+    once = apply_dropout(x, 0.25, True)
+    torch.manual_seed(1)
+    again, other = apply_dropout(x, 0.25, True), apply_dropout(x, 0.25, True)
+    assert torch.equal(once, again) and not torch.equal(once, other)
+    kept = once != 0
+    assert torch.allclose(once[kept], x[kept] / 0.75, rtol=1e-15, atol=0)
+    assert apply_dropout(x, 0.25, False) is x
+    residual = torch.randn_like(x)
+    torch.manual_seed(1)
+    assert torch.allclose(add_dropout(residual, x, 0.25, True), residual + once, rtol=0, atol=1e-15)
+    assert torch.equal(apply_dropout(x, 1.0, True), torch.zeros_like(x))  # p = 1: torch's own
 
 
 def test_tiny_model_overfits_one_batch():

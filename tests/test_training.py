@@ -180,6 +180,34 @@ def test_optimizer_is_fused_and_updates_like_the_default_implementation(weight_d
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("through_accelerate", [False, True])
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e9])
+def test_gradient_norm_is_clip_grad_norms_and_clips_only_when_asked(max_norm, through_accelerate):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        model[2].bias.requires_grad_(False)  # a parameter without a gradient
+    x = torch.randn(5, 8)
+    for model in models:
+        (10 * model(x)).square().sum().backward()
+    parameters = [list(model.parameters()) for model in models]
+    AcceleratorState._reset_state()  # one process-wide state: take none from an earlier test, leave none behind
+    try:
+        accelerator = Accelerator(cpu=True) if through_accelerate else None
+        norm = training.gradient_norm(parameters[0], max_norm, accelerator)
+    finally:
+        AcceleratorState._reset_state()
+    reference = torch.nn.utils.clip_grad_norm_(parameters[1], max_norm or float("inf")).item()
+    assert norm == pytest.approx(reference, rel=1e-6) and norm > 0.5
+    for ours, theirs in zip(*parameters):
+        if ours.grad is not None:
+            torch.testing.assert_close(ours.grad, theirs.grad)  # clipped (0.5) or untouched, as clip_grad_norm_
+
+
 def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
     bad_key = tmp_path / "bad_key.yaml"
     bad_key.write_text("max_step: 10\n")
