@@ -139,10 +139,11 @@ def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tenso
 
 
 def uses_dropout_mask(x: torch.Tensor, p: float, training: bool) -> bool:
-    """Whether `apply_dropout` draws `dropout_mask` for x: CPU training in eager mode (a compiler, a tracer or vmap
-    gets torch's dropout, which they know how to handle), tensors within int32's counter range."""
+    """Whether `apply_dropout` draws `dropout_mask` for x: CPU training in eager mode on a plain tensor (a compiler,
+    a tracer, vmap or a tensor subclass gets torch's dropout, which they know how to handle), within int32's
+    counter range."""
     return (
-        training and 0 < p < 1 and x.device.type == "cpu" and x.numel() < 2**31
+        training and 0 < p < 1 and type(x) is torch.Tensor and x.device.type == "cpu" and x.numel() < 2**31
         and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active())
     )
 

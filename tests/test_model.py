@@ -592,6 +592,13 @@ def test_dropout_is_reproducible_from_torchs_seed_and_scales_what_it_keeps():
     assert torch.allclose(add_dropout(residual, x, 0.25, True), residual + once, rtol=0, atol=1e-15)
     assert torch.equal(apply_dropout(x, 1.0, True), torch.zeros_like(x))  # p = 1: torch's own
 
+    class Sublayer(torch.nn.Module):
+        def forward(self, residual, output):
+            return add_dropout(residual, apply_dropout(output, 0.1, True), 0.1, True)
+
+    traced = torch.fx.symbolic_trace(Sublayer())  # a tracer's proxies get torch's dropout, which it records
+    assert sum(node.target is torch.nn.functional.dropout for node in traced.graph.nodes) == 2
+
 
 def test_tiny_model_overfits_one_batch():
     model = make_model(dropout=0.0).train()
