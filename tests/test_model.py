@@ -28,9 +28,11 @@ from modeling_seq2seq.modeling_seq2seq import (
     SinusoidalPositionalEncoding,
     add_dropout,
     apply_dropout,
+    computes_in_float32,
     dropout_mask,
     linear,
     lowbias32_,
+    onednn_matmul,
     search_linear,
 )
 from modeling_seq2seq.presets import load_preset
@@ -238,6 +240,36 @@ def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias):
         assert torch.allclose(module.bias.grad.double(), reference_module.bias.grad, atol=1e-3)
     with torch.no_grad():  # inference keeps F.linear: logits bit-identical to MarianMTModel's
         assert torch.equal(linear(module, x), torch.nn.functional.linear(x, module.weight, module.bias))
+
+
+def test_onednn_matmul_runs_only_where_it_computes_in_float32():
+    """The backward's products go to oneDNN's matmul under torch's "bf16" matmul precision, so the probe that allows
+    it must catch a product that rounds its inputs to bfloat16, in either operand and either layout; the product
+    itself must have float32's accuracy; and the process-wide setting must come back, also after an error."""
+    def rounds(which):
+        def product(left, right):
+            operands = [left, right]
+            for index in which(left):
+                operands[index] = operands[index].bfloat16().float()
+            return operands[0] @ operands[1]
+        return product
+
+    assert computes_in_float32(torch.mm)
+    assert not computes_in_float32(rounds(lambda left: (0, 1)))
+    assert not computes_in_float32(rounds(lambda left: (0,)))
+    assert not computes_in_float32(rounds(lambda left: () if left.is_contiguous() else (0,)))  # d/dW's layout only
+    assert not computes_in_float32(rounds(lambda left: (0,) if left.is_contiguous() else ()))  # d/dx's layout only
+    precision = torch.backends.mkldnn.matmul.fp32_precision
+    torch.manual_seed(0)
+    grad_rows, rows = torch.randn(300, 1536), torch.randn(300, 512)
+    for left, right in ((grad_rows.t(), rows), (grad_rows, torch.randn(1536, 512))):
+        expected = left.double() @ right.double()
+        error = (onednn_matmul(left, right).double() - expected).abs().max() / expected.abs().max()
+        assert error < 1e-5, error  # bfloat16 inputs: ~1e-3
+        assert torch.backends.mkldnn.matmul.fp32_precision == precision
+    with pytest.raises(RuntimeError):
+        onednn_matmul(grad_rows.t(), rows[:5])
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision
 
 
 def ran_on_onednn(output):
