@@ -408,14 +408,17 @@ def training_flops(config, batch: int, source_length: int, target_length: int) -
 
 
 def matmul_kernels(device: str) -> dict[str, Callable]:
-    """The matrix products the machine offers: torch.matmul, and on a CPU also oneDNN's (`OneDNNLinear`'s kernel,
-    which on AMD CPUs is faster than the MKL behind torch.matmul). Each computes a @ b."""
-    from .modeling_seq2seq import onednn_linear_kernel
+    """The matrix products the machine offers: torch.matmul, and on a CPU also the two of oneDNN that `OneDNNLinear`
+    uses (its inner product for the forward product, its matmul primitive for the backward's, where
+    `onednn_matmul_keeps_float32`), which on AMD CPUs are faster than the MKL behind torch.matmul. Each computes a @ b."""
+    from .modeling_seq2seq import onednn_linear_kernel, onednn_matmul, onednn_matmul_keeps_float32
 
     kernels = {"torch.matmul": lambda a, b, b_t: torch.matmul(a, b)}
     onednn = onednn_linear_kernel()
     if not device.startswith("cuda") and onednn is not None:
         kernels["onednn"] = lambda a, b, b_t: onednn(a, b_t, None, "none", [], "")
+        if onednn_matmul_keeps_float32():
+            kernels["onednn matmul"] = lambda a, b, b_t: onednn_matmul(a, b)
     return kernels
 
 
