@@ -128,7 +128,8 @@ def onednn_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     by `torch.mm` (MKL). The primitive reads a transposed operand in place; oneDNN's inner product (`OneDNNLinear`'s
     forward kernel) copies it first. At the base preset's backward shapes it is ~10% faster than MKL on an AMD CPU,
     where MKL has no AVX-512 kernels. While it runs, other threads' float32 products go to oneDNN too, which the probe
-    showed to compute in float32 as well."""
+    showed to compute in float32 as well (so does everything after it, should two threads' backward passes interleave
+    their save and restore and leave the setting at "bf16")."""
     return matmul_under_bf16_precision(left, right) if onednn_matmul_keeps_float32() else left @ right
 
 
