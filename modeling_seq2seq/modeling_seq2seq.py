@@ -96,14 +96,19 @@ def matmul_under_bf16_precision(left: torch.Tensor, right: torch.Tensor) -> torc
 
 
 def computes_in_float32(product) -> bool:
-    """Whether `product(left, right)` multiplies float32 matrices without rounding them to bfloat16 first: the inputs,
-    1 + 2^-10, are exact in float32 and become 1 in bfloat16, so the sums tell the two apart. Both layouts that
-    `OneDNNLinear.backward` uses are tried (a transposed left operand for d/dW, a plain one for d/dx)."""
+    """Whether `product(left, right)` multiplies float32 matrices without rounding them to bfloat16 first. One operand
+    holds 1 + 2^-10 (exact in float32, 1 in bfloat16) and the other ones, then the other way round, so the sums are
+    exact in float32 and show either operand rounded. Both layouts that `OneDNNLinear.backward` uses are tried (a
+    transposed left operand for d/dW, a plain one for d/dx)."""
+    fine = 1 + 2**-10
     for depth in (37, 512):
-        left = torch.full((depth, 64), 1 + 2**-10)
-        if not (torch.equal(product(left.t(), torch.ones(depth, 48)), torch.full((64, 48), depth * (1 + 2**-10)))
-                and torch.equal(product(left, torch.ones(64, 48)), torch.full((depth, 48), 64 * (1 + 2**-10)))):
-            return False
+        for left_value, right_value in ((fine, 1.0), (1.0, fine)):
+            left = torch.full((depth, 64), left_value)
+            if not (
+                torch.equal(product(left.t(), torch.full((depth, 48), right_value)), torch.full((64, 48), depth * fine))
+                and torch.equal(product(left, torch.full((64, 48), right_value)), torch.full((depth, 48), 64 * fine))
+            ):
+                return False
     return True
 
 

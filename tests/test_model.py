@@ -257,6 +257,7 @@ def test_onednn_matmul_runs_only_where_it_computes_in_float32():
     assert computes_in_float32(torch.mm)
     assert not computes_in_float32(rounds(lambda left: (0, 1)))
     assert not computes_in_float32(rounds(lambda left: (0,)))
+    assert not computes_in_float32(rounds(lambda left: (1,)))
     assert not computes_in_float32(rounds(lambda left: () if left.is_contiguous() else (0,)))  # d/dW's layout only
     assert not computes_in_float32(rounds(lambda left: (0,) if left.is_contiguous() else ()))  # d/dx's layout only
     precision = torch.backends.mkldnn.matmul.fp32_precision
