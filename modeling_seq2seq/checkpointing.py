@@ -35,6 +35,7 @@ MANIFEST_FORMAT = 1
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's and rotation's trash names
 
 
 class CheckpointError(RuntimeError):
@@ -319,10 +320,34 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, pro
     return deleted
 
 
+def restore_interrupted_replacements(output_dir: str | os.PathLike) -> list[Path]:
+    """Put back a checkpoint that a kill between `replace_dir`'s two renames (or rotation's rename and delete) left
+    under a trash name only: its complete new version from staging if there is one, else the complete trashed one."""
+    output_dir = Path(output_dir)
+    restored = []
+    if not output_dir.is_dir():
+        return restored
+    for entry in sorted(output_dir.iterdir()):
+        match = _TRASHED_CHECKPOINT_RE.match(entry.name)
+        final = output_dir / match.group(1) if match else None
+        if final is None or final.exists() or not entry.is_dir():
+            continue
+        for candidate in (output_dir / f"{TMP_PREFIX}{final.name}", entry):
+            if candidate.is_dir() and verify_checkpoint(candidate) is None:
+                os.replace(candidate, final)
+                fsync_dir(output_dir)
+                restored.append(final)
+                break
+    return restored
+
+
 def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete temporary folders left by a process that was killed while writing a checkpoint."""
+    """Delete temporary folders left by a process that was killed while writing a checkpoint (after putting back
+    what `restore_interrupted_replacements` can)."""
     output_dir = Path(output_dir)
     removed = []
+    for path in restore_interrupted_replacements(output_dir):
+        logger.warning("Restored %s, left under a temporary name by a run that stopped while replacing it.", path)
     if output_dir.is_dir():
         for entry in output_dir.iterdir():
             if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):

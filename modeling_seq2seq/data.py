@@ -690,6 +690,7 @@ class TokenBatchSampler:
             "max_tokens": self.max_tokens,
             "num_examples": len(self.source_lengths),
             "shuffle": self.shuffle,
+            "batch_count_multiple": self.batch_count_multiple,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -697,11 +698,12 @@ class TokenBatchSampler:
         mine = self.state_dict()
         mismatched = {
             k: (state.get(k), mine[k])
-            for k in ("seed", "num_replicas", "max_tokens", "num_examples", "shuffle")
+            for k in ("seed", "num_replicas", "max_tokens", "num_examples", "shuffle", "batch_count_multiple")
             if k in state and state[k] != mine[k]
         }
         if mismatched:
-            detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+            names = {"batch_count_multiple": "batch_count_multiple (processes x gradient_accumulation_steps)"}
+            detail = ", ".join(f"{names.get(k, k)}: saved {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"cannot resume the data order, the batching settings changed ({detail})")
         self.epoch = int(state["epoch"])
         self._start = self._consumed = int(state["batches_consumed"])

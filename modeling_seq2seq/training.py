@@ -389,6 +389,24 @@ class InverseSqrtSchedule:
         return inverse_sqrt_lr(scheduler_step + 1, self.d_model, self.warmup_steps, self.scale)
 
 
+def keep_configured_schedule(scheduler, configured: list[dict], source) -> None:
+    """After `scheduler.load_state_dict`, put back the schedule settings this run was configured with (`configured`:
+    each factor's `vars` before loading). LambdaLR restores a callable object's settings along with its step, which
+    would silently ignore a changed --lr_scale or --warmup_steps on resume; a schedule of plain functions (as
+    transformers builds) follows the new settings, and so does this one, with a warning."""
+    for schedule, settings in zip(scheduler.lr_lambdas, configured):
+        changed = {key: (vars(schedule).get(key), value) for key, value in settings.items() if vars(schedule).get(key) != value}
+        if not changed:
+            continue
+        vars(schedule).update(settings)
+        # The optimizer's saved learning rate is the old schedule's for the next update.
+        scheduler._last_lr = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler._last_lr):
+            group["lr"] = lr
+        detail = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        logger.warning("%s: the learning-rate schedule changed (%s); the resumed run follows the new one.", source, detail)
+
+
 def make_optimizer_and_scheduler(model: torch.nn.Module, config: TrainingConfig, d_model: int):
     """Adam(beta1, beta2, eps) with lr = the schedule (Section 5.3); AdamW when weight decay is set.
 
@@ -670,20 +688,26 @@ class JsonlLog:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+        self.records = 0  # in the file; a checkpoint saves the count, so that resume keeps exactly those
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop records after the checkpoint's step (and a line torn by a crash)."""
-        if not self.enabled or not self.path.exists():
+    def truncate_after(self, step: int, records: int | None = None) -> None:
+        """On resume, keep the first `records` records (what the checkpoint had seen: later ones are written again),
+        or, for checkpoints that lack the count, the records up to the checkpoint's step; a line torn by a crash
+        goes either way."""
+        if not self.enabled:
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("step", 0) <= step and record.get("type") not in ("test", "end"):
+            if records is not None and len(kept) >= records:
+                break
+            if records is not None or (record.get("step", 0) <= step and record.get("type") not in ("test", "end")):
                 kept.append(line)
         ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.records = len(kept)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -691,6 +715,7 @@ class JsonlLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
+        self.records += 1
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -742,6 +767,13 @@ def build_model(config: TrainingConfig, tokenizer):
 def load_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
     """Load a saved state dict whose tied duplicates (output projection = embeddings) were dropped on save."""
     own = model.state_dict()
+    for name, tensor in weights.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise ckpt.CheckpointError(
+                f"{source}: weights do not fit the model: {name} is {tuple(tensor.shape)} there and "
+                f"{tuple(own[name].shape)} here (the model settings, model_config or model_overrides, differ from "
+                "the ones that wrote it)."
+            )
     loaded_storage = {own[name].data_ptr() for name in weights if name in own}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # A missing name is fine when it is an alias of a loaded tensor (the same storage).
@@ -896,8 +928,17 @@ class Trainer:
     def _check_fresh_start(self):
         """A new run must not mix its checkpoints with an older run's (resume would pick the wrong ones)."""
         existing = ckpt.list_checkpoints(self.output_dir)
-        if self.resume_dir is not None or not existing:
+        if self.resume_dir is not None:
+            self._check_no_later_checkpoints(existing)
             return
+        if not existing:
+            return
+        if not self.config.overwrite_output_dir and self.config.resume_from_checkpoint == "latest":
+            raise ValueError(
+                f"Output directory {str(self.output_dir)!r} holds checkpoint folders ({existing[-1][1].name}, ...), but "
+                "none is complete (see the warnings above), so --resume_from_checkpoint latest has nothing to resume. "
+                "Pass --overwrite_output_dir to delete them and start again, or choose another --output_dir."
+            )
         if not self.config.overwrite_output_dir:
             raise ValueError(
                 f"Output directory {str(self.output_dir)!r} already holds checkpoints ({existing[-1][1].name}, ...). "
@@ -910,6 +951,20 @@ class Trainer:
                 shutil.rmtree(path)
             self.print(f"Deleted {len(existing)} checkpoints of an earlier run in {self.output_dir} (--overwrite_output_dir).")
         self.accelerator.wait_for_everyone()
+
+    def _check_no_later_checkpoints(self, existing):
+        """Resuming from an earlier checkpoint of this output directory would overwrite its later ones, and a later
+        `--resume_from_checkpoint latest` would pick those up again: refuse, and touch nothing."""
+        state = json.loads((self.resume_dir / ckpt.TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        later = [path for step, path in existing if step > state["step"] and path.resolve() != self.resume_dir.resolve()
+                 and ckpt.verify_checkpoint(path, check_hashes=False) is None]
+        if later:
+            raise ValueError(
+                f"Resuming from {str(self.resume_dir)!r} (step {state['step']}), but {str(self.output_dir)!r} holds later "
+                f"complete checkpoints ({', '.join(path.name for path in later)}): the resumed run would overwrite "
+                "them, and a later --resume_from_checkpoint latest would continue from them. Move them out of the "
+                "output directory first, or resume from latest."
+            )
 
     def print(self, *args):
         self.accelerator.print(*args)
@@ -989,6 +1044,8 @@ class Trainer:
             "world_size": self.world_size,
             "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "config": self.config.to_dict(),
+            "log_records": self.log.records,
+            "last_eval_step": self.last_eval_step,
         }
 
         def write_main(staging: Path):
@@ -1052,7 +1109,9 @@ class Trainer:
             )
         load_full_weights(self.accelerator, self.model, ckpt.load_safetensors_folder(folder), str(folder))
         load_optimizer_state(self.accelerator, self.model, self.optimizer, ckpt.load_torch_state(folder / OPTIMIZER_NAME))
+        configured = [dict(vars(schedule)) for schedule in self.scheduler.lr_lambdas]
         self.scheduler.load_state_dict(ckpt.load_torch_state(folder / SCHEDULER_NAME))
+        keep_configured_schedule(self.scheduler, configured, folder)
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.skipped_steps = state["skipped_steps"]
@@ -1060,6 +1119,7 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.elapsed_before = state["elapsed_s"]
         self.last_saved_step = self.step
+        self.last_eval_step, self.resumed_log_records = state.get("last_eval_step"), state.get("log_records")
         if state.get("grad_scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         rng_json = folder / f"rng_state_{self.rank}.json"
@@ -1192,7 +1252,7 @@ class Trainer:
         self.last_saved_step = self.last_eval_step = None
         if self.resume_dir is not None:
             self.load_checkpoint(self.resume_dir)
-            self.log.truncate_after(self.step)
+            self.log.truncate_after(self.step, self.resumed_log_records)
         else:
             self.log.truncate_after(-1)  # a fresh run starts a fresh log
         if self.tracker:

@@ -112,6 +112,50 @@ def test_rewriting_the_same_step_replaces_it_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
 
 
+@pytest.mark.parametrize("staging_survives", [True, False])
+def test_sigkill_between_the_renames_of_a_replacement_loses_no_checkpoint(tmp_path, staging_survives, caplog):
+    """Rewriting a step (after a resume) moves the old folder aside, then renames the new one in. A kill between
+    the two renames leaves the step only under temporary names; the next start puts back the newer complete one."""
+    write_fake_checkpoint(tmp_path, 5, extra=b"old")
+    code = f"""
+import importlib.util, os, signal
+spec = importlib.util.spec_from_file_location("ckpt", {ckpt.__file__!r})
+ckpt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ckpt)
+rename = os.replace
+def replace_then_die(source, target):
+    if os.path.basename(source) == ".tmp-checkpoint-5":  # the old folder has just been moved aside
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(source, target)
+ckpt.os.replace = replace_then_die
+def write(folder):
+    (folder / "optimizer.pt").write_bytes(b"new" * 100)
+ckpt.write_checkpoint({str(tmp_path)!r}, 5, write)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert result.returncode == -9, result.stderr[-2000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == ".tmp-checkpoint-5" and names[1].startswith(".trash-checkpoint-5-") and len(names) == 2, names
+    if not staging_survives:
+        import shutil
+        shutil.rmtree(tmp_path / ".tmp-checkpoint-5")
+    with caplog.at_level(logging.WARNING):
+        ckpt.remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoint-5") is None
+    content = (tmp_path / "checkpoint-5" / "optimizer.pt").read_bytes()
+    assert content.startswith(b"new" if staging_survives else b"old")
+    assert "Restored" in caplog.text and "checkpoint-5" in caplog.text
+
+
+def test_an_incomplete_trashed_checkpoint_is_not_restored(tmp_path):
+    path = write_fake_checkpoint(tmp_path, 5)
+    (path / "optimizer.pt").unlink()  # a rotation killed half-way through deleting it
+    os.replace(path, tmp_path / ".trash-checkpoint-5-123")
+    ckpt.remove_stale_staging(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     for step in (1, 2, 3, 4):
         write_fake_checkpoint(tmp_path, step)

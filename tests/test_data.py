@@ -482,6 +482,9 @@ def test_resume_with_explicit_count_and_mismatch_errors():
     assert list(r) == batches[4:]
     with pytest.raises(ValueError, match="max_tokens: saved 200 vs now 300"):
         TokenBatchSampler(src, tgt, max_tokens=300).load_state_dict(state)
+    # Gradient accumulation groups batches in multiples: another multiple is another data order.
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps\): saved 1 vs now 2"):
+        TokenBatchSampler(src, tgt, max_tokens=200, batch_count_multiple=2).load_state_dict(state)
 
 
 @settings(max_examples=60, deadline=None)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -411,6 +412,71 @@ def test_torn_newest_checkpoint_is_skipped_on_resume(assets, reference_run, tmp_
         assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0
     assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-8" in caplog.text
     assert_same_weights(output_dir, reference_run)
+
+
+def test_resuming_a_finished_run_writes_no_record_twice(assets, tmp_path):
+    """The final validation (and the averaged model's) come after the last checkpoint: resuming from it runs them
+    again, and the log keeps exactly what the checkpoint had seen, so each record is there once."""
+    output_dir = tmp_path / "finished"
+    args = run_args(assets, output_dir, max_steps=8, eval_steps=4, average_checkpoints=2)
+    assert training.main(args) == 0
+    first = read_log(output_dir)
+    assert training.main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    records = read_log(output_dir)
+    summary = [(r["type"], r["step"], r.get("averaged", False)) for r in records]
+    assert summary == [(r["type"], r["step"], r.get("averaged", False)) for r in first], summary
+    assert [s for s in summary if s[0] == "eval"] == [("eval", 4, False), ("eval", 8, False), ("eval", 8, True)]
+
+
+def test_resume_with_another_model_size_names_the_checkpoint_and_the_weight(assets, reference_run, tmp_path, capsys):
+    before = sorted(p.name for p in reference_run.iterdir())
+    checkpoint = reference_run / "checkpoint-12"
+    args = run_args(assets, tmp_path / "wider", resume_from_checkpoint=str(checkpoint), model_overrides={"d_model": 48})
+    assert training.main(args) == 1
+    error = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(checkpoint))}: weights do not fit the model: \S+ is \(\d+(, \d+)?,?\) there and "
+                     r"\(\d+(, \d+)?,?\) here \(the model settings, model_config or model_overrides, differ", error), error
+    assert sorted(p.name for p in reference_run.iterdir()) == before
+
+
+def test_resume_follows_a_changed_learning_rate_schedule_and_says_so(assets, tmp_path, caplog):
+    output_dir = tmp_path / "rescaled"
+    assert training.main(run_args(assets, output_dir, max_steps=6, logging_steps=1)) == 0  # checkpoint-6 at the end
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest", lr_scale=6.0, logging_steps=1)) == 0
+    assert "learning-rate schedule changed (scale 2.0 -> 6.0)" in caplog.text
+    logged = {r["step"]: r["lr"] for r in read_log(output_dir) if r["type"] == "train"}
+    d_model, warmup = TINY_MODEL["d_model"], 10  # run_args' warmup_steps
+    for step in range(1, 13):  # update k uses the schedule at k; from the first update after the checkpoint, the new one
+        scale = 2.0 if step <= 6 else 6.0
+        assert logged[step] == pytest.approx(inverse_sqrt_lr(step, d_model, warmup, scale), rel=1e-6), step
+
+
+def test_resume_latest_with_only_incomplete_checkpoints_says_so(assets, tmp_path, capsys):
+    output_dir = tmp_path / "all_torn"
+    assert training.main(run_args(assets, output_dir, max_steps=8)) == 0
+    for _, path in ckpt.list_checkpoints(output_dir):
+        (path / ckpt.MANIFEST_NAME).unlink()
+    assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 1
+    error = capsys.readouterr().err
+    assert "none is complete" in error and "--overwrite_output_dir" in error
+    assert "Pass --resume_from_checkpoint latest" not in error
+
+
+def test_resuming_from_an_earlier_checkpoint_keeps_the_later_ones(assets, reference_run, tmp_path, capsys):
+    """Going back to an earlier checkpoint of the same output directory would overwrite the later ones, and a later
+    `latest` would jump back to them: refused, with the output directory left as it was."""
+    import shutil
+
+    output_dir = tmp_path / "copy"
+    shutil.copytree(reference_run, output_dir)
+    before = {p.relative_to(output_dir): p.read_bytes() for p in output_dir.rglob("*") if p.is_file()}
+    assert training.main(run_args(assets, output_dir, resume_from_checkpoint=str(output_dir / "checkpoint-8"))) == 1
+    error = capsys.readouterr().err
+    assert "holds later complete checkpoints (checkpoint-12)" in error, error
+    assert {p.relative_to(output_dir): p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == before
+    # From the newest one, resuming is allowed as before.
+    assert training.main(run_args(assets, output_dir, resume_from_checkpoint=str(output_dir / "checkpoint-12"))) == 0
 
 
 @pytest.mark.slow
