@@ -431,18 +431,41 @@ def _belongs_to_saved_model(name: str) -> bool:
     return name not in (MANIFEST_NAME, TRAINER_STATE_NAME) and not name.startswith("rng_state_")
 
 
-def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | os.PathLike) -> Path:
+def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str) -> None:
+    """Replacing the folder `output` deletes everything in it: refuse when an input would go with it (the output is
+    an input, or holds one)."""
+    target = Path(output).resolve()
+    for source in map(Path, inputs):
+        source = source.resolve()
+        if source == target or target in source.parents:
+            raise ValueError(
+                f"{option} {str(output)!r} {'is' if source == target else 'holds'} the input {str(source)!r}: "
+                f"replacing it would delete that input; choose another {option}."
+            )
+
+
+def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Average the weights of saved model folders (the paper averaged the last 5 or 20 checkpoints).
 
     The result is a loadable model folder at `output_dir`: the averaged `model.safetensors` plus the
-    config, generation config and tokenizer files of the last input. It is staged and renamed into place,
-    replacing an existing folder only once complete.
+    config, generation config and tokenizer files of the last input. It is staged and renamed into place. An
+    existing non-empty folder is replaced (only once the new one is complete) with `overwrite` only, and never
+    when it is or holds one of the inputs.
     """
     from safetensors.torch import save_file
 
     if not checkpoints:
         raise CheckpointError("No checkpoints to average.")
+    refuse_to_replace_inputs(output_dir, checkpoints, "--output")
+    existing = Path(output_dir)
+    if existing.exists() and not existing.is_dir():
+        raise CheckpointError(f"--output {str(existing)!r} is a file, not a folder.")
+    if existing.is_dir() and any(existing.iterdir()) and not overwrite:
+        raise CheckpointError(f"--output {str(existing)!r} already exists and is not empty; pass --overwrite to replace it.")
     for folder in checkpoints:
+        if not (Path(folder) / "config.json").is_file():
+            raise CheckpointError(f"{str(folder)!r} has no config.json: average saved model folders (checkpoints), or "
+                                  "the result could not be loaded.")
         if (Path(folder) / MANIFEST_NAME).exists():
             problem = verify_checkpoint(folder)
             if problem is not None:

@@ -156,14 +156,39 @@ def copy_tokenizer(source: str, destination: str) -> None:
         print(f"note: no tokenizer copied from {source} ({type(error).__name__}: {error})")
 
 
+def load_for_conversion(model_class, source: str):
+    """`model_class.from_pretrained(source)`, refusing what would be converted as random weights: a folder of the
+    other format (transformers only warns, then initialises every weight afresh), or weights missing from the file
+    or of another shape than its config.json says."""
+    from transformers import PretrainedConfig
+
+    if not os.path.isdir(source) and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
+        raise FileNotFoundError(f"--input {source!r}: no such model folder (a Hub id looks like 'owner/name').")
+    config = PretrainedConfig.get_config_dict(source)[0]
+    expected = model_class.config_class.model_type
+    if config.get("model_type") != expected:
+        raise ValueError(f"{source}: its config.json says model_type {config.get('model_type')!r}, not {expected!r}: "
+                         "it is not in the format this direction of conversion reads.")
+    try:
+        model, loading = model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True)
+    except RuntimeError as error:  # weights of another shape than the config describes
+        raise ValueError(f"{source}: some weights have other shapes than its config.json describes ({error}).") from error
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    missing = sorted(set(loading.get("missing_keys", ())) - set(tied))
+    if missing:
+        raise ValueError(f"{source}: weights missing from its files: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         "refusing to convert partly random weights.")
+    return model
+
+
 def convert_folder(source: str, output_dir: str, to: str) -> None:
     """Load a saved model (Marian or ours), convert it, and save it with its tokenizer into `output_dir`."""
     if to not in ("ours", "marian"):
         raise ValueError(f"`to` must be 'ours' or 'marian', got {to!r}.")
     if to == "ours":
-        model = from_marian(MarianMTModel.from_pretrained(source, use_safetensors=True))
+        model = from_marian(load_for_conversion(MarianMTModel, source))
     else:
-        model = to_marian(Seq2SeqTransformerForConditionalGeneration.from_pretrained(source, use_safetensors=True))
+        model = to_marian(load_for_conversion(Seq2SeqTransformerForConditionalGeneration, source))
     output = os.path.abspath(output_dir)
     if os.path.exists(output) and os.listdir(output):
         raise FileExistsError(f"{output} exists and is not empty; choose a new --output_dir.")

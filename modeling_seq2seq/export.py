@@ -154,9 +154,10 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     The tokenizer is read from `tokenizer_path`, else from the model folder (or its `tokenizer/` sub-folder). The
     tokenizer files are copied next to the CTranslate2 model so that the folder is self-contained.
     """
-    from transformers import AutoModelForSeq2SeqLM
 
     from . import Seq2SeqTransformerConfig  # noqa: F401  (registers the Auto classes)
+    from .checkpointing import refuse_to_replace_inputs
+    from .training import load_saved_model
     from .tokenization import load_tokenizer
 
     model_dir = Path(model_dir)
@@ -170,8 +171,9 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
             "--tokenizer PATH (a folder with tokenizer.json)."
         )
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    model = load_saved_model(model_dir).eval()
     output_dir = Path(output_dir)
+    refuse_to_replace_inputs(output_dir, [model_dir, tokenizer_dir], "--output_dir")
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir} already exists (pass force=True / --force to replace it)")
     # Convert into a temporary sibling and move it in, so a failed conversion leaves no half-written folder.

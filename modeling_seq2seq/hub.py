@@ -211,8 +211,9 @@ def build_hub_folder(
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved model: it has no config.json")
-    if out_dir == model_dir or model_dir in out_dir.parents:
-        raise ValueError(f"the output folder {out_dir} must be outside the model folder {model_dir}")
+    if out_dir == model_dir or model_dir in out_dir.parents or out_dir in model_dir.parents:
+        raise ValueError(f"the output folder {out_dir} and the model folder {model_dir} must not contain each other "
+                         "(the output folder is replaced as a whole)")
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     template = Path(template) if template is not None else DEFAULT_TEMPLATE
@@ -458,6 +459,7 @@ def render_model_card(
 ) -> str:
     """Fill the model card template; the metadata block (and `model-index`) is made by `huggingface_hub`."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     eval_results = eval_results or {}
     source_lang, target_lang = eval_results.get("source_lang"), eval_results.get("target_lang")
@@ -499,30 +501,35 @@ def render_model_card(
         eval_results=results or None,
     )
     generation = model.generation_config
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        model_name=model_name,
-        repo_id=repo_id or "<user>/<model>",
-        task=TASK,
-        source_lang=source_lang,
-        target_lang=target_lang,
-        dataset=dataset["display"],
-        metrics=metrics,
-        test_samples=eval_results.get("test_samples"),
-        test_num_beams=eval_results.get("num_beams"),
-        bleu_signature=eval_results.get("bleu_signature"),
-        chrf_signature=eval_results.get("chrf_signature"),
-        architecture=_architecture_rows(model),
-        vocab_size=len(tokenizer),
-        generation={
-            "num_beams": generation.num_beams,
-            "length_penalty": generation.length_penalty,
-            "max_length": generation.max_length,
-        },
-        training=training or {},
-        example_input=_example_input(source_lang),
-    )
+    try:
+        card = ModelCard.from_template(
+            card_data,
+            template_path=str(template),
+            model_name=model_name,
+            repo_id=repo_id or "<user>/<model>",
+            task=TASK,
+            source_lang=source_lang,
+            target_lang=target_lang,
+            dataset=dataset["display"],
+            metrics=metrics,
+            test_samples=eval_results.get("test_samples"),
+            test_num_beams=eval_results.get("num_beams"),
+            bleu_signature=eval_results.get("bleu_signature"),
+            chrf_signature=eval_results.get("chrf_signature"),
+            architecture=_architecture_rows(model),
+            vocab_size=len(tokenizer),
+            generation={
+                "num_beams": generation.num_beams,
+                "length_penalty": generation.length_penalty,
+                "max_length": generation.max_length,
+            },
+            training=training or {},
+            example_input=_example_input(source_lang),
+        )
+    except TemplateSyntaxError as error:
+        raise ValueError(f"{template}, line {error.lineno}: not a valid model card template ({error.message}).") from error
+    except TemplateError as error:
+        raise ValueError(f"{template}: the model card template failed to render ({error}).") from error
     return str(card)
 
 

@@ -259,12 +259,16 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Training config file {str(path)!r} is a folder.")
     if not path.is_file():
         raise FileNotFoundError(f"Training config file {str(path)!r} does not exist.")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}).") from error
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -586,18 +590,89 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
     return outputs
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
-    """A saved model folder (safetensors only) and its tokenizer, in eval mode on `device` (default: cuda if any)."""
+def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """`AutoModelForSeq2SeqLM.from_pretrained` of a saved folder (safetensors only) that refuses partly random
+    weights. transformers fills a weight missing from the file, or of another shape than config.json says, with
+    fresh random values and only logs it: the model would then translate garbage without an error."""
     # Importing this module ran the package's __init__, which registers our classes with the Auto factories.
+    from safetensors import SafetensorError
     from transformers import AutoModelForSeq2SeqLM
 
+    from .hub import _tied_targets
+
+    try:
+        model, loading = AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
+                                                               output_loading_info=True)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: cannot read the weights ({error}); the file is damaged or incomplete.") from error
+    except RuntimeError as error:  # weights of another shape than config.json describes
+        if "mismatched" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise ValueError(f"{path}: some weights have other shapes than its config.json describes (the load report "
+                         "above lists them).") from error
+    missing = sorted(set(loading.get("missing_keys", ())) - set(_tied_targets(model)))
+    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item) for item in loading.get("mismatched_keys", ())]
+    if missing or mismatched:
+        raise ValueError(
+            f"{path}: the weights do not fit the model its config.json describes (missing: {missing[:5] or 'none'}"
+            f"{' ...' if len(missing) > 5 else ''}, wrong shape: {mismatched[:5] or 'none'}); refusing to run partly "
+            "random weights."
+        )
+    return model
+
+
+def split_lines(text: str) -> list[str]:
+    """`text`'s lines, split at line feeds only (and "\\r\\n"): `str.splitlines` also splits at U+2028, form feeds
+    and other separators that can sit inside a sentence, which would shift every later line against its partner."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_text_lines(path: str | os.PathLike) -> list[str]:
+    """`split_lines` of a UTF-8 text file; bytes that are not UTF-8 raise ValueError naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason}).") from error
+    return split_lines(text)
+
+
+def check_device(name: str | None, option: str = "--device") -> None:
+    """A clear error for a device name torch does not know, or a GPU this machine does not have."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"{option} {name!r}: not a device name ({error}).") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {name!r}: no CUDA device on this machine.")
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Before the work: a file can be written at `path` (not a folder, and its folder exists)."""
+    if path is None or path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path!r} is a folder, not a file.")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path!r}: its folder {str(target.parent)!r} does not exist.")
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
+    """A saved model folder (safetensors only) and its tokenizer, in eval mode on `device` (default: cuda if any)."""
     from .tokenization import load_tokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"No saved model in {str(path)!r} (config.json is missing).")
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, dtype=torch_dtype)
+    model = load_saved_model(path, torch_dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return model, load_tokenizer(path)
@@ -932,6 +1007,13 @@ class Trainer:
             self._check_no_later_checkpoints(existing)
             return
         if not existing:
+            held = [name for name in ("model.safetensors", "config.json", TOKENIZER_DIR_NAME, LOG_FILE_NAME, EVAL_RESULTS_NAME)
+                    if (self.output_dir / name).exists()]
+            if held and not self.config.overwrite_output_dir:
+                raise ValueError(
+                    f"Output directory {str(self.output_dir)!r} already holds a saved model or an earlier run's files "
+                    f"({', '.join(held)}). Pass --overwrite_output_dir to replace them, or choose another --output_dir."
+                )
             return
         if not self.config.overwrite_output_dir and self.config.resume_from_checkpoint == "latest":
             raise ValueError(

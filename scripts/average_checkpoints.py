@@ -24,12 +24,13 @@ def main(argv=None) -> int:
     source.add_argument("--input_dir", help="a training output folder: average its newest complete checkpoints")
     parser.add_argument("--last", type=int, default=5, help="with --input_dir: how many checkpoints (default 5)")
     parser.add_argument("--output", required=True, help="folder for the averaged model")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     args = parser.parse_args(argv)
     try:
         folders = args.checkpoints or last_checkpoints(args.input_dir, args.last)
         if not folders:
             raise CheckpointError(f"No complete checkpoints in {args.input_dir!r}.")
-        output = average_checkpoints(folders, args.output)
+        output = average_checkpoints(folders, args.output, overwrite=args.overwrite)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -20,9 +20,14 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help="a model folder (or a Hub id, which needs network)")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
-    convert_folder(args.input, args.output_dir, to=args.to)
+    try:
+        convert_folder(args.input, args.output_dir, to=args.to)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,14 @@ import argparse
 import json
 import time
 
-from modeling_seq2seq.training import load_model_and_tokenizer, translate_texts, translation_metrics
+from modeling_seq2seq.training import (
+    check_device,
+    check_output_file,
+    load_model_and_tokenizer,
+    read_text_lines,
+    translate_texts,
+    translation_metrics,
+)
 
 
 def load_test_pairs(args) -> tuple[list[str], list[str], str, bool]:
@@ -25,10 +32,7 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool]:
     if args.source_file or args.reference_file:
         if not (args.source_file and args.reference_file):
             raise ValueError("--source_file and --reference_file go together")
-        with open(args.source_file, encoding="utf-8") as handle:
-            sources = handle.read().splitlines()
-        with open(args.reference_file, encoding="utf-8") as handle:
-            references = handle.read().splitlines()
+        sources, references = read_text_lines(args.source_file), read_text_lines(args.reference_file)
         if len(sources) != len(references):
             raise ValueError(f"{args.source_file} has {len(sources)} lines but {args.reference_file} has {len(references)}")
         return sources, references, args.source_file, False
@@ -63,9 +67,17 @@ def main(argv=None) -> int:
     parser.add_argument("--output_json", help="also write the scores here")
     parser.add_argument("--predictions_file", help="also write the translations here, one per line")
     args = parser.parse_args(argv)
+    for option in ("max_samples", "num_beams", "batch_size"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be positive")
 
     try:
+        check_device(args.device)
+        check_output_file(args.output_json, "--output_json")
+        check_output_file(args.predictions_file, "--predictions_file")
         sources, references, description, effective_order = load_test_pairs(args)
+        if not sources:
+            raise ValueError(f"{description}: no sentences to evaluate.")
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

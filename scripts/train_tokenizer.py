@@ -8,6 +8,8 @@
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 from modeling_seq2seq.tokenization import train_tokenizer_from_data
 
@@ -23,21 +25,36 @@ def main(argv=None):
     parser.add_argument("--source_lang", default="en")
     parser.add_argument("--target_lang", default="de")
     parser.add_argument("--model_max_length", type=int, default=1024)
+    parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output_dir")
     args = parser.parse_args(argv)
+    if args.vocab_size < 1 or args.model_max_length < 1:
+        parser.error("--vocab_size and --model_max_length must be positive")
+    # A model's folder holds its tokenizer: a new vocabulary there would silently break the model.
+    held = [name for name in ("tokenizer.json", "config.json") if (Path(args.output_dir) / name).exists()]
+    if held and not args.overwrite:
+        print(f"error: {args.output_dir} already holds {' and '.join(held)}: a new vocabulary would replace the one "
+              "that folder's model or tokenizer was built with. Choose another --output_dir, or pass --overwrite.",
+              file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    tokenizer = train_tokenizer_from_data(
-        args.vocab_size,
-        args.output_dir,
-        min_frequency=args.min_frequency,
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_file=args.train_file,
-        source_lang=args.source_lang,
-        target_lang=args.target_lang,
-        model_max_length=args.model_max_length,
-    )
+    try:
+        tokenizer = train_tokenizer_from_data(
+            args.vocab_size,
+            args.output_dir,
+            min_frequency=args.min_frequency,
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_file=args.train_file,
+            source_lang=args.source_lang,
+            target_lang=args.target_lang,
+            model_max_length=args.model_max_length,
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"saved a vocabulary of {len(tokenizer)} tokens to {args.output_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

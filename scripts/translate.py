@@ -17,7 +17,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 
 import argparse
 
-from modeling_seq2seq.training import load_model_and_tokenizer, translate_texts
+from modeling_seq2seq.training import (
+    check_device,
+    check_output_file,
+    load_model_and_tokenizer,
+    read_text_lines,
+    split_lines,
+    translate_texts,
+)
 
 
 def main(argv=None) -> int:
@@ -35,15 +42,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.num_beams is not None and args.num_beams < 1):
         parser.error("--batch_size and --num_beams must be positive")
+    if args.max_new_tokens_extra < 0:
+        parser.error("--max_new_tokens_extra must be 0 or more")
+    if args.max_source_length is not None and args.max_source_length < 2:
+        parser.error("--max_source_length must be at least 2 (a token and </s>)")
 
     try:
+        check_device(args.device)
+        check_output_file(args.output, "--output")
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
         if args.input == "-":
-            lines = sys.stdin.read().splitlines()
+            lines = split_lines(sys.stdin.read())
         else:
-            with open(args.input, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+            lines = read_text_lines(args.input)
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     wanted = [i for i, line in enumerate(lines) if line.strip()]

@@ -262,6 +262,29 @@ def test_average_checkpoints_script(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, capsys):
+    run = tmp_path / "run"
+    folders = [write_fake_checkpoint(run, step, {"w": torch.full((2,), float(step))}) for step in (2, 4)]
+    (run / "training_log.jsonl").write_text("{}\n")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    script = load_script("average_checkpoints")
+    for output, overwrite, message in [
+        (run, ["--overwrite"], "holds the input"),  # the training folder itself, even when asked to overwrite
+        (folders[1], ["--overwrite"], "is the input"),  # one of the averaged checkpoints
+        (notes, [], "already exists and is not empty; pass --overwrite"),  # a folder of the user's
+    ]:
+        assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(output), *overwrite]) == 1
+        assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # Asked to, it replaces a folder that is not an input.
+    assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(notes), "--overwrite"]) == 0
+    assert torch.equal(load_file(str(notes / "model.safetensors"))["w"], torch.full((2,), 3.0))
+    assert not (notes / "keep.txt").exists()
+
+
 def test_state_files_load_without_unpickling_objects(tmp_path):
     good = tmp_path / "optimizer.pt"
     ckpt.save_torch_state({"state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(3.0)}}, "param_groups": [{"betas": (0.9, 0.98)}]}, good)

@@ -108,6 +108,15 @@ def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_pat
     existing.mkdir()
     with pytest.raises(FileExistsError):
         export_saved_model(saved_model[1], existing)
+    # --force replaces the output folder, never the model it reads (the folder itself, or one holding it).
+    run = tmp_path / "run"
+    model.save_pretrained(run / "checkpoint-2")
+    save_tokenizer(synthetic_tokenizer(VOCAB), run / "checkpoint-2")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for output in (run / "checkpoint-2", run):
+        with pytest.raises(ValueError, match="replacing it would delete that input"):
+            export_saved_model(run / "checkpoint-2", output, force=True)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def test_stock_marian_loader_cannot_convert_our_model(saved_model, tmp_path):

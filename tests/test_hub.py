@@ -514,8 +514,16 @@ def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
     assert (out / "model.safetensors").read_bytes() == (hub_folder / "model.safetensors").read_bytes()
 
-    with pytest.raises(ValueError, match="must be outside the model folder"):
+    with pytest.raises(ValueError, match="must not contain each other"):
         build_hub_folder(model_dir, model_dir / "hub")
+    broken_template = tmp_path / "broken.md"
+    broken_template.write_text("# {{ model_name }}\n\n{{ metrics | \n")
+    with pytest.raises(ValueError, match=rf"{broken_template}, line \d+: not a valid model card template"):
+        build_hub_folder(model_dir, tmp_path / "card", template=broken_template)
+    # The other way round: replacing an output folder that holds the model folder would delete the model.
+    with pytest.raises(ValueError, match="must not contain each other"):
+        build_hub_folder(model_dir, model_dir.parent, overwrite=True)
+    assert (model_dir / "model.safetensors").is_file()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         build_hub_folder(tmp_path / "nowhere", tmp_path / "x")
 

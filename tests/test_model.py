@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, GenerationMixin
 
 from modeling_seq2seq import (
@@ -798,22 +799,37 @@ def test_preset_file_with_unknown_field_is_rejected(tmp_path):
         load_preset(path)
 
 
-def test_convert_script_round_trip(tmp_path):
+def test_convert_script_round_trip(tmp_path, capsys):
     """scripts/convert_marian.py: ours -> Marian folder -> ours gives the same logits."""
     import runpy
 
     convert = runpy.run_path("scripts/convert_marian.py")["main"]
     model = make_model()
     model.save_pretrained(tmp_path / "ours")
-    convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "marian")])
-    convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")])
+    assert convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "marian")]) == 0
+    assert convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")]) == 0
     back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "back").eval()
     source, mask = padded_batch()
     with torch.no_grad():
         assert torch.equal(back(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits,
                            model(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits)
-    with pytest.raises(FileExistsError, match="not empty"):  # never writes into a non-empty folder
-        convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")])
+    capsys.readouterr()
+    # Never into a non-empty folder; never random weights: the wrong direction (transformers would only warn and
+    # initialise every weight afresh), or weights missing from the file.
+    partial = tmp_path / "partial"
+    model.save_pretrained(partial)
+    weights = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".decoder." not in k}, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    for args, message in [
+        (["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")], "not empty"),
+        (["--to", "marian", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "x")],
+         "its config.json says model_type 'marian', not 'seq2seq_transformer'"),
+        (["--to", "marian", "--input", str(partial), "--output_dir", str(tmp_path / "x")], "weights missing from its files"),
+        (["--to", "marian", "--input", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "x")], "no such model folder"),
+    ]:
+        assert convert(args) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def static_generate(model, source, mask, initial_capacity=64, return_decoder=False, **settings):

@@ -242,7 +242,15 @@ def test_train_tokenizer_script(tmp_path):
     data = tmp_path / "train.tsv"
     data.write_text("en\tde\n" + "".join(f"{s}\t{t}\n" for s, t in zip(CORPUS[0::2], CORPUS[1::2])), encoding="utf-8")
     out = tmp_path / "out"
-    module.main(["--train_file", str(data), "--vocab_size", "400", "--output_dir", str(out)])
+    assert module.main(["--train_file", str(data), "--vocab_size", "400", "--output_dir", str(out)]) == 0
     loaded = AutoTokenizer.from_pretrained(out)
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert loaded.decode(loaded("die Katze saß")["input_ids"], skip_special_tokens=True) == "die Katze saß"
+    # A folder that already holds a tokenizer (a model's folder, say) keeps it unless --overwrite is passed.
+    saved = (out / "tokenizer.json").read_bytes()
+    args = ["--train_file", str(data), "--vocab_size", "300", "--output_dir", str(out)]
+    assert module.main(args) == 1
+    assert (out / "tokenizer.json").read_bytes() == saved
+    assert module.main(args + ["--overwrite"]) == 0
+    assert (out / "tokenizer.json").read_bytes() != saved
+    assert module.main(["--train_file", str(tmp_path / "missing.tsv"), "--vocab_size", "300", "--output_dir", str(tmp_path / "o2")]) == 1

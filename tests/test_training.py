@@ -232,6 +232,12 @@ def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
     not_mapping.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match=r"list\.yaml: expected a mapping"):
         load_yaml_config(not_mapping)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 1  # Gr\u00fc\u00dfe\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.yaml: not UTF-8 text"):
+        load_yaml_config(latin1)
+    with pytest.raises(ValueError, match="is a folder"):
+        load_yaml_config(tmp_path)
     with pytest.raises(SystemExit):
         parse_config(["--mixed_precision", "fp8"])
     assert training.main(["--config", str(bad_key)]) == 2
@@ -324,6 +330,38 @@ def test_translate_script_restores_file_order(short_run, tmp_path, monkeypatch, 
     monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n"))
     assert translate.main(["--model", str(short_run), "--num_beams", "2", "--batch_size", "8"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_path, capsys):
+    """Lines are split at line feeds only, text that is not UTF-8 is named by file and line, and bad options or an
+    output path that cannot be written fail before any translating."""
+    translate, evaluate = load_script("translate"), load_script("evaluate")
+    source = tmp_path / "in.txt"
+    source.write_text("one\ntwo\u2028three\nfour\x0cfive\r\nsix\n", encoding="utf-8")
+    assert translate.main(["--model", str(short_run), "--input", str(source), "--output", str(tmp_path / "out.txt")]) == 0
+    assert len((tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")) == 4 + 1
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes(b"one\ntw\xffo\n")
+    for args, message in [
+        (["--input", str(broken)], f"{broken}, line 2: not UTF-8 text"),
+        (["--input", str(source), "--output", str(tmp_path / "no" / "out.txt")], "does not exist"),
+        (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
+        (["--input", str(source), "--device", "gpu7"], "not a device name"),
+    ]:
+        assert translate.main(["--model", str(short_run), *args]) == 1
+        assert message in capsys.readouterr().err
+    for args in (["--max_source_length", "0"], ["--max_new_tokens_extra", "-1"]):
+        with pytest.raises(SystemExit):
+            translate.main(["--model", str(short_run), "--input", str(source), *args])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert evaluate.main(["--model", str(short_run), "--source_file", str(empty), "--reference_file", str(empty)]) == 1
+    assert "no sentences to evaluate" in capsys.readouterr().err
+    assert evaluate.main(["--model", str(short_run), "--source_file", str(broken), "--reference_file", str(source)]) == 1
+    assert "line 2: not UTF-8 text" in capsys.readouterr().err
+    for args in (["--max_samples", "0"], ["--batch_size", "0"], ["--num_beams", "0"]):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", str(short_run), *args])
 
 
 def test_evaluate_script_reports_bleu_with_signature(short_run, tmp_path, capsys):
@@ -477,6 +515,50 @@ def test_resuming_from_an_earlier_checkpoint_keeps_the_later_ones(assets, refere
     assert {p.relative_to(output_dir): p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == before
     # From the newest one, resuming is allowed as before.
     assert training.main(run_args(assets, output_dir, resume_from_checkpoint=str(output_dir / "checkpoint-12"))) == 0
+
+
+def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference_run, tmp_path, capsys):
+    """No checkpoints, but a model (or an earlier run's files): a new run would overwrite it, so it is refused."""
+    import shutil
+
+    output_dir = tmp_path / "model"
+    output_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(reference_run / name, output_dir / name)
+    before = {p.name: p.read_bytes() for p in output_dir.iterdir()}
+    assert training.main(run_args(assets, output_dir, max_steps=2)) == 1
+    assert "already holds a saved model or an earlier run's files (model.safetensors, config.json)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in output_dir.iterdir()} == before
+    assert training.main(run_args(assets, output_dir, max_steps=2, overwrite_output_dir=True)) == 0
+
+
+def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp_path):
+    """transformers fills missing weights (or ones of another shape) with random values and only logs it; a damaged
+    file fails deep inside safetensors. Loading a saved model names the folder and the problem instead."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    cases = {}
+    for name in ("partial", "reshaped", "truncated"):
+        folder = cases[name] = tmp_path / name
+        shutil.copytree(reference_run, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    full = weights(reference_run)
+    save_file({k: v for k, v in full.items() if ".decoder." not in k}, str(cases["partial"] / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((reference_run / "config.json").read_text())
+    (cases["reshaped"] / "config.json").write_text(json.dumps({**config, "decoder_ffn_dim": 2 * config["decoder_ffn_dim"]}))
+    data = (reference_run / "model.safetensors").read_bytes()
+    (cases["truncated"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for name, message in [("partial", "the weights do not fit the model its config.json describes (missing: ['model.decoder"),
+                          ("reshaped", "some weights have other shapes than its config.json describes"),
+                          ("truncated", "cannot read the weights")]:
+        with pytest.raises(ValueError, match=re.escape(f"{cases[name]}: {message}")):
+            training.load_model_and_tokenizer(cases[name], device="cpu")
+    translate = load_script("translate")
+    source = tmp_path / "in.txt"
+    source.write_text("one\n")
+    assert translate.main(["--model", str(cases["partial"]), "--input", str(source)]) == 1
 
 
 @pytest.mark.slow
