@@ -162,6 +162,8 @@ def load_for_conversion(model_class, source: str):
     or of another shape than its config.json says."""
     from transformers import PretrainedConfig
 
+    from .hub import _tied_targets
+
     if not os.path.isdir(source) and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
         raise FileNotFoundError(f"--input {source!r}: no such model folder (a Hub id looks like 'owner/name').")
     config = PretrainedConfig.get_config_dict(source)[0]
@@ -173,8 +175,7 @@ def load_for_conversion(model_class, source: str):
         model, loading = model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True)
     except RuntimeError as error:  # weights of another shape than the config describes
         raise ValueError(f"{source}: some weights have other shapes than its config.json describes ({error}).") from error
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
-    missing = sorted(set(loading.get("missing_keys", ())) - set(tied))
+    missing = sorted(set(loading.get("missing_keys", ())) - set(_tied_targets(model)))
     if missing:
         raise ValueError(f"{source}: weights missing from its files: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "refusing to convert partly random weights.")

@@ -154,11 +154,10 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     The tokenizer is read from `tokenizer_path`, else from the model folder (or its `tokenizer/` sub-folder). The
     tokenizer files are copied next to the CTranslate2 model so that the folder is self-contained.
     """
-
     from . import Seq2SeqTransformerConfig  # noqa: F401  (registers the Auto classes)
     from .checkpointing import refuse_to_replace_inputs
-    from .training import load_saved_model
     from .tokenization import load_tokenizer
+    from .training import load_saved_model
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -1007,8 +1007,11 @@ class Trainer:
             self._check_no_later_checkpoints(existing)
             return
         if not existing:
-            held = [name for name in ("model.safetensors", "config.json", TOKENIZER_DIR_NAME, LOG_FILE_NAME, EVAL_RESULTS_NAME)
-                    if (self.output_dir / name).exists()]
+            # A run killed before its first checkpoint leaves its tokenizer and log: `latest` starts it again.
+            names = ("model.safetensors", "config.json", EVAL_RESULTS_NAME)
+            if self.config.resume_from_checkpoint != "latest":
+                names += (TOKENIZER_DIR_NAME, LOG_FILE_NAME)
+            held = [name for name in names if (self.output_dir / name).exists()]
             if held and not self.config.overwrite_output_dir:
                 raise ValueError(
                     f"Output directory {str(self.output_dir)!r} already holds a saved model or an earlier run's files "

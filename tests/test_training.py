@@ -530,6 +530,14 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     assert "already holds a saved model or an earlier run's files (model.safetensors, config.json)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in output_dir.iterdir()} == before
     assert training.main(run_args(assets, output_dir, max_steps=2, overwrite_output_dir=True)) == 0
+    # A run killed before its first checkpoint leaves its tokenizer and log: `latest` starts it again from scratch.
+    killed = tmp_path / "killed_early"
+    (killed / training.TOKENIZER_DIR_NAME).mkdir(parents=True)
+    (killed / training.LOG_FILE_NAME).write_text('{"type": "train", "step": 1}\n')
+    assert training.main(run_args(assets, killed, max_steps=2)) == 1
+    assert "(tokenizer, training_log.jsonl)" in capsys.readouterr().err
+    assert training.main(run_args(assets, killed, max_steps=2, resume_from_checkpoint="latest")) == 0
+    assert [r["step"] for r in read_log(killed) if r["type"] == "train"] == [2]
 
 
 def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp_path):
