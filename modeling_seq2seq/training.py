@@ -1583,6 +1583,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ckpt.CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: every checkpoint on disk is complete (they are written atomically)
+        latest = ckpt.find_latest_checkpoint(config.output_dir, check_hashes=False)
+        where = (f"the last complete checkpoint is {latest}; continue with --resume_from_checkpoint latest"
+                 if latest else "no checkpoint was written yet")
+        print(f"Interrupted: {where}.", file=sys.stderr)
+        return 130
     return 0
 
 
