@@ -386,6 +386,7 @@ WEIGHT_FILE_SUFFIX = ".safetensors"
 
 def load_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of the `*.safetensors` files of a saved model folder (sharded or not)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(Path(folder).glob("*" + WEIGHT_FILE_SUFFIX))
@@ -393,27 +394,33 @@ def load_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
         raise CheckpointError(f"No *.safetensors weights in {str(folder)!r}.")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        tensors.update(load_file(str(file)))
+        try:
+            tensors.update(load_file(str(file)))
+        except SafetensorError as error:
+            raise CheckpointError(f"{file}: cannot read the weights ({error}); the file is damaged or incomplete.") from error
     return tensors
 
 
-def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Arithmetic mean of floating-point tensors (accumulated in float64); other tensors must agree."""
+def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], sources: list | None = None) -> dict[str, torch.Tensor]:
+    """Arithmetic mean of floating-point tensors (accumulated in float64); other tensors must agree. `sources` names
+    the inputs in errors (default: checkpoint 0, 1, ...)."""
     if not state_dicts:
         raise ValueError("Nothing to average: no state dicts given.")
+    labels = [str(source) for source in sources] if sources else [f"checkpoint {i}" for i in range(len(state_dicts))]
     names = set(state_dicts[0])
     for index, state in enumerate(state_dicts[1:], start=1):
         if set(state) != names:
             diff = sorted(names.symmetric_difference(state))[:5]
-            raise ValueError(f"Checkpoint {index} holds different tensors than checkpoint 0 (e.g. {diff}).")
+            raise ValueError(f"{labels[index]} holds different tensors than {labels[0]} (e.g. {diff}).")
     averaged = {}
     for name in sorted(names):
         first = state_dicts[0][name]
         if first.is_floating_point():
             total = torch.zeros(first.shape, dtype=torch.float64)
-            for state in state_dicts:
+            for label, state in zip(labels, state_dicts):
                 if state[name].shape != first.shape:
-                    raise ValueError(f"Tensor {name} has different shapes across checkpoints.")
+                    raise ValueError(f"Tensor {name} has different shapes: {tuple(first.shape)} in {labels[0]}, "
+                                     f"{tuple(state[name].shape)} in {label}.")
                 total += state[name].to(torch.float64)
             averaged[name] = (total / len(state_dicts)).to(first.dtype).contiguous()
         else:
@@ -470,7 +477,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             problem = verify_checkpoint(folder)
             if problem is not None:
                 raise CheckpointError(f"Cannot average {str(folder)!r}: {problem}.")
-    averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints])
+    averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints], checkpoints)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.with_name(f"{TMP_PREFIX}{output_dir.name}-{os.getpid()}")

@@ -1428,7 +1428,7 @@ class Trainer:
         averaged_from = []
         if config.average_checkpoints > 1:
             averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints)
-            weights = ckpt.average_state_dicts([ckpt.load_safetensors_folder(path) for path in averaged_from])
+            weights = ckpt.average_state_dicts([ckpt.load_safetensors_folder(path) for path in averaged_from], averaged_from)
             load_full_weights(accelerator, self.model, weights, "averaged checkpoints")
             self.print(f"Averaged the weights of {len(averaged_from)} checkpoints: {', '.join(p.name for p in averaged_from)}.")
             if len(averaged_from) < config.average_checkpoints:

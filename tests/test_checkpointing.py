@@ -4,6 +4,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -231,13 +232,19 @@ def test_average_rejects_mismatched_or_torn_inputs(tmp_path):
     a = write_fake_checkpoint(tmp_path / "a", 1, {"w": torch.zeros(2)})
     b = write_fake_checkpoint(tmp_path / "b", 1, {"w": torch.zeros(3)})
     c = write_fake_checkpoint(tmp_path / "c", 1, {"v": torch.zeros(2)})
-    with pytest.raises(ValueError, match="different shapes"):
+    with pytest.raises(ValueError, match=re.escape(f"Tensor w has different shapes: (2,) in {a}, (3,) in {b}.")):
         ckpt.average_checkpoints([a, b], tmp_path / "out")
-    with pytest.raises(ValueError, match="different tensors"):
+    with pytest.raises(ValueError, match=re.escape(f"{c} holds different tensors than {a}")):
         ckpt.average_checkpoints([a, c], tmp_path / "out")
     (b / "optimizer.pt").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="checkpoint-1"):
         ckpt.average_checkpoints([a, b], tmp_path / "out")
+    loose = tmp_path / "loose"  # a saved model folder without a manifest, whose weights file is cut short
+    loose.mkdir()
+    (loose / "config.json").write_text("{}")
+    (loose / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes()[:40])
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{loose / 'model.safetensors'}: cannot read the weights")):
+        ckpt.average_checkpoints([a, loose], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
