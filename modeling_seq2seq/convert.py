@@ -162,7 +162,7 @@ def load_for_conversion(model_class, source: str):
     or of another shape than its config.json says."""
     from transformers import PretrainedConfig
 
-    from .hub import _tied_targets
+    from .hub import load_reporting_random_weights
 
     if not os.path.isdir(source) and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
         raise FileNotFoundError(f"--input {source!r}: no such model folder (a Hub id looks like 'owner/name').")
@@ -171,11 +171,7 @@ def load_for_conversion(model_class, source: str):
     if config.get("model_type") != expected:
         raise ValueError(f"{source}: its config.json says model_type {config.get('model_type')!r}, not {expected!r}: "
                          "it is not in the format this direction of conversion reads.")
-    try:
-        model, loading = model_class.from_pretrained(source, use_safetensors=True, output_loading_info=True)
-    except RuntimeError as error:  # weights of another shape than the config describes
-        raise ValueError(f"{source}: some weights have other shapes than its config.json describes ({error}).") from error
-    missing = sorted(set(loading.get("missing_keys", ())) - set(_tied_targets(model)))
+    model, missing, _ = load_reporting_random_weights(model_class, source)  # another shape raises there
     if missing:
         raise ValueError(f"{source}: weights missing from its files: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "refusing to convert partly random weights.")

@@ -169,12 +169,12 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
             f"No tokenizer found in {', '.join(map(str, candidates))}: CTranslate2 needs the vocabulary; pass "
             "--tokenizer PATH (a folder with tokenizer.json)."
         )
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_saved_model(model_dir).eval()
     output_dir = Path(output_dir)
     refuse_to_replace_inputs(output_dir, [model_dir, tokenizer_dir], "--output_dir")
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir} already exists (pass force=True / --force to replace it)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_saved_model(model_dir).eval()
     # Convert into a temporary sibling and move it in, so a failed conversion leaves no half-written folder.
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))

@@ -221,13 +221,7 @@ def build_hub_folder(
         raise FileNotFoundError(f"model card template {template} not found; pass --template PATH")
 
     config = Seq2SeqTransformerConfig.from_pretrained(model_dir)
-    model, loading = Seq2SeqTransformerForConditionalGeneration.from_pretrained(
-        model_dir, config=config, use_safetensors=True, output_loading_info=True
-    )
-    tied = set(_tied_targets(model))
-    missing = sorted(set(loading.get("missing_keys", ())) - tied)
-    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item)
-                  for item in loading.get("mismatched_keys", ())]
+    model, missing, mismatched = load_reporting_random_weights(Seq2SeqTransformerForConditionalGeneration, model_dir, config=config)
     if missing or mismatched:
         raise ValueError(
             f"the weights in {model_dir} do not fit the model (missing: {missing or 'none'}, "
@@ -355,6 +349,27 @@ def _tied_targets(model) -> dict:
         return {}
     tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
     return dict(tied) if isinstance(tied, dict) else {}
+
+
+def load_reporting_random_weights(model_class, path, **kwargs):
+    """`model_class.from_pretrained(path)` from safetensors -> (model, missing, wrong shape): the weights transformers
+    filled with fresh random values because the files lack them or hold another shape (it only logs that); tied
+    aliases of a loaded tensor do not count. A damaged weights file, or weights of other shapes than config.json
+    describes where transformers raises, become a ValueError naming `path`."""
+    from safetensors import SafetensorError
+
+    try:
+        model, loading = model_class.from_pretrained(path, use_safetensors=True, output_loading_info=True, **kwargs)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: cannot read the weights ({error}); the file is damaged or incomplete.") from error
+    except RuntimeError as error:
+        if "mismatched" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise ValueError(f"{path}: some weights have other shapes than its config.json describes (the load report "
+                         "above lists them).") from error
+    missing = sorted(set(loading.get("missing_keys", ())) - set(_tied_targets(model)))
+    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item) for item in loading.get("mismatched_keys", ())]
+    return model, missing, mismatched
 
 
 def _read_json(path: Path) -> dict | None:

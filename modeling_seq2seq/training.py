@@ -595,23 +595,11 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     weights. transformers fills a weight missing from the file, or of another shape than config.json says, with
     fresh random values and only logs it: the model would then translate garbage without an error."""
     # Importing this module ran the package's __init__, which registers our classes with the Auto factories.
-    from safetensors import SafetensorError
     from transformers import AutoModelForSeq2SeqLM
 
-    from .hub import _tied_targets
+    from .hub import load_reporting_random_weights
 
-    try:
-        model, loading = AutoModelForSeq2SeqLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
-                                                               output_loading_info=True)
-    except SafetensorError as error:
-        raise ValueError(f"{path}: cannot read the weights ({error}); the file is damaged or incomplete.") from error
-    except RuntimeError as error:  # weights of another shape than config.json describes
-        if "mismatched" not in str(error) and "size mismatch" not in str(error):
-            raise
-        raise ValueError(f"{path}: some weights have other shapes than its config.json describes (the load report "
-                         "above lists them).") from error
-    missing = sorted(set(loading.get("missing_keys", ())) - set(_tied_targets(model)))
-    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item) for item in loading.get("mismatched_keys", ())]
+    model, missing, mismatched = load_reporting_random_weights(AutoModelForSeq2SeqLM, str(path), dtype=dtype)
     if missing or mismatched:
         raise ValueError(
             f"{path}: the weights do not fit the model its config.json describes (missing: {missing[:5] or 'none'}"

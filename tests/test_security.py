@@ -87,7 +87,7 @@ def test_every_model_from_pretrained_is_safetensors_only():
             if not keyword_is_true(call, "use_safetensors"):
                 unsafe.append(f"{path.relative_to(REPO)}:{call.lineno} {name}")
     assert not unsafe, f"weights loaded without use_safetensors=True: {unsafe}"
-    assert checked >= 4  # convert (both ways, one call), training (export loads through it), hub
+    assert checked >= 2  # hub.load_reporting_random_weights (convert, training, export and hub load through it), viz
 
 
 def test_nothing_imports_a_pickle_loader_or_trusts_remote_code():
