@@ -480,12 +480,12 @@ def decode_marian(model, input_ids, attention_mask, num_beams):
 
 def decoder_products_ours(model, rows: int, steps: int = DECODE_NEW_TOKENS) -> None:
     """Our decode loop's matrix products alone: at each step, every decoder layer's projections and the output
-    projection for `rows` rows, through the loop's own `decode_step_linear`. Timed beside `generate`, it splits a
+    projection for `rows` rows, through the loop's own `DecodeStepLinear`. Timed beside `generate`, it splits a
     step into the matrix products and everything else (encoder, attention, layer norms, search, Python)."""
-    from .decoding_seq2seq import decode_step_linear
+    from .decoding_seq2seq import DecodeStepLinear
 
     weight = model.lm_head.weight
-    linear = decode_step_linear(model, weight.device, weight.dtype)
+    linear = DecodeStepLinear(model, weight.device, weight.dtype)
     products = [
         module for layer in model.get_decoder().layers
         for module in (layer.self_attn.qkv_proj, layer.self_attn.out_proj, layer.cross_attn.q_proj,

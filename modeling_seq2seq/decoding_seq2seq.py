@@ -3,16 +3,20 @@
 The model's `forward` with a cache is what transformers' own generation loop runs; this file is the decode loop the
 model's `generate` uses instead for plain greedy and beam search, with the same outputs: the source is encoded
 once, each step runs the decoder for one new token per row, and the search follows transformers' rules exactly.
-`IncrementalDecoder` is that step, lean for CPUs; `StaticIncrementalDecoder` is the same step with fixed shapes, which
-a GPU records once as a CUDA graph and replays. It ships to the Hub with the model (torch only).
+`IncrementalDecoder` is that step, lean for CPUs, where it runs as TorchScript (`decode_step_layers`);
+`StaticIncrementalDecoder` is the same step with fixed shapes, which a GPU records once as a CUDA graph and replays.
+It ships to the Hub with the model (torch and transformers only).
 """
 
+import functools
 import math
 import warnings
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import GELUActivation, SiLUActivation
 
 from .modeling_seq2seq import (
     PositionwiseFeedForward,
@@ -40,7 +44,7 @@ class PackedDecodeWeights(dict):
 PADDED_ROWS = 6  # where oneDNN's AVX-512 float32 kernel streams a blocked matrix fastest (measured; 8 is slower)
 
 
-def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
+class DecodeStepLinear:
     """`linear(module, x)` for one search: oneDNN's kernel for the plain float32 `nn.Linear` layers of the model (its
     encoder's too) on a CPU.
 
@@ -59,46 +63,174 @@ def decode_step_linear(model, device: torch.device, dtype: torch.dtype):
     call's fixed cost (~40 us against ~10 us) outweighs its bandwidth: they, layers that are not plain
     (subclasses, adapters, hooks), and other devices or dtypes run the module itself.
     """
-    onednn = onednn_linear_kernel()
-    if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu") or onednn is None:
-        vars(model).pop("_packed_decode_weights", None)  # e.g. moved to a GPU since: the CPU copies are no use
-        return lambda module, x: module(x)
-    pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    cache, chosen, padded = vars(model).get("_packed_decode_weights"), {}, {}
-    if cache is None:
-        cache = model._packed_decode_weights = PackedDecodeWeights()
 
-    def choose(module):  # the (weight, bias) oneDNN multiplies by, or None to run the module itself
+    def __init__(self, model, device: torch.device, dtype: torch.dtype):
+        self.kernel = onednn_linear_kernel()
+        if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            self.kernel = None
+        if self.kernel is None:
+            vars(model).pop("_packed_decode_weights", None)  # e.g. moved to a GPU since: the CPU copies are no use
+            return
+        self.pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+        self.cache = vars(model).get("_packed_decode_weights")
+        if self.cache is None:
+            self.cache = model._packed_decode_weights = PackedDecodeWeights()
+        self.chosen, self.padded = {}, {}
+
+    def weights(self, module):
+        """The (weight, bias) oneDNN multiplies `module`'s inputs by in this search, or None to run the module."""
+        if self.kernel is None:
+            return None
+        key = id(module)
+        if key not in self.chosen:  # decided once per search, not at each of a step's 37 calls (base)
+            self.chosen[key] = self.choose(module)
+        return self.chosen[key]
+
+    def choose(self, module):
         if not is_plain_linear(module):
             return None
         weight = module.weight
         if weight.numel() < 2**18 or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None
-        if pack is None:
+        if self.pack is None:
             return weight, module.bias
-        entry, sample = cache.get(id(module)), weight.detach().reshape(-1)[::509]
+        entry, sample = self.cache.get(id(module)), weight.detach().reshape(-1)[::509]
         same = entry is not None and entry[0] is weight and entry[1] == weight._version
         if not (same and torch.equal(entry[2], sample)):
-            entry = (weight, weight._version, sample.clone(), pack(weight.detach(), 32))  # 32: rows it is tuned for
-            cache[id(module)] = entry
+            packed = self.pack(weight.detach(), 32)  # 32: the rows it is tuned for
+            entry = (weight, weight._version, sample.clone(), packed)
+            self.cache[id(module)] = entry
         return entry[3], module.bias
 
-    def linear(module, x):
-        key = id(module)
-        if key not in chosen:  # decided once per search, not at each of a step's 37 calls (base)
-            chosen[key] = choose(module)
-        weights, rows = chosen[key], x.shape[0]
+    def padding(self, width: int) -> torch.Tensor:
+        """The (PADDED_ROWS, width) buffer that inputs of fewer rows are copied into."""
+        buffer = self.padded.get(width)
+        if buffer is None:
+            buffer = self.padded[width] = torch.zeros(PADDED_ROWS, width)
+        return buffer
+
+    def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
+        weights = self.weights(module)
         if weights is None:
             return module(x)
+        rows = x.shape[0]
         if x.dim() == 2 and rows < PADDED_ROWS:
-            buffer = padded.get(x.shape[1])
-            if buffer is None:
-                buffer = padded[x.shape[1]] = x.new_zeros(PADDED_ROWS, x.shape[1])
+            buffer = self.padding(x.shape[1])
             buffer[:rows] = x
-            return onednn(buffer, *weights, "none", [], "")[:rows]
-        return onednn(x, *weights, "none", [], "")
+            return self.kernel(buffer, *weights, "none", [], "")[:rows]
+        return self.kernel(x, *weights, "none", [], "")
 
-    return linear
+
+# For TorchScript, which takes no objects: a linear layer as (weight, bias, whether oneDNN multiplies, its padding
+# buffer), a layer norm as (weight, bias, eps).
+ScriptedLinear = Tuple[torch.Tensor, Optional[torch.Tensor], bool, torch.Tensor]
+ScriptedNorm = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]
+
+
+def scripted_linear(x: torch.Tensor, linear: ScriptedLinear) -> torch.Tensor:
+    """`DecodeStepLinear` inside TorchScript."""
+    weight, bias, onednn, padding = linear
+    if not onednn:
+        return F.linear(x, weight, bias)
+    no_scalars: List[Optional[Union[int, float, complex]]] = []
+    rows = x.size(0)
+    if rows < padding.size(0):
+        padding[:rows] = x
+        return torch.ops.mkldnn._linear_pointwise(padding, weight, bias, "none", no_scalars, "")[:rows]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", no_scalars, "")
+
+
+def scripted_layer_norm(x: torch.Tensor, norm: ScriptedNorm) -> torch.Tensor:
+    return F.layer_norm(x, [x.size(-1)], norm[0], norm[1], norm[2])
+
+
+def add_sublayer_output(hidden: torch.Tensor, output: torch.Tensor, norm: ScriptedNorm, pre_norm: bool) -> torch.Tensor:
+    """Section 5.4's residual connection: LayerNorm(x + Sublayer(x)), or x + Sublayer(LayerNorm(x)) in pre-norm."""
+    return hidden + output if pre_norm else scripted_layer_norm(hidden + output, norm)
+
+
+def decode_step_layers(
+    hidden: torch.Tensor,
+    linears: List[ScriptedLinear],
+    norms: List[ScriptedNorm],
+    cross_keys_values: List[Tuple[torch.Tensor, torch.Tensor]],
+    cross_mask: Optional[torch.Tensor],
+    past_keys_values: List[Tuple[torch.Tensor, torch.Tensor]],
+    num_heads: int,
+    num_beams: int,
+    scaling: float,
+    pre_norm: bool,
+    activation: str,
+) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """`IncrementalDecoder.layers_and_output`, the same operations in the same order, for TorchScript to run.
+
+    Dispatched from Python, a step's ~200 small operations cost several microseconds each; TorchScript's
+    interpreter runs them in C++ (base, one row, 2 cores: 7.7 to 8.5 ms a step op by op, 6.2 to 7.0 ms scripted, of
+    which ~6 ms are the matrix products). Each layer has 6 `linears` (self-attention QKV and output,
+    cross-attention query and output, the two of the feed-forward) and 3 `norms`; the output projection and, in
+    pre-norm, the final layer norm come last.
+    """
+    rows, d_model = hidden.size(0), hidden.size(1)
+    present: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    for i in range(len(cross_keys_values)):
+        linear, norm = 6 * i, 3 * i
+        x = scripted_layer_norm(hidden, norms[norm]) if pre_norm else hidden
+        query_key_value = scripted_linear(x, linears[linear]).view(rows, 3, num_heads, 1, -1)
+        query, key, value = query_key_value[:, 0], query_key_value[:, 1], query_key_value[:, 2]
+        if len(past_keys_values) > 0:
+            key = torch.cat([past_keys_values[i][0], key], dim=2)
+            value = torch.cat([past_keys_values[i][1], value], dim=2)
+        present.append((key, value))
+        output = F.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2).reshape(rows, d_model)
+        hidden = add_sublayer_output(hidden, scripted_linear(output, linears[linear + 1]), norms[norm], pre_norm)
+
+        x = scripted_layer_norm(hidden, norms[norm + 1]) if pre_norm else hidden
+        query = scripted_linear(x, linears[linear + 2]).view(-1, num_beams, num_heads, d_model // num_heads)
+        key, value = cross_keys_values[i]
+        output = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, attn_mask=cross_mask, scale=scaling)
+        output = output.transpose(1, 2).reshape(rows, d_model)
+        hidden = add_sublayer_output(hidden, scripted_linear(output, linears[linear + 3]), norms[norm + 1], pre_norm)
+
+        x = scripted_layer_norm(hidden, norms[norm + 2]) if pre_norm else hidden
+        inner = scripted_linear(x, linears[linear + 4])
+        if activation == "relu":
+            inner = torch.relu(inner)
+        elif activation == "gelu":
+            inner = F.gelu(inner)
+        else:
+            inner = F.silu(inner)
+        hidden = add_sublayer_output(hidden, scripted_linear(inner, linears[linear + 5]), norms[norm + 2], pre_norm)
+    if len(norms) > 3 * len(cross_keys_values):
+        hidden = scripted_layer_norm(hidden, norms[-1])
+    return scripted_linear(hidden, linears[-1]).float(), present
+
+
+@functools.cache
+def scripted_decode_step():
+    """`decode_step_layers` compiled by TorchScript, or None where it cannot be (a torch without TorchScript, or
+    without this file's source). TorchScript is deprecated in favour of `torch.compile`, which is slower here
+    (see the README); without it the same step runs op by op in Python."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
+            return torch.jit.script(decode_step_layers)
+    except Exception as error:  # whatever the failure, the Python step computes the same
+        warnings.warn(f"Decoding op by op in Python: TorchScript could not compile the decode step ({error}).",
+                      RuntimeWarning)
+        return None
+
+
+def scripted_activation(activation: nn.Module) -> str | None:
+    """The name `decode_step_layers` knows `activation` by, or None."""
+    if "forward" in vars(activation):
+        return None
+    if type(activation) is nn.ReLU:
+        return "relu"
+    if type(activation) is GELUActivation and activation.act is F.gelu:
+        return "gelu"
+    if type(activation) in (SiLUActivation, nn.SiLU):
+        return "silu"
+    return None
 
 
 class IncrementalDecoder:
@@ -108,13 +240,18 @@ class IncrementalDecoder:
     shared by all its beams: the beams of a sentence act as that sentence's queries, so nothing is copied per
     beam, and a beam reorder touches only the (small) self-attention cache. Sentences that are done leave the
     batch, so they cost nothing afterwards. A step works on (rows, d_model) matrices, and each layer's parts are
-    looked up once per search: at one row, a step's Python work is as large as a layer's matrix products.
+    looked up once per search. On a CPU, for a plain float32 model, the step runs as TorchScript
+    (`decode_step_layers`): at one row, dispatching its ~200 operations from Python costs as much as a layer's
+    matrix products. Otherwise (and with `model.decode_with_torchscript = False`) it runs op by op in Python,
+    honouring hooks, adapters and autocast.
     """
+
+    may_script = True
 
     def __init__(self, model, input_ids, attention_mask, num_beams: int):
         self.model, self.num_beams = model, num_beams
         self.decoder = model.get_decoder()
-        self.linear = decode_step_linear(model, model.lm_head.weight.device, model.lm_head.weight.dtype)
+        self.linear = DecodeStepLinear(model, model.lm_head.weight.device, model.lm_head.weight.dtype)
         encoding = search_linear.set(self.linear)  # the encoder's products too: at base, 13 ms -> 7.5 ms (32 tokens)
         try:
             encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -135,12 +272,59 @@ class IncrementalDecoder:
             self.cross_mask = padding_mask(attention_mask, attention_dtype(encoder_states))
         self.self_keys_values = [None] * len(layers)
         self.length = 0
+        self.script, self.script_arguments = None, None
+        if self.may_script and model.decode_with_torchscript:
+            self.script_arguments = self.scripted_step_arguments()
+            self.script = scripted_decode_step() if self.script_arguments is not None else None
+
+    def scripted_step_arguments(self):
+        """The decoder's weights as `decode_step_layers` takes them, or None where a step must run module by module:
+        on other devices or dtypes, with hooks, adapters, other kinds of layers, autocast or a torch function mode."""
+        model, decoder, device = self.model, self.decoder, self.model.lm_head.weight.device
+        if device.type != "cpu" or torch.is_autocast_enabled("cpu") or not recordable(model, device):
+            return None
+        if any(p.dtype != torch.float32 for p in (*decoder.parameters(), *model.lm_head.parameters())):
+            return None
+        layers = decoder.layers
+        norms = [n for layer in layers for n in (layer.self_attn_layer_norm, layer.cross_attn_layer_norm,
+                                                 layer.final_layer_norm)]
+        norms += [decoder.layer_norm] if decoder.layer_norm is not None else []
+        if any(type(n) is not nn.LayerNorm or tuple(n.normalized_shape) != (model.config.d_model,) for n in norms):
+            return None
+        activations = {
+            scripted_activation(layer.feed_forward.activation) if type(layer.feed_forward) is PositionwiseFeedForward
+            else None
+            for layer in layers
+        }
+        attentions = [attention for layer in layers for attention in (layer.self_attn, layer.cross_attn)]
+        heads, scalings = {a.num_heads for a in attentions}, {a.scaling for a in attentions}
+        if None in activations or any(len(kinds) != 1 for kinds in (activations, heads, scalings, set(self.pre_norm))):
+            return None
+        linears, no_padding = [], torch.empty(0)
+        modules = [module for self_attn, cross_attn, feed_forward in self.layers for module in (
+            self_attn.qkv_proj, self_attn.out_proj, cross_attn.q_proj, cross_attn.out_proj, feed_forward.fc1,
+            feed_forward.fc2)]
+        for module in modules + [model.lm_head]:
+            onednn = self.linear.weights(module)
+            if onednn is None:
+                linears.append((module.weight, module.bias, False, no_padding))
+            else:
+                linears.append((*onednn, True, self.linear.padding(module.in_features)))
+        norms = [(n.weight, n.bias, n.eps) for n in norms]
+        return linears, norms, heads.pop(), self.num_beams, scalings.pop(), self.pre_norm[0], activations.pop()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits in float32, (rows, vocab), for one new token per row (rows = sentences x beams)."""
         position = self.decoder.embed_positions(1, self.length, tokens.device)
         self.length += 1
-        return self.layers_and_output(tokens, position)
+        if self.script is None:
+            return self.layers_and_output(tokens, position)
+        linears, norms, heads, beams, scaling, pre_norm, activation = self.script_arguments
+        hidden = self.decoder.embed_tokens(tokens) + position
+        past = self.self_keys_values if self.length > 1 else []
+        logits, self.self_keys_values = self.script(hidden, linears, norms, self.cross_keys_values, self.cross_mask,
+                                                    past, heads, beams, scaling, pre_norm, activation)
+        return logits
 
     def layers_and_output(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         decoder = self.decoder
@@ -203,6 +387,8 @@ class StaticIncrementalDecoder(IncrementalDecoder):
     unused: the search reads the first rows); a beam reorder becomes a gather at the start of the next step. The
     same code runs without a graph where `use_graph` is False (how the CPU tests check it).
     """
+
+    may_script = False  # its step is its own
 
     def __init__(self, model, input_ids, attention_mask, num_beams: int, max_new_tokens: int, use_graph: bool,
                  initial_capacity: int = 64):
@@ -456,4 +642,6 @@ def beam_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torc
     return results[:, :returned, :length].reshape(batch * returned, length)
 
 
-__all__ = ["IncrementalDecoder", "StaticIncrementalDecoder", "greedy_search", "beam_search", "graph_safe", "decode_step_linear"]
+__all__ = [
+    "IncrementalDecoder", "StaticIncrementalDecoder", "greedy_search", "beam_search", "graph_safe", "DecodeStepLinear"
+]

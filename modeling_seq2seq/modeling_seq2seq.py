@@ -864,6 +864,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
 
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
     decode_with_cuda_graphs = True  # on a GPU, greedy/beam `generate` replays a recorded step (StaticIncrementalDecoder)
+    decode_with_torchscript = True  # on a CPU, greedy/beam `generate` runs its step as TorchScript (decode_step_layers)
 
     def __init__(self, config: Seq2SeqTransformerConfig):
         super().__init__(config)
@@ -901,7 +902,9 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
 
         When the request is greedy or beam search (with length penalty, min/max length, single banned tokens and a
         forced final end-of-sentence) and asks for token ids only, the search runs on `IncrementalDecoder` and
-        returns exactly what transformers' own loop returns. On a GPU it runs on `StaticIncrementalDecoder`, a
+        returns exactly what transformers' own loop returns; on a CPU its step runs as TorchScript (compiled at the
+        first call in a process; `model.decode_with_torchscript = False` runs it op by op in Python, with the same
+        results). On a GPU it runs on `StaticIncrementalDecoder`, a
         recorded step replayed as a CUDA graph: the same tokens in float32; in half precision its attention over a
         masked fixed-size cache may round differently, as transformers' own static cache does
         (`model.decode_with_cuda_graphs = False` keeps the step-by-step arithmetic). Anything else (sampling,

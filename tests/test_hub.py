@@ -223,6 +223,8 @@ PROBE = textwrap.dedent(
         result["beam"] = model.generate(**encoded, max_new_tokens=12).tolist()
         result["logits"] = model(**encoded, decoder_input_ids=greedy[:, :4]).logits.tolist()
     result["decoded"] = tokenizer.batch_decode(greedy, skip_special_tokens=True)
+    decoding = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".decoding_seq2seq")
+    result["decode_step_scripted"] = decoding.scripted_decode_step() is not None  # TorchScript found the source
 
     pipe = pipeline("seq2seq-translation", model=folder, trust_remote_code=True)
     result["pipeline_module"] = type(pipe).__module__
@@ -537,6 +539,7 @@ def test_loads_and_generates_identically_where_the_package_cannot_be_imported(hu
     assert probe["tokenizer_class"] in {"PreTrainedTokenizerFast", "TokenizersBackend"}
     assert probe["lm_head_tied"] is True
     assert_matches_reference(probe, reference)
+    assert probe["decode_step_scripted"] is True
     assert probe["shipped_code"] == SHIPPED_CODE
     assert probe["import_events"] == []  # importing the shipped code opened no file, socket or process
     assert probe["pipeline_module"].startswith("transformers_modules.")

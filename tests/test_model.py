@@ -19,10 +19,12 @@ from modeling_seq2seq import (
 from modeling_seq2seq.convert import from_marian, to_marian
 from modeling_seq2seq.decoding_seq2seq import (
     PADDED_ROWS,
+    DecodeStepLinear,
+    IncrementalDecoder,
     StaticIncrementalDecoder,
     beam_search,
-    decode_step_linear,
     greedy_search,
+    scripted_decode_step,
 )
 from modeling_seq2seq.modeling_seq2seq import (
     LabelSmoothedCrossEntropy,
@@ -209,7 +211,7 @@ def test_decode_step_linear_equals_a_float64_recomputation():
     """Also when it multiplies fewer than `PADDED_ROWS` rows as that many, after a call with more rows (the padding
     rows then hold stale values, which must not leak into the rows returned)."""
     model = wide_model()
-    linear = decode_step_linear(model, torch.device("cpu"), torch.float32)
+    linear = DecodeStepLinear(model, torch.device("cpu"), torch.float32)
     for shape in [(5,), (1,), (3,), (PADDED_ROWS,), (32,), (3, 1), (1, 1)]:
         for module in (model.lm_head, model.model.decoder.layers[0].feed_forward.fc1):
             x = torch.randn(*shape, module.in_features) * 10
@@ -832,6 +834,114 @@ def test_convert_script_round_trip(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("shape", ["paper", "pre-norm", "gelu", "silu", "swish pre-norm", "wide"])
+def test_scripted_decode_step_computes_what_the_python_step_does(shape):
+    """The TorchScript step (`decode_step_layers`) against the step run op by op: the same logits at every step, for
+    every layer norm position and activation it takes, through beam reorders and sentences leaving the batch, and
+    with oneDNN's padded products (`wide`). Then whole searches against transformers' own."""
+    overrides = {
+        "paper": {}, "pre-norm": dict(layer_norm_position="pre"), "gelu": dict(activation_function="gelu"),
+        "silu": dict(activation_function="silu"),
+        "swish pre-norm": dict(activation_function="swish", layer_norm_position="pre"),
+    }
+    model = wide_model() if shape == "wide" else make_model(1, output_bias=True, **overrides[shape])
+    vocab = model.config.vocab_size
+    source, mask = padded_batch(seed=2, batch=3, vocab=vocab)
+    beams = 2
+    with torch.no_grad():
+        scripted, python = (IncrementalDecoder(model, source, mask, beams) for _ in range(2))
+        python.script = None
+        assert scripted.script is not None
+        tokens = torch.arange(6) + 4
+        for step in range(6):
+            expected = python.step(tokens)
+            torch.testing.assert_close(scripted.step(tokens), expected, rtol=1e-5, atol=1e-5)
+            tokens = expected.argmax(dim=-1)
+            if step == 2:  # a beam reorder: every row continues from the first beam of its sentence
+                for decoder in (scripted, python):
+                    decoder.reorder(torch.tensor([0, 0, 2, 2, 4, 4]))
+            if step == 3:  # the second sentence is done
+                for decoder in (scripted, python):
+                    decoder.keep_sentences(torch.tensor([0, 2]))
+                    decoder.reorder(torch.tensor([0, 1, 4, 5]))
+                tokens = tokens[[0, 1, 4, 5]]
+    for settings in (dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)):
+        settings.update(max_new_tokens=8)
+        reference = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+        assert torch.equal(model.generate(source, attention_mask=mask, **settings), reference), settings
+
+
+def test_decode_step_runs_op_by_op_where_torchscript_would_skip_something():
+    """Hooks, adapters, other layer kinds, activations the script does not know, autocast, half precision and torch
+    function modes keep the Python step (which honours them); so does `decode_with_torchscript = False`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model()
+    assert runs_scripted(model)
+    layer = model.model.decoder.layers[1]
+    handle = layer.final_layer_norm.register_forward_hook(lambda *args: None)
+    assert not runs_scripted(model)
+    handle.remove()
+
+    class Adapter(torch.nn.Linear):
+        pass
+
+    plain = layer.feed_forward.fc2
+    layer.feed_forward.fc2 = Adapter(plain.in_features, plain.out_features)
+    assert not runs_scripted(model)
+    layer.feed_forward.fc2 = plain
+    norm = layer.cross_attn_layer_norm
+    layer.cross_attn_layer_norm = torch.nn.RMSNorm(norm.normalized_shape)
+    assert not runs_scripted(model)
+    layer.cross_attn_layer_norm = norm
+    activation = layer.feed_forward.activation
+    layer.feed_forward.activation = torch.nn.Tanh()
+    assert not runs_scripted(model)
+    layer.feed_forward.activation = activation
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not runs_scripted(model)
+    with FlopCounterMode(display=False):
+        assert not runs_scripted(model)
+    model.decode_with_torchscript = False
+    assert not runs_scripted(model)
+    del model.decode_with_torchscript
+    assert runs_scripted(model)
+    assert not runs_scripted(make_model(activation_function="gelu_new"))  # tanh approximation, written out
+    assert not runs_scripted(make_model().to(torch.bfloat16))
+
+
+@pytest.fixture
+def fresh_script():
+    scripted_decode_step.cache_clear()
+    yield
+    scripted_decode_step.cache_clear()
+
+
+def test_decoding_goes_on_in_python_when_torchscript_cannot_compile(monkeypatch, fresh_script):
+    """TorchScript needs the source file (a frozen app may lack it) and is deprecated: without it, a warning says
+    so once, and the step runs op by op with the same outputs."""
+    model = make_model(2)
+    source, mask = padded_batch(seed=2)
+    expected = GenerationMixin.generate(model, source, attention_mask=mask, num_beams=3, max_new_tokens=6)
+
+    def no_source(function):
+        raise OSError(f"could not get source code for {function.__name__}")
+
+    monkeypatch.setattr(torch.jit, "script", no_source)
+    with pytest.warns(RuntimeWarning, match="TorchScript could not compile the decode step .*could not get source"):
+        assert not runs_scripted(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(model.generate(source, attention_mask=mask, num_beams=3, max_new_tokens=6), expected)
+
+
+def test_compiling_the_decode_step_hides_only_torchscripts_deprecation_warning(fresh_script):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert scripted_decode_step() is not None
+    assert not [w for w in caught if "torch.jit" in str(w.message)]
+
+
 def static_generate(model, source, mask, initial_capacity=64, return_decoder=False, **settings):
     """Greedy/beam search on `StaticIncrementalDecoder` without recording a graph (the GPU path's arithmetic)."""
     input_ids, attention_mask, search = model.fast_search_settings(source, None, dict(settings, attention_mask=mask))
@@ -921,12 +1031,23 @@ def test_only_a_plain_model_on_one_device_is_recorded_as_a_graph():
     assert not recordable(model, cpu)
 
 
-@pytest.mark.parametrize("decoder", ["incremental", "static"])
+def runs_scripted(model, source=None, mask=None, num_beams=1) -> bool:
+    """Whether `generate`'s decode loop would run its step as TorchScript for this model, now."""
+    if source is None:
+        source, mask = padded_batch(batch=2)
+    with torch.no_grad():
+        return IncrementalDecoder(model, source, mask, num_beams).script is not None
+
+
+@pytest.mark.parametrize("decoder", ["scripted", "python", "static"])
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_generate_equals_transformers_generate(seed, decoder):
     """Our decode loops return exactly what transformers' own greedy/beam search returns: `IncrementalDecoder`
-    (generate's path) and `StaticIncrementalDecoder` (fixed shapes: the path a GPU replays as a CUDA graph)."""
+    (generate's path on a CPU) with its step as TorchScript and op by op in Python, and `StaticIncrementalDecoder`
+    (fixed shapes: the path a GPU replays as a CUDA graph)."""
     model = make_model(seed, output_bias=True)
+    model.decode_with_torchscript = decoder == "scripted"
+    assert runs_scripted(model) == (decoder == "scripted")
     with torch.no_grad():  # make end-of-sentence likely, so sentences finish at different steps
         model.lm_head.bias[2] = 0.8 * (seed % 4)
     source, mask = padded_batch(seed=seed, batch=1 + seed % 4, length=5 + seed)

@@ -150,6 +150,7 @@ def test_folder_loads_and_generates_identically_on_457(venv_457, shared, tmp_pat
     assert probe["lm_head_tied"] is True
     assert probe["import_events"] == []
     helpers.assert_matches_reference(probe, reference)
+    assert probe["decode_step_scripted"] is True
     assert probe["decoded"] == reference["decoded"]
 
     # Our pipeline, loaded from the folder's pipeline.py by 4.57.

@@ -268,8 +268,10 @@ def test_safetensors_win_over_a_pickle_next_to_them(tmp_path, marker, quiet):
 
 # --- The code a saved model carries -------------------------------------------------------------------------------
 
-# warnings: for a FutureWarning; enum and __future__: pipeline.py; contextvars: the kernel `generate` encodes with
-ALLOWED_IMPORTS = {"torch", "transformers", "math", "copy", "typing", "warnings", "enum", "__future__", "contextvars"}
+# warnings: for a FutureWarning; enum and __future__: pipeline.py; contextvars: the kernel `generate` encodes with;
+# functools: the decode step, compiled once per process
+ALLOWED_IMPORTS = {"torch", "transformers", "math", "copy", "typing", "warnings", "enum", "__future__", "contextvars",
+                   "functools"}
 FORBIDDEN_NAMES = {"exec", "eval", "compile", "open", "__import__", "__builtins__", "globals", "breakpoint", "input"}
 FORBIDDEN_ROOTS = {"os", "sys", "subprocess", "socket", "urllib", "requests", "http", "shutil", "pathlib", "pickle",
                    "importlib", "ctypes", "builtins", "io", "tempfile", "huggingface_hub"}
@@ -359,8 +361,8 @@ def test_save_pretrained_ships_exactly_our_modeling_files(saved_folder):
 
 def test_shipped_code_does_only_maths(saved_folder):
     """No exec/eval/open, no os/subprocess/socket/urllib/requests, imports only torch, transformers, math, copy,
-    typing, warnings and the config, and nothing runs at import beyond defining things (the Hub's pipeline.py,
-    shipped by hub.py, is held to the same rules)."""
+    typing, warnings, functools and the config, and nothing runs at import beyond defining things (the Hub's
+    pipeline.py, shipped by hub.py, is held to the same rules)."""
     problems = []
     for path in [saved_folder / name for name in MODELING_FILES] + [PACKAGE / "pipeline.py"]:
         problems += check_shipped_source(path.name, path.read_text(encoding="utf-8"))
