@@ -590,16 +590,16 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
     return outputs
 
 
-def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
-    """`AutoModelForSeq2SeqLM.from_pretrained` of a saved folder (safetensors only) that refuses partly random
-    weights. transformers fills a weight missing from the file, or of another shape than config.json says, with
-    fresh random values and only logs it: the model would then translate garbage without an error."""
+def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs):
+    """`AutoModelForSeq2SeqLM.from_pretrained` of a saved folder (safetensors only; `kwargs` go to it) that refuses
+    partly random weights. transformers fills a weight missing from the file, or of another shape than config.json
+    says, with fresh random values and only logs it: the model would then translate garbage without an error."""
     # Importing this module ran the package's __init__, which registers our classes with the Auto factories.
     from transformers import AutoModelForSeq2SeqLM
 
     from .hub import load_reporting_random_weights
 
-    model, missing, mismatched = load_reporting_random_weights(AutoModelForSeq2SeqLM, str(path), dtype=dtype)
+    model, missing, mismatched = load_reporting_random_weights(AutoModelForSeq2SeqLM, str(path), dtype=dtype, **kwargs)
     if missing or mismatched:
         raise ValueError(
             f"{path}: the weights do not fit the model its config.json describes (missing: {missing[:5] or 'none'}"

@@ -99,15 +99,16 @@ class AttentionMaps:
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
-    """A saved model (eager attention, eval mode) and its tokenizer, through the Auto classes."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    """A saved model (eager attention, eval mode) and its tokenizer, through the Auto classes; partly random weights
+    (missing from the file, or of other shapes) are refused, as everywhere else (`training.load_saved_model`)."""
+    from transformers import AutoTokenizer
 
-    import modeling_seq2seq  # noqa: F401  (registers the Auto classes)
+    from .training import load_saved_model
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no saved model in {str(model_dir)!r} (config.json is missing)")
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), attn_implementation="eager", use_safetensors=True)
+    model = load_saved_model(model_dir, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model.to(device).eval(), tokenizer
 

@@ -292,6 +292,25 @@ def test_attention_needs_a_saved_model(visualize, capsys, tmp_path):
     assert "config.json" in capsys.readouterr().err
 
 
+def test_attention_refuses_a_model_with_weights_missing(visualize, capsys, tmp_path, model_dir):
+    """transformers would fill the missing weight with random values and only log it: the maps would be noise."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.decoder.layers.1.feed_forward.fc1.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="refusing to run partly random weights") as error:
+        viz.load_model(folder)
+    assert str(folder) in str(error.value) and "fc1.weight" in str(error.value)
+    assert visualize.main(["attention", "--model", str(folder), "--source", "one", "--out", str(tmp_path)]) == 2
+    assert "partly random weights" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Without matplotlib
 
