@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -1553,6 +1554,29 @@ def train(config: TrainingConfig) -> dict:
     return Trainer(config).run()
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler's or `kill`'s polite stop) during training, raised where Python was when it came.
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def sigterm_raises_terminated():
+    """While training runs, SIGTERM raises `Terminated` instead of ending the process on the spot, so that the run
+    can say which checkpoint to resume from; only in the main thread (where Python runs signal handlers)."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point of `scripts/train.py`; returns the process exit code."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -1564,19 +1588,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        train(config)
+        with sigterm_raises_terminated():
+            train(config)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     except (ckpt.CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: every checkpoint on disk is complete (they are written atomically)
+    except (KeyboardInterrupt, Terminated) as stop:  # every checkpoint on disk is complete (written atomically)
         latest = ckpt.find_latest_checkpoint(config.output_dir, check_hashes=False)
         where = (f"the last complete checkpoint is {latest}; continue with --resume_from_checkpoint latest"
                  if latest else "no checkpoint was written yet")
-        print(f"Interrupted: {where}.", file=sys.stderr)
-        return 130
+        interrupted = isinstance(stop, KeyboardInterrupt)  # Ctrl-C
+        print(f"{'Interrupted' if interrupted else 'Terminated'}: {where}.", file=sys.stderr)
+        return 130 if interrupted else 128 + signal.SIGTERM
     return 0
 
 

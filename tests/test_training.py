@@ -569,17 +569,19 @@ def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp
     assert translate.main(["--model", str(cases["partial"]), "--input", str(source)]) == 1
 
 
-def test_ctrl_c_names_the_checkpoint_to_resume_from(assets, tmp_path):
+@pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
+def test_ctrl_c_or_sigterm_names_the_checkpoint_to_resume_from(assets, tmp_path, stop, code, word):
+    """Ctrl-C, or a scheduler's SIGTERM: no traceback, the conventional exit code, and where to resume from."""
     output_dir = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *run_args(assets, output_dir, max_steps=5000)],
                                env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (output_dir / "checkpoint-8").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "Interrupted: the last complete checkpoint is" in stderr and "--resume_from_checkpoint latest" in stderr
+    assert process.returncode == code, stderr[-2000:]
+    assert f"{word}: the last complete checkpoint is" in stderr and "--resume_from_checkpoint latest" in stderr
     assert "Traceback" not in stderr
 
 
