@@ -1563,6 +1563,7 @@ class Terminated(BaseException):
 def sigterm_raises_terminated():
     """While training runs, SIGTERM raises `Terminated` instead of ending the process on the spot, so that the run
     can say which checkpoint to resume from; only in the main thread (where Python runs signal handlers)."""
+
     def terminate(signum, frame):
         raise Terminated()
 
