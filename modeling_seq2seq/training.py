@@ -992,6 +992,7 @@ class Trainer:
     def _check_fresh_start(self):
         """A new run must not mix its checkpoints with an older run's (resume would pick the wrong ones)."""
         existing = ckpt.list_checkpoints(self.output_dir)
+        self.replaced_checkpoints = []
         if self.resume_dir is not None:
             self._check_no_later_checkpoints(existing)
             return
@@ -1019,11 +1020,18 @@ class Trainer:
                 "Pass --resume_from_checkpoint latest to continue that run, --overwrite_output_dir to delete them and "
                 "start again, or choose another --output_dir."
             )
+        self.replaced_checkpoints = [path for _, path in existing]  # deleted once the data has been read
+
+    def delete_replaced_checkpoints(self):
+        """--overwrite_output_dir: the earlier run's checkpoints go, but only once this run's data files have been
+        read and checked (a typo in a data path must not cost them)."""
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            for _, path in existing:
+        if self.is_main and self.replaced_checkpoints:
+            for path in self.replaced_checkpoints:
                 shutil.rmtree(path)
-            self.print(f"Deleted {len(existing)} checkpoints of an earlier run in {self.output_dir} (--overwrite_output_dir).")
+            self.print(f"Deleted {len(self.replaced_checkpoints)} checkpoints of an earlier run in {self.output_dir} "
+                       "(--overwrite_output_dir).")
+        self.replaced_checkpoints = []
         self.accelerator.wait_for_everyone()
 
     def _check_no_later_checkpoints(self, existing):
@@ -1307,6 +1315,7 @@ class Trainer:
 
         config, accelerator = self.config, self.accelerator
         raw = load_raw_data(config)
+        self.delete_replaced_checkpoints()
         self.tokenizer = self.setup_tokenizer(raw)
         self.setup_data(raw, self.tokenizer)
         self.sampler = self.make_sampler()

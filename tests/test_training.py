@@ -405,8 +405,13 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run,
     assert training.main(run_args(assets, reference_run)) == 1
     assert "already holds checkpoints (checkpoint-12, ...)" in capsys.readouterr().err
     assert sorted(p.name for p in reference_run.iterdir()) == before
-    # --overwrite_output_dir starts again: the old run's checkpoints go.
+    # --overwrite_output_dir starts again: the old run's checkpoints go, but not before the data files are read.
     (tmp_path / "old" / "checkpoint-500").mkdir(parents=True)
+    missing_data = run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True,
+                            train_file=str(tmp_path / "typo.tsv"))
+    assert training.main(missing_data) == 1
+    assert "typo.tsv" in capsys.readouterr().err
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-500"]
     assert training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True)) == 0
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-4"]
 
