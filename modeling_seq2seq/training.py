@@ -212,6 +212,7 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
         unknown = sorted(set(config.model_overrides) - known)
         if unknown:
             fail("model_overrides", f"a mapping of Seq2SeqTransformerConfig fields (unknown: {', '.join(unknown)})")
+        _check_model_overrides(config, fail)
     if config.torch_threads is not None and config.torch_threads < 1:
         fail("torch_threads", "a positive integer or null")
     if config.save_total_limit is not None and config.save_total_limit < 1:
@@ -809,14 +810,32 @@ def _tracker_hparams(config: TrainingConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()}
 
 
+def model_preset(config: TrainingConfig) -> str | Path:
+    """`model_config` as a file (relative to the working directory or the repository) or a built-in preset name."""
+    preset = resolve_path(config.model_config)
+    return preset if preset.exists() else config.model_config
+
+
+def _check_model_overrides(config: TrainingConfig, fail) -> None:
+    """Before any work: overrides that make an invalid model (heads that do not divide d_model...) are reported
+    against `model_overrides`, not against the preset file they were applied to. A preset that is itself wrong, or
+    missing, is reported by its own load, naming the file."""
+    from .presets import load_preset
+
+    try:
+        load_preset(model_preset(config), **config.model_overrides)
+    except ValueError as error:
+        load_preset(model_preset(config))  # raises, naming the file, when the preset is wrong on its own
+        fail("model_overrides", f"fields that make a valid model with {config.model_config} ({error})")
+
+
 def build_model(config: TrainingConfig, tokenizer):
     """A fresh model from the preset JSON, sized to the tokenizer, with the recipe's label smoothing."""
     from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
     from .presets import load_preset
 
-    preset = resolve_path(config.model_config)
     model_config = load_preset(
-        preset if preset.exists() else config.model_config,
+        model_preset(config),
         **config.model_overrides,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,

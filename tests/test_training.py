@@ -228,6 +228,14 @@ def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
         parse_config(["--max_tokens", "200", "--max_source_length", "300", "--max_target_length", "100"])
     with pytest.raises(ValueError, match=r"'model_overrides' must be a mapping of Seq2SeqTransformerConfig fields \(unknown: n_layers\)"):
         parse_config(["--model_overrides", '{"n_layers": 2}'])
+    # Overrides that make an invalid model are blamed on the flag, before any work; the preset file is fine.
+    with pytest.raises(ValueError, match=r"flag --model_overrides: 'model_overrides' must be fields that make a valid "
+                                         r"model with transformer-tiny \(.*expected a divisor of d_model=30"):
+        parse_config(["--model_config", "transformer-tiny", "--model_overrides", '{"d_model": 30}'])
+    broken_preset = tmp_path / "broken.json"
+    broken_preset.write_text('{"d_model": 30, "encoder_attention_heads": 4}')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(broken_preset))}: .*expected a divisor of d_model=30"):
+        parse_config(["--model_config", str(broken_preset), "--model_overrides", '{"encoder_layers": 1}'])
     not_mapping = tmp_path / "list.yaml"
     not_mapping.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match=r"list\.yaml: expected a mapping"):
