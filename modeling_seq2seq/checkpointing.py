@@ -76,6 +76,16 @@ def _current_umask() -> int:
     return mask
 
 
+def give_usual_permissions(folder: str | os.PathLike) -> None:
+    """The permissions a plain `open` or `mkdir` would give, for `folder` and everything in it: safetensors and
+    `tempfile.mkdtemp`/`mkstemp` make private (0600/0700) files and folders, which the rest of a group or a
+    serving account could not read."""
+    umask = _current_umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file so that readers see either the old or the new content, never a partial one."""
     path = Path(path)
@@ -230,6 +240,7 @@ def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, ste
     """
     staging, final = Path(staging), Path(final)
     try:
+        give_usual_permissions(staging)
         for name in _files_under(staging):
             fsync_file(staging / name)
         write_manifest(staging, step)
@@ -492,6 +503,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
         (staging / "averaged_from.json").write_text(
             json.dumps({"checkpoints": [str(Path(c)) for c in checkpoints]}, indent=2) + "\n", encoding="utf-8"
         )
+        give_usual_permissions(staging)
         for name in _files_under(staging):
             fsync_file(staging / name)
         replace_dir(staging, output_dir)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from .checkpointing import give_usual_permissions
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
 from .pipeline import TASK, Seq2SeqTranslationPipeline
@@ -286,11 +287,8 @@ def build_hub_folder(
 def _replace_dir(new: Path, target: Path) -> None:
     """Move the finished folder `new` to `target`, replacing what was there. `target` is never a half-written
     folder: it is the old folder, then (after two renames) the new one."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(new, 0o777 & ~umask)  # mkdtemp made it private
+    give_usual_permissions(new)  # mkdtemp made it private
     for path in new.iterdir():
-        os.chmod(path, 0o666 & ~umask)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     if not target.exists():

@@ -1473,6 +1473,7 @@ class Trainer:
             try:
                 unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
                 save_tokenizer(self.tokenizer, staging)
+                ckpt.give_usual_permissions(staging)
                 for source in sorted(staging.rglob("*")):
                     if source.is_file():
                         ckpt.fsync_file(source)

@@ -18,3 +18,17 @@ def one_torch_thread():
     """Back to one thread before each test: code under test may change it (the training loop's `torch_threads`,
     the benchmark's `--threads`)."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def unusual_permissions():
+    """`check(folder)`: what under `folder` (the folder itself excluded) has other permissions than a plain `open` or
+    `mkdir` gives under the current umask; safetensors and mkstemp/mkdtemp make private files and folders."""
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def check(folder):
+        return [f"{path.relative_to(folder)} {oct(path.stat().st_mode & 0o777)}" for path in folder.rglob("*")
+                if path.stat().st_mode & 0o777 != (0o777 if path.is_dir() else 0o666) & ~umask]
+
+    return check

@@ -208,7 +208,7 @@ def test_atomic_write_json_replaces_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval_results.json"]
 
 
-def test_average_equals_arithmetic_mean(tmp_path):
+def test_average_equals_arithmetic_mean(tmp_path, unusual_permissions):
     generator = torch.Generator().manual_seed(0)
     weights = [
         {"w": torch.randn(4, 3, generator=generator), "h": torch.randn(5, generator=generator).half(), "ids": torch.arange(3)}
@@ -224,6 +224,7 @@ def test_average_equals_arithmetic_mean(tmp_path):
     assert (output / "config.json").exists() and not (output / "optimizer.pt").exists()
     assert not (output / ckpt.MANIFEST_NAME).exists()
     assert json.loads((output / "averaged_from.json").read_text())["checkpoints"] == [str(f) for f in folders]
+    assert unusual_permissions(output) == []
     # --input_dir/--last selects the newest complete checkpoints, oldest first.
     assert ckpt.last_checkpoints(tmp_path / "run", 2) == folders[1:]
 

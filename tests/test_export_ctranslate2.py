@@ -67,7 +67,7 @@ def ct2_ids(translator, tokenizer, ids, lengths, num_beams):
     return [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
 
 
-def test_export_script_translates_like_our_generate(saved_model, tmp_path):
+def test_export_script_translates_like_our_generate(saved_model, tmp_path, unusual_permissions):
     model, folder = saved_model
     output = tmp_path / "ct2"
     done = subprocess.run(
@@ -76,6 +76,7 @@ def test_export_script_translates_like_our_generate(saved_model, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert (output / "model.bin").is_file() and (output / "tokenizer.json").is_file()
+    assert unusual_permissions(tmp_path) == []
     config = json.loads((output / "config.json").read_text())
     assert config["decoder_start_token"] == "<s>"  # ours starts from <s>, not from OPUS-MT's zero-embedded <pad>
     translator = ctranslate2.Translator(str(output), device="cpu", intra_threads=1)

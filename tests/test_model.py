@@ -801,7 +801,7 @@ def test_preset_file_with_unknown_field_is_rejected(tmp_path):
         load_preset(path)
 
 
-def test_convert_script_round_trip(tmp_path, capsys):
+def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     """scripts/convert_marian.py: ours -> Marian folder -> ours gives the same logits."""
     import runpy
 
@@ -811,6 +811,8 @@ def test_convert_script_round_trip(tmp_path, capsys):
     assert convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "marian")]) == 0
     assert convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")]) == 0
     back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "back").eval()
+    # the converted folders, made by mkdtemp, and their files (ours/ is save_pretrained's own)
+    assert [path for path in unusual_permissions(tmp_path) if not path.startswith("ours")] == []
     source, mask = padded_batch()
     with torch.no_grad():
         assert torch.equal(back(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits,

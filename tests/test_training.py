@@ -289,6 +289,13 @@ def test_short_run_lowers_validation_loss(short_run):
         assert {"val_loss", "val_bleu", "val_chrf", "val_exact_match", "val_ppl"} <= record.keys()
 
 
+def test_short_run_files_have_the_usual_permissions(short_run, unusual_permissions):
+    """A saved run is readable like any other file (by the group and others, under the usual umask), checkpoints
+    included, although safetensors writes private files."""
+    assert (short_run / "checkpoint-20" / "model.safetensors").is_file()
+    assert unusual_permissions(short_run) == []
+
+
 def test_short_run_logs_saves_and_reports(short_run):
     records = read_log(short_run)
     train_records = [r for r in records if r["type"] == "train"]
