@@ -937,7 +937,8 @@ def test_decoding_goes_on_in_python_when_torchscript_cannot_compile(monkeypatch,
         assert torch.equal(model.generate(source, attention_mask=mask, num_beams=3, max_new_tokens=6), expected)
 
 
-def test_compiling_the_decode_step_hides_only_torchscripts_deprecation_warning(fresh_script):
+def test_compiling_the_decode_step_shows_no_deprecation_warning(fresh_script):
+    """`torch.jit.script` warns that TorchScript is deprecated; a user's first `generate` must not show it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert scripted_decode_step() is not None
