@@ -20,11 +20,13 @@ from modeling_seq2seq.convert import from_marian, to_marian
 from modeling_seq2seq.decoding_seq2seq import (
     PADDED_ROWS,
     DecodeStepLinear,
+    GreedyScreen,
     IncrementalDecoder,
     StaticIncrementalDecoder,
     beam_search,
     greedy_search,
     scripted_decode_step,
+    suppress_tokens,
 )
 from modeling_seq2seq.modeling_seq2seq import (
     LabelSmoothedCrossEntropy,
@@ -943,6 +945,104 @@ def test_compiling_the_decode_step_shows_no_deprecation_warning(fresh_script):
         warnings.simplefilter("always")
         assert scripted_decode_step() is not None
     assert not [w for w in caught if "torch.jit" in str(w.message)]
+
+
+needs_bfloat16_kernels = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bfloat16 kernels on this CPU"
+)
+
+
+def screened_model(seed=0):
+    """An output projection of 2^22 weights (8192 x 512), the smallest that greedy search screens in bfloat16."""
+    return make_model(seed, d_model=512, encoder_ffn_dim=512, decoder_ffn_dim=512, encoder_attention_heads=8,
+                      decoder_attention_heads=8, encoder_layers=1, decoder_layers=1, vocab_size=8192, output_bias=True)
+
+
+@needs_bfloat16_kernels
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_screen_gives_transformers_tokens(seed, monkeypatch):
+    """Greedy search through the bfloat16 screen returns what transformers' greedy search returns, with the token
+    suppressions it handles; the screen was used and rarely had to fall back to the full product."""
+    model = screened_model(seed)
+    with torch.no_grad():
+        model.lm_head.bias[2] = 2.0 + seed  # end-of-sentence likely: sentences finish at different steps
+    source, mask = padded_batch(seed=seed, batch=1 + 2 * seed, vocab=8192)
+    fallbacks, calls = [], []
+    call = GreedyScreen.__call__
+
+    def counting(self, tokens, step, settings):
+        calls.append(step)
+        return call(self, tokens, step, settings)
+
+    monkeypatch.setattr(GreedyScreen, "__call__", counting)
+    monkeypatch.setattr(DecodeStepLinear, "__call__", lambda self, module, x, call=DecodeStepLinear.__call__:
+                        fallbacks.append(module) or call(self, module, x))
+    for settings in (dict(), dict(min_new_tokens=5), dict(bad_words_ids=[[5], [7]], forced_eos_token_id=2)):
+        settings.update(num_beams=1, max_new_tokens=10)
+        reference = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+        assert torch.equal(model.generate(source, attention_mask=mask, **settings), reference), settings
+    assert calls, "the screen did not run"
+    assert sum(module is model.lm_head for module in fallbacks) <= len(calls) // 4
+
+
+@needs_bfloat16_kernels
+def test_greedy_screen_decides_near_ties_in_float32():
+    """Pairs of output rows closer than bfloat16 can resolve, each made the favourite of one hidden state by its
+    bias: bfloat16 logits rank some pairs the other way round than float32 does (checked: the test is only
+    meaningful if they do), yet the screen returns the float32 argmax (its first maximum on exact ties), under every
+    token suppression, and also when the full product runs (`max_candidates` 0)."""
+    model = screened_model()
+    generator = torch.Generator().manual_seed(0)
+    pairs = 48
+    first = torch.arange(100, 100 + 2 * pairs, 2)
+    with torch.no_grad():
+        weight, bias = model.lm_head.weight, model.lm_head.bias
+        weight[first + 1] = weight[first] + 1e-4 * torch.randn(pairs, 512, generator=generator)
+        weight[7000] = weight[first[0]]  # an exact tie with the first pair's first row: the lower index wins
+        hidden = torch.randn(pairs, 512, generator=generator)
+        exact = torch.nn.functional.linear(hidden, weight)
+        rounded = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
+    k = torch.arange(pairs)
+    exact_order = exact[k, first] > exact[k, first + 1]
+    rounded_order = rounded[k, first] > rounded[k, first + 1]
+    reversed_strictly = (exact_order != rounded_order) & (rounded[k, first] != rounded[k, first + 1])
+    assert int(reversed_strictly.sum()) >= 3
+
+    class Decoder:  # what the screen asks of IncrementalDecoder
+        def __init__(self):
+            self.model, self.linear = model, DecodeStepLinear(model, torch.device("cpu"), torch.float32)
+            self.script, self.row = object(), 0
+
+        def step(self, tokens, project=True):
+            return hidden[self.row : self.row + 1]
+
+    decoder = Decoder()
+    screen = GreedyScreen.for_decoder(decoder)
+    assert screen is not None
+    plain = dict(banned=[], min_new_tokens=0, eos=[2], forced_eos=None, max_new_tokens=50)
+    original_bias = bias.detach().clone()
+    for row in range(pairs):
+        decoder.row = row
+        with torch.no_grad():
+            bias.copy_(original_bias)
+            bias[torch.tensor([int(first[row]), int(first[row]) + 1, 7000])] = 20.0
+        logits = torch.nn.functional.linear(hidden[row : row + 1], weight, bias)
+        for settings in (plain, dict(plain, banned=[int(first[row])]), dict(plain, min_new_tokens=9),
+                         dict(plain, forced_eos=2, max_new_tokens=4)):
+            expected = suppress_tokens(logits.clone(), 3, settings).argmax(dim=-1)
+            for limit in (1024, 0):
+                screen.max_candidates = limit
+                assert torch.equal(screen(torch.zeros(1, dtype=torch.long), 3, settings), expected), (row, settings)
+
+
+def test_greedy_screen_is_left_out_where_it_does_not_pay_off():
+    source, mask = padded_batch(batch=2)
+    with torch.no_grad():
+        small = IncrementalDecoder(make_model(), source, mask, 1)  # a 64-token vocabulary: nothing to gain
+        assert GreedyScreen.for_decoder(small) is None
+        python = screened_model()
+        python.decode_with_torchscript = False  # the screen needs the scripted step's hidden state
+        assert GreedyScreen.for_decoder(IncrementalDecoder(python, source, mask, 1)) is None
 
 
 def static_generate(model, source, mask, initial_capacity=64, return_decoder=False, **settings):
