@@ -55,7 +55,7 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
     assert all("same_sentences" in r["output_check"] for r in records if r["phase"] == "translate_file")
     table = done.stdout
     assert "ours/Marian" in table and "ours/CT2" in table and "decode beam4" in table and "Machine:" in table
-    assert table.count("of which decoder matrix products") == 4
+    assert table.count("the step's float32 matrix products alone") == 4
 
 
 def test_token_check_reports_a_mismatch(monkeypatch):
