@@ -400,10 +400,11 @@ class GreedyScreen:
     At one row the output projection is half of a base step's streamed bytes (76 of 164 MB), and oneDNN multiplies
     a bfloat16 copy of it 2.6x faster (AVX-512 BF16; base, 6 rows: 1.06 against 2.76 ms). Its logits are only
     approximate, so they only screen. With unit roundoff u = 2^-8 for the rounded h and W, and float32 accumulation
-    over d_model terms, every logit is within c1 |h| max_i |w_i| + c2 max_i |approximate_i| of its float32 value
-    (Cauchy-Schwarz on sum_j |h_j w_ij|; c2 covers the bfloat16 output). So after the same token suppressions as
-    the float32 path, only tokens within twice that of the best approximate logit can win: their logits are
-    computed again in float32, and the first maximum among them is the token (as `argmax` over all would pick).
+    over d_model terms, a bfloat16 logit and the float32 one differ by at most E = c1 |h| max_i |w_i| +
+    c2 max_i |approximate_i| (Cauchy-Schwarz on sum_j |h_j w_ij|; c1 counts both products' accumulation, c2 the
+    bfloat16 output). So, after the same token suppressions as the float32 path, only tokens within 2E of the best
+    approximate logit can be the float32 argmax: their logits are computed again in float32, and the first maximum
+    among them is the token, as `argmax` over all would pick (up to the last bit, in which float32 kernels differ).
     At base with random weights that is one or two of the 37k rows. When more than `max_candidates` survive (or
     the screen meets NaN), the full float32 product runs. Used for output projections of 2^22 weights or more, on
     CPUs where oneDNN has bfloat16 kernels.
@@ -432,7 +433,8 @@ class GreedyScreen:
         self.packed, self.max_row_norm = linear.kept_copy(head, ("bfloat16", id(head)), bfloat16_copy)
         u, terms, fp32 = 2.0**-8, head.in_features, 2.0**-24
         accumulation = 1.01 * (1 + u) ** 2 * terms * fp32 / (1 - terms * fp32)
-        self.c1 = 1.001 * (2 * u + u * u + accumulation) * self.max_row_norm
+        # twice the float32 accumulation: the bfloat16 product's, and the float32 product's own error that decides
+        self.c1 = 1.001 * (2 * u + u * u + 2 * accumulation) * self.max_row_norm
         self.c2 = 2 * u + 4 * fp32
         self.padding = torch.zeros(PADDED_ROWS, head.in_features, dtype=torch.bfloat16)
 
@@ -456,6 +458,7 @@ class GreedyScreen:
         bias = None if self.bias is None else self.bias[columns]
         exact = F.linear(hidden, self.weight[columns], bias).masked_fill_(~candidates[:, columns], -math.inf)
         return columns[exact.argmax(dim=1)]
+
 
 class StaticIncrementalDecoder(IncrementalDecoder):
     """`IncrementalDecoder` with every shape fixed for the whole search, so that on a GPU its step is recorded once as
