@@ -224,7 +224,7 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     float32 `nn.Linear` on a CPU with enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23
     multiply-adds, or a weight of 2^20 values or more. Evaluation keeps `F.linear`, so that logits stay
     bit-identical to MarianMTModel's, except inside our `generate`, whose search picks its own kernels
-    (`search_linear`, `decoding_seq2seq.decode_step_linear`)."""
+    (`search_linear`, `decoding_seq2seq.DecodeStepLinear`)."""
     if not (module.training and torch.is_grad_enabled() and is_plain_linear(module)):
         # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
         search = None if module.training or torch.compiler.is_compiling() else search_linear.get()
