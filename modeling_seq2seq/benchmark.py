@@ -48,6 +48,12 @@ repeats:
 On Linux the process keeps freed memory for reuse, as our training loop does (`training.keep_freed_memory`); it
 applies to every implementation alike.
 
+With `isolate` (the script's default; `--in_process` turns it off), each preset's decoding phases (`decode`,
+`translate_file`) and its training phases (`train`, `length_mix`) run in a fresh Python process each, which sends
+its records back as it measures them. Ours and Marian then start every group from a new process, as CTranslate2
+always does, and no measurement depends on what an earlier phase left behind (heap, threads, compiled code). The
+matmul peak is measured once by the parent, which hands it to the training processes for the MFU.
+
 Speed is measured, never asserted. Times are wall-clock (`time.perf_counter`, with `torch.cuda.synchronize` on
 GPU). The machine (CPU model, threads, load average, versions) is recorded with the results.
 """
@@ -112,6 +118,7 @@ class BenchmarkSettings:
     file_sentences: int | None = None  # override the sentence count of `translate_file`
     progress: bool = True
     compile_training: bool | None = None  # also time `ours+compile` (the loop's `compile: true`); None: on a GPU
+    isolate: bool = False  # each preset's decoding phases and its training phases in a fresh process each
 
     @property
     def compiles(self) -> bool:
@@ -628,16 +635,21 @@ def _memory_probe_main() -> None:  # entry point of the subprocess started by `m
     print(json.dumps(memory_probe(**arguments)))
 
 
-def memory_in_subprocesses(jobs: list[dict], parallel: bool = True) -> list[dict]:
-    """Run `memory_probe(**job)` in fresh Python processes (started together when `parallel`), one per job."""
+def subprocess_env() -> dict:
+    """The environment of the benchmark's Python subprocesses: this checkout's package first."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def memory_in_subprocesses(jobs: list[dict], parallel: bool = True) -> list[dict]:
+    """Run `memory_probe(**job)` in fresh Python processes (started together when `parallel`), one per job."""
     code = "from modeling_seq2seq.benchmark import _memory_probe_main; _memory_probe_main()"
     results, running = [], []
     for job in jobs:
         process = subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env)
+                                   stderr=subprocess.PIPE, text=True, env=subprocess_env())
         running.append(process)
         if not parallel:
             results.append(_probe_result(process))
@@ -699,6 +711,7 @@ class Run:
             record["tokens_per_second"] = None
         record["tokens"] = tokens
         record["device"] = self.settings.device
+        record["process"] = os.getpid()
         record.update(extra)
         self.records.append(record)
         if record["median_seconds"] is not None:
@@ -1033,24 +1046,139 @@ def run_memory(run: Run) -> None:
                 source_length=source_length, target_length=target_length, **result)
 
 
-def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], None] | None = None) -> dict:
-    """Run every requested phase; returns {"machine": ..., "settings": ..., "records": [...]}. `on_progress` gets
-    the results so far after each measurement (scripts/benchmark.py writes them, so a run cut short keeps them)."""
+def run_decoding_phases(run: Run, preset: str, phases: set[str]) -> None:
+    """`decode` and `translate_file` for one preset, on one pair of models (and its CTranslate2 conversion)."""
+    from .export import synthetic_tokenizer
+
+    settings = run.settings
+    plan = settings.plan(preset)
+    use_ct2 = settings.use_ctranslate2 and ctranslate2_available()
+    run.log(f"{preset}: building models")
+    ours, marian = build_pair(preset, settings.seed, VOCAB_SIZES.get(preset))
+    config = ours.config
+    tokenizer = synthetic_tokenizer(config.vocab_size, config.pad_token_id, config.bos_token_id, config.eos_token_id)
+    translator = None
+    with tempfile.TemporaryDirectory(prefix="bench-ct2-") as workdir:
+        if use_ct2 and "decode" in phases:
+            run.log(f"{preset}: converting to CTranslate2")
+            with run.guard(f"{preset}: CTranslate2 model on {settings.device}"):
+                translator = make_translator(marian, tokenizer, settings, os.path.join(workdir, preset))
+        ours.to(settings.device)
+        marian.to(settings.device)
+        float32_checks = None
+        if "decode" in phases and settings.dtype != torch.float32:
+            with run.guard(f"{preset} float32 token check"):
+                float32_checks = float32_token_checks(run, preset, ours, marian)
+        ours.to(settings.dtype)
+        marian.to(settings.dtype)
+        if "decode" in phases:
+            with run.guard(f"{preset} decode"):
+                run_decode(run, preset, plan, ours, marian, translator, tokenizer, float32_checks)
+        if "translate_file" in phases:
+            with run.guard(f"{preset} translate file"):
+                run_translate_file(run, preset, plan, ours, marian)
+        if translator is not None:
+            translator.close()
+
+
+def run_training_phases(run: Run, preset: str, phases: set[str]) -> None:
+    """`train` and `length_mix` for one preset, on one pair of models in train mode."""
+    settings = run.settings
+    plan = settings.plan(preset)
+    run.log(f"{preset}: building training models")
+    ours, marian = build_pair(preset, settings.seed + 1, VOCAB_SIZES.get(preset))
+    ours.to(settings.device).train()
+    marian.to(settings.device).train()
+    steps = {"ours": ours_train_step(ours, settings.device), "marian": marian_train_step(marian, settings.device)}
+    if settings.compiles and "train" in phases:  # compiled at its first warm-up, with dynamic shapes
+        steps["ours+compile"] = ours_train_step(ours, settings.device, compile=True)
+    if "train" in phases:
+        with run.guard(f"{preset} train"):
+            run_train(run, preset, plan, steps, ours.config)
+    if "length_mix" in phases:
+        with run.guard(f"{preset} length mix"):
+            run_length_mix(run, preset, plan, steps, ours.config.pad_token_id, ours.config.vocab_size)
+
+
+# A preset's phases in the order they run, each group on models of its own.
+PHASE_GROUPS = ((run_decoding_phases, ("decode", "translate_file")), (run_training_phases, ("train", "length_mix")))
+
+
+def set_up_process(settings: BenchmarkSettings) -> list[str]:
+    """What every process of a run sets first; returns the notes it makes."""
     import transformers
 
-    from .export import synthetic_tokenizer
     from .training import keep_freed_memory
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(settings.threads)
-    run = Run(settings)
     if keep_freed_memory():
-        run.notes.append("glibc keeps freed memory for reuse (training.keep_freed_memory, as our training loop "
-                         "sets it) for every column: it speeds up the Marian twin as much as ours.")
+        return ["glibc keeps freed memory for reuse (training.keep_freed_memory, as our training loop sets it) for "
+                "every column: it speeds up the Marian twin as much as ours."]
+    return []
+
+
+def _phase_group_main() -> None:  # entry point of the process started by `run_phase_group_in_a_process`
+    job = json.loads(sys.stdin.read())
+    settings = BenchmarkSettings(**{**job["settings"], "presets": tuple(job["settings"]["presets"]),
+                                    "phases": tuple(job["settings"]["phases"])})
+    run = Run(settings, started=time.perf_counter() - job["elapsed"], peak_flops=job["peak_flops"])
+    run.notes += set_up_process(settings)
+    channel = os.fdopen(os.dup(1), "w")  # the JSON lines; whatever else is printed goes to stderr
+    os.dup2(2, 1)
+    run.on_record = lambda: print(json.dumps({"record": run.records[-1]}), file=channel, flush=True)
+    group = {function.__name__: function for function, _ in PHASE_GROUPS}[job["group"]]
+    group(run, job["preset"], set(settings.phases))
+    print(json.dumps({"notes": run.notes, "failures": run.failures}), file=channel, flush=True)
+
+
+def run_phase_group_in_a_process(run: Run, group, preset: str, phases: set[str]) -> None:
+    """Run one preset's phase group in a fresh Python process, taking its records as they come (a JSON line each
+    on its stdout), then its notes and failures."""
+    settings = dataclasses.replace(run.settings, presets=(preset,), phases=tuple(sorted(phases)), isolate=False)
+    job = {"settings": dataclasses.asdict(settings), "group": group.__name__, "preset": preset,
+           "peak_flops": run.peak_flops, "elapsed": time.perf_counter() - run.started}
+    code = "from modeling_seq2seq.benchmark import _phase_group_main; _phase_group_main()"
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env=subprocess_env())
+    ending = None
+    try:
+        process.stdin.write(json.dumps(job))
+        process.stdin.close()
+        for line in process.stdout:
+            message = json.loads(line)
+            if "record" in message:
+                run.records.append(message["record"])
+                if run.on_record is not None:
+                    run.on_record()
+            else:
+                ending = message
+        process.wait()
+    finally:
+        if process.poll() is None:  # interrupted: the process goes with the run
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    if process.returncode != 0 or ending is None:
+        run.failures.append(f"{preset} {'/'.join(sorted(phases))} failed: its process ended with exit status "
+                            f"{process.returncode} (its error is on stderr above)")
+        return
+    run.notes += [note for note in ending["notes"] if note not in run.notes]
+    run.failures += ending["failures"]
+
+
+def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run every requested phase; returns {"machine": ..., "settings": ..., "records": [...]}. `on_progress` gets
+    the results so far after each measurement (scripts/benchmark.py writes them, so a run cut short keeps them).
+    With `settings.isolate`, each preset's decoding phases and its training phases run in a fresh process each."""
+    run = Run(settings)
+    run.notes += set_up_process(settings)
     machine = machine_info(settings)
     use_ct2 = settings.use_ctranslate2 and ctranslate2_available()
     if settings.use_ctranslate2 and not use_ct2:
         run.notes.append("ctranslate2 is not installed: no CTranslate2 column.")
+    if settings.isolate:
+        run.notes.append("Each preset's decoding phases and its training phases ran in a fresh process each.")
 
     def results(complete: bool) -> dict:
         machine["load_average_end"] = list(os.getloadavg())
@@ -1073,56 +1201,18 @@ def run_benchmark(settings: BenchmarkSettings, on_progress: Callable[[dict], Non
     if "memory" in phases:
         with run.guard("train step memory"):
             run_memory(run)  # first: no model of this process is alive yet (GPU), nothing else is timed (CPU)
-    with tempfile.TemporaryDirectory(prefix="bench-ct2-") as workdir:
-        for preset in settings.resolved_presets():
-            plan = settings.plan(preset)
-            if phases & {"decode", "translate_file"}:
-                run.log(f"{preset}: building models")
-                ours, marian = build_pair(preset, settings.seed, VOCAB_SIZES.get(preset))
-                config = ours.config
-                tokenizer = synthetic_tokenizer(config.vocab_size, config.pad_token_id, config.bos_token_id,
-                                                config.eos_token_id)
-                translator = None
-                if use_ct2 and "decode" in phases:
-                    run.log(f"{preset}: converting to CTranslate2")
-                    with run.guard(f"{preset}: CTranslate2 model on {settings.device}"):
-                        translator = make_translator(marian, tokenizer, settings, os.path.join(workdir, preset))
-                ours.to(settings.device)
-                marian.to(settings.device)
-                float32_checks = None
-                if "decode" in phases and settings.dtype != torch.float32:
-                    with run.guard(f"{preset} float32 token check"):
-                        float32_checks = float32_token_checks(run, preset, ours, marian)
-                ours.to(settings.dtype)
-                marian.to(settings.dtype)
-                if "decode" in phases:
-                    with run.guard(f"{preset} decode"):
-                        run_decode(run, preset, plan, ours, marian, translator, tokenizer, float32_checks)
-                if "translate_file" in phases:
-                    with run.guard(f"{preset} translate file"):
-                        run_translate_file(run, preset, plan, ours, marian)
-                if translator is not None:
-                    translator.close()
-                del ours, marian, translator
-                gc.collect()
-            if phases & {"train", "length_mix"}:
-                run.log(f"{preset}: building training models")
-                ours, marian = build_pair(preset, settings.seed + 1, VOCAB_SIZES.get(preset))
-                ours.to(settings.device).train()
-                marian.to(settings.device).train()
-                steps = {"ours": ours_train_step(ours, settings.device), "marian": marian_train_step(marian, settings.device)}
-                if settings.compiles and "train" in phases:  # compiled at its first warm-up, with dynamic shapes
-                    steps["ours+compile"] = ours_train_step(ours, settings.device, compile=True)
-                if "train" in phases:
-                    with run.guard(f"{preset} train"):
-                        run_train(run, preset, plan, steps, ours.config)
-                if "length_mix" in phases:
-                    with run.guard(f"{preset} length mix"):
-                        run_length_mix(run, preset, plan, steps, ours.config.pad_token_id, ours.config.vocab_size)
-                del ours, marian, steps
-                gc.collect()
-                if settings.is_cuda:
-                    torch.cuda.empty_cache()
+    for preset in settings.resolved_presets():
+        for group, names in PHASE_GROUPS:
+            wanted = phases & set(names)
+            if not wanted:
+                continue
+            if settings.isolate:
+                run_phase_group_in_a_process(run, group, preset, wanted)
+                continue
+            group(run, preset, wanted)
+            gc.collect()
+            if settings.is_cuda:
+                torch.cuda.empty_cache()
     return results(complete=True)
 
 

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="also time the training step under torch.compile (auto: on a GPU only)")
+    parser.add_argument("--in_process", action="store_true",
+                        help="run every phase in this process (default: each preset's decoding phases and its "
+                             "training phases in a fresh process each, as CTranslate2 always is)")
     args = parser.parse_args(argv)
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--threads and --repeats must be positive")
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
     settings = BenchmarkSettings(
         device=args.device, threads=args.threads, quick=args.quick, presets=tuple(args.presets) if args.presets else None,
         phases=tuple(args.phases), use_ctranslate2=not args.no_ctranslate2, seed=args.seed, repeats=args.repeats,
-        compile_training={"auto": None, "on": True, "off": False}[args.compile],
+        compile_training={"auto": None, "on": True, "off": False}[args.compile], isolate=not args.in_process,
     )
     # With --json, the results so far are written after each measurement: a run cut short keeps what it measured.
     result = run_benchmark(settings, on_progress=(lambda partial: write_json(partial, args.json)) if args.json else None)

@@ -127,11 +127,33 @@ def test_a_run_cut_short_keeps_the_presets_it_finished_in_its_json(monkeypatch, 
     monkeypatch.setattr(BenchmarkSettings, "train_shapes", lambda self: [(2, 6, 6)])
     out = tmp_path / "bench.json"
     with pytest.raises(KeyboardInterrupt):
-        load_script().main(["--presets", "tiny", "base", "--phases", "train", "--repeats", "1", "--json", str(out)])
+        load_script().main(["--presets", "tiny", "base", "--phases", "train", "--repeats", "1", "--json", str(out),
+                            "--in_process"])
     partial = json.loads(out.read_text())
     assert partial["complete"] is False
     assert {(r["phase"], r["preset"]) for r in partial["records"]} == {("matmul_peak", None), ("train", "tiny")}
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"], "no temporary file left behind"
+
+
+@pytest.mark.slow
+def test_isolated_phase_groups_run_in_fresh_processes_and_a_crash_costs_its_own_group_only():
+    """`--in_process` off (the script's default): each preset's training runs in a process of its own, with the
+    matmul peak measured by the parent for its MFU; a group whose process dies (here: a preset that does not exist)
+    is a failure of its own, and the next preset is still measured."""
+    settings = BenchmarkSettings(presets=("no-such-preset", "tiny"), phases=("train",), quick=True, repeats=1,
+                                 progress=False, isolate=True)
+    result = run_benchmark(settings)
+    assert result["failures"] == ["no-such-preset train failed: its process ended with exit status 1 (its error is on "
+                                  "stderr above)"]
+    peak = next(r for r in result["records"] if r["phase"] == "matmul_peak")
+    train = {r["implementation"]: r for r in result["records"] if r["phase"] == "train"}
+    assert set(train) == {"ours", "marian"} and all(r["preset"] == "tiny" for r in train.values())
+    assert peak["process"] == os.getpid()
+    assert {r["process"] for r in train.values()} != {os.getpid()} and len({r["process"] for r in train.values()}) == 1
+    for r in train.values():
+        assert r["matmul_peak_flops_per_second"] == peak["flops_per_second"]
+        assert r["mfu"] == pytest.approx(r["achieved_flops_per_second"] / peak["flops_per_second"])
+    assert "ran in a fresh process each" in format_table(result)
 
 
 def test_compiled_training_is_a_column_of_its_own(monkeypatch):
