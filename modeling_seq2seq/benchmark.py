@@ -1119,13 +1119,13 @@ def set_up_process(settings: BenchmarkSettings) -> list[str]:
 
 
 def _phase_group_main() -> None:  # entry point of the process started by `run_phase_group_in_a_process`
+    channel = os.fdopen(os.dup(1), "w")  # the JSON lines; whatever else is printed goes to stderr
+    os.dup2(2, 1)
     job = json.loads(sys.stdin.read())
     settings = BenchmarkSettings(**{**job["settings"], "presets": tuple(job["settings"]["presets"]),
                                     "phases": tuple(job["settings"]["phases"])})
     run = Run(settings, started=time.perf_counter() - job["elapsed"], peak_flops=job["peak_flops"])
     run.notes += set_up_process(settings)
-    channel = os.fdopen(os.dup(1), "w")  # the JSON lines; whatever else is printed goes to stderr
-    os.dup2(2, 1)
     run.on_record = lambda: print(json.dumps({"record": run.records[-1]}), file=channel, flush=True)
     group = {function.__name__: function for function, _ in PHASE_GROUPS}[job["group"]]
     group(run, job["preset"], set(settings.phases))

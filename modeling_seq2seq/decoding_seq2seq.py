@@ -400,11 +400,12 @@ class GreedyScreen:
     At one row the output projection is half of a base step's streamed bytes (76 of 164 MB), and oneDNN multiplies
     a bfloat16 copy of it 2.6x faster (AVX-512 BF16; base, 6 rows: 1.06 against 2.76 ms). Its logits are only
     approximate, so they only screen. With unit roundoff u = 2^-8 for the rounded h and W, and float32 accumulation
-    over d_model terms, a bfloat16 logit and the float32 one differ by at most E = c1 |h| max_i |w_i| +
-    c2 max_i |approximate_i| (Cauchy-Schwarz on sum_j |h_j w_ij|; c1 counts both products' accumulation, c2 the
-    bfloat16 output). So, after the same token suppressions as the float32 path, only tokens within 2E of the best
-    approximate logit can be the float32 argmax: their logits are computed again in float32, and the first maximum
-    among them is the token, as `argmax` over all would pick (up to the last bit, in which float32 kernels differ).
+    over d_model terms, the bfloat16 logit a_i and the float32 one differ by at most c1 |h| + c2 |a_i| (c1 includes
+    max_i |w_i| by Cauchy-Schwarz on sum_j |h_j w_ij|, and counts both products' accumulation; c2 the bfloat16
+    output). So, after the same token suppressions as the float32 path, only tokens within 2E of the best
+    approximate logit a_b can be the float32 argmax, E = (c1 |h| + c2 |a_b|)(1 + c2)/(1 - c2) (derived in
+    `__call__`): their logits are computed again in float32, and the first maximum among them is the token, as
+    `argmax` over all would pick (up to the last bit, in which float32 kernels differ).
     At base with random weights that is one or two of the 37k rows. When more than `max_candidates` survive (or
     the screen meets NaN), the full float32 product runs. Used for output projections of 2^22 weights or more, on
     CPUs where oneDNN has bfloat16 kernels.
@@ -439,24 +440,37 @@ class GreedyScreen:
         self.padding = torch.zeros(PADDED_ROWS, head.in_features, dtype=torch.bfloat16)
 
     def __call__(self, tokens: torch.Tensor, step: int, settings: dict) -> torch.Tensor:
+        # Each operation here costs ~25 us, whatever its size: the step has just streamed the weights through every
+        # cache, code included. Hence few of them, and the per-row bounds in Python floats.
         hidden = self.decoder.step(tokens, project=False)
         rows = hidden.shape[0]
-        x = hidden.bfloat16()
         if rows < PADDED_ROWS:
-            self.padding[:rows] = x
+            self.padding[:rows].copy_(hidden)
             x = self.padding
+        else:
+            x = hidden.bfloat16()
         approximate = self.kernel(x, self.packed, None, "none", [], "")[:rows].float()
         if self.bias is not None:
             approximate += self.bias
-        error = hidden.norm(dim=1) * self.c1 + approximate.abs().amax(dim=1) * self.c2
         approximate = suppress_tokens(approximate, step, settings)
-        candidates = approximate >= (approximate.amax(dim=1) - 2 * error)[:, None]
-        columns = candidates.any(dim=0).nonzero().flatten()
-        if not 0 < columns.numel() <= self.max_candidates:
+        # The best b and the float32 argmax t differ from their approximations by e_b = c1 |h| + c2 |a_b| and
+        # e_t <= c1 |h| + c2 (|a_b| + e_b + e_t), as a_b - e_b - e_t <= a_t <= a_b: so both by at most
+        # E = e_b (1 + c2) / (1 - c2), and t is among the tokens within 2E of a_b.
+        widen = (1 + self.c2) / (1 - self.c2)
+        thresholds = [best - 2 * widen * (self.c1 * norm + self.c2 * abs(best))
+                      for best, norm in zip(approximate.amax(dim=1).tolist(), hidden.norm(dim=1).tolist())]
+        if rows == 1:
+            candidates = approximate[0] >= thresholds[0]
+            columns = candidates.nonzero().flatten()
+        else:
+            candidates = approximate >= torch.tensor(thresholds)[:, None]
+            columns = candidates.any(dim=0).nonzero().flatten()
+        if not 0 < columns.numel() <= self.max_candidates:  # none: NaN or infinity met
             return suppress_tokens(self.decoder.linear(self.decoder.model.lm_head, hidden).float(), step,
                                    settings).argmax(dim=-1)
-        bias = None if self.bias is None else self.bias[columns]
-        exact = F.linear(hidden, self.weight[columns], bias).masked_fill_(~candidates[:, columns], -math.inf)
+        exact = F.linear(hidden, self.weight[columns], None if self.bias is None else self.bias[columns])
+        if rows > 1:  # a row's own candidates only
+            exact.masked_fill_(~candidates[:, columns], -math.inf)
         return columns[exact.argmax(dim=1)]
 
 
