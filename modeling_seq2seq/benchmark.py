@@ -9,7 +9,8 @@ repeats:
 
 - `matmul_peak`: the machine's measured matrix-multiply peak (large square matrices, best of N, fp32 on CPU, bf16
   on GPU; the faster of torch.matmul and, on a CPU, oneDNN's kernel that our model uses), the denominator of the
-  model FLOPs utilisation (MFU).
+  model FLOPs utilisation (MFU). Measured at the start and again just before each preset's training; the MFU
+  divides by the highest measured up to then, so that a slow phase of the machine cannot inflate it.
 - `train`: forward + backward + Adam step on a fixed batch of 16 x 32 source and 16 x 32 target tokens (on GPU also
   128 x 64 + 128 x 64 and the paper's ~25k-token batches, 200 x 128 + 200 x 128), fp32 on CPU, bf16 autocast on
   GPU; tokens/s counts source + target tokens. "Ours" runs the step of our training loop (`training.compute_loss`,
@@ -832,7 +833,10 @@ def make_translator(marian, tokenizer, settings: BenchmarkSettings, folder: str)
                               inter_threads=1)
 
 
-def run_matmul(run: Run) -> None:
+def run_matmul(run: Run, preset: str | None = None) -> None:
+    """Measure the matmul peak; the MFU divides by the highest measured so far in the run. With `preset`: again just
+    before that preset's training, as the machine's speed drifts over a run (on a shared 2-core VM the peak moved
+    from 204 to 216 GFLOP/s between runs): a peak measured in a slow phase must not inflate a later MFU."""
     settings = run.settings
     if settings.is_cuda:
         sizes, repeats = (4096, 8192), 10
@@ -840,8 +844,8 @@ def run_matmul(run: Run) -> None:
         sizes, repeats = ((1024, 2048), 3) if settings.quick else ((1024, 2048, 3072), 3)
     run.log(f"matmul peak ({', '.join(map(str, sizes))})")
     peak = matmul_peak(settings.device, sizes, repeats)
-    run.peak_flops = peak["flops_per_second"]
-    run.add("matmul", None, "matmul_peak", None, None, None, flops_per_second=peak["flops_per_second"],
+    run.peak_flops = max(run.peak_flops or 0.0, peak["flops_per_second"])
+    run.add("matmul", preset, "matmul_peak", None, None, None, flops_per_second=peak["flops_per_second"],
             per_size={str(k): v for k, v in peak["per_size"].items()}, dtype=peak["dtype"], best_of=repeats,
             per_kernel={kernel: {str(k): v for k, v in rates.items()} for kernel, rates in peak["per_kernel"].items()})
 
@@ -1093,6 +1097,8 @@ def run_training_phases(run: Run, preset: str, phases: set[str]) -> None:
     if settings.compiles and "train" in phases:  # compiled at its first warm-up, with dynamic shapes
         steps["ours+compile"] = ours_train_step(ours, settings.device, compile=True)
     if "train" in phases:
+        with run.guard(f"{preset} matmul peak"):
+            run_matmul(run, preset)
         with run.guard(f"{preset} train"):
             run_train(run, preset, plan, steps, ours.config)
     if "length_mix" in phases:
@@ -1279,8 +1285,10 @@ def result_rows(result: dict) -> list[list[str]]:
             r = group["matmul"]
             sizes = "; ".join(kernel + " " + ", ".join(f"{n}^2 {v / 1e9:.0f}" for n, v in rates.items())
                               for kernel, rates in r["per_kernel"].items())
-            rows.append(["matmul peak (" + r["dtype"] + ")", "-", "square n x n", f"{r['flops_per_second'] / 1e9:,.1f} GFLOP/s",
-                         "", "", "", "", f"best of {r['best_of']} per size and kernel; GFLOP/s: {sizes}"])
+            again = "; again before this preset's training (the MFU divides by the highest so far)" if preset else ""
+            rows.append(["matmul peak (" + r["dtype"] + ")", preset or "-", "square n x n",
+                         f"{r['flops_per_second'] / 1e9:,.1f} GFLOP/s", "", "", "", "",
+                         f"best of {r['best_of']} per size and kernel{again}; GFLOP/s: {sizes}"])
         elif phase == "train":
             ours, marian = group.get("ours"), group.get("marian")
             r = ours or marian
