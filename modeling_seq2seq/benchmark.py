@@ -53,7 +53,7 @@ With `isolate` (the script's default; `--in_process` turns it off), each preset'
 `translate_file`) and its training phases (`train`, `length_mix`) run in a fresh Python process each, which sends
 its records back as it measures them. Ours and Marian then start every group from a new process, as CTranslate2
 always does, and no measurement depends on what an earlier phase left behind (heap, threads, compiled code). The
-matmul peak is measured once by the parent, which hands it to the training processes for the MFU.
+parent measures the matmul peak at the start and hands it to the training processes, which measure it again.
 
 Speed is measured, never asserted. Times are wall-clock (`time.perf_counter`, with `torch.cuda.synchronize` on
 GPU). The machine (CPU model, threads, load average, versions) is recorded with the results.
@@ -836,7 +836,7 @@ def make_translator(marian, tokenizer, settings: BenchmarkSettings, folder: str)
 def run_matmul(run: Run, preset: str | None = None) -> None:
     """Measure the matmul peak; the MFU divides by the highest measured so far in the run. With `preset`: again just
     before that preset's training, as the machine's speed drifts over a run (on a shared 2-core VM the peak moved
-    from 204 to 216 GFLOP/s between runs): a peak measured in a slow phase must not inflate a later MFU."""
+    from 200 to 218 GFLOP/s between runs): a peak measured in a slow phase must not inflate a later MFU."""
     settings = run.settings
     if settings.is_cuda:
         sizes, repeats = (4096, 8192), 10

@@ -465,7 +465,7 @@ class GreedyScreen:
         else:
             candidates = approximate >= torch.tensor(thresholds)[:, None]
             columns = candidates.any(dim=0).nonzero().flatten()
-        if not 0 < columns.numel() <= self.max_candidates:  # none: NaN or infinity met
+        if not 0 < columns.numel() <= self.max_candidates:  # none: NaN or infinity met; too many: no gain
             return suppress_tokens(self.decoder.linear(self.decoder.model.lm_head, hidden).float(), step,
                                    settings).argmax(dim=-1)
         exact = F.linear(hidden, self.weight[columns], None if self.bias is None else self.bias[columns])
