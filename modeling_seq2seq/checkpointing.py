@@ -76,14 +76,18 @@ def _current_umask() -> int:
     return mask
 
 
-def give_usual_permissions(folder: str | os.PathLike) -> None:
-    """The permissions a plain `open` or `mkdir` would give, for `folder` and everything in it: safetensors and
-    `tempfile.mkdtemp`/`mkstemp` make private (0600/0700) files and folders, which the rest of a group or a
-    serving account could not read."""
+def seal_folder(folder: str | os.PathLike) -> None:
+    """Make a finished staging folder ready to be renamed into place, in one walk: every file fsynced, and the
+    permissions a plain `open` or `mkdir` would give to it and everything in it (safetensors and
+    `tempfile.mkdtemp`/`mkstemp` make private 0600/0700 files and folders, which the rest of a group or a serving
+    account could not read)."""
     umask = _current_umask()
     folder = Path(folder)
     for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        directory = path.is_dir()
+        os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+        if not directory:
+            fsync_file(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -240,9 +244,7 @@ def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, ste
     """
     staging, final = Path(staging), Path(final)
     try:
-        give_usual_permissions(staging)
-        for name in _files_under(staging):
-            fsync_file(staging / name)
+        seal_folder(staging)
         write_manifest(staging, step)
         fsync_dir(staging)
         replace_dir(staging, final)
@@ -503,9 +505,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
         (staging / "averaged_from.json").write_text(
             json.dumps({"checkpoints": [str(Path(c)) for c in checkpoints]}, indent=2) + "\n", encoding="utf-8"
         )
-        give_usual_permissions(staging)
-        for name in _files_under(staging):
-            fsync_file(staging / name)
+        seal_folder(staging)
         replace_dir(staging, output_dir)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,7 @@ import tempfile
 import torch
 from transformers import AutoTokenizer, GenerationConfig, MarianConfig, MarianMTModel
 
-from .checkpointing import give_usual_permissions
+from .checkpointing import seal_folder
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
 
@@ -194,7 +194,7 @@ def convert_folder(source: str, output_dir: str, to: str) -> None:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         copy_tokenizer(source, staging)
-        give_usual_permissions(staging)
+        seal_folder(staging)
         if os.path.exists(output):
             os.rmdir(output)
         os.replace(staging, output)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .checkpointing import give_usual_permissions
+from .checkpointing import seal_folder
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
 from .pipeline import TASK, Seq2SeqTranslationPipeline
@@ -287,10 +287,7 @@ def build_hub_folder(
 def _replace_dir(new: Path, target: Path) -> None:
     """Move the finished folder `new` to `target`, replacing what was there. `target` is never a half-written
     folder: it is the old folder, then (after two renames) the new one."""
-    give_usual_permissions(new)  # mkdtemp made it private
-    for path in new.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    seal_folder(new)  # mkdtemp made it private
     if not target.exists():
         os.replace(new, target)
         return

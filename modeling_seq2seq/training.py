@@ -1473,10 +1473,7 @@ class Trainer:
             try:
                 unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
                 save_tokenizer(self.tokenizer, staging)
-                ckpt.give_usual_permissions(staging)
-                for source in sorted(staging.rglob("*")):
-                    if source.is_file():
-                        ckpt.fsync_file(source)
+                ckpt.seal_folder(staging)
                 # Weights first and config.json (what makes a folder a model) last.
                 files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", p.name))
                 for source in files:
