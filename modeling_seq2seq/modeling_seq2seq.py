@@ -7,12 +7,12 @@ this file ships to the Hub with the weights, so it imports torch, transformers a
 """
 
 import contextvars
-import copy
 import math
 import warnings
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -53,10 +53,14 @@ def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def causal_mask(query_length: int, past_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Section 3.2.3: position i may attend to positions <= i ("preventing leftward information flow")."""
-    key_positions = torch.arange(past_length + query_length, device=device)
-    query_positions = torch.arange(past_length, past_length + query_length, device=device)
+def causal_mask(query_length: int, past_length, dtype: torch.dtype, device: torch.device, key_length=None) -> torch.Tensor:
+    """Section 3.2.3: position i may attend to positions <= i ("preventing leftward information flow").
+
+    `key_length` (default: past + new positions) is larger for a static cache, whose slots beyond the current
+    position are future positions and therefore masked. `past_length` may be a 0-d tensor (a static cache's count).
+    """
+    key_positions = torch.arange(past_length + query_length if key_length is None else key_length, device=device)
+    query_positions = torch.arange(query_length, device=device) + past_length
     future = key_positions[None, :] > query_positions[:, None]
     return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)[None, None]
 
@@ -260,22 +264,28 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.d_model, self.max_positions, self.layout = d_model, max_positions, layout
         self.table = None  # a plain attribute, not a buffer: never in the state dict, never on the meta device
 
-    def compute(self, length: int, start: int = 0, device: torch.device | None = None) -> torch.Tensor:
-        positions = torch.arange(start, start + length, dtype=torch.float64, device=device)[:, None]
-        angles = positions / 10000 ** (torch.arange(0, self.d_model, 2, dtype=torch.float64, device=device) / self.d_model)
+    def compute(self, positions: torch.Tensor) -> torch.Tensor:
+        """Encodings of `positions` (float64), shape (len(positions), d_model), float32."""
+        frequencies = 10000 ** (torch.arange(0, self.d_model, 2, dtype=torch.float64, device=positions.device) / self.d_model)
+        angles = positions[:, None] / frequencies
         if self.layout == "interleaved":
             return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).float()
         return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
 
-    def forward(self, length: int, past_length: int, device: torch.device) -> torch.Tensor:
-        """Encodings of positions past_length .. past_length + length - 1, shape (length, d_model), float32."""
-        if torch.compiler.is_compiling():  # a table sized by today's lengths would tie the compiled graph to them
+    def forward(self, length: int, past_length, device: torch.device) -> torch.Tensor:
+        """Encodings of positions past_length .. past_length + length - 1, shape (length, d_model), float32.
+
+        `past_length` is an int, or a 0-d tensor where a static cache counts its tokens (no host sync then).
+        """
+        if torch.compiler.is_compiling() or isinstance(past_length, torch.Tensor):
+            # Computed, not looked up: a table sized by today's lengths would tie a compiled graph to them.
             float64_device = None if device.type == "mps" else device  # MPS has no float64
-            return self.compute(length, past_length, float64_device).to(device)
+            start = torch.as_tensor(past_length, dtype=torch.float64, device=float64_device)
+            return self.compute(torch.arange(length, dtype=torch.float64, device=float64_device) + start).to(device)
         end = past_length + length
         if self.table is None or self.table.shape[0] < end or self.table.device != device:
             size = max(self.max_positions, 1 << (end - 1).bit_length(), 0 if self.table is None else self.table.shape[0])
-            self.table = self.compute(size).to(device)
+            self.table = self.compute(torch.arange(size, dtype=torch.float64)).to(device)
         return self.table[past_length:end]
 
 
@@ -321,6 +331,12 @@ def registered_attention(implementation: str):
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
     return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def transformers_infers_source_mask() -> bool:
+    """transformers 4.x infers a missing source mask from pad tokens; 5.x does so for decoder-only models only."""
+    return int(transformers.__version__.split(".")[0]) < 5
+
 
 # transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; forwards accept both.
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
@@ -519,6 +535,7 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["EncoderLayer", "DecoderLayer"]
     _supports_sdpa = True
+    _can_compile_fullgraph = True
     _supports_cache_class = True  # 4.57 reads it; 5.x ignores it
 
     def _init_weights(self, module):
@@ -664,14 +681,20 @@ class Decoder(nn.Module):
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         if not use_cache:
             cache = None
-        past_length = cache.get_seq_length() if cache is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0  # a 0-d tensor for a static cache
+        key_slots = static_cache_slots(cache)
 
         positions = self.embed_positions(length, past_length, inputs_embeds.device)
         hidden_states = apply_dropout(inputs_embeds + positions.to(inputs_embeds.dtype), config.dropout, self.training)
 
         dtype, device = attention_dtype(hidden_states), hidden_states.device
         self_mask, is_causal = None, False
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            key_length = past_length + length if key_slots is None else key_slots
+            self_mask = prepared_mask(attention_mask, (batch, length, key_length), dtype)
+        elif key_slots is not None:
+            self_mask = static_cache_mask(attention_mask, batch, length, past_length, key_slots, dtype, device)
+        elif attention_mask is not None:
             if attention_mask.shape[-1] == length and past_length:  # a mask of the new tokens only
                 attention_mask = torch.cat([attention_mask.new_ones(batch, past_length), attention_mask], dim=-1)
             check_mask_shape(attention_mask, (batch, past_length + length), "decoder_attention_mask")
@@ -733,6 +756,41 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str):
 def check_mask_shape(mask: torch.Tensor, expected, name: str):
     if tuple(mask.shape) != tuple(expected):
         raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected {tuple(expected)} (batch, length).")
+
+
+def static_cache_slots(cache) -> int | None:
+    """The number of key slots of a static self-attention cache (`cache_implementation="static"`), else None."""
+    layers = getattr(getattr(cache, "self_attention_cache", None), "layers", None)
+    return getattr(layers[0], "max_cache_len", None) if layers else None
+
+
+def static_cache_mask(attention_mask, batch, length, past_length, slots, dtype, device) -> torch.Tensor:
+    """The self-attention mask over all slots of a static cache: slots not yet written are future positions, which
+    the causal mask hides; a 2D padding mask (of the tokens so far, or of every slot) covers the rest."""
+    mask = causal_mask(length, past_length, dtype, device, key_length=slots)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] > slots:
+            raise ValueError(
+                f"`decoder_attention_mask` has shape {tuple(attention_mask.shape)}; with a static cache of {slots} "
+                f"positions it must be (batch={batch}, length <= {slots})."
+            )
+        attention_mask = F.pad(attention_mask.to(dtype), (0, slots - attention_mask.shape[1]), value=1.0)
+        mask = mask + padding_mask(attention_mask, dtype)
+    return mask
+
+
+def prepared_mask(mask: torch.Tensor, expected, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D (batch, 1 or heads, queries, keys) mask, used as given, as transformers' models do: boolean (True where
+    attended) or additive. transformers' `generate` prepares one with a static cache."""
+    batch, queries, keys = expected
+    if mask.shape[0] not in (1, batch) or mask.shape[2] != queries or mask.shape[3] != keys:
+        raise ValueError(
+            f"The 4D `decoder_attention_mask` has shape {tuple(mask.shape)}, expected ({batch}, 1 or heads, "
+            f"{queries}, {keys}) (batch, heads, queries, keys)."
+        )
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask.to(dtype)
 
 
 class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
@@ -933,24 +991,38 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         "eos_token_id", "decoder_start_token_id", "forced_eos_token_id", "bad_words_ids",
     }
 
+    def forward_calls_are_observed(self) -> bool:
+        """Whether something watches the `forward` calls of the model or its stacks, which the fast search never
+        makes: hooks, or a `forward` replaced on the instance (accelerate's hooks, transformers' exporters capturing
+        the prefill and decode calls). `generate` then runs transformers' loop, which makes them."""
+        hooks = nn.modules.module
+        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+            return True
+        return any(
+            module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module) or hasattr(module, "_hf_hook")
+            for module in (self, self.model, self.model.encoder, self.model.decoder)
+        )
+
     def fast_search_settings(self, inputs, generation_config, kwargs):
         """The settings of a greedy/beam search the fast path reproduces exactly, or None to use transformers'."""
-        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        model_kwargs = config.update(**kwargs)
+        # transformers' own merge: what a passed config leaves unset comes from the model's generation config.
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         # Values transformers' search accepts silently (negative minimum lengths) or fails on deep inside (no beams).
         for field, low in (("num_beams", 1), ("num_return_sequences", 1), ("min_new_tokens", 0), ("min_length", 0)):
             value = getattr(config, field, None)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ValueError(f"`{field}` must be an integer >= {low}, got {value!r}.")
-        if self.training:
+        if self.training or self.forward_calls_are_observed():
             return None
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         attention_mask = model_kwargs.pop("attention_mask", None)
         if model_kwargs or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             return None
+        global_defaults = getattr(config, "_get_default_generation_params", dict)()  # 5.x fills these in; 4.x has them
         changed = {
             k for k, v in config.to_diff_dict().items()
             if not k.startswith("_") and k != "transformers_version" and not (k.startswith(("output_", "return_")) and not v)
+            and not (k in global_defaults and global_defaults[k] == v)
         }
         if changed - self.FAST_SEARCH_FIELDS:
             return None
@@ -974,8 +1046,9 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         if max_new_tokens < 1 or min_new_tokens < 0:
             return None
         pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
-        if attention_mask is None and config.pad_token_id is not None and pad not in eos and bool((input_ids == pad).any()):
-            attention_mask = input_ids.ne(pad).long()  # as transformers infers it
+        if (attention_mask is None and transformers_infers_source_mask() and config.pad_token_id is not None and pad not in eos
+                and bool((input_ids == pad).any())):
+            attention_mask = input_ids.ne(pad).long()  # as transformers 4.x infers it
         settings = dict(
             num_beams=num_beams, num_return_sequences=returned, length_penalty=1.0 if config.length_penalty is None else config.length_penalty,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,

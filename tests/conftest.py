@@ -1,11 +1,13 @@
-"""Test-wide settings: one torch thread (tiny models on a shared 2-core CI machine run many times faster), and
-no network for the Hub or datasets."""
+"""Test-wide settings: one torch thread (tiny models on a shared 2-core CI machine run many times faster), no
+network for the Hub or datasets, and transformers' slow common tests switched on."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers' common tests (tests/hf_common) mark some `@slow` and run them only under RUN_SLOW: run them, as our own.
+os.environ.setdefault("RUN_SLOW", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

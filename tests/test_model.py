@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, GenerationMixin
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
+from transformers.cache_utils import EncoderDecoderCache, StaticCache
 
 from modeling_seq2seq import (
     Seq2SeqTransformerConfig,
@@ -505,6 +506,106 @@ def test_generate_modes():
     default = model.generate(source, attention_mask=mask, max_new_tokens=5)
     explicit = model.generate(source, attention_mask=mask, max_new_tokens=5, num_beams=4, length_penalty=0.6)
     assert torch.equal(default, explicit)
+
+
+def test_a_generation_config_takes_what_it_leaves_unset_from_the_models():
+    """transformers fills the fields a passed `GenerationConfig` leaves unset from `model.generation_config` (here
+    beam 4, length penalty 0.6 and a start token other than bos): the fast search must do the same."""
+    model = make_model(output_bias=True, decoder_start_token_id=3)
+    with torch.no_grad():
+        model.lm_head.bias[2] = 0.8
+    marian = to_marian(model).eval()
+    source, mask = padded_batch()
+    for fields in (dict(eos_token_id=2, pad_token_id=0, decoder_start_token_id=1), dict(num_beams=2, eos_token_id=2),
+                   dict(num_beams=1, bos_token_id=1)):
+        config = GenerationConfig(max_new_tokens=8, **fields)
+        assert model.fast_search_settings(source, config, dict(attention_mask=mask)) is not None
+        ours = model.generate(source, attention_mask=mask, generation_config=config)
+        assert torch.equal(ours, marian.generate(source, attention_mask=mask, generation_config=config)), fields
+        assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, generation_config=config))
+
+
+def test_generate_without_a_source_mask_treats_padding_as_transformers_does():
+    """transformers 5 infers no source mask from pad tokens for encoder-decoder models (4.x did)."""
+    model = make_model()
+    marian = to_marian(model).eval()
+    source, _ = padded_batch()
+    for num_beams in (1, 4):
+        ours = model.generate(source, num_beams=num_beams, max_new_tokens=8)
+        assert torch.equal(ours, marian.generate(source, num_beams=num_beams, max_new_tokens=8)), num_beams
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_static_cache_generate_equals_marian_and_the_dynamic_cache(implementation):
+    """`cache_implementation="static"` runs transformers' loop over a fixed-size cache, with the 4D masks that
+    `generate` prepares for it: Marian's tokens with its static cache, and ours with the default cache."""
+    source, mask = padded_batch()
+    for settings, end_bias in ((dict(num_beams=1), 1.5), (dict(num_beams=3, length_penalty=0.6), 0.8),
+                               (dict(do_sample=True, top_k=5), 0.8)):
+        model = make_model(output_bias=True, attn_implementation=implementation)
+        with torch.no_grad():
+            model.lm_head.bias[2] = end_bias  # some sentences end early, others run to the limit
+        marian = to_marian(model).eval()
+        settings.update(max_new_tokens=8)
+        outputs = []
+        for generate, extra in ((model.generate, dict(cache_implementation="static")),
+                                (marian.generate, dict(cache_implementation="static")), (model.generate, {})):
+            torch.manual_seed(0)
+            outputs.append(generate(source, attention_mask=mask, **settings, **extra))
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2]), settings
+        ended = (outputs[0][:, 1:] == 2).any(dim=1)
+        assert ended.any() and not ended.all(), settings
+
+
+def test_static_cache_and_4d_masks_in_forward_equal_the_dynamic_cache():
+    model = make_model()
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    target_mask = torch.ones_like(target)
+    target_mask[1, 2] = 0
+    with torch.no_grad():
+        full = model(input_ids=source, attention_mask=mask, decoder_input_ids=target,
+                     decoder_attention_mask=target_mask).logits
+        # 4D masks (batch, 1, queries, keys), boolean or additive, are used as given, as in transformers' models.
+        allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None] & target_mask.bool()[:, None, None, :]
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        for mask_4d in (allowed, additive):
+            logits = model(input_ids=source, attention_mask=mask, decoder_input_ids=target,
+                           decoder_attention_mask=mask_4d).logits
+            torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match=r"4D `decoder_attention_mask` has shape \(4, 1, 6, 5\)"):
+            model(input_ids=source, attention_mask=mask, decoder_input_ids=target, decoder_attention_mask=allowed[..., :5])
+
+        encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=mask)
+        cache = EncoderDecoderCache(StaticCache(config=model.config, max_cache_len=10),
+                                    StaticCache(config=model.config, max_cache_len=source.shape[1]))
+        steps = []
+        for t in range(6):
+            out = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=target[:, t : t + 1],
+                        decoder_attention_mask=target_mask[:, : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_generate_makes_the_forward_calls_that_hooks_and_exporters_watch():
+    """The fast search never calls `forward`; where something watches those calls (a hook, or a `forward` replaced
+    on the instance, as accelerate and transformers' exporters do), `generate` runs transformers' loop instead."""
+    model = make_model()
+    source, mask = padded_batch()
+    settings = dict(num_beams=2, max_new_tokens=5, min_new_tokens=5)
+    expected = model.generate(source, attention_mask=mask, **settings)
+    calls = []
+    for module in (model, model.model.decoder):
+        handle = module.register_forward_pre_hook(lambda *args: calls.append(1))
+        assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected)
+        assert len(calls) == 5  # one prefill and four decode steps
+        handle.remove()
+        calls.clear()
+    original = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected) and len(calls) == 5
+    del model.forward
+    assert model.fast_search_settings(source, None, dict(settings)) is not None  # nothing watches any more
 
 
 # --- Training --------------------------------------------------------------------------------------------------------

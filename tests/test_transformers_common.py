@@ -273,3 +273,14 @@ class Seq2SeqTransformerModelTest(ModelTesterMixin, GenerationTesterMixin, unitt
         one, so a beam search cannot be resumed from it (for any model)."""
         with greedy_generation_defaults():
             super().test_generate_continue_from_past_key_values()
+
+    def test_generate_compile_model_forward_fullgraph(self):
+        """The upstream test under transformers' default greedy search: it checks that `generate` compiled the
+        forward, which transformers does in its greedy and sampling loops, never in its beam search (our default)."""
+        with greedy_generation_defaults():
+            super().test_generate_compile_model_forward_fullgraph()
+
+    def test_static_cache_no_recompile_with_smaller_length(self):
+        """As `test_generate_compile_model_forward_fullgraph`: the check needs transformers' compiled greedy loop."""
+        with greedy_generation_defaults():
+            super().test_static_cache_no_recompile_with_smaller_length()

@@ -14,7 +14,9 @@
 #
 # Vendored for modeling_seq2seq's test suite from huggingface/transformers `tests/exporters/test_export.py` at commit
 # c1161f4af4531c1c4164fec7f50e76e671dfe724, the stored version whose imports match the `transformers.exporters` API
-# of transformers 5.24. Apache-2.0, see above. Verbatim.
+# of transformers 5.24. Apache-2.0, see above. Verbatim except two lines: 5.24's `DynamoExporter.export` returns an
+# `ExportedModel` whose graph is `.program`, where that commit's returned the `ExportedProgram` itself
+# (`exported_program.module()` became `exported_program.program.module()`).
 
 import copy
 import inspect
@@ -488,7 +490,7 @@ class ExportTesterMixin:
 
                     with torch.no_grad():
                         set_seed(1234)
-                        exported_outputs = get_leaf_tensors(exported_program.module()(**copy.deepcopy(inputs)))
+                        exported_outputs = get_leaf_tensors(exported_program.program.module()(**copy.deepcopy(inputs)))
                         self.assertTrue(exported_outputs, f"Exported outputs are empty for {name}.")
 
                     self._check_outputs_close(exported_outputs, eager_outputs[name], atol=atol, rtol=rtol)
@@ -611,7 +613,7 @@ class ExportGenerateTesterMixin(ExportTesterMixin):
 
                     with torch.no_grad():
                         set_seed(1234)
-                        exported_outputs = get_leaf_tensors(exported_program.module()(**copy.deepcopy(inputs)))
+                        exported_outputs = get_leaf_tensors(exported_program.program.module()(**copy.deepcopy(inputs)))
                         self.assertTrue(exported_outputs, "Exported outputs are empty.")
 
                     self._check_outputs_close(exported_outputs, eager_outputs[name], atol=atol, rtol=rtol)
