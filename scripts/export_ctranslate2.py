@@ -11,8 +11,14 @@ The output folder holds the CTranslate2 model and a copy of the tokenizer. Trans
     tokenizer = AutoTokenizer.from_pretrained(OUT)
     translator = ctranslate2.Translator(OUT, device="cpu", intra_threads=4)
     source = tokenizer.convert_ids_to_tokens(tokenizer("A small house.")["input_ids"])
-    result = translator.translate_batch([source], beam_size=4, length_penalty=0.6)
+    result = translator.translate_batch([source], beam_size=4, length_penalty=0.6, min_decoding_length=0)
     print(tokenizer.decode(tokenizer.convert_tokens_to_ids(result[0].hypotheses[0])))
+
+`min_decoding_length=0` as in our `generate` (CTranslate2's default, 1, never ends at the first step). Greedy
+translations then equal ours token for token, and so do beam translations in which no hypothesis ends before the
+length limit. Where some do, the two beam searches may choose differently: CTranslate2 stops once its best beam has
+ended, while transformers' search (`early_stopping=False`, ours and Marian's) goes on while a longer hypothesis could
+still score higher.
 
 Needs `pip install ctranslate2` (the `bench` extra).
 """

@@ -60,10 +60,12 @@ def ours_ids(model, ids, mask, num_beams):
     return rows
 
 
-def ct2_ids(translator, tokenizer, ids, lengths, num_beams):
+def ct2_ids(translator, tokenizer, ids, lengths, num_beams, **options):
     batch = [tokenizer.convert_ids_to_tokens(row[:n]) for row, n in zip(ids.tolist(), lengths)]
-    results = translator.translate_batch(batch, beam_size=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
-                                         max_decoding_length=NEW_TOKENS)
+    # min_decoding_length: CTranslate2's default minimum is 1 token; ours is 0.
+    options = dict(dict(beam_size=num_beams, length_penalty=0.6 if num_beams > 1 else 1.0,
+                        max_decoding_length=NEW_TOKENS, min_decoding_length=0), **options)
+    results = translator.translate_batch(batch, **options)
     return [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
 
 
@@ -87,6 +89,27 @@ def test_export_script_translates_like_our_generate(saved_model, tmp_path, unusu
             expected = ours_ids(model, ids, mask, num_beams)
             assert ct2_ids(translator, tokenizer, ids, lengths, num_beams) == expected, (seed, num_beams)
             assert all(len(row) > 0 for row in expected)
+
+
+def test_sentences_that_end_at_the_first_step_end_there_in_ctranslate2_too(tmp_path):
+    """With `min_decoding_length=0` (as the export script's docstring calls it) a greedy translation whose likeliest
+    first token is </s> is empty in both; CTranslate2's default minimum of 1 token would go on."""
+    torch.manual_seed(0)
+    model = Seq2SeqTransformerForConditionalGeneration(
+        load_preset("tiny", vocab_size=VOCAB, dropout=0.0, output_bias=True)).eval()
+    with torch.no_grad():
+        model.lm_head.bias[2] = 4.0
+    model.save_pretrained(tmp_path / "model")
+    save_tokenizer(synthetic_tokenizer(VOCAB), tmp_path / "model")
+    translator = ctranslate2.Translator(export_saved_model(tmp_path / "model", tmp_path / "ct2"), device="cpu",
+                                        intra_threads=1)
+    tokenizer = synthetic_tokenizer(VOCAB)
+    for seed in (0, 1):
+        ids, mask, lengths = sources(seed)
+        expected = ours_ids(model, ids, mask, 1)
+        assert [] in expected and any(expected), expected  # some end at once, some do not
+        assert ct2_ids(translator, tokenizer, ids, lengths, 1) == expected, seed
+        assert [] not in ct2_ids(translator, tokenizer, ids, lengths, 1, min_decoding_length=1)
 
 
 def test_int8_export_runs(saved_model, tmp_path):
