@@ -141,6 +141,56 @@ def probe_writable(directory: str | os.PathLike, probe_bytes: int = 1 << 20) -> 
         raise CheckpointError(f"Output directory {str(directory)!r} is not writable: {reason} ({error}).") from error
 
 
+LOCK_NAME = ".training.lock"
+_held_locks: dict[str, object] = {}  # resolved folder -> the open lock file
+
+
+def lock_output_dir(directory: str | os.PathLike) -> None:
+    """Take an exclusive lock on `directory` until `unlock_output_dir` or the end of the process (the system
+    releases it then, also when the process is killed), or raise `CheckpointError` naming the process that holds
+    it. Two runs writing one folder would interleave their logs and checkpoints, and each would delete the other's
+    unfinished checkpoint as a stale one."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return
+    key = str(Path(directory).resolve())
+    unlock_output_dir(key)  # an earlier run in this process has ended (runs in one process follow each other)
+    path = Path(directory) / LOCK_NAME
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise CheckpointError(
+                f"Another training run (process {holder}) is writing to {str(directory)!r}. Wait for it to end, stop "
+                "it, or choose another --output_dir."
+            ) from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()  # its holder deleted that file as it let go: lock the one there now
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def unlock_output_dir(directory: str | os.PathLike) -> None:
+    """Let go of `lock_output_dir`'s lock, deleting its file first (a killed run's stays, and is taken over)."""
+    handle = _held_locks.pop(str(Path(directory).resolve()), None)
+    if handle is not None:
+        Path(handle.name).unlink(missing_ok=True)
+        handle.close()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Manifest
 # ----------------------------------------------------------------------------------------------------------
@@ -483,6 +533,8 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
     if existing.is_dir() and any(existing.iterdir()) and not overwrite:
         raise CheckpointError(f"--output {str(existing)!r} already exists and is not empty; pass --overwrite to replace it.")
     for folder in checkpoints:
+        if not Path(folder).is_dir():
+            raise CheckpointError(f"{str(folder)!r} " + ("is not a folder." if Path(folder).exists() else "does not exist."))
         if not (Path(folder) / "config.json").is_file():
             raise CheckpointError(f"{str(folder)!r} has no config.json: average saved model folders (checkpoints), or "
                                   "the result could not be loaded.")
@@ -536,11 +588,13 @@ __all__ = [
     "list_checkpoints",
     "load_safetensors_folder",
     "load_torch_state",
+    "lock_output_dir",
     "probe_writable",
     "remove_stale_staging",
     "resolve_resume_checkpoint",
     "rotate_checkpoints",
     "save_torch_state",
+    "unlock_output_dir",
     "verify_checkpoint",
     "write_checkpoint",
 ]

@@ -116,6 +116,8 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 )
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
+            if lineno == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                raise DataFileError(f"{path}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8")
             if b"\x00" in raw:
                 raise DataFileError(f"{path}, line {lineno}: contains NUL bytes (is this a binary file?)")
             try:
@@ -161,7 +163,7 @@ def _read_jsonl(path: Path, source_lang: str, target_lang: str) -> Iterator[tupl
             continue  # blank lines (a trailing newline, say) carry no record
         where = f"{path}, line {lineno}"
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))  # a column past the line's end, not column 1 of the next
         except json.JSONDecodeError as e:
             raise DataFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         yield (lineno, *_pair_from_record(record, source_lang, target_lang, where))
@@ -278,12 +280,25 @@ def _read_file_pairs(path: Path, source_lang: str, target_lang: str) -> Iterator
     raise DataFileError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def _warn_skipped(what: str, lines: list[int], count: int, label: str = "line") -> None:
+def check_unicode(source: str, target: str, where: str) -> None:
+    """JSON can spell a lone surrogate ("\\ud83d", half of an emoji), which is no Unicode text: say where it is."""
+    for text in (source, target):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DataFileError(
+                f"{where}: {text[error.start]!r} is half of a surrogate pair (a lone \\u{ord(text[error.start]):04x} "
+                "escape), not a character; the text around it was probably cut in the middle of an emoji."
+            ) from None
+
+
+def warn_skipped_pairs(what: str, lines: list[int], count: int, label: str = "line") -> None:
     if count:
         where = ""
         if lines:  # empty when the rows came from the datasets cache, where they were reported before
             more = f" and {count - len(lines)} more" if count > len(lines) else ""
-            where = f" ({label}s {', '.join(str(n) for n in lines)}{more})"
+            plural = "s" if count > 1 else ""
+            where = f" ({label}{plural} {', '.join(str(n) for n in lines)}{more})"
         logger.warning("%s: skipped %d pair(s) with an empty source or target%s", what, count, where)
 
 
@@ -316,6 +331,7 @@ def read_parallel_file(
 
     for lineno, src, tgt in _read_file_pairs(path, source_lang, target_lang):
         src, tgt = src.strip(), tgt.strip()
+        check_unicode(src, tgt, f"{path}, line {lineno}")
         if not src or not tgt:
             skipped += 1
             if len(skipped_lines) < max_bad_lines_shown:
@@ -326,7 +342,7 @@ def read_parallel_file(
         if len(sources) >= _ROWS_PER_CHUNK:
             flush()
     flush()
-    _warn_skipped(str(path), skipped_lines, skipped)
+    warn_skipped_pairs(str(path), skipped_lines, skipped)
     n = sum(b.num_rows for b in batches)
     if n == 0:
         raise DataFileError(
@@ -394,7 +410,7 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
     )
     skipped = len(ds) - len(out)
     # keep_bad is only filled when the map actually ran (not when it came from the datasets cache)
-    _warn_skipped(where, keep_bad, skipped, label="row")
+    warn_skipped_pairs(where, keep_bad, skipped, label="row")
     return out
 
 

@@ -212,7 +212,17 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
         unknown = sorted(set(config.model_overrides) - known)
         if unknown:
             fail("model_overrides", f"a mapping of Seq2SeqTransformerConfig fields (unknown: {', '.join(unknown)})")
-        _check_model_overrides(config, fail)
+    # The model, the tokenizer and its size are checked before any work, which with --overwrite_output_dir
+    # includes deleting an earlier run's checkpoints.
+    _check_model_overrides(config, fail)
+    if config.tokenizer is not None and not resolve_path(config.tokenizer).exists():
+        fail("tokenizer", "an existing tokenizer folder or tokenizer.json file")
+    if config.tokenizer is None:
+        from .tokenization import MIN_VOCAB_SIZE, SPECIAL_TOKENS
+
+        if config.vocab_size < MIN_VOCAB_SIZE:
+            fail("vocab_size", f"at least {MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens, 256 byte tokens and 1 "
+                               "more) for the BPE trained when no tokenizer is given")
     if config.torch_threads is not None and config.torch_threads < 1:
         fail("torch_threads", "a positive integer or null")
     if config.save_total_limit is not None and config.save_total_limit < 1:
@@ -601,6 +611,11 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
 
     from .hub import load_reporting_random_weights
 
+    if (Path(path) / ckpt.MANIFEST_NAME).is_file() and (problem := ckpt.verify_checkpoint(path)) is not None:
+        raise ValueError(
+            f"{path}: {problem}. The folder's {ckpt.MANIFEST_NAME} no longer describes its files: damaged, or changed "
+            f"after training wrote them (if the change was yours, delete {ckpt.MANIFEST_NAME})."
+        )
     model, missing, mismatched = load_reporting_random_weights(AutoModelForSeq2SeqLM, str(path), dtype=dtype, **kwargs)
     if missing or mismatched:
         raise ValueError(
@@ -608,6 +623,10 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
             f"{' ...' if len(missing) > 5 else ''}, wrong shape: {mismatched[:5] or 'none'}); refusing to run partly "
             "random weights."
         )
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"{path}: the saved weights hold NaN or infinite values ({', '.join(broken[:5])}): damaged.")
     return model
 
 
@@ -621,14 +640,20 @@ def split_lines(text: str) -> list[str]:
 
 
 def read_text_lines(path: str | os.PathLike) -> list[str]:
-    """`split_lines` of a UTF-8 text file; bytes that are not UTF-8 raise ValueError naming the file and line."""
-    data = Path(path).read_bytes()
+    """`split_lines` of a UTF-8 text file (`-`: stdin), without a leading byte order mark, as the data files are
+    read; bytes that are not UTF-8 raise ValueError naming the file and line."""
+    if str(path) == "-":  # the bytes, not Python's decoding of them (which would hide bad bytes as surrogates)
+        stdin = sys.stdin
+        name = "<stdin>"
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+    else:
+        name, data = path, Path(path).read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason}).") from error
-    return split_lines(text)
+        raise ValueError(f"{name}, line {line}: not UTF-8 text ({error.reason}).") from error
+    return split_lines(text.removeprefix("\ufeff"))
 
 
 def check_device(name: str | None, option: str = "--device") -> None:
@@ -652,6 +677,14 @@ def check_output_file(path: str | None, option: str) -> None:
         raise ValueError(f"{option} {path!r} is a folder, not a file.")
     if not target.parent.is_dir():
         raise ValueError(f"{option} {path!r}: its folder {str(target.parent)!r} does not exist.")
+    existed = target.exists()
+    try:
+        with open(target, "a", encoding="utf-8"):  # appends nothing: an existing file keeps its contents
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path!r} cannot be written ({error.strerror}).") from error
+    if not existed:
+        target.unlink()
 
 
 def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
@@ -817,9 +850,9 @@ def model_preset(config: TrainingConfig) -> str | Path:
 
 
 def _check_model_overrides(config: TrainingConfig, fail) -> None:
-    """Before any work: overrides that make an invalid model (heads that do not divide d_model...) are reported
-    against `model_overrides`, not against the preset file they were applied to. A preset that is itself wrong, or
-    missing, is reported by its own load, naming the file."""
+    """Before any work: the preset loads, and overrides that make an invalid model (heads that do not divide
+    d_model...) are reported against `model_overrides`, not against the preset file they were applied to. A preset
+    that is itself wrong, or missing, is reported by its own load, naming the file."""
     from .presets import load_preset
 
     try:
@@ -1001,6 +1034,7 @@ class Trainer:
 
         if self.is_main:
             ckpt.probe_writable(self.output_dir)
+            ckpt.lock_output_dir(self.output_dir)
             for stale in ckpt.remove_stale_staging(self.output_dir):
                 logger.warning("Removed %s, left by a run that stopped while writing it.", stale)
         self.accelerator.wait_for_everyone()
@@ -1042,8 +1076,8 @@ class Trainer:
         self.replaced_checkpoints = [path for _, path in existing]  # deleted once the data has been read
 
     def delete_replaced_checkpoints(self):
-        """--overwrite_output_dir: the earlier run's checkpoints go, but only once this run's data files have been
-        read and checked (a typo in a data path must not cost them)."""
+        """--overwrite_output_dir: the earlier run's checkpoints go, but only once this run's data, tokenizer and
+        model have been read and built (a typo in a data path must not cost them)."""
         self.accelerator.wait_for_everyone()
         if self.is_main and self.replaced_checkpoints:
             for path in self.replaced_checkpoints:
@@ -1334,11 +1368,11 @@ class Trainer:
 
         config, accelerator = self.config, self.accelerator
         raw = load_raw_data(config)
-        self.delete_replaced_checkpoints()
         self.tokenizer = self.setup_tokenizer(raw)
         self.setup_data(raw, self.tokenizer)
         self.sampler = self.make_sampler()
         model = build_model(config, self.tokenizer)
+        self.delete_replaced_checkpoints()
         _apply_generation_defaults(model, config)
         optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -1355,6 +1389,9 @@ class Trainer:
         if self.resume_dir is not None:
             self.load_checkpoint(self.resume_dir)
             self.log.truncate_after(self.step, self.resumed_log_records)
+            if self.step > config.max_steps:
+                logger.warning("Resumed at step %d, past max_steps (%d): no step is trained, and the final model is "
+                               "the checkpoint's (step %d).", self.step, config.max_steps, self.step)
         else:
             self.log.truncate_after(-1)  # a fresh run starts a fresh log
         if self.tracker:
@@ -1577,7 +1614,10 @@ def plot_training_curves(log_path: Path, image_path: Path) -> Path | None:
 
 def train(config: TrainingConfig) -> dict:
     """Run a training described by `config`; returns the test metrics (also in eval_results.json)."""
-    return Trainer(config).run()
+    try:
+        return Trainer(config).run()
+    finally:
+        ckpt.unlock_output_dir(config.output_dir)
 
 
 class Terminated(BaseException):

@@ -13,6 +13,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
+from pathlib import Path
 
 from modeling_seq2seq.checkpointing import CheckpointError, average_checkpoints, last_checkpoints
 
@@ -27,9 +28,13 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     args = parser.parse_args(argv)
     try:
+        if args.input_dir is not None and not Path(args.input_dir).is_dir():
+            raise CheckpointError(f"--input_dir {args.input_dir!r} does not exist or is not a folder.")
         folders = args.checkpoints or last_checkpoints(args.input_dir, args.last)
         if not folders:
             raise CheckpointError(f"No complete checkpoints in {args.input_dir!r}.")
+        if args.input_dir is not None and len(folders) < args.last:
+            print(f"Asked for the last {args.last} checkpoints; {args.input_dir} holds only {len(folders)} complete ones.")
         output = average_checkpoints(folders, args.output, overwrite=args.overwrite)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -32,10 +32,16 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool]:
     if args.source_file or args.reference_file:
         if not (args.source_file and args.reference_file):
             raise ValueError("--source_file and --reference_file go together")
+        from modeling_seq2seq.data import warn_skipped_pairs
+
         sources, references = read_text_lines(args.source_file), read_text_lines(args.reference_file)
         if len(sources) != len(references):
             raise ValueError(f"{args.source_file} has {len(sources)} lines but {args.reference_file} has {len(references)}")
-        return sources, references, args.source_file, False
+        # As in the data files: a pair with an empty side is skipped, not translated and scored.
+        empty = [n for n, (s, r) in enumerate(zip(sources, references), 1) if not (s.strip() and r.strip())]
+        warn_skipped_pairs(f"{args.source_file} / {args.reference_file}", empty[:10], len(empty))
+        pairs = [(s.strip(), r.strip()) for s, r in zip(sources, references) if s.strip() and r.strip()]
+        return [s for s, _ in pairs], [r for _, r in pairs], args.source_file, False
     if args.test_file:
         from modeling_seq2seq.data import read_parallel_file
 

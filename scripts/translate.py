@@ -22,7 +22,6 @@ from modeling_seq2seq.training import (
     check_output_file,
     load_model_and_tokenizer,
     read_text_lines,
-    split_lines,
     translate_texts,
 )
 
@@ -51,10 +50,7 @@ def main(argv=None) -> int:
         check_device(args.device)
         check_output_file(args.output, "--output")
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
-        if args.input == "-":
-            lines = split_lines(sys.stdin.read())
-        else:
-            lines = read_text_lines(args.input)
+        lines = read_text_lines(args.input)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -267,7 +267,12 @@ def test_average_checkpoints_script(tmp_path, capsys):
     assert torch.equal(load_file(str(tmp_path / "avg" / "model.safetensors"))["w"], torch.full((2,), 5.0))
     assert "checkpoint-4" in capsys.readouterr().out
     assert script.main(["--checkpoints", str(folders[0]), str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 1
-    assert "missing" in capsys.readouterr().err
+    assert f"'{tmp_path / 'missing'}' does not exist" in capsys.readouterr().err
+    assert script.main(["--input_dir", str(tmp_path / "nope"), "--output", str(tmp_path / "y")]) == 1
+    assert f"--input_dir '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
+    assert script.main(["--input_dir", str(tmp_path / "run"), "--last", "5", "--output", str(tmp_path / "all")]) == 0
+    assert "Asked for the last 5 checkpoints;" in capsys.readouterr().out
+    assert torch.equal(load_file(str(tmp_path / "all" / "model.safetensors"))["w"], torch.full((2,), 4.0))
 
 
 def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, capsys):

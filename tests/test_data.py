@@ -183,6 +183,20 @@ def test_non_utf8_bytes(tmp_path):
 def test_malformed_json_line(tmp_path):
     f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:1]) + '{"translation": {"en": "x", "de": }\n')
     check_error(f, r"line 2\b", "malformed JSON")
+    unclosed = '{"translation": {"en": "x", "de": "y"}\n'  # the error is past the line's end, not in column 1
+    g = write(tmp_path / "b.jsonl", jsonl(PAIRS[:1]) + unclosed)
+    check_error(g, r"line 2\b", f"at column {len(unclosed)}\\)")
+
+
+def test_a_lone_surrogate_escape_is_named_by_file_and_line(tmp_path):
+    """JSON can spell half of an emoji ("\\ud83d"), which is no text: Arrow would fail without saying where."""
+    f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:2]) + '{"translation": {"en": "Nice \\ud83d", "de": "Sch\\u00f6n"}}\n')
+    check_error(f, r"line 3\b", r"half of a surrogate pair \(a lone \\ud83d escape\)")
+
+
+def test_utf16_text_is_named_as_such(tmp_path):
+    f = write(tmp_path / "a.csv", "en,de\na,b\n".encode("utf-16"))
+    check_error(f, "UTF-16 text", "save it as UTF-8")
 
 
 def test_malformed_json_array(tmp_path):

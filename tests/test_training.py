@@ -342,12 +342,21 @@ def test_translate_script_restores_file_order(short_run, tmp_path, monkeypatch, 
     assert len(output) == len(lines) and output[1] == ""
     assert [o for i, o in enumerate(output) if lines[i]] == [t[0] for t in one_by_one]
     # stdin -> stdout, batched and with beams
-    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"one\ntwo\n")))
     assert translate.main(["--model", str(short_run), "--num_beams", "2", "--batch_size", "8"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+    # A byte order mark is no part of the first line (as in the data files), on stdin or in a file.
+    with_bom = tmp_path / "bom.txt"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+    assert translate.main(["--model", str(short_run), "--input", str(with_bom), "--output", str(tmp_path / "bom.out"),
+                           "--batch_size", "1"]) == 0
+    assert (tmp_path / "bom.out").read_text() == (tmp_path / "out.txt").read_text()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(with_bom.read_bytes())))
+    assert translate.main(["--model", str(short_run), "--batch_size", "1"]) == 0
+    assert capsys.readouterr().out == (tmp_path / "out.txt").read_text()
 
 
-def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_path, capsys):
+def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_path, capsys, monkeypatch, caplog):
     """Lines are split at line feeds only, text that is not UTF-8 is named by file and line, and bad options or an
     output path that cannot be written fail before any translating."""
     translate, evaluate = load_script("translate"), load_script("evaluate")
@@ -357,12 +366,16 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     assert len((tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")) == 4 + 1
     broken = tmp_path / "broken.txt"
     broken.write_bytes(b"one\ntw\xffo\n")
+    unwritable = [(["--input", str(source), "--output", "/proc/out.txt"], "'/proc/out.txt' cannot be written")]
     for args, message in [
         (["--input", str(broken)], f"{broken}, line 2: not UTF-8 text"),
+        (["--input", "-"], "<stdin>, line 2: not UTF-8 text"),
         (["--input", str(source), "--output", str(tmp_path / "no" / "out.txt")], "does not exist"),
+        *(unwritable if Path("/proc").is_dir() else []),
         (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
         (["--input", str(source), "--device", "gpu7"], "not a device name"),
     ]:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(broken.read_bytes())))
         assert translate.main(["--model", str(short_run), *args]) == 1
         assert message in capsys.readouterr().err
     for args in (["--max_source_length", "0"], ["--max_new_tokens_extra", "-1"]):
@@ -374,6 +387,14 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     assert "no sentences to evaluate" in capsys.readouterr().err
     assert evaluate.main(["--model", str(short_run), "--source_file", str(broken), "--reference_file", str(source)]) == 1
     assert "line 2: not UTF-8 text" in capsys.readouterr().err
+    # A pair with an empty side is skipped with a warning (as in the data files), not translated and scored.
+    sources, references = tmp_path / "src.txt", tmp_path / "ref.txt"
+    sources.write_text("one\n\ntwo\nthree\n")
+    references.write_text("eins\n\nzwei\n \n")
+    assert evaluate.main(["--model", str(short_run), "--source_file", str(sources), "--reference_file", str(references),
+                          "--output_json", str(tmp_path / "scores.json")]) == 0
+    assert json.loads((tmp_path / "scores.json").read_text())["samples"] == 2
+    assert "skipped 2 pair(s) with an empty source or target (lines 2, 4)" in caplog.text
     for args in (["--max_samples", "0"], ["--batch_size", "0"], ["--num_beams", "0"]):
         with pytest.raises(SystemExit):
             evaluate.main(["--model", str(short_run), *args])
@@ -427,8 +448,36 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run,
     assert training.main(missing_data) == 1
     assert "typo.tsv" in capsys.readouterr().err
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-500"]
+    # So are the model preset, the tokenizer and the vocabulary size: checked before anything is deleted or written.
+    for typo, message in [(dict(model_config=str(tmp_path / "tinny.json")), "tinny.json"),
+                          (dict(tokenizer=str(tmp_path / "no-tokenizer")), "'tokenizer' must be an existing tokenizer"),
+                          (dict(tokenizer=None, vocab_size=100), "'vocab_size' must be at least 261")]:
+        for output_dir in (tmp_path / "old", tmp_path / "fresh"):
+            assert training.main(run_args(assets, output_dir, max_steps=4, overwrite_output_dir=True, **typo)) == 2
+            assert message in capsys.readouterr().err
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-500"]
+    assert not (tmp_path / "fresh").exists()  # nothing written that the corrected command would stumble over
     assert training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True)) == 0
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-4"]
+
+
+def test_a_second_run_into_the_output_dir_of_a_live_one_is_refused(assets, tmp_path, capsys):
+    """Two runs writing one folder would interleave their logs and delete each other's unfinished checkpoints."""
+    output_dir = tmp_path / "busy"
+    output_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom modeling_seq2seq import checkpointing as ckpt\n"
+         "ckpt.lock_output_dir(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)\n", str(output_dir)],
+        stdout=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert training.main(run_args(assets, output_dir, max_steps=2)) == 1
+        assert f"Another training run (process {holder.pid}) is writing to '{output_dir}'" in capsys.readouterr().err
+        assert sorted(p.name for p in output_dir.iterdir()) == [ckpt.LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert training.main(run_args(assets, output_dir, max_steps=2)) == 0  # the system freed the killed run's lock
 
 
 KILL_WHILE_SAVING = """
@@ -484,6 +533,14 @@ def test_resuming_a_finished_run_writes_no_record_twice(assets, tmp_path):
     summary = [(r["type"], r["step"], r.get("averaged", False)) for r in records]
     assert summary == [(r["type"], r["step"], r.get("averaged", False)) for r in first], summary
     assert [s for s in summary if s[0] == "eval"] == [("eval", 4, False), ("eval", 8, False), ("eval", 8, True)]
+
+
+def test_resuming_past_max_steps_says_that_nothing_is_trained(assets, reference_run, tmp_path, caplog):
+    output_dir = tmp_path / "lower"
+    args = run_args(assets, output_dir, max_steps=8, resume_from_checkpoint=str(reference_run / "checkpoint-12"))
+    assert training.main(args) == 0
+    assert "Resumed at step 12, past max_steps (8): no step is trained" in caplog.text
+    assert_same_weights(output_dir, reference_run / "checkpoint-12")
 
 
 def test_resume_with_another_model_size_names_the_checkpoint_and_the_weight(assets, reference_run, tmp_path, capsys):
@@ -583,10 +640,22 @@ def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp
                           ("truncated", "cannot read the weights")]:
         with pytest.raises(ValueError, match=re.escape(f"{cases[name]}: {message}")):
             training.load_model_and_tokenizer(cases[name], device="cpu")
+    # A checkpoint whose files no longer match its manifest, and NaN weights in a folder without one.
+    flipped = tmp_path / "flipped"
+    shutil.copytree(reference_run / "checkpoint-12", flipped)
+    data = bytearray((flipped / "model.safetensors").read_bytes())
+    data[-64:-56] = b"\xff" * 8  # a NaN in the last tensor
+    (flipped / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"{flipped}: model.safetensors does not match its sha256")):
+        training.load_model_and_tokenizer(flipped, device="cpu")
+    (flipped / ckpt.MANIFEST_NAME).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"{flipped}: the saved weights hold NaN or infinite values")):
+        training.load_model_and_tokenizer(flipped, device="cpu")
     translate = load_script("translate")
     source = tmp_path / "in.txt"
     source.write_text("one\n")
-    assert translate.main(["--model", str(cases["partial"]), "--input", str(source)]) == 1
+    for name in ("partial", "flipped"):
+        assert translate.main(["--model", str(cases.get(name, flipped)), "--input", str(source)]) == 1
 
 
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
