@@ -161,7 +161,12 @@ def lock_output_dir(directory: str | os.PathLike) -> None:
         handle = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks here (NFS, FUSE...)
+                handle.close()
+                logger.warning("Cannot lock %s (%s): nothing stops a second run from writing there too.",
+                               directory, error.strerror)
+                return
             handle.seek(0)
             holder = handle.read().strip() or "?"
             handle.close()

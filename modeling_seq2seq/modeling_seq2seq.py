@@ -279,7 +279,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         """
         if torch.compiler.is_compiling() or isinstance(past_length, torch.Tensor):
             # Computed, not looked up: a table sized by today's lengths would tie a compiled graph to them.
-            float64_device = None if device.type == "mps" else device  # MPS has no float64
+            float64_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
             start = torch.as_tensor(past_length, dtype=torch.float64, device=float64_device)
             return self.compute(torch.arange(length, dtype=torch.float64, device=float64_device) + start).to(device)
         end = past_length + length
@@ -780,16 +780,17 @@ def static_cache_mask(attention_mask, batch, length, past_length, slots, dtype, 
 
 
 def prepared_mask(mask: torch.Tensor, expected, dtype: torch.dtype) -> torch.Tensor:
-    """A 4D (batch, 1 or heads, queries, keys) mask, used as given, as transformers' models do: boolean (True where
-    attended) or additive. transformers' `generate` prepares one with a static cache."""
+    """A 4D (batch, 1 or heads, queries, keys) mask, used as given, as transformers' models do: boolean or integer
+    (true or 1 where attended) or additive (floating point). transformers' `generate` prepares one with a static
+    cache."""
     batch, queries, keys = expected
     if mask.shape[0] not in (1, batch) or mask.shape[2] != queries or mask.shape[3] != keys:
         raise ValueError(
             f"The 4D `decoder_attention_mask` has shape {tuple(mask.shape)}, expected ({batch}, 1 or heads, "
             f"{queries}, {keys}) (batch, heads, queries, keys)."
         )
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if not mask.is_floating_point():  # boolean, or 1/0 integers: where to attend
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, torch.finfo(dtype).min)
     return mask.to(dtype)
 
 

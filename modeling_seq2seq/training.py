@@ -677,14 +677,15 @@ def check_output_file(path: str | None, option: str) -> None:
         raise ValueError(f"{option} {path!r} is a folder, not a file.")
     if not target.parent.is_dir():
         raise ValueError(f"{option} {path!r}: its folder {str(target.parent)!r} does not exist.")
-    existed = target.exists()
     try:
-        with open(target, "a", encoding="utf-8"):  # appends nothing: an existing file keeps its contents
-            pass
+        if os.path.lexists(target):
+            if target.is_file():  # not a pipe or a device: opening one would end its reader
+                open(target, "a").close()  # appends nothing: the file keeps its contents
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            os.unlink(target)
     except OSError as error:
         raise ValueError(f"{option} {path!r} cannot be written ({error.strerror}).") from error
-    if not existed:
-        target.unlink()
 
 
 def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
@@ -1286,7 +1287,7 @@ class Trainer:
             count = min(config.eval_max_samples, len(self.validation_raw))
             sources = list(self.validation_raw["source"][:count])
             references = list(self.validation_raw["target"][:count])
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), without_mixed_precision_wrapper(model):
                 predictions = translate_texts(model, self.tokenizer, sources, config.eval_batch_size, config.eval_num_beams,
                                               config.length_penalty, config.max_new_tokens_extra, config.max_source_length)
             scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config))
@@ -1549,7 +1550,7 @@ class Trainer:
             references = list(self.test_raw["target"][:count])
             model = self.accelerator.unwrap_model(self.model)
             start = time.monotonic()
-            with preserved_rng(), self.accelerator.autocast():
+            with preserved_rng(), self.accelerator.autocast(), without_mixed_precision_wrapper(model):
                 predictions = translate_texts(model, self.tokenizer, sources, config.eval_batch_size, config.num_beams,
                                               config.length_penalty, config.max_new_tokens_extra, config.max_source_length)
             scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config))
@@ -1610,6 +1611,22 @@ def plot_training_curves(log_path: Path, image_path: Path) -> Path | None:
     figure.savefig(image_path, dpi=110)
     plt.close(figure)
     return Path(image_path)
+
+
+@contextlib.contextmanager
+def without_mixed_precision_wrapper(model):
+    """Accelerate's mixed precision replaces `model.forward` with an autocast wrapper, and `generate` leaves a model
+    whose `forward` was replaced to transformers' loop (someone may be watching its calls). Translations during
+    training run under `accelerator.autocast()` already: the class's `forward`, and the fast search, do the same."""
+    wrapper = vars(model).get("forward") if "_original_forward" in vars(model) else None
+    if wrapper is None:
+        yield
+        return
+    del model.forward
+    try:
+        yield
+    finally:
+        model.forward = wrapper
 
 
 def train(config: TrainingConfig) -> dict:

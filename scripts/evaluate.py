@@ -27,8 +27,9 @@ from modeling_seq2seq.training import (
 )
 
 
-def load_test_pairs(args) -> tuple[list[str], list[str], str, bool]:
-    """(sources, references, description, effective_order) from the arguments."""
+def load_test_pairs(args) -> tuple[list[str], list[str], str, bool, tuple[list[int], int] | None]:
+    """(sources, references, description, effective_order, lines) from the arguments; for --source_file, `lines` is
+    (the line indices of the evaluated pairs, the number of lines), else None."""
     if args.source_file or args.reference_file:
         if not (args.source_file and args.reference_file):
             raise ValueError("--source_file and --reference_file go together")
@@ -38,21 +39,22 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool]:
         if len(sources) != len(references):
             raise ValueError(f"{args.source_file} has {len(sources)} lines but {args.reference_file} has {len(references)}")
         # As in the data files: a pair with an empty side is skipped, not translated and scored.
-        empty = [n for n, (s, r) in enumerate(zip(sources, references), 1) if not (s.strip() and r.strip())]
-        warn_skipped_pairs(f"{args.source_file} / {args.reference_file}", empty[:10], len(empty))
-        pairs = [(s.strip(), r.strip()) for s, r in zip(sources, references) if s.strip() and r.strip()]
-        return [s for s, _ in pairs], [r for _, r in pairs], args.source_file, False
+        kept = [i for i, (s, r) in enumerate(zip(sources, references)) if s.strip() and r.strip()]
+        empty = sorted(set(range(len(sources))) - set(kept))
+        warn_skipped_pairs(f"{args.source_file} / {args.reference_file}", [i + 1 for i in empty[:10]], len(empty))
+        return ([sources[i].strip() for i in kept], [references[i].strip() for i in kept], args.source_file, False,
+                (kept, len(sources)))
     if args.test_file:
         from modeling_seq2seq.data import read_parallel_file
 
         split = read_parallel_file(args.test_file, args.source_lang, args.target_lang, split="test")
-        return list(split["source"]), list(split["target"]), args.test_file, False
+        return list(split["source"]), list(split["target"]), args.test_file, False, None
     from modeling_seq2seq.data import builtin_task
     from modeling_seq2seq.training import BUILTIN_DATASET
 
     split = builtin_task()["test"]
     # One-word German numbers: BLEU needs effective order, or it is 0 even for perfect output.
-    return list(split["source"]), list(split["target"]), BUILTIN_DATASET, True
+    return list(split["source"]), list(split["target"]), BUILTIN_DATASET, True, None
 
 
 def main(argv=None) -> int:
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
                         help="BLEU effective order (default: on for the built-in task only)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--output_json", help="also write the scores here")
-    parser.add_argument("--predictions_file", help="also write the translations here, one per line")
+    parser.add_argument("--predictions_file", help="also write the translations here, one per line (with --source_file, "
+                        "line for line: a pair skipped for an empty side leaves its line empty)")
     args = parser.parse_args(argv)
     for option in ("max_samples", "num_beams", "batch_size"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
         check_device(args.device)
         check_output_file(args.output_json, "--output_json")
         check_output_file(args.predictions_file, "--predictions_file")
-        sources, references, description, effective_order = load_test_pairs(args)
+        sources, references, description, effective_order, lines = load_test_pairs(args)
         if not sources:
             raise ValueError(f"{description}: no sentences to evaluate.")
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
@@ -117,6 +120,14 @@ def main(argv=None) -> int:
             json.dump(result, handle, indent=2)
             handle.write("\n")
     if args.predictions_file:
+        if lines is not None:  # line for line with --source_file: a skipped pair leaves its line empty
+            kept, line_count = lines
+            if len(predictions) < len(kept):  # --max_samples: up to the last line translated
+                line_count = kept[len(predictions) - 1] + 1
+            aligned = [""] * line_count
+            for index, prediction in zip(kept, predictions):
+                aligned[index] = prediction
+            predictions = aligned
         with open(args.predictions_file, "w", encoding="utf-8") as handle:
             handle.write("".join(p + "\n" for p in predictions))
     return 0

@@ -307,3 +307,18 @@ def test_state_files_load_without_unpickling_objects(tmp_path):
     torch.save({"payload": subprocess.Popen}, evil)  # an arbitrary class: must not be unpickled
     with pytest.raises(ckpt.CheckpointError, match="weights_only=True"):
         ckpt.load_torch_state(evil)
+
+
+def test_a_folder_where_files_cannot_be_locked_is_used_without_a_lock(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK on NFS without a lock daemon (ENOSYS, EOPNOTSUPP elsewhere): that is no other run."""
+    import errno
+
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ckpt.lock_output_dir(tmp_path)
+    assert "Cannot lock" in caplog.text and "nothing stops a second run" in caplog.text
+    ckpt.unlock_output_dir(tmp_path)

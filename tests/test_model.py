@@ -569,7 +569,7 @@ def test_static_cache_and_4d_masks_in_forward_equal_the_dynamic_cache():
         # 4D masks (batch, 1, queries, keys), boolean or additive, are used as given, as in transformers' models.
         allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None] & target_mask.bool()[:, None, None, :]
         additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        for mask_4d in (allowed, additive):
+        for mask_4d in (allowed, allowed.long(), additive):
             logits = model(input_ids=source, attention_mask=mask, decoder_input_ids=target,
                            decoder_attention_mask=mask_4d).logits
             torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)

@@ -356,6 +356,51 @@ def test_translate_script_restores_file_order(short_run, tmp_path, monkeypatch, 
     assert capsys.readouterr().out == (tmp_path / "out.txt").read_text()
 
 
+def test_output_files_are_tried_without_harm_to_pipes_links_or_contents(tmp_path):
+    """`check_output_file` opens a regular file (keeping its contents) and creates, then removes, a new one; a named
+    pipe is not opened (that would end its reader's input), and a link whose target is missing is left as it is."""
+    import threading
+
+    kept = tmp_path / "kept.txt"
+    kept.write_text("mine\n")
+    training.check_output_file(str(kept), "--output")
+    training.check_output_file(str(tmp_path / "new.txt"), "--output")
+    assert kept.read_text() == "mine\n" and not (tmp_path / "new.txt").exists()
+    link = tmp_path / "link.txt"
+    link.symlink_to(tmp_path / "elsewhere" / "out.txt")
+    training.check_output_file(str(link), "--output")
+    assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        checking = threading.Thread(target=training.check_output_file, args=(str(fifo), "--output"), daemon=True)
+        checking.start()
+        checking.join(10)
+        if checking.is_alive():  # blocked opening the pipe: give it a reader so that the thread ends
+            open(fifo, "rb").close()
+        assert not checking.is_alive() or pytest.fail("check_output_file opened the named pipe")
+
+
+def test_a_mixed_precision_model_translates_on_the_fast_search_during_training():
+    """Accelerate's mixed precision replaces `forward` on the instance, which makes `generate` step aside for
+    transformers' loop; the training loop's translations run under autocast and lift the wrapper for the fast one."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from modeling_seq2seq import Seq2SeqTransformerConfig, Seq2SeqTransformerForConditionalGeneration
+
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = accelerator.prepare(Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerConfig(**TINY_MODEL)))
+    model = accelerator.unwrap_model(model).eval()
+    wrapper = vars(model)["forward"]
+    assert model.forward_calls_are_observed()
+    with accelerator.autocast(), training.without_mixed_precision_wrapper(model):
+        assert not model.forward_calls_are_observed()
+    assert vars(model)["forward"] is wrapper
+    AcceleratorState._reset_state()
+
+
 def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_path, capsys, monkeypatch, caplog):
     """Lines are split at line feeds only, text that is not UTF-8 is named by file and line, and bad options or an
     output path that cannot be written fail before any translating."""
@@ -392,8 +437,10 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     sources.write_text("one\n\ntwo\nthree\n")
     references.write_text("eins\n\nzwei\n \n")
     assert evaluate.main(["--model", str(short_run), "--source_file", str(sources), "--reference_file", str(references),
-                          "--output_json", str(tmp_path / "scores.json")]) == 0
+                          "--output_json", str(tmp_path / "scores.json"), "--predictions_file", str(tmp_path / "p.txt")]) == 0
     assert json.loads((tmp_path / "scores.json").read_text())["samples"] == 2
+    predictions = (tmp_path / "p.txt").read_text().split("\n")
+    assert len(predictions) == 4 + 1 and predictions[1] == predictions[3] == "" and predictions[0] and predictions[2]
     assert "skipped 2 pair(s) with an empty source or target (lines 2, 4)" in caplog.text
     for args in (["--max_samples", "0"], ["--batch_size", "0"], ["--num_beams", "0"]):
         with pytest.raises(SystemExit):
