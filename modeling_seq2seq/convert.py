@@ -79,6 +79,15 @@ def from_marian(marian: MarianMTModel) -> Seq2SeqTransformerForConditionalGenera
     mc = marian.config
     if not mc.share_encoder_decoder_embeddings or (mc.decoder_vocab_size or mc.vocab_size) != mc.vocab_size:
         raise ValueError("from_marian needs a Marian model with one vocabulary shared by source and target.")
+    shared = marian.model.shared.weight
+    for stack in ("encoder", "decoder"):
+        embedding = getattr(marian.model, stack).embed_tokens.weight
+        if embedding.data_ptr() != shared.data_ptr() and not torch.equal(embedding, shared):
+            raise ValueError(
+                f"from_marian needs one embedding matrix for source and target (Section 3.4), but this Marian model's "
+                f"{stack} embeddings differ from `model.shared` (transformers 5 unties them when tie_word_embeddings "
+                "is False)."
+            )
     bias = marian.final_logits_bias.detach().reshape(-1)
     config = Seq2SeqTransformerConfig(
         **{field: getattr(mc, field) for field in SHARED_FIELDS},
@@ -167,6 +176,8 @@ def load_for_conversion(model_class, source: str):
 
     if not os.path.isdir(source) and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
         raise FileNotFoundError(f"--input {source!r}: no such model folder (a Hub id looks like 'owner/name').")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise FileNotFoundError(f"--input {source!r} has no config.json: it is not a saved model folder.")
     config = PretrainedConfig.get_config_dict(source)[0]
     expected = model_class.config_class.model_type
     if config.get("model_type") != expected:
@@ -183,6 +194,9 @@ def convert_folder(source: str, output_dir: str, to: str) -> None:
     """Load a saved model (Marian or ours), convert it, and save it with its tokenizer into `output_dir`."""
     if to not in ("ours", "marian"):
         raise ValueError(f"`to` must be 'ours' or 'marian', got {to!r}.")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output_dir))):
+        raise FileNotFoundError(f"--output_dir {output_dir!r}: its folder {os.path.dirname(os.path.abspath(output_dir))!r} "
+                                "does not exist.")
     if to == "ours":
         model = from_marian(load_for_conversion(MarianMTModel, source))
     else:

@@ -14,7 +14,7 @@
 With it, someone who has plain `transformers` (5.x or 4.57) and not this package runs
 
     AutoModelForSeq2SeqLM.from_pretrained(repo, trust_remote_code=True)
-    AutoTokenizer.from_pretrained(repo)
+    AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
     pipeline("seq2seq-translation", model=repo, trust_remote_code=True)
 
 The shipped code is checked before anything is written (`check_shipped_code`): it may import only torch,
@@ -255,8 +255,7 @@ def build_hub_folder(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
-        shutil.copyfile(PACKAGE_DIR / "pipeline.py", tmp / "pipeline.py")
+        model.save_pretrained(tmp)  # with the code: the modeling files, and pipeline.py, which they import
         save_tokenizer(tokenizer, tmp)
         _declare_model_inputs(tmp / "tokenizer_config.json")
         check_shipped_code(tmp)
@@ -528,10 +527,11 @@ def render_model_card(
             chrf_signature=eval_results.get("chrf_signature"),
             architecture=_architecture_rows(model),
             vocab_size=len(tokenizer),
-            generation={
-                "num_beams": generation.num_beams,
-                "length_penalty": generation.length_penalty,
-                "max_length": generation.max_length,
+            generation={  # what applies: transformers' defaults where the generation config sets nothing
+                "num_beams": generation.num_beams or 1,
+                "length_penalty": 1.0 if generation.length_penalty is None else generation.length_penalty,
+                "max_length": f"{generation.max_length} tokens" if generation.max_length is not None
+                else "20 new tokens (transformers' default)",
             },
             training=training or {},
             example_input=_example_input(source_lang),

@@ -333,9 +333,9 @@ def registered_attention(implementation: str):
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def transformers_infers_source_mask() -> bool:
-    """transformers 4.x infers a missing source mask from pad tokens; 5.x does so for decoder-only models only."""
-    return int(transformers.__version__.split(".")[0]) < 5
+def transformers_major_version() -> int:
+    """Where `generate` differs between transformers 4.x and 5.x, the fast search follows the one running."""
+    return int(transformers.__version__.split(".")[0])
 
 
 # transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; forwards accept both.
@@ -537,6 +537,15 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _can_compile_fullgraph = True
     _supports_cache_class = True  # 4.57 reads it; 5.x ignores it
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`; where the code is saved too (`register_for_auto_class`), `auto_map` lists
+        the base model next to the saved class, so that `AutoModel` loads the folder with `trust_remote_code=True`."""
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {"AutoModel": f"{module}.{Seq2SeqTransformerModel.__name__}",
+                                    **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -953,6 +962,14 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
     def get_decoder(self, *args, **kwargs):
         return self.model.decoder
 
+    @staticmethod
+    def translation_pipeline():
+        """The `seq2seq-translation` pipeline class (pipeline.py). Saving the code copies the files it imports, so
+        a folder whose config names that pipeline (the Hub folder's) keeps it when the model is saved again."""
+        from .pipeline import Seq2SeqTranslationPipeline
+
+        return Seq2SeqTranslationPipeline
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
@@ -1040,14 +1057,22 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         if config.max_new_tokens is not None:
             max_new_tokens = config.max_new_tokens
         elif config.max_length is not None:
-            max_new_tokens = config.max_length - 1  # max_length counts the decoder start token
+            max_length = config.max_length  # counts the decoder start token
+            if "max_length" not in kwargs and (
+                config.max_length == 20 if transformers_major_version() < 5
+                else (generation_config is None or generation_config.max_length is None)
+                and self.generation_config.max_length is None
+            ):  # transformers' default length: that many new tokens, within max_position_embeddings
+                max_length = min(max_length + 1, self.config.max_position_embeddings)
+            max_new_tokens = max_length - 1
         else:
             return None
         min_new_tokens = config.min_new_tokens if config.min_new_tokens is not None else max((config.min_length or 0) - 1, 0)
         if max_new_tokens < 1 or min_new_tokens < 0:
             return None
         pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
-        if (attention_mask is None and transformers_infers_source_mask() and config.pad_token_id is not None and pad not in eos
+        # transformers 4.x infers a missing source mask from pad tokens; 5.x only for decoder-only models.
+        if (attention_mask is None and transformers_major_version() < 5 and config.pad_token_id is not None and pad not in eos
                 and bool((input_ids == pad).any())):
             attention_mask = input_ids.ne(pad).long()  # as transformers 4.x infers it
         settings = dict(

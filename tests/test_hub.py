@@ -229,6 +229,17 @@ PROBE = textwrap.dedent(
     pipe = pipeline("seq2seq-translation", model=folder, trust_remote_code=True)
     result["pipeline_module"] = type(pipe).__module__
     result["pipeline"] = pipe(texts, num_beams=1, max_new_tokens=12, batch_size=3)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        from transformers import AutoModel
+
+        result["auto_model_class"] = type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__
+        # Saved again (after fine-tuning, say), the folder keeps the code its config names, pipeline.py included.
+        resaved = os.path.join(os.path.dirname(out_path), "resaved")
+        model.save_pretrained(resaved)
+        tokenizer.save_pretrained(resaved)
+        result["resaved_code"] = sorted(name for name in os.listdir(resaved) if name.endswith(".py"))
+        again = pipeline("seq2seq-translation", model=resaved, trust_remote_code=True)
+        result["resaved_pipeline"] = again(texts, num_beams=1, max_new_tokens=12, batch_size=3)
     if int(transformers.__version__.split(".")[0]) < 5:
         stock = pipeline("translation", model=folder, trust_remote_code=True)
         result["stock_pipeline_class"] = type(stock).__name__
@@ -297,6 +308,7 @@ def test_config_declares_remote_code_and_pipeline(hub_folder):
     assert config["model_type"] == "seq2seq_transformer"
     assert config["auto_map"] == {
         "AutoConfig": "configuration_seq2seq.Seq2SeqTransformerConfig",
+        "AutoModel": "modeling_seq2seq.Seq2SeqTransformerModel",
         "AutoModelForSeq2SeqLM": "modeling_seq2seq.Seq2SeqTransformerForConditionalGeneration",
     }
     assert config["custom_pipelines"] == {
@@ -428,12 +440,19 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
     shutil.copytree(model_dir, bare)
     for name in ("eval_results.json", "training_config.yaml", "trainer_state.json"):
         (bare / name).unlink()
+    # A generation config that leaves the decoding settings to transformers (a converted OPUS-MT model's, say).
+    generation = json.loads((bare / "generation_config.json").read_text())
+    for key in ("num_beams", "length_penalty", "max_length"):
+        generation.pop(key, None)
+    (bare / "generation_config.json").write_text(json.dumps(generation))
     build_hub_folder(bare, tmp_path / "out", template=TEMPLATE)
     card = ModelCard.load(tmp_path / "out" / "README.md")
     data = card.data.to_dict()
     assert "model-index" not in data and "datasets" not in data and "language" not in data
     assert "No evaluation results were saved with this model." in card.text
     assert "{{" not in card.text and "Trained for" not in card.text
+    assert "None" not in card.text and "num_beams=1" in card.text
+    assert "beam size 1, length penalty\n1.0, maximum length 20 new tokens (transformers' default)" in card.text
 
 
 @pytest.mark.parametrize(
@@ -546,6 +565,8 @@ def test_loads_and_generates_identically_where_the_package_cannot_be_imported(hu
     assert probe["pipeline_module"].startswith("transformers_modules.")
     assert [r["translation_text"] for r in probe["pipeline"]] == probe["decoded"]
     assert any(text.strip() for text in probe["decoded"])
+    assert probe["auto_model_class"] == "Seq2SeqTransformerModel"
+    assert probe["resaved_code"] == SHIPPED_CODE and probe["resaved_pipeline"] == probe["pipeline"]
 
 
 def test_dry_run_cli_prints_the_file_list(model_dir, tmp_path, capsys):

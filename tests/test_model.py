@@ -111,6 +111,28 @@ def test_from_marian_round_trip_keeps_output_bias():
     assert (ours_logits - reference).abs().max().item() < 1e-5
 
 
+def test_from_marian_refuses_separate_source_and_target_embeddings():
+    """A Marian model with tie_word_embeddings=False has its own encoder and decoder embeddings in transformers 5;
+    ours has one matrix (Section 3.4), so converting would silently change the function."""
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    marian = MarianMTModel(MarianConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                        decoder_ffn_dim=32, pad_token_id=0, decoder_start_token_id=0,
+                                        tie_word_embeddings=False)).eval()
+    if marian.model.encoder.embed_tokens.weight.data_ptr() == marian.model.shared.weight.data_ptr():
+        pytest.skip("this transformers ties Marian's embeddings to `shared` whatever tie_word_embeddings says")
+    with torch.no_grad():
+        marian.model.encoder.embed_tokens.weight.normal_()
+    with pytest.raises(ValueError, match="encoder embeddings differ from `model.shared`"):
+        from_marian(marian)
+    with torch.no_grad():
+        marian.model.encoder.embed_tokens.weight.copy_(marian.model.shared.weight)
+        marian.model.decoder.embed_tokens.weight.copy_(marian.model.shared.weight)
+    from_marian(marian)  # equal copies (as a checkpoint saved by transformers 4 holds) convert
+
+
 # --- The paper's properties ------------------------------------------------------------------------------------------
 
 
@@ -525,6 +547,20 @@ def test_a_generation_config_takes_what_it_leaves_unset_from_the_models():
         assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, generation_config=config))
 
 
+def test_the_default_length_gives_transformers_number_of_new_tokens():
+    """Without max_length anywhere (a generation config converted from OPUS-MT has none), transformers generates its
+    default 20 new tokens, within max_position_embeddings."""
+    source, mask = padded_batch()
+    for positions, expected_length in ((64, 1 + 20), (12, 12)):
+        model = make_model(max_position_embeddings=positions)
+        model.generation_config.max_length = None
+        for num_beams in (1, 3):
+            assert model.fast_search_settings(source, None, dict(num_beams=num_beams)) is not None
+            ours = model.generate(source, attention_mask=mask, num_beams=num_beams)
+            assert ours.shape[1] == expected_length
+            assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, num_beams=num_beams))
+
+
 def test_generate_without_a_source_mask_treats_padding_as_transformers_does():
     """transformers 5 infers no source mask from pad tokens for encoder-decoder models (4.x did)."""
     model = make_model()
@@ -933,6 +969,9 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
          "its config.json says model_type 'marian', not 'seq2seq_transformer'"),
         (["--to", "marian", "--input", str(partial), "--output_dir", str(tmp_path / "x")], "weights missing from its files"),
         (["--to", "marian", "--input", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "x")], "no such model folder"),
+        (["--to", "marian", "--input", str(tmp_path), "--output_dir", str(tmp_path / "x")], "has no config.json"),
+        (["--to", "marian", "--input", str(partial), "--output_dir", str(tmp_path / "no" / "x")],
+         f"its folder '{tmp_path / 'no'}' does not exist"),
     ]:
         assert convert(args) == 1
         assert message in capsys.readouterr().err
