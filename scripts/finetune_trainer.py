@@ -8,6 +8,7 @@ Without data files it fine-tunes on the built-in number-words task. This is the 
 know `Seq2SeqTrainer`: our model is a regular `transformers` seq2seq LM, so `DataCollatorForSeq2Seq` builds
 its decoder inputs (via `prepare_decoder_input_ids_from_labels`) and `predict_with_generate=True` evaluates
 with beam search. Note the model computes its own label-smoothed loss (`config.label_smoothing`).
+`--save_steps N` writes the Trainer's own checkpoints, and `--resume_from_checkpoint PATH|latest` continues one.
 """
 
 import os
@@ -88,7 +89,8 @@ def finetune(args):
         eval_strategy="steps" if has_eval else "no",
         eval_steps=args.eval_steps,
         logging_steps=args.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or None,
         predict_with_generate=True,
         generation_num_beams=args.num_beams,
         generation_max_length=min(args.max_source_length + 50, model.config.max_position_embeddings),
@@ -106,7 +108,8 @@ def finetune(args):
         processing_class=tokenizer,  # transformers 5.x raises on tokenizer=
         compute_metrics=compute_metrics if has_eval else None,
     )
-    trainer.train()
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     metrics = trainer.evaluate() if has_eval else {}
     model.config.use_cache = True  # the Trainer switches the cache off while training
     trainer.save_model(args.output_dir)
@@ -130,6 +133,9 @@ def build_parser():
     parser.add_argument("--warmup_steps", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=64, help="sentences per device and step")
     parser.add_argument("--eval_steps", type=int, default=100)
+    parser.add_argument("--save_steps", type=int, default=0, help="write a Trainer checkpoint every N steps (0: none)")
+    parser.add_argument("--resume_from_checkpoint", default=None,
+                        help="a Trainer checkpoint folder to continue from, or 'latest' (the newest in --output_dir)")
     parser.add_argument("--logging_steps", type=int, default=20)
     parser.add_argument("--num_beams", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,30 @@ def test_seq2seq_trainer_lowers_the_loss_and_generation_works(saved_model, numbe
     assert len(translations) == 2 and all(isinstance(t, str) for t in translations)
     before = load_script("finetune_trainer")  # the script is importable twice (no global state)
     assert before.build_parser().parse_args(["--model", "m", "--output_dir", "o"]).max_steps == 500
+
+
+def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path):
+    """--save_steps writes the Trainer's checkpoints; --resume_from_checkpoint continues one to the weights of the
+    run that was never stopped."""
+    from safetensors.torch import load_file
+
+    script = load_script("finetune_trainer")
+
+    def run(output_dir, *extra):
+        args = script.build_parser().parse_args([
+            "--model", str(saved_model), "--output_dir", str(output_dir), "--train_file", str(number_pairs[0]),
+            "--max_source_length", "14", "--max_steps", "12", "--learning_rate", "3e-3", "--warmup_steps", "5",
+            "--batch_size", "32", "--logging_steps", "6", "--num_beams", "1", "--use_cpu", "--quiet", *extra,
+        ])
+        script.finetune(args)
+        return load_file(str(output_dir / "model.safetensors"))
+
+    whole = run(tmp_path / "whole", "--save_steps", "6")
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-6"))
+    shutil.copytree(tmp_path / "whole" / "checkpoint-6", tmp_path / "again" / "checkpoint-6")
+    latest = run(tmp_path / "again", "--resume_from_checkpoint", "latest")
+    for other in (resumed, latest):
+        assert whole.keys() == other.keys()
+        for name in whole:
+            torch.testing.assert_close(other[name], whole[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
