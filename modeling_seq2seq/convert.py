@@ -184,6 +184,14 @@ def load_for_conversion(model_class, source: str):
         raise ValueError(f"{source}: its config.json says model_type {config.get('model_type')!r}, not {expected!r}: "
                          "it is not in the format this direction of conversion reads.")
     model, missing, _ = load_reporting_random_weights(model_class, source)  # another shape raises there
+    stored_once = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"} & set(missing)
+    if stored_once and getattr(model.config, "share_encoder_decoder_embeddings", False) and (
+            "model.shared.weight" not in missing):
+        # One matrix for source and target, saved once as model.shared (transformers 4 with safetensors); 5 leaves
+        # the stacks' embeddings apart when tie_word_embeddings is False.
+        for stack in (model.model.encoder, model.model.decoder):
+            stack.embed_tokens.weight = model.model.shared.weight
+        missing = [name for name in missing if name not in stored_once]
     if missing:
         raise ValueError(f"{source}: weights missing from its files: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "refusing to convert partly random weights.")

@@ -296,6 +296,16 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _generated_length(generation, max_positions: int) -> str:
+    """How long `generate` runs by default, as transformers decides: max_new_tokens, else max_length, else 20 new
+    tokens within max_position_embeddings."""
+    if generation.max_new_tokens is not None:
+        return f"{generation.max_new_tokens} new tokens"
+    if generation.max_length is not None:
+        return f"{generation.max_length} tokens"
+    return f"{min(20 + 1, max_positions) - 1} new tokens (transformers' default)"
+
+
 def _declare_model_inputs(path: Path) -> None:
     """Name the tokenizer outputs the model takes. Without it 4.57's `PreTrainedTokenizerFast` also returns
     `token_type_ids`, and `model.generate(**tokenizer(texts, return_tensors="pt"))` fails there."""
@@ -530,8 +540,7 @@ def render_model_card(
             generation={  # what applies: transformers' defaults where the generation config sets nothing
                 "num_beams": generation.num_beams or 1,
                 "length_penalty": 1.0 if generation.length_penalty is None else generation.length_penalty,
-                "max_length": f"{generation.max_length} tokens" if generation.max_length is not None
-                else "20 new tokens (transformers' default)",
+                "max_length": _generated_length(generation, model.config.max_position_embeddings),
             },
             training=training or {},
             example_input=_example_input(source_lang),

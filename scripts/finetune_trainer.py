@@ -145,7 +145,10 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.save_steps < 0:
+        parser.error("--save_steps must be 0 (no checkpoints) or more")
     try:
         _, metrics = finetune(args)
     except (OSError, ValueError) as error:

@@ -453,6 +453,9 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
     assert "{{" not in card.text and "Trained for" not in card.text
     assert "None" not in card.text and "num_beams=1" in card.text
     assert "beam size 1, length penalty\n1.0, maximum length 20 new tokens (transformers' default)" in card.text
+    (bare / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 256}))
+    build_hub_folder(bare, tmp_path / "out2", template=TEMPLATE)
+    assert "maximum length 256 new tokens;" in ModelCard.load(tmp_path / "out2" / "README.md").text
 
 
 @pytest.mark.parametrize(

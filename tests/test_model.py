@@ -130,7 +130,33 @@ def test_from_marian_refuses_separate_source_and_target_embeddings():
     with torch.no_grad():
         marian.model.encoder.embed_tokens.weight.copy_(marian.model.shared.weight)
         marian.model.decoder.embed_tokens.weight.copy_(marian.model.shared.weight)
-    from_marian(marian)  # equal copies (as a checkpoint saved by transformers 4 holds) convert
+    from_marian(marian)  # equal copies convert
+
+
+def test_a_marian_file_holding_the_shared_embedding_once_converts(tmp_path):
+    """transformers 4 saved one shared matrix once, as `model.shared.weight`; transformers 5 reads such a file with
+    tie_word_embeddings=False as if the stacks' embeddings were missing. Conversion ties them to `shared` again."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from modeling_seq2seq.convert import load_for_conversion
+
+    torch.manual_seed(0)
+    marian = MarianMTModel(MarianConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                        decoder_ffn_dim=32, pad_token_id=0, decoder_start_token_id=0,
+                                        tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for stack in (marian.model.encoder, marian.model.decoder):
+            stack.embed_tokens.weight.copy_(marian.model.shared.weight)
+    marian.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in marian.state_dict().items() if "embed_tokens" not in k},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ours = from_marian(load_for_conversion(MarianMTModel, str(tmp_path))).eval()
+    source, mask = padded_batch()
+    with torch.no_grad():
+        logits = ours(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits
+        reference = marian(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits
+    assert (logits - reference).abs().max().item() < 1e-5
 
 
 # --- The paper's properties ------------------------------------------------------------------------------------------

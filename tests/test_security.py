@@ -368,3 +368,17 @@ def test_shipped_code_does_only_maths(saved_folder):
     for path in [saved_folder / name for name in MODELING_FILES]:
         problems += check_shipped_source(path.name, path.read_text(encoding="utf-8"))
     assert not problems, problems
+
+
+class MyTranslator(Seq2SeqTransformerForConditionalGeneration):
+    """A user's subclass, in a module of theirs."""
+
+
+def test_a_subclass_elsewhere_gets_no_auto_map_entry_for_a_file_it_does_not_ship(tmp_path):
+    torch.manual_seed(0)
+    model = MyTranslator(Seq2SeqTransformerConfig(vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                  encoder_attention_heads=2, decoder_attention_heads=2,
+                                                  encoder_ffn_dim=32, decoder_ffn_dim=32))
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text()).get("auto_map", {})
+    assert "AutoModel" not in auto_map

@@ -80,6 +80,8 @@ def test_seq2seq_trainer_lowers_the_loss_and_generation_works(saved_model, numbe
     assert len(translations) == 2 and all(isinstance(t, str) for t in translations)
     before = load_script("finetune_trainer")  # the script is importable twice (no global state)
     assert before.build_parser().parse_args(["--model", "m", "--output_dir", "o"]).max_steps == 500
+    with pytest.raises(SystemExit):
+        before.main(["--model", "m", "--output_dir", "o", "--save_steps", "-1"])
 
 
 def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path):
