@@ -43,7 +43,7 @@ from transformers import GenerationConfig
 from .checkpointing import seal_folder
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
-from .pipeline import TASK, Seq2SeqTranslationPipeline
+from .pipeline import TASK
 from .tokenization import load_tokenizer, save_tokenizer
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -246,7 +246,7 @@ def build_hub_folder(
     # trust_remote_code=True)` reads it and imports `pipeline.py` from the repo.
     model.config.custom_pipelines = {
         TASK: {
-            "impl": f"pipeline.{Seq2SeqTranslationPipeline.__name__}",
+            "impl": f"pipeline.{model.translation_pipeline().__name__}",
             "pt": ["AutoModelForSeq2SeqLM"],
             "type": "text",
         }
