@@ -103,14 +103,17 @@ def computes_in_float32(product) -> bool:
     """Whether `product(left, right)` multiplies float32 matrices without rounding them to bfloat16 first. One operand
     holds 1 + 2^-10 (exact in float32, 1 in bfloat16) and the other ones, then the other way round, so the sums are
     exact in float32 and show either operand rounded. Both layouts that `OneDNNLinear.backward` uses are tried (a
-    transposed left operand for d/dW, a plain one for d/dx)."""
+    transposed left operand for d/dW, a plain one for d/dx), at a small shape and at one as large as a training
+    step's (oneDNN picks its kernel by shape)."""
     fine = 1 + 2**-10
-    for depth in (37, 512):
+    for depth, rows, columns in ((37, 64, 48), (512, 256, 512)):
         for left_value, right_value in ((fine, 1.0), (1.0, fine)):
-            left = torch.full((depth, 64), left_value)
+            left = torch.full((depth, rows), left_value)
             if not (
-                torch.equal(product(left.t(), torch.full((depth, 48), right_value)), torch.full((64, 48), depth * fine))
-                and torch.equal(product(left, torch.full((64, 48), right_value)), torch.full((depth, 48), 64 * fine))
+                torch.equal(product(left.t(), torch.full((depth, columns), right_value)),
+                            torch.full((rows, columns), depth * fine))
+                and torch.equal(product(left, torch.full((rows, columns), right_value)),
+                                torch.full((depth, columns), rows * fine))
             ):
                 return False
     return True
@@ -122,10 +125,15 @@ onednn_matmul_probe = {}  # the probe's answer, once per process
 def onednn_matmul_keeps_float32() -> bool:
     """Whether `onednn_matmul` may route float32 products to oneDNN's matmul primitive on this machine. torch sends
     them there only under the "bf16" matmul precision, which allows oneDNN to round the inputs to bfloat16; it does
-    so on CPUs with a kernel for that (AMX) and computes in float32 elsewhere. `computes_in_float32` tells which."""
+    so on CPUs with a kernel for that (AMX) and computes in float32 elsewhere. `computes_in_float32` tells which; a
+    CPU with AMX is ruled out beforehand, since no probe can try every shape for which oneDNN may pick an AMX kernel."""
     if "keeps_float32" not in onednn_matmul_probe:
+        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         try:
-            keeps = onednn_linear_kernel() is not None and computes_in_float32(matmul_under_bf16_precision)
+            keeps = (
+                onednn_linear_kernel() is not None and not has_amx()
+                and computes_in_float32(matmul_under_bf16_precision)
+            )
         except (AttributeError, RuntimeError):  # a torch without the setting (< 2.9) or without oneDNN
             keeps = False
         onednn_matmul_probe["keeps_float32"] = keeps

@@ -39,6 +39,8 @@ from modeling_seq2seq.modeling_seq2seq import (
     linear,
     lowbias32_,
     onednn_matmul,
+    onednn_matmul_keeps_float32,
+    onednn_linear_kernel,
     search_linear,
 )
 from modeling_seq2seq.presets import load_preset
@@ -325,6 +327,19 @@ def test_onednn_matmul_runs_only_where_it_computes_in_float32():
     with pytest.raises(RuntimeError):
         onednn_matmul(grad_rows.t(), rows[:5])
     assert torch.backends.mkldnn.matmul.fp32_precision == precision
+
+
+def test_onednn_matmul_is_not_used_on_a_cpu_with_amx(monkeypatch):
+    """On the GPU machine's Xeon (AMX), under the "bf16" precision oneDNN rounded products of 128x512 @ 512x128 and
+    larger to bfloat16 (relative error ~2e-3) and computed the 64x48 ones exactly: a CPU with AMX keeps MKL's float32
+    products, whatever the probe says."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr("modeling_seq2seq.modeling_seq2seq.computes_in_float32", lambda product: True)
+    monkeypatch.setattr("modeling_seq2seq.modeling_seq2seq.onednn_matmul_probe", {})
+    assert not onednn_matmul_keeps_float32()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr("modeling_seq2seq.modeling_seq2seq.onednn_matmul_probe", {})
+    assert onednn_matmul_keeps_float32() == (onednn_linear_kernel() is not None)
 
 
 def ran_on_onednn(output):

@@ -14,13 +14,14 @@
 #
 # Vendored for modeling_seq2seq's test suite from huggingface/transformers `tests/exporters/test_export.py` at commit
 # c1161f4af4531c1c4164fec7f50e76e671dfe724, the stored version whose imports match the `transformers.exporters` API
-# of transformers 5.24. Apache-2.0, see above. Verbatim except two lines: 5.24's `DynamoExporter.export` returns an
-# `ExportedModel` whose graph is `.program`, where that commit's returned the `ExportedProgram` itself
-# (`exported_program.module()` became `exported_program.program.module()`).
+# of transformers 5.24. Apache-2.0, see above. Verbatim except where 5.24's exporters return an `ExportedModel`
+# (a graph's program is `.program`; calling it takes the model's own inputs and returns the model's outputs), where
+# that commit's returned the backend's program itself: `exported_program.module()` became
+# `exported_program.program.module()`, and `_run_onnx_program` calls the `ExportedModel` instead of an
+# `ONNXProgram` (flattened inputs, names from `model_proto`).
 
 import copy
 import inspect
-import re
 
 import pytest
 import torch
@@ -344,10 +345,7 @@ def _clean_inputs_for_export(inputs_dict, config):
 def _run_onnx_program(onnx_program, inputs) -> dict:
     """Run an ONNX program and return outputs as a `{name: tensor}` dict."""
     set_seed(1234)
-    onnx_inputs = get_leaf_tensors(inputs)
-    onnx_outputs = onnx_program(**onnx_inputs)
-    onnx_names = (re.sub(r"^output\.", "", node.name) for node in onnx_program.model_proto.graph.output)
-    return dict(zip(onnx_names, onnx_outputs))
+    return get_leaf_tensors(onnx_program(**copy.deepcopy(inputs)))
 
 
 def _onnx_optimize_enabled(model_class, dynamic: bool) -> bool:
