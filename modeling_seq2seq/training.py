@@ -1015,10 +1015,13 @@ class Trainer:
         # Accelerate forms a gloo process group only when told to run on the CPU.
         distributed_on_cpu = int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available()
         # Accelerate keeps one process-wide state and refuses a second run (a notebook, a test) with another
-        # mixed precision; forget the previous run's settings (the process group, if any, is kept).
+        # mixed precision; forget the previous run's settings. Without a process group, forget the device too: an
+        # earlier `Accelerator(cpu=True)` (or a Trainer's `use_cpu`) would keep this run off the GPU.
         from accelerate.state import AcceleratorState
 
-        AcceleratorState._reset_state()
+        AcceleratorState._reset_state(
+            reset_partial_state=not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        )
         self.accelerator = Accelerator(
             cpu=distributed_on_cpu,
             mixed_precision=config.mixed_precision,

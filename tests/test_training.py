@@ -47,8 +47,20 @@ TINY_MODEL = {
     "max_position_embeddings": 64,
 }
 # One thread: these models are tiny (intra-op threads only add synchronisation), and CI's two cores are shared
-# by the two processes of the distributed test.
-SUBPROCESS_ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+# by the two processes of the distributed test. Every run on the CPU, as in CI, also on a machine with a GPU: runs
+# are compared bit for bit across processes and resumes, and CUDA's kernels and dropout differ from the CPU's (the
+# GPU training loop has its own test in test_gpu.py).
+CPU_ONLY = {"ACCELERATE_USE_CPU": "true"}
+SUBPROCESS_ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                  **CPU_ONLY}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def runs_on_the_cpu():
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in CPU_ONLY.items():
+            patch.setenv(name, value)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +208,12 @@ def test_gradient_norm_is_clip_grad_norms_and_clips_only_when_asked(max_norm, th
     for model in models:
         (10 * model(x)).square().sum().backward()
     parameters = [list(model.parameters()) for model in models]
-    AcceleratorState._reset_state()  # one process-wide state: take none from an earlier test, leave none behind
+    AcceleratorState._reset_state(True)  # one process-wide state: take none from an earlier test, leave none behind
     try:
         accelerator = Accelerator(cpu=True) if through_accelerate else None
         norm = training.gradient_norm(parameters[0], max_norm, accelerator)
     finally:
-        AcceleratorState._reset_state()
+        AcceleratorState._reset_state(True)
     reference = torch.nn.utils.clip_grad_norm_(parameters[1], max_norm or float("inf")).item()
     assert norm == pytest.approx(reference, rel=1e-6) and norm > 0.5
     for ours, theirs in zip(*parameters):
@@ -389,7 +401,7 @@ def test_a_mixed_precision_model_translates_on_the_fast_search_during_training()
 
     from modeling_seq2seq import Seq2SeqTransformerConfig, Seq2SeqTransformerForConditionalGeneration
 
-    AcceleratorState._reset_state()
+    AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = accelerator.prepare(Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerConfig(**TINY_MODEL)))
     model = accelerator.unwrap_model(model).eval()
@@ -398,7 +410,7 @@ def test_a_mixed_precision_model_translates_on_the_fast_search_during_training()
     with accelerator.autocast(), training.without_mixed_precision_wrapper(model):
         assert not model.forward_calls_are_observed()
     assert vars(model)["forward"] is wrapper
-    AcceleratorState._reset_state()
+    AcceleratorState._reset_state(True)
 
 
 def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_path, capsys, monkeypatch, caplog):
@@ -744,6 +756,23 @@ def test_sigkill_at_a_random_moment_then_resume(assets, reference_run, tmp_path)
     assert process.returncode in (0, -signal.SIGKILL), f"the run failed on its own (exit {process.returncode})"
     assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0, f"KILL_SEED={seed}"
     assert_same_weights(output_dir, reference_run)
+
+
+def test_a_run_chooses_its_device_afresh_after_a_cpu_only_accelerator(assets, tmp_path, monkeypatch):
+    """Accelerate keeps its device choice process-wide: an earlier `Accelerator(cpu=True)` in the process (a notebook
+    cell, a Trainer with `use_cpu`) would keep a later run off the GPU unless the run forgets it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    AcceleratorState._reset_state(True)
+    try:
+        Accelerator(cpu=True)
+        assert PartialState()._cpu  # the choice a run must not inherit
+        assert training.main(run_args(assets, tmp_path / "run", max_steps=2, save_steps=0)) == 0
+        assert not PartialState()._cpu
+    finally:
+        AcceleratorState._reset_state(True)
 
 
 def test_unwritable_output_dir_fails_before_training(assets, tmp_path, capsys):
