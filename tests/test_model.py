@@ -38,9 +38,9 @@ from modeling_seq2seq.modeling_seq2seq import (
     dropout_mask,
     linear,
     lowbias32_,
+    onednn_linear_kernel,
     onednn_matmul,
     onednn_matmul_keeps_float32,
-    onednn_linear_kernel,
     search_linear,
 )
 from modeling_seq2seq.presets import load_preset

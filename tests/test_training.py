@@ -208,12 +208,13 @@ def test_gradient_norm_is_clip_grad_norms_and_clips_only_when_asked(max_norm, th
     for model in models:
         (10 * model(x)).square().sum().backward()
     parameters = [list(model.parameters()) for model in models]
-    AcceleratorState._reset_state(True)  # one process-wide state: take none from an earlier test, leave none behind
+    # One process-wide state (the device too): take none from an earlier test, leave none behind.
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         accelerator = Accelerator(cpu=True) if through_accelerate else None
         norm = training.gradient_norm(parameters[0], max_norm, accelerator)
     finally:
-        AcceleratorState._reset_state(True)
+        AcceleratorState._reset_state(reset_partial_state=True)
     reference = torch.nn.utils.clip_grad_norm_(parameters[1], max_norm or float("inf")).item()
     assert norm == pytest.approx(reference, rel=1e-6) and norm > 0.5
     for ours, theirs in zip(*parameters):
@@ -401,7 +402,7 @@ def test_a_mixed_precision_model_translates_on_the_fast_search_during_training()
 
     from modeling_seq2seq import Seq2SeqTransformerConfig, Seq2SeqTransformerForConditionalGeneration
 
-    AcceleratorState._reset_state(True)
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = accelerator.prepare(Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerConfig(**TINY_MODEL)))
     model = accelerator.unwrap_model(model).eval()
@@ -410,7 +411,7 @@ def test_a_mixed_precision_model_translates_on_the_fast_search_during_training()
     with accelerator.autocast(), training.without_mixed_precision_wrapper(model):
         assert not model.forward_calls_are_observed()
     assert vars(model)["forward"] is wrapper
-    AcceleratorState._reset_state(True)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_path, capsys, monkeypatch, caplog):
@@ -765,14 +766,14 @@ def test_a_run_chooses_its_device_afresh_after_a_cpu_only_accelerator(assets, tm
     from accelerate.state import AcceleratorState, PartialState
 
     monkeypatch.delenv("ACCELERATE_USE_CPU")
-    AcceleratorState._reset_state(True)
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         Accelerator(cpu=True)
         assert PartialState()._cpu  # the choice a run must not inherit
         assert training.main(run_args(assets, tmp_path / "run", max_steps=2, save_steps=0)) == 0
         assert not PartialState()._cpu
     finally:
-        AcceleratorState._reset_state(True)
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_unwritable_output_dir_fails_before_training(assets, tmp_path, capsys):
