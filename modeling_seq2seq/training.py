@@ -1011,17 +1011,18 @@ class Trainer:
         if config.keep_freed_memory:
             keep_freed_memory()
         tracker = _tracker_choice(config.report_to)
+        launched = int(os.environ.get("LOCAL_RANK", -1)) != -1  # one of several processes (accelerate, torchrun)
         # Launched as several processes without a GPU (`accelerate launch --multi_gpu` on a CPU machine):
         # Accelerate forms a gloo process group only when told to run on the CPU.
-        distributed_on_cpu = int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available()
+        distributed_on_cpu = launched and not torch.cuda.is_available()
         # Accelerate keeps one process-wide state and refuses a second run (a notebook, a test) with another
-        # mixed precision; forget the previous run's settings. Without a process group, forget the device too: an
-        # earlier `Accelerator(cpu=True)` (or a Trainer's `use_cpu`) would keep this run off the GPU.
+        # mixed precision; forget the previous run's settings. In a single process, forget the device too: an
+        # earlier `Accelerator(cpu=True)` (or a Trainer's `use_cpu`) would keep this run off the GPU. Launched
+        # processes keep their layout: re-forming a gloo group for a second run in them sometimes hung.
         from accelerate.state import AcceleratorState
 
-        AcceleratorState._reset_state(
-            reset_partial_state=not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        )
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        AcceleratorState._reset_state(reset_partial_state=not (launched or grouped))
         self.accelerator = Accelerator(
             cpu=distributed_on_cpu,
             mixed_precision=config.mixed_precision,

@@ -772,6 +772,7 @@ def test_a_run_chooses_its_device_afresh_after_a_cpu_only_accelerator(assets, tm
         assert PartialState()._cpu  # the choice a run must not inherit
         assert training.main(run_args(assets, tmp_path / "run", max_steps=2, save_steps=0)) == 0
         assert not PartialState()._cpu
+        assert PartialState().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 

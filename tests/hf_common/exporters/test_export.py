@@ -18,7 +18,8 @@
 # (a graph's program is `.program`; calling it takes the model's own inputs and returns the model's outputs), where
 # that commit's returned the backend's program itself: `exported_program.module()` became
 # `exported_program.program.module()`, and `_run_onnx_program` calls the `ExportedModel` instead of an
-# `ONNXProgram` (flattened inputs, names from `model_proto`).
+# `ONNXProgram` (flattened inputs, names from `model_proto`), and checks the graph's output names against the
+# names of what the call returns.
 
 import copy
 import inspect
@@ -345,7 +346,11 @@ def _clean_inputs_for_export(inputs_dict, config):
 def _run_onnx_program(onnx_program, inputs) -> dict:
     """Run an ONNX program and return outputs as a `{name: tensor}` dict."""
     set_seed(1234)
-    return get_leaf_tensors(onnx_program(**copy.deepcopy(inputs)))
+    outputs = get_leaf_tensors(onnx_program(**copy.deepcopy(inputs)))
+    # The call names its outputs from the structure recorded at export; the graph's own output names must agree.
+    graph_names = [value.name.removeprefix("output.") for value in onnx_program.program.graph.outputs]
+    assert graph_names == list(outputs), (graph_names, list(outputs))
+    return outputs
 
 
 def _onnx_optimize_enabled(model_class, dynamic: bool) -> bool:
