@@ -395,24 +395,32 @@ class IncrementalDecoder:
 
 
 class GreedyScreen:
-    """Greedy search's next token, exactly as from the float32 logits, reading the output projection in bfloat16.
+    """Greedy search's next token, exactly as from the float32 logits, reading a smaller copy of the output projection.
 
-    At one row the output projection is half of a base step's streamed bytes (76 of 164 MB), and oneDNN multiplies
-    a bfloat16 copy of it 2.6x faster (AVX-512 BF16; base, 6 rows: 1.06 against 2.76 ms). Its logits are only
-    approximate, so they only screen. With unit roundoff u = 2^-8 for the rounded h and W, and float32 accumulation
-    over d_model terms, the bfloat16 logit a_i and the float32 one differ by at most c1 |h| + c2 |a_i| (c1 includes
-    max_i |w_i| by Cauchy-Schwarz on sum_j |h_j w_ij|, and counts both products' accumulation; c2 the bfloat16
-    output). So, after the same token suppressions as the float32 path, only tokens within 2E of the best
-    approximate logit a_b can be the float32 argmax, E = (c1 |h| + c2 |a_b|)(1 + c2)/(1 - c2) (derived in
-    `__call__`): their logits are computed again in float32, and the first maximum among them is the token, as
-    `argmax` over all would pick (up to the last bit, in which float32 kernels differ).
-    At base with random weights that is one or two of the 37k rows. When more than `max_candidates` survive (or
-    the screen meets NaN), the full float32 product runs. Used for output projections of 2^22 weights or more, on
-    CPUs where oneDNN has bfloat16 kernels.
+    At one row the output projection is half of a base step's streamed bytes (76 of 164 MB). A bfloat16 copy is
+    multiplied 2.6x faster by oneDNN (AVX-512 BF16; base, 6 rows: 1.06 against 2.76 ms), and at 1 to 3 rows an
+    int8 copy with a scale per row, by torch's weight-only int8 kernel, faster again (base, 1 row, after a step
+    has streamed the layers: 1.4 against 2.1 ms). Either copy's logits are only approximate, so they only screen.
+    The approximate logit a_i and the float32 one differ by at most c1 |h| + c2 |a_i|: c1 bounds, by
+    Cauchy-Schwarz on each row, the copy's weight error, the input rounded to bfloat16 (unit roundoff u = 2^-8)
+    and float32 accumulation over d_model terms, both the copy's and that of the float32 product that decides;
+    c2 the bfloat16 output (`bfloat16_copy`, `int8_copy`). So, after the same token suppressions as the float32
+    path, only tokens within 2E of the best approximate logit a_b can be the float32 argmax,
+    E = (c1 |h| + c2 |a_b|)(1 + c2)/(1 - c2) (derived in `__call__`): their logits are computed again in float32,
+    and the first maximum among them is the token, as `argmax` over all would pick (up to the last bit, in which
+    float32 kernels differ). At base with random weights that is one to a few of the 37k rows. c1 is one number
+    for all rows, the largest of the rows' own bounds, except for up to `max_outliers` rows whose own bound is over
+    4x the median (a huge row, or in int8 one outlier weight that coarsens its row's scale): they are always
+    candidates instead of widening every row's bound. When more than `max_candidates` survive (or the screen meets
+    NaN), the full float32 product runs. Used for output projections of 2^22 weights or more, on CPUs where oneDNN
+    has bfloat16 kernels or torch's int8 kernel is AVX-512 code.
     """
 
     max_candidates = 1024
+    max_outliers = 64
     min_weights = 2**22
+    int8_rows = 3  # at 4 rows the int8 kernel is no faster than the bfloat16 one, at 5 and more it is 2x slower
+    u, fp32 = 2.0**-8, 2.0**-24
 
     @classmethod
     def for_decoder(cls, decoder):
@@ -420,52 +428,107 @@ class GreedyScreen:
         head, linear = decoder.model.lm_head, decoder.linear
         if decoder.script is None or linear.weights(head) is None or linear.pack is None:
             return None
-        if head.weight.numel() < cls.min_weights or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if head.weight.numel() < cls.min_weights:
+            return None
+        if not (torch.ops.mkldnn._is_mkldnn_bf16_supported() or cls.int8_kernel_fits(head)):
             return None
         return cls(decoder)
+
+    @classmethod
+    def int8_kernel_fits(cls, head) -> bool:
+        """Whether torch's int8 kernel runs as vector code for this projection (measured there only). It reads the
+        inner dimension 16 at a time: other widths would read past the rows."""
+        return hasattr(torch, "_weight_int8pack_mm") and torch.backends.cpu.get_cpu_capability() == "AVX512" \
+            and head.in_features % 16 == 0
 
     def __init__(self, decoder):
         head, linear = decoder.model.lm_head, decoder.linear
         self.decoder, self.kernel, self.weight, self.bias = decoder, linear.kernel, head.weight, head.bias
-
-        def bfloat16_copy(weight):  # the packed copy, and the largest 2-norm of a row (rounded up)
-            return linear.pack(weight.bfloat16(), 32), float(weight.double().norm(dim=1).max()) * (1 + 1e-6)
-
-        self.packed, self.max_row_norm = linear.kept_copy(head, ("bfloat16", id(head)), bfloat16_copy)
-        u, terms, fp32 = 2.0**-8, head.in_features, 2.0**-24
-        accumulation = 1.01 * (1 + u) ** 2 * terms * fp32 / (1 - terms * fp32)
-        # twice the float32 accumulation: the bfloat16 product's, and the float32 product's own error that decides
-        self.c1 = 1.001 * (2 * u + u * u + 2 * accumulation) * self.max_row_norm
-        self.c2 = 2 * u + 4 * fp32
+        self.bfloat16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.int8 = self.int8_kernel_fits(head)
+        terms = head.in_features + 2
+        self.accumulation = 1.01 * terms * self.fp32 / (1 - terms * self.fp32)  # gamma_n, Higham's bound
+        self.c2 = 2 * self.u + 4 * self.fp32
         self.padding = torch.zeros(PADDED_ROWS, head.in_features, dtype=torch.bfloat16)
+
+    def bounds(self, per_row: torch.Tensor):
+        """c1 and the rows that are always candidates, from each row's own c1 (float64)."""
+        outliers = per_row > 4 * per_row.median()
+        if int(outliers.sum()) > self.max_outliers:
+            outliers = torch.zeros_like(outliers)
+            outliers[per_row.topk(self.max_outliers).indices] = True
+        c1 = 1.001 * float(per_row[~outliers].max()) if not bool(outliers.all()) else 0.0
+        return c1, outliers.nonzero().flatten() if bool(outliers.any()) else None
+
+    def bfloat16_copy(self, weight):
+        """oneDNN's packed bfloat16 copy and its bounds: with h and W rounded, the product is off by at most
+        (2u + u^2) |h| |w_i| before accumulation."""
+        norms = torch.cat([rows.double().norm(dim=1) for rows in weight.split(4096)])  # float64 a slice at a time
+        per_row = (2 * self.u + self.u**2 + 2 * (1 + self.u) ** 2 * self.accumulation) * norms
+        return self.decoder.linear.pack(weight.bfloat16(), 32), *self.bounds(per_row)
+
+    def int8_copy(self, weight):
+        """int8 rows q_i with bfloat16 scales s_i (rounded up, so that |q_i| <= 127) and bounds: with the weight error
+        e_i = w_i - s_i q_i computed exactly (in float64), the product of the rounded h is off by at most
+        u |h| |w_i| + (1 + u) |h| (|e_i| + gamma |s_i q_i|), and the float32 one by gamma |h| |w_i|. The kernel
+        multiplies q by s in float32 without rounding (8 and 7 significant bits) and accumulates in float32."""
+        quantized, scales, per_row = [], [], []
+        for rows in weight.split(4096):  # float64 a slice at a time
+            exact = rows.double()
+            largest = exact.abs().amax(dim=1)
+            scale = (torch.where(largest > 0, largest / 127, 1.0).clamp_min(2.0**-100) * (1 + 2.0**-7)).bfloat16()
+            rounded = torch.round(exact / scale.double()[:, None])
+            dequantized = scale.double()[:, None] * rounded
+            error = (exact - dequantized).norm(dim=1)
+            per_row.append((self.u + self.accumulation) * exact.norm(dim=1)
+                           + (1 + self.u) * (error + self.accumulation * dequantized.norm(dim=1)))
+            quantized.append(rounded.to(torch.int8))
+            scales.append(scale)
+        return torch.cat(quantized), torch.cat(scales), *self.bounds(torch.cat(per_row))
+
+    def approximate_logits(self, hidden: torch.Tensor):
+        """The screening logits of `hidden`'s rows, c1 and the rows that are always candidates (or None); None where
+        neither copy serves."""
+        rows, linear, head = hidden.shape[0], self.decoder.linear, self.decoder.model.lm_head
+        if self.int8 and rows <= self.int8_rows:
+            quantized, scales, c1, outliers = linear.kept_copy(head, ("int8", id(head)), self.int8_copy)
+            return torch._weight_int8pack_mm(hidden.bfloat16(), quantized, scales).float(), c1, outliers
+        if not self.bfloat16:
+            return None
+        packed, c1, outliers = linear.kept_copy(head, ("bfloat16", id(head)), self.bfloat16_copy)
+        if rows < PADDED_ROWS:
+            self.padding[:rows].copy_(hidden)
+            x = self.padding
+        else:
+            x = hidden.bfloat16()
+        return self.kernel(x, packed, None, "none", [], "")[:rows].float(), c1, outliers
 
     def __call__(self, tokens: torch.Tensor, step: int, settings: dict) -> torch.Tensor:
         # Each operation here costs ~25 us, whatever its size: the step has just streamed the weights through every
         # cache, code included. Hence few of them, and the per-row bounds in Python floats.
         hidden = self.decoder.step(tokens, project=False)
         rows = hidden.shape[0]
-        if rows < PADDED_ROWS:
-            self.padding[:rows].copy_(hidden)
-            x = self.padding
-        else:
-            x = hidden.bfloat16()
-        approximate = self.kernel(x, self.packed, None, "none", [], "")[:rows].float()
-        if self.bias is not None:
-            approximate += self.bias
-        approximate = suppress_tokens(approximate, step, settings)
-        # The best b and the float32 argmax t differ from their approximations by e_b = c1 |h| + c2 |a_b| and
-        # e_t <= c1 |h| + c2 (|a_b| + e_b + e_t), as a_b - e_b - e_t <= a_t <= a_b: so both by at most
-        # E = e_b (1 + c2) / (1 - c2), and t is among the tokens within 2E of a_b.
-        widen = (1 + self.c2) / (1 - self.c2)
-        thresholds = [best - 2 * widen * (self.c1 * norm + self.c2 * abs(best))
-                      for best, norm in zip(approximate.amax(dim=1).tolist(), hidden.norm(dim=1).tolist())]
-        if rows == 1:
-            candidates = approximate[0] >= thresholds[0]
-            columns = candidates.nonzero().flatten()
-        else:
-            candidates = approximate >= torch.tensor(thresholds)[:, None]
-            columns = candidates.any(dim=0).nonzero().flatten()
-        if not 0 < columns.numel() <= self.max_candidates:  # none: NaN or infinity met; too many: no gain
+        screened = self.approximate_logits(hidden)
+        if screened is not None:
+            approximate, c1, outliers = screened
+            if self.bias is not None:
+                approximate += self.bias
+            approximate = suppress_tokens(approximate, step, settings)
+            if outliers is not None:  # candidates unless suppressed; b below must be a row that c1 bounds
+                unsuppressed = approximate[:, outliers] > -math.inf
+                approximate[:, outliers] = -math.inf
+            # The best b and the float32 argmax t differ from their approximations by e_b = c1 |h| + c2 |a_b| and
+            # e_t <= c1 |h| + c2 (|a_b| + e_b + e_t), as a_b - e_b - e_t <= a_t <= a_b: so both by at most
+            # E = e_b (1 + c2) / (1 - c2), and t is among the tokens within 2E of a_b.
+            widen = (1 + self.c2) / (1 - self.c2)
+            thresholds = [best - 2 * widen * (c1 * norm + self.c2 * abs(best))
+                          for best, norm in zip(approximate.amax(dim=1).tolist(), hidden.norm(dim=1).tolist())]
+            candidates = approximate[0] >= thresholds[0] if rows == 1 else approximate >= torch.tensor(thresholds)[:, None]
+            if outliers is not None:
+                candidates[..., outliers] = unsuppressed[0] if rows == 1 else unsuppressed
+            columns = (candidates if rows == 1 else candidates.any(dim=0)).nonzero().flatten()
+        finite = screened is not None and all(map(math.isfinite, thresholds))
+        if not finite or not 0 < columns.numel() <= self.max_candidates:  # NaN or infinity met; no gain
             return suppress_tokens(self.decoder.linear(self.decoder.model.lm_head, hidden).float(), step,
                                    settings).argmax(dim=-1)
         exact = F.linear(hidden, self.weight[columns], None if self.bias is None else self.bias[columns])

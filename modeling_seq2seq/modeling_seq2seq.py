@@ -293,7 +293,8 @@ class SinusoidalPositionalEncoding(nn.Module):
         end = past_length + length
         if self.table is None or self.table.shape[0] < end or self.table.device != device:
             size = max(self.max_positions, 1 << (end - 1).bit_length(), 0 if self.table is None else self.table.shape[0])
-            self.table = self.compute(torch.arange(size, dtype=torch.float64)).to(device)
+            with torch.inference_mode(False):  # made inside `generate`'s inference mode, it must serve training too
+                self.table = self.compute(torch.arange(size, dtype=torch.float64)).to(device)
         return self.table[past_length:end]
 
 
@@ -1001,15 +1002,18 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         # Imported here: the decode loop is built from this file's attention and feed-forward.
         from .decoding_seq2seq import IncrementalDecoder, StaticIncrementalDecoder, beam_search, graph_safe, greedy_search
 
-        with torch.no_grad():
+        # On a CPU in inference mode, which spares each of a step's ~200 operations autograd's bookkeeping (base,
+        # batch 1: 1.06 to 1.08x faster); the tokens come back as a normal tensor, which callers may edit in place.
+        on_cpu = input_ids.device.type == "cpu"
+        with torch.inference_mode() if on_cpu else torch.no_grad():
             if self.decode_with_cuda_graphs and graph_safe(self):
                 decoder = StaticIncrementalDecoder(self, input_ids, attention_mask, settings["num_beams"],
                                                    settings["max_new_tokens"], use_graph=True)
             else:
                 decoder = IncrementalDecoder(self, input_ids, attention_mask, settings["num_beams"])
-            if settings["num_beams"] == 1:
-                return greedy_search(decoder, input_ids.shape[0], settings)
-            return beam_search(decoder, input_ids.shape[0], settings)
+            search = greedy_search if settings["num_beams"] == 1 else beam_search
+            sequences = search(decoder, input_ids.shape[0], settings)
+        return sequences.clone() if on_cpu else sequences
 
     FAST_SEARCH_FIELDS = {
         "num_beams", "length_penalty", "early_stopping", "do_sample", "num_return_sequences", "use_cache",

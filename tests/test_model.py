@@ -1,6 +1,7 @@
 """The core model: parity with transformers' MarianMTModel, the paper's properties, and transformers plumbing."""
 
 import copy
+import itertools
 import math
 import pickle
 import warnings
@@ -542,6 +543,21 @@ def test_cross_attention_keys_are_computed_once_per_generate_call():
     source, mask = padded_batch()
     model.generate(source, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, num_beams=1)
     assert len(calls) == model.config.decoder_layers
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_generate_leaves_no_inference_tensors_behind(num_beams):
+    """The CPU search runs in inference mode; what outlives it is normal: the tokens (edited in place here), and the
+    positional table that the first `generate` of a fresh model builds, which training then uses."""
+    model = make_model()
+    source, mask = padded_batch()
+    assert model.model.decoder.embed_positions.table is None
+    ids = model.generate(source, attention_mask=mask, num_beams=num_beams, max_new_tokens=5)
+    assert not ids.is_inference() and not model.model.decoder.embed_positions.table.is_inference()
+    ids[ids == model.config.pad_token_id] = -100
+    model.train()
+    model(input_ids=source, attention_mask=mask, labels=ids).loss.backward()
+    assert model.model.shared.weight.grad is not None
 
 
 @pytest.mark.parametrize("settings", [dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)])
@@ -1167,10 +1183,35 @@ def test_greedy_screen_gives_transformers_tokens(seed, monkeypatch):
     assert sum(module is model.lm_head for module in fallbacks) <= len(calls) // 4
 
 
-@needs_bfloat16_kernels
-def test_greedy_screen_decides_near_ties_in_float32():
-    """Pairs of output rows closer than bfloat16 can resolve, each made the favourite of one hidden state by its
-    bias: bfloat16 logits rank some pairs the other way round than float32 does (checked: the test is only
+SCREEN_COPIES = ["int8", "bfloat16"]
+
+
+def screen_for(model, copy, monkeypatch):
+    """A screen that reads the output projection's `copy` for one row, over a stand-in for `IncrementalDecoder` whose
+    step returns `hidden` rows in turn; skips where this CPU has no kernel for it."""
+    if copy == "int8" and not GreedyScreen.int8_kernel_fits(model.lm_head):
+        pytest.skip("torch's int8 kernel is not AVX-512 code on this CPU")
+    if copy == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
+    monkeypatch.setattr(GreedyScreen, "int8_rows", 3 if copy == "int8" else 0)
+
+    class Decoder:  # what the screen asks of IncrementalDecoder
+        def __init__(self):
+            self.model, self.linear = model, DecodeStepLinear(model, torch.device("cpu"), torch.float32)
+            self.script, self.hidden = object(), None
+
+        def step(self, tokens, project=True):
+            return self.hidden
+
+    screen = GreedyScreen.for_decoder(Decoder())
+    assert screen is not None
+    return screen
+
+
+@pytest.mark.parametrize("copy", SCREEN_COPIES)
+def test_greedy_screen_decides_near_ties_in_float32(copy, monkeypatch):
+    """Pairs of output rows closer than the screen's copy can resolve, each made the favourite of one hidden state by
+    its bias: the copy's logits rank some pairs the other way round than float32 does (checked: the test is only
     meaningful if they do), yet the screen returns the float32 argmax (its first maximum on exact ties), under every
     token suppression, and also when the full product runs (`max_candidates` 0)."""
     model = screened_model()
@@ -1183,28 +1224,22 @@ def test_greedy_screen_decides_near_ties_in_float32():
         weight[7000] = weight[first[0]]  # an exact tie with the first pair's first row: the lower index wins
         hidden = torch.randn(pairs, 512, generator=generator)
         exact = torch.nn.functional.linear(hidden, weight)
-        rounded = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
+        screen = screen_for(model, copy, monkeypatch)
+        if copy == "int8":
+            quantized, scales, *_ = screen.int8_copy(weight)
+            rounded = hidden.bfloat16().double() @ (scales.double()[:, None] * quantized.double()).T
+        else:
+            rounded = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
     k = torch.arange(pairs)
     exact_order = exact[k, first] > exact[k, first + 1]
     rounded_order = rounded[k, first] > rounded[k, first + 1]
     reversed_strictly = (exact_order != rounded_order) & (rounded[k, first] != rounded[k, first + 1])
     assert int(reversed_strictly.sum()) >= 3
 
-    class Decoder:  # what the screen asks of IncrementalDecoder
-        def __init__(self):
-            self.model, self.linear = model, DecodeStepLinear(model, torch.device("cpu"), torch.float32)
-            self.script, self.row = object(), 0
-
-        def step(self, tokens, project=True):
-            return hidden[self.row : self.row + 1]
-
-    decoder = Decoder()
-    screen = GreedyScreen.for_decoder(decoder)
-    assert screen is not None
     plain = dict(banned=[], min_new_tokens=0, eos=[2], forced_eos=None, max_new_tokens=50)
     original_bias = bias.detach().clone()
     for row in range(pairs):
-        decoder.row = row
+        screen.decoder.hidden = hidden[row : row + 1]
         with torch.no_grad():
             bias.copy_(original_bias)
             bias[torch.tensor([int(first[row]), int(first[row]) + 1, 7000])] = 20.0
@@ -1215,6 +1250,54 @@ def test_greedy_screen_decides_near_ties_in_float32():
             for limit in (1024, 0):
                 screen.max_candidates = limit
                 assert torch.equal(screen(torch.zeros(1, dtype=torch.long), 3, settings), expected), (row, settings)
+    assert {key[0] for key in model._packed_decode_weights if isinstance(key, tuple)} == {copy}
+
+
+@pytest.mark.parametrize("copy", SCREEN_COPIES)
+def test_greedy_screen_bound_holds_against_float64(copy, monkeypatch):
+    """The screen's error bound, c1 |h| + c2 |a_i|, covers the distance of every approximate logit to the float64
+    product, for rows of the weight that quantize badly (all zero, tiny) and hidden states of very different sizes,
+    and stays tight enough to screen: it leaves few candidates, even for random hidden states, which favour no row.
+    Rows it cannot bound tightly (a huge row; in int8, a row with one outlier weight) are always candidates
+    instead of widening c1."""
+    model = screened_model()
+    with torch.no_grad():
+        weight = model.lm_head.weight
+        weight[5, 0] = 1.0  # one outlier weight: its row's int8 scale is ~7x the others'
+        weight[6] = 0.0
+        weight[7] *= 1e-30
+        weight[8] *= 1e4
+    screen = screen_for(model, copy, monkeypatch)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 512, generator=generator) * torch.tensor([[1.0], [1e-3], [50.0]])
+    exact = hidden.double() @ weight.detach().double().T
+    for row in range(3):
+        approximate, c1, outliers = screen.approximate_logits(hidden[row : row + 1])
+        assert set(outliers.tolist()) == ({5, 8} if copy == "int8" else {8})
+        bounded = torch.ones(8192, dtype=torch.bool)
+        bounded[outliers] = False
+        error = (approximate[0].double() - exact[row])[bounded].abs()
+        bound = c1 * float(hidden[row].norm()) + screen.c2 * approximate[0, bounded].double().abs()
+        assert bool((error <= bound).all()), row
+        best = exact[row, bounded].max()
+        assert int((exact[row, bounded] >= best - 2 * bound.max()).sum()) <= 64
+
+    # An outlier row that wins or loses by a hair, or is banned: the screen still returns float32's token.
+    plain = dict(banned=[], min_new_tokens=0, eos=[2], forced_eos=None, max_new_tokens=50)
+    bias = model.lm_head.bias
+    for row, outlier, margin, banned in itertools.product(range(3), outliers.tolist(), (1e-3, -1e-3), ([], [5, 8])):
+        screen.decoder.hidden = hidden[row : row + 1]
+        with torch.no_grad():
+            bias.zero_()
+            rivals = torch.nn.functional.linear(hidden[row : row + 1], weight)[0]
+            own = float(rivals[outlier])
+            rivals[outlier] = -math.inf
+            bias[outlier] = float(rivals.max()) - own + margin * float(hidden[row].norm())
+            logits = torch.nn.functional.linear(hidden[row : row + 1], weight, bias)
+        settings = dict(plain, banned=banned)
+        expected = suppress_tokens(logits.clone(), 3, settings).argmax(dim=-1)
+        assert (int(expected) == outlier) == (margin > 0 and not banned)
+        assert torch.equal(screen(torch.zeros(1, dtype=torch.long), 3, settings), expected), (row, outlier, margin)
 
 
 def test_greedy_screen_is_left_out_where_it_does_not_pay_off():
