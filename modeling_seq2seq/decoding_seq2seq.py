@@ -401,19 +401,19 @@ class GreedyScreen:
     multiplied 2.6x faster by oneDNN (AVX-512 BF16; base, 6 rows: 1.06 against 2.76 ms), and at 1 to 3 rows an
     int8 copy with a scale per row, by torch's weight-only int8 kernel, faster again (base, 1 row, after a step
     has streamed the layers: 1.4 against 2.1 ms). Either copy's logits are only approximate, so they only screen.
-    The approximate logit a_i and the float32 one differ by at most c1 |h| + c2 |a_i|: c1 bounds, by
+    The approximate logit a_i and the float32 one differ by at most c1 |h| + c2 (|a_i| + B): c1 bounds, by
     Cauchy-Schwarz on each row, the copy's weight error, the input rounded to bfloat16 (unit roundoff u = 2^-8)
     and float32 accumulation over d_model terms, both the copy's and that of the float32 product that decides;
-    c2 the bfloat16 output (`bfloat16_copy`, `int8_copy`). So, after the same token suppressions as the float32
-    path, only tokens within 2E of the best approximate logit a_b can be the float32 argmax,
-    E = (c1 |h| + c2 |a_b|)(1 + c2)/(1 - c2) (derived in `__call__`): their logits are computed again in float32,
-    and the first maximum among them is the token, as `argmax` over all would pick (up to the last bit, in which
-    float32 kernels differ). At base with random weights that is one to a few of the 37k rows. c1 is one number
-    for all rows, the largest of the rows' own bounds, except for up to `max_outliers` rows whose own bound is over
-    4x the median (a huge row, or in int8 one outlier weight that coarsens its row's scale): they are always
-    candidates instead of widening every row's bound. When more than `max_candidates` survive (or the screen meets
-    NaN), the full float32 product runs. Used for output projections of 2^22 weights or more, on CPUs where oneDNN
-    has bfloat16 kernels or torch's int8 kernel is AVX-512 code.
+    c2 the bfloat16 output, rounded before the bias is added (B the largest |bias|; `bfloat16_copy`, `int8_copy`).
+    So, after the same token suppressions as the float32 path, only tokens within 2E of the best approximate logit
+    a_b can be the float32 argmax, E = (c1 |h| + c2 (|a_b| + B))(1 + c2)/(1 - c2) (derived in `__call__`): their
+    logits are computed again in float32, and the first maximum among them is the token, as `argmax` over all would
+    pick (up to the last bit, in which float32 kernels differ). At base with random weights that is one to a few of
+    the 37k rows. c1 is one number for all rows, the largest of the rows' own bounds, except for up to
+    `max_outliers` rows whose own bound is over 4x the median (a huge row, or in int8 one outlier weight that
+    coarsens its row's scale): they are always candidates instead of widening every row's bound. When more than
+    `max_candidates` survive (or the screen meets NaN), the full float32 product runs. Used for output projections
+    of 2^22 weights or more, on CPUs where oneDNN has bfloat16 kernels or torch's int8 kernel is AVX-512 code.
     """
 
     max_candidates = 1024
@@ -430,9 +430,8 @@ class GreedyScreen:
             return None
         if head.weight.numel() < cls.min_weights:
             return None
-        if not (torch.ops.mkldnn._is_mkldnn_bf16_supported() or cls.int8_kernel_fits(head)):
-            return None
-        return cls(decoder)
+        screen = cls(decoder)
+        return screen if screen.bfloat16 or screen.int8 else None
 
     @classmethod
     def int8_kernel_fits(cls, head) -> bool:
@@ -449,6 +448,9 @@ class GreedyScreen:
         terms = head.in_features + 2
         self.accumulation = 1.01 * terms * self.fp32 / (1 - terms * self.fp32)  # gamma_n, Higham's bound
         self.c2 = 2 * self.u + 4 * self.fp32
+        # The copy's logits are rounded to bfloat16 before the bias is added: c2 bounds that rounding relative to
+        # |a_i| + this, as a bias may cancel the product.
+        self.largest_bias = 0.0 if head.bias is None else float(head.bias.detach().abs().max())
         self.padding = torch.zeros(PADDED_ROWS, head.in_features, dtype=torch.bfloat16)
 
     def bounds(self, per_row: torch.Tensor):
@@ -514,19 +516,20 @@ class GreedyScreen:
             if self.bias is not None:
                 approximate += self.bias
             approximate = suppress_tokens(approximate, step, settings)
-            if outliers is not None:  # candidates unless suppressed; b below must be a row that c1 bounds
-                unsuppressed = approximate[:, outliers] > -math.inf
+            if outliers is not None:  # candidates unless suppressed (NaN included); b below must be a row c1 bounds
+                unsuppressed = approximate[:, outliers] != -math.inf
                 approximate[:, outliers] = -math.inf
-            # The best b and the float32 argmax t differ from their approximations by e_b = c1 |h| + c2 |a_b| and
-            # e_t <= c1 |h| + c2 (|a_b| + e_b + e_t), as a_b - e_b - e_t <= a_t <= a_b: so both by at most
-            # E = e_b (1 + c2) / (1 - c2), and t is among the tokens within 2E of a_b.
+            # The best b and the float32 argmax t differ from their approximations by e_b = c1 |h| + c2 (|a_b| + B)
+            # (B the largest |bias|) and e_t <= c1 |h| + c2 (|a_b| + e_b + e_t + B), as a_b - e_b - e_t <= a_t <= a_b:
+            # so both by at most E = e_b (1 + c2) / (1 - c2), and t is among the tokens within 2E of a_b.
             widen = (1 + self.c2) / (1 - self.c2)
-            thresholds = [best - 2 * widen * (c1 * norm + self.c2 * abs(best))
-                          for best, norm in zip(approximate.amax(dim=1).tolist(), hidden.norm(dim=1).tolist())]
-            candidates = approximate[0] >= thresholds[0] if rows == 1 else approximate >= torch.tensor(thresholds)[:, None]
+            norms = torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float64).tolist()  # float32 may underflow
+            thresholds = [best - 2 * widen * (c1 * norm + self.c2 * (abs(best) + self.largest_bias))
+                          for best, norm in zip(approximate.amax(dim=1).tolist(), norms)]
+            candidates = approximate >= (thresholds[0] if rows == 1 else torch.tensor(thresholds)[:, None])
             if outliers is not None:
-                candidates[..., outliers] = unsuppressed[0] if rows == 1 else unsuppressed
-            columns = (candidates if rows == 1 else candidates.any(dim=0)).nonzero().flatten()
+                candidates[:, outliers] = unsuppressed
+            columns = (candidates[0] if rows == 1 else candidates.any(dim=0)).nonzero().flatten()
         finite = screened is not None and all(map(math.isfinite, thresholds))
         if not finite or not 0 < columns.numel() <= self.max_candidates:  # NaN or infinity met; no gain
             return suppress_tokens(self.decoder.linear(self.decoder.model.lm_head, hidden).float(), step,
