@@ -38,8 +38,8 @@ repeats:
   decode loop's matrix products are also timed alone, in the same alternation (`decoder_products_ours`; on a CPU
   only: a GPU replays the recorded step, and products launched one by one would time the launches); ours'
   record holds that as `decoder_products_seconds`, and the table gives the step time both ways. (Greedy search
-  reads the output projection in bfloat16 and checks its few candidates in float32, `GreedyScreen`: its step can
-  take less than these float32 products.)
+  reads a bfloat16 or int8 copy of the output projection and checks its few candidates in float32, `GreedyScreen`:
+  its step can take less than these float32 products.)
 - `translate_file`: `scripts/translate.py`'s code path (`training.translate_texts`: sort by length, batches of 64,
   beam 4, restore the order) vs. a plain loop over `MarianMTModel.generate` one sentence at a time in file order,
   on sentences of mixed length, both through the same tokenizer. An untrained model never ends a sentence, and
