@@ -1247,6 +1247,7 @@ def test_greedy_screen_decides_near_ties_in_float32(copy, monkeypatch):
         with torch.no_grad():
             bias.copy_(original_bias)
             bias[torch.tensor([int(first[row]), int(first[row]) + 1, 7000])] = 20.0
+        screen.largest_bias = float(bias.detach().abs().max())  # as a new search would find it
         logits = torch.nn.functional.linear(hidden[row : row + 1], weight, bias)
         for settings in (plain, dict(plain, banned=[int(first[row])]), dict(plain, min_new_tokens=9),
                          dict(plain, forced_eos=2, max_new_tokens=4)):
