@@ -44,7 +44,9 @@ repeats:
   beam 4, restore the order) vs. a plain loop over `MarianMTModel.generate` one sentence at a time in file order,
   on sentences of mixed length, both through the same tokenizer. An untrained model never ends a sentence, and
   translate.py's length rule (longest in batch + 50) would make outputs depend on the batch, so both models'
-  generation configs pin 32 new tokens (`min_new_tokens = max_new_tokens`). Outputs are compared per sentence.
+  generation configs pin 32 new tokens (`min_new_tokens = max_new_tokens`). With CTranslate2, also its own batching
+  (`translate_batch` over the whole file, `max_batch_size` 64, within which it sorts by length too; decoding length
+  pinned likewise). Each implementation's outputs are compared with Marian's per sentence (`output_check`).
 
 On Linux the process keeps freed memory for reuse, as our training loop does (`training.keep_freed_memory`); it
 applies to every implementation alike.
@@ -581,6 +583,21 @@ def translate_file_marian_loop(model, tokenizer, texts: list[str], num_beams: in
     return outputs
 
 
+def translate_file_ctranslate2(translator, tokenizer, texts: list[str], start_token_id: int,
+                               num_beams: int = 4) -> list[str]:
+    """CTranslate2 on the whole file at once: `max_batch_size` as translate.py's batches, within which it sorts by
+    length; the texts go through the same tokenizer, as subword tokens (with the source's end-of-sentence). Its
+    hypotheses lack the decoder start token that `generate`'s outputs begin with: it is put back before decoding,
+    where the benchmark's tokenizer keeps it as a word."""
+    source = [tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids) for text in texts]
+    results = translator.translate_batch(
+        source, beam_size=num_beams, length_penalty=LENGTH_PENALTY, min_decoding_length=DECODE_NEW_TOKENS,
+        max_decoding_length=DECODE_NEW_TOKENS, max_batch_size=TRANSLATE_BATCH_SIZE, return_scores=False,
+    )
+    return [tokenizer.decode([start_token_id, *tokenizer.convert_tokens_to_ids(result.hypotheses[0])],
+                             skip_special_tokens=True).strip() for result in results]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Peak memory
 # ----------------------------------------------------------------------------------------------------------
@@ -993,7 +1010,7 @@ def run_length_mix(run: Run, preset: str, plan: dict, steps: dict, pad_token_id:
                 padded_batch_size=None if "token" in name else batch_size)
 
 
-def run_translate_file(run: Run, preset: str, plan: dict, ours, marian) -> None:
+def run_translate_file(run: Run, preset: str, plan: dict, ours, marian, translator=None) -> None:
     from .export import synthetic_tokenizer, synthetic_token
 
     settings, device = run.settings, run.settings.device
@@ -1010,21 +1027,27 @@ def run_translate_file(run: Run, preset: str, plan: dict, ours, marian) -> None:
         "ours": lambda: translate_file_ours(ours, tokenizer, texts),
         "marian": lambda: translate_file_marian_loop(marian, tokenizer, texts),
     }
+    if translator is not None:
+        calls["ctranslate2"] = lambda: translate_file_ctranslate2(translator, tokenizer, texts,
+                                                                  config.decoder_start_token_id)
     # No separate warm-up: the decode phase has warmed both models up. The outputs of the first timed pass are
     # the ones compared.
     outputs: dict = {}
     with pinned_length([ours, marian], DECODE_NEW_TOKENS):
         run.log(f"{preset} translate file: {count} sentences, timing x{plan['file']}")
         times = alternate(calls, plan["file"], device, first_outputs=outputs)
-    same = sum(a == b for a, b in zip(outputs["ours"], outputs["marian"]))
     tokens = count * DECODE_NEW_TOKENS
-    check = {"match": same == count, "sentences": count, "same_sentences": same}
+    methods = {
+        "ours": f"training.translate_texts (scripts/translate.py), batch {TRANSLATE_BATCH_SIZE}, sorted by length",
+        "marian": "MarianMTModel.generate, one sentence at a time, file order",
+        "ctranslate2": f"Translator.translate_batch over the file, max_batch_size {TRANSLATE_BATCH_SIZE} (sorted by length)",
+    }
     for name in calls:
+        same = sum(a == b for a, b in zip(outputs[name], outputs["marian"]))
+        check = {"match": same == count, "sentences": count, "same_sentences": same, "reference": name == "marian"}
         run.add(name, preset, "translate_file", f"{count} sentences", times[name], tokens, num_beams=4,
                 new_tokens_per_sentence=DECODE_NEW_TOKENS, source_tokens=int(source_lengths.sum()),
-                method="training.translate_texts (scripts/translate.py), batch 64, sorted by length"
-                if name == "ours" else "MarianMTModel.generate, one sentence at a time, file order",
-                output_check=check)
+                method=methods[name], output_check=check)
 
 
 def run_memory(run: Run) -> None:
@@ -1063,7 +1086,7 @@ def run_decoding_phases(run: Run, preset: str, phases: set[str]) -> None:
     tokenizer = synthetic_tokenizer(config.vocab_size, config.pad_token_id, config.bos_token_id, config.eos_token_id)
     translator = None
     with tempfile.TemporaryDirectory(prefix="bench-ct2-") as workdir:
-        if use_ct2 and "decode" in phases:
+        if use_ct2 and phases & {"decode", "translate_file"}:
             run.log(f"{preset}: converting to CTranslate2")
             with run.guard(f"{preset}: CTranslate2 model on {settings.device}"):
                 translator = make_translator(marian, tokenizer, settings, os.path.join(workdir, preset))
@@ -1080,7 +1103,7 @@ def run_decoding_phases(run: Run, preset: str, phases: set[str]) -> None:
                 run_decode(run, preset, plan, ours, marian, translator, tokenizer, float32_checks)
         if "translate_file" in phases:
             with run.guard(f"{preset} translate file"):
-                run_translate_file(run, preset, plan, ours, marian)
+                run_translate_file(run, preset, plan, ours, marian, translator)
         if translator is not None:
             translator.close()
 
@@ -1340,12 +1363,14 @@ def result_rows(result: dict) -> list[list[str]]:
             rows.append([phase.replace("_", " "), preset, f"batch {r['batch']} x {DECODE_NEW_TOKENS} new tok", _rate(ours),
                          _rate(marian), _rate(ct2), _ratio(ours, marian), _ratio(ours, ct2), note])
         elif phase == "translate_file":
-            ours, marian = group.get("ours"), group.get("marian")
+            ours, marian, ct2 = group.get("ours"), group.get("marian"), group.get("ctranslate2")
             check = (ours or marian)["output_check"]
-            note = (f"same outputs {check['same_sentences']}/{check['sentences']} sentences; ours: translate.py path "
-                    f"(sorted, batch {TRANSLATE_BATCH_SIZE}); Marian: generate per sentence in file order")
+            same = "; ".join(f"{label} = Marian in {r['output_check']['same_sentences']}/{check['sentences']} sentences"
+                             for label, r in (("ours", ours), ("CT2", ct2)) if r)
+            note = (f"{same}; ours: translate.py path (sorted, batch {TRANSLATE_BATCH_SIZE}); Marian: generate per "
+                    f"sentence in file order" + (f"; CT2: translate_batch, max_batch_size {TRANSLATE_BATCH_SIZE}" if ct2 else ""))
             rows.append(["translate file, beam 4", preset, f"{check['sentences']} sentences x {DECODE_NEW_TOKENS} tok",
-                         _rate(ours), _rate(marian), "-", _ratio(ours, marian), "-", note])
+                         _rate(ours), _rate(marian), _rate(ct2), _ratio(ours, marian), _ratio(ours, ct2), note])
     return rows
 
 
