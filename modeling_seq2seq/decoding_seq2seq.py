@@ -766,9 +766,13 @@ def beam_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torc
     results, results_lengths = finished.clone(), finished_lengths.clone()
     active, any_dropped = torch.arange(batch, device=device), False
     for step in range(max_new):
-        log_probs = suppress_tokens(F.log_softmax(decoder.step(running[:, :, step].flatten()), dim=-1), step, settings)
+        logits = decoder.step(running[:, :, step].flatten())
+        # In place where the scripted step made the logits (a hook on the output projection could hold them otherwise):
+        # at many rows they fill much of the last-level cache, and a new buffer would evict them. Same values.
+        log_probs = torch.log_softmax(logits, dim=-1, out=logits) if decoder.script is not None else logits.log_softmax(-1)
+        log_probs = suppress_tokens(log_probs, step, settings)
         vocab = log_probs.shape[-1]
-        scores = (log_probs.view(-1, beams, vocab) + running_scores[:, :, None]).flatten(1)
+        scores = log_probs.view(-1, beams, vocab).add_(running_scores[:, :, None]).flatten(1)
         top_scores, top_indices = torch.topk(scores, candidates_kept)
         parents, tokens = top_indices // vocab, top_indices % vocab
         top_sequences = gather(running, parents)

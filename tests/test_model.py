@@ -535,6 +535,18 @@ def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate
     assert_fast_generate_equals_transformers_generate(model, source, mask)
 
 
+def test_beam_search_leaves_the_logits_a_hook_keeps_alone():
+    """Beam search takes the log-softmax of the scripted step's logits in place; logits that a hook on the output
+    projection has seen (the step then runs module by module) stay as the hook saw them."""
+    model = make_model()
+    source, mask = padded_batch()
+    kept = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: kept.append((inputs[0], output, output.clone())))
+    model.generate(source, attention_mask=mask, num_beams=4, max_new_tokens=5)
+    assert len(kept) == 5 and all(hidden.dim() == 2 for hidden, _, _ in kept)  # our search's (rows, d_model) steps
+    assert all(torch.equal(output, copy) for _, output, copy in kept)
+
+
 def test_cross_attention_keys_are_computed_once_per_generate_call():
     model = make_model()
     calls = []
