@@ -1199,7 +1199,8 @@ def screened_model(seed=0):
 def test_greedy_screen_gives_transformers_tokens(seed, copy, monkeypatch):
     """Greedy search through the screen returns what transformers' greedy search returns, with the token
     suppressions it handles; the screen, reading `copy`, was used and rarely had to fall back to the full product.
-    The int8 copy serves 1 to 3 rows, the bfloat16 one (here) any number."""
+    The int8 copy serves 1 to 3 rows, the bfloat16 one (here) any number. The copy is looked up (and checked against
+    the weight) once per search, not at every step; an edit of the weight between searches is seen."""
     model = screened_model(seed)
     skip_unless_screen_kernel(model, copy, monkeypatch)
     with torch.no_grad():
@@ -1215,11 +1216,18 @@ def test_greedy_screen_gives_transformers_tokens(seed, copy, monkeypatch):
     monkeypatch.setattr(GreedyScreen, "__call__", counting)
     monkeypatch.setattr(DecodeStepLinear, "__call__", lambda self, module, x, call=DecodeStepLinear.__call__:
                         fallbacks.append(module) or call(self, module, x))
-    for settings in (dict(), dict(min_new_tokens=5), dict(bad_words_ids=[[5], [7]], forced_eos_token_id=2)):
+    lookups, kept_copy = [], DecodeStepLinear.kept_copy
+    monkeypatch.setattr(DecodeStepLinear, "kept_copy", lambda self, module, key, make: (
+        lookups.append(key) if isinstance(key, tuple) else None) or kept_copy(self, module, key, make))
+    searches = (dict(), dict(min_new_tokens=5), dict(bad_words_ids=[[5], [7]], forced_eos_token_id=2), dict())
+    for number, settings in enumerate(searches):
+        if number == len(searches) - 1:
+            model.lm_head.weight.data[:, :7] *= -1  # through .data: the version counter does not see it
         settings.update(num_beams=1, max_new_tokens=10)
         reference = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
         assert torch.equal(model.generate(source, attention_mask=mask, **settings), reference), settings
     assert calls, "the screen did not run"
+    assert len(lookups) == len(searches) < len(calls)
     assert sum(module is model.lm_head for module in fallbacks) <= len(calls) // 4
     assert {key[0] for key in model._packed_decode_weights if isinstance(key, tuple)} == {copy}
 
