@@ -46,7 +46,9 @@ repeats:
   translate.py's length rule (longest in batch + 50) would make outputs depend on the batch, so both models'
   generation configs pin 32 new tokens (`min_new_tokens = max_new_tokens`). With CTranslate2, also its own batching
   (`translate_batch` over the whole file, `max_batch_size` 64, within which it sorts by length too; decoding length
-  pinned likewise). Each implementation's outputs are compared with Marian's per sentence (`output_check`).
+  pinned likewise). Each implementation's outputs are compared with Marian's per sentence (`output_check`). The
+  close pair, ours and CTranslate2, is timed three times (alternating, medians); Marian's loop, 7 to 19 times
+  slower, once at base (twice at tiny), in the first rounds.
 
 On Linux the process keeps freed memory for reuse, as our training loop does (`training.keep_freed_memory`); it
 applies to every implementation alike.
@@ -142,15 +144,18 @@ class BenchmarkSettings:
         """Repeat counts and workload sizes for one preset (chosen to keep the full CPU run near 10 minutes)."""
         large = preset != "tiny"
         if self.quick:
-            plan = dict(train=3, decode=2, length_mix=1, file=1, length_mix_sentences=64, file_sentences=24)
+            plan = dict(train=3, decode=2, length_mix=1, file=1, file_fast=1, length_mix_sentences=64, file_sentences=24)
         elif self.is_cuda:  # Marian's per-sentence loop takes ~0.3 s a sentence on a GPU: 32 sentences
-            plan = dict(train=10, decode=5, length_mix=3, file=1, length_mix_sentences=2048, file_sentences=32)
+            plan = dict(train=10, decode=5, length_mix=3, file=1, file_fast=3, length_mix_sentences=2048,
+                        file_sentences=32)
         elif large:
-            plan = dict(train=5, decode=5, length_mix=1, file=1, length_mix_sentences=192, file_sentences=32)
+            plan = dict(train=5, decode=5, length_mix=1, file=1, file_fast=3, length_mix_sentences=192, file_sentences=32)
         else:
-            plan = dict(train=7, decode=5, length_mix=3, file=2, length_mix_sentences=384, file_sentences=128)
+            plan = dict(train=7, decode=5, length_mix=3, file=2, file_fast=3, length_mix_sentences=384,
+                        file_sentences=128)
         if self.repeats is not None:
-            plan.update(train=self.repeats, decode=self.repeats, length_mix=self.repeats, file=self.repeats)
+            plan.update(train=self.repeats, decode=self.repeats, length_mix=self.repeats, file=self.repeats,
+                        file_fast=self.repeats)
         if self.length_mix_sentences is not None:
             plan["length_mix_sentences"] = self.length_mix_sentences
         if self.file_sentences is not None:
@@ -226,16 +231,20 @@ def timed(function: Callable[[], object], device: str, outputs: list | None = No
     return elapsed
 
 
-def alternate(calls: dict[str, Callable[[], object]], repeats: int, device: str,
+def alternate(calls: dict[str, Callable[[], object]], repeats: int | dict[str, int], device: str,
               first_outputs: dict | None = None) -> dict[str, list[float]]:
-    """Time each call `repeats` times, interleaved (A B C, C B A, A B C, ...) so that drift hits all alike.
+    """Time each call `repeats` times (or `repeats[name]` times), interleaved (A B C, C B A, A B C, ...) so that drift
+    hits all alike; a call whose repeats are done drops out of the later rounds.
 
     With `first_outputs` (a dict), each call's result of the first repeat is stored in it under the call's name.
     """
+    counts = repeats if isinstance(repeats, dict) else dict.fromkeys(calls, repeats)
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
-    for repeat in range(repeats):
+    for repeat in range(max(counts.values(), default=0)):
         for name in names if repeat % 2 == 0 else reversed(names):
+            if repeat >= counts[name]:
+                continue
             keep = [] if first_outputs is not None and repeat == 0 else None
             times[name].append(timed(calls[name], device, keep))
             if keep:
@@ -1034,8 +1043,9 @@ def run_translate_file(run: Run, preset: str, plan: dict, ours, marian, translat
     # the ones compared.
     outputs: dict = {}
     with pinned_length([ours, marian], DECODE_NEW_TOKENS):
-        run.log(f"{preset} translate file: {count} sentences, timing x{plan['file']}")
-        times = alternate(calls, plan["file"], device, first_outputs=outputs)
+        repeats = {name: plan["file"] if name == "marian" else plan["file_fast"] for name in calls}
+        run.log(f"{preset} translate file: {count} sentences, timing " + ", ".join(f"{k} x{v}" for k, v in repeats.items()))
+        times = alternate(calls, repeats, device, first_outputs=outputs)
     tokens = count * DECODE_NEW_TOKENS
     methods = {
         "ours": f"training.translate_texts (scripts/translate.py), batch {TRANSLATE_BATCH_SIZE}, sorted by length",

@@ -223,6 +223,19 @@ def test_compare_tokens_counts_sequences_and_positions():
     assert not check["match"] and check["mismatched_sequences"] == 2 and check["mismatched_tokens"] == 2
 
 
+def test_alternate_interleaves_and_a_call_with_fewer_repeats_drops_out():
+    order = []
+    calls = {name: (lambda name=name: order.append(name) or name.upper()) for name in ("ours", "marian", "ct2")}
+    outputs = {}
+    times = benchmark.alternate(calls, {"ours": 3, "marian": 1, "ct2": 3}, "cpu", first_outputs=outputs)
+    assert order == ["ours", "marian", "ct2", "ct2", "ours", "ours", "ct2"]
+    assert {name: len(t) for name, t in times.items()} == {"ours": 3, "marian": 1, "ct2": 3}
+    assert outputs == {"ours": "OURS", "marian": "MARIAN", "ct2": "CT2"}
+    order.clear()
+    assert {name: len(t) for name, t in benchmark.alternate(calls, 2, "cpu").items()} == dict.fromkeys(calls, 2)
+    assert order == ["ours", "marian", "ct2", "ct2", "marian", "ours"]
+
+
 def test_training_flops_formula_matches_torch_flop_counter():
     """The analytic MFU numerator equals what torch counts for forward + backward (eager attention, exact)."""
     from torch.utils.flop_counter import FlopCounterMode
