@@ -58,6 +58,8 @@ With `isolate` (the script's default; `--in_process` turns it off), each preset'
 its records back as it measures them. Ours and Marian then start every group from a new process, as CTranslate2
 always does, and no measurement depends on what an earlier phase left behind (heap, threads, compiled code). The
 parent measures the matmul peak at the start and hands it to the training processes, which measure it again.
+A group process that sends no record for `silence_timeout` seconds (30 minutes) is taken for hung and killed:
+its records so far stay, and the run goes on with the next group.
 
 Speed is measured, never asserted. Times are wall-clock (`time.perf_counter`, with `torch.cuda.synchronize` on
 GPU). The machine (CPU model, threads, load average, versions) is recorded with the results.
@@ -78,6 +80,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -124,6 +127,7 @@ class BenchmarkSettings:
     progress: bool = True
     compile_training: bool | None = None  # also time `ours+compile` (the loop's `compile: true`); None: on a GPU
     isolate: bool = False  # each preset's decoding phases and its training phases in a fresh process each
+    silence_timeout: float = 1800.0  # seconds a phase-group process may go without a record before it is killed
 
     @property
     def compiles(self) -> bool:
@@ -1171,20 +1175,34 @@ def _phase_group_main() -> None:  # entry point of the process started by `run_p
     print(json.dumps({"notes": run.notes, "failures": run.failures}), file=channel, flush=True)
 
 
+PHASE_GROUP_CODE = "from modeling_seq2seq.benchmark import _phase_group_main; _phase_group_main()"
+
+
 def run_phase_group_in_a_process(run: Run, group, preset: str, phases: set[str]) -> None:
     """Run one preset's phase group in a fresh Python process, taking its records as they come (a JSON line each
     on its stdout), then its notes and failures."""
     settings = dataclasses.replace(run.settings, presets=(preset,), phases=tuple(sorted(phases)), isolate=False)
     job = {"settings": dataclasses.asdict(settings), "group": group.__name__, "preset": preset,
            "peak_flops": run.peak_flops, "elapsed": time.perf_counter() - run.started}
-    code = "from modeling_seq2seq.benchmark import _phase_group_main; _phase_group_main()"
-    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               env=subprocess_env())
-    ending = None
+    process = subprocess.Popen([sys.executable, "-c", PHASE_GROUP_CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env=subprocess_env())
+    ending, silent = None, threading.Event()
+
+    def kill_when_silent() -> None:  # hung, or far slower than any run measured
+        silent.set()
+        process.kill()
+
+    watchdog = None
     try:
         process.stdin.write(json.dumps(job))
         process.stdin.close()
-        for line in process.stdout:
+        while True:
+            watchdog = threading.Timer(settings.silence_timeout, kill_when_silent)
+            watchdog.start()
+            line = process.stdout.readline()
+            watchdog.cancel()
+            if not line:
+                break
             message = json.loads(line)
             if "record" in message:
                 run.records.append(message["record"])
@@ -1194,10 +1212,16 @@ def run_phase_group_in_a_process(run: Run, group, preset: str, phases: set[str])
                 ending = message
         process.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         if process.poll() is None:  # interrupted: the process goes with the run
             process.kill()
             process.wait()
         process.stdout.close()
+    if silent.is_set():
+        run.failures.append(f"{preset} {'/'.join(sorted(phases))} failed: its process sent no result for "
+                            f"{settings.silence_timeout:g} s (BenchmarkSettings.silence_timeout) and was killed")
+        return
     if process.returncode != 0 or ending is None:
         run.failures.append(f"{preset} {'/'.join(sorted(phases))} failed: its process ended with exit status "
                             f"{process.returncode} (its error is on stderr above)")

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,27 @@ def test_isolated_phase_groups_run_in_fresh_processes_and_a_crash_costs_its_own_
         assert r["matmul_peak_flops_per_second"] == highest
         assert r["mfu"] == pytest.approx(r["achieved_flops_per_second"] / highest)
     assert "ran in a fresh process each" in format_table(result)
+
+
+def test_a_phase_group_process_that_hangs_is_killed_and_its_records_so_far_are_kept(monkeypatch, tmp_path):
+    hang = ("import json, sys, time; sys.stdin.read(); "
+            "print(json.dumps({'record': {'implementation': 'ours', 'phase': 'train', 'preset': 'tiny'}}), flush=True); "
+            "open(sys.argv[1], 'w').write(str(__import__('os').getpid())); time.sleep(600)")
+    monkeypatch.setattr(benchmark, "PHASE_GROUP_CODE", hang)
+    pid_file = tmp_path / "hung-group-pid"
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(benchmark.subprocess, "Popen", lambda command, **kw: real_popen([*command, str(pid_file)], **kw))
+    settings = BenchmarkSettings(presets=("tiny",), phases=("train",), repeats=1, progress=False, isolate=True,
+                                 silence_timeout=3)
+    run = benchmark.Run(settings)
+    started = time.perf_counter()
+    benchmark.run_phase_group_in_a_process(run, benchmark.run_training_phases, "tiny", {"train"})
+    assert time.perf_counter() - started < 60
+    assert run.failures == ["tiny train failed: its process sent no result for 3 s "
+                            "(BenchmarkSettings.silence_timeout) and was killed"]
+    assert [r["implementation"] for r in run.records] == ["ours"]
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_compiled_training_is_a_column_of_its_own(monkeypatch):
