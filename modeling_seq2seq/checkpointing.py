@@ -220,8 +220,17 @@ def write_manifest(folder: str | os.PathLike, step: int) -> None:
         os.fsync(handle.fileno())
 
 
-def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True) -> str | None:
-    """Return None when `folder` is a complete checkpoint, otherwise the reason it is not."""
+def is_training_state(name: str) -> bool:
+    """A checkpoint's files that only resuming reads: optimizer, scheduler, RNG and trainer state (model weights are
+    safetensors, never `.pt`)."""
+    return name.endswith(".pt") or name == TRAINER_STATE_NAME or name.startswith("rng_state_")
+
+
+def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True,
+                      hashed: Callable[[str], bool] = lambda name: True) -> str | None:
+    """Return None when `folder` is a complete checkpoint, otherwise the reason it is not. Every file the manifest
+    lists must be there with its size; with `check_hashes`, those for which `hashed(name)` holds must also match their
+    sha256 (loading a model for inference skips the optimizer state: 2x the weights, and never read)."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST_NAME
     if not folder.is_dir():
@@ -242,7 +251,7 @@ def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True) -> s
         size = path.stat().st_size
         if size != expected.get("size"):
             return f"{name} has {size} bytes, the manifest says {expected.get('size')} (truncated?)"
-        if check_hashes and sha256_of(path) != expected.get("sha256"):
+        if check_hashes and hashed(name) and sha256_of(path) != expected.get("sha256"):
             return f"{name} does not match its sha256 in the manifest (corrupted)"
     return None
 
@@ -501,9 +510,7 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], sources: lis
 def _belongs_to_saved_model(name: str) -> bool:
     """Config, generation config, tokenizer and remote-code files are kept; weights are replaced by the
     average, and optimizer, scheduler, RNG and trainer state do not belong to an averaged model."""
-    if name.endswith((WEIGHT_FILE_SUFFIX, ".pt", ".bin", ".index.json")):
-        return False
-    return name not in (MANIFEST_NAME, TRAINER_STATE_NAME) and not name.startswith("rng_state_")
+    return not name.endswith((WEIGHT_FILE_SUFFIX, ".bin", ".index.json")) and name != MANIFEST_NAME and not is_training_state(name)
 
 
 def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str) -> None:
@@ -544,7 +551,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             raise CheckpointError(f"{str(folder)!r} has no config.json: average saved model folders (checkpoints), or "
                                   "the result could not be loaded.")
         if (Path(folder) / MANIFEST_NAME).exists():
-            problem = verify_checkpoint(folder)
+            problem = verify_checkpoint(folder, hashed=lambda name: not is_training_state(name))
             if problem is not None:
                 raise CheckpointError(f"Cannot average {str(folder)!r}: {problem}.")
     averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints], checkpoints)
@@ -600,6 +607,7 @@ __all__ = [
     "rotate_checkpoints",
     "save_torch_state",
     "unlock_output_dir",
+    "is_training_state",
     "verify_checkpoint",
     "write_checkpoint",
 ]

@@ -611,7 +611,9 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
 
     from .hub import load_reporting_random_weights
 
-    if (Path(path) / ckpt.MANIFEST_NAME).is_file() and (problem := ckpt.verify_checkpoint(path)) is not None:
+    if (Path(path) / ckpt.MANIFEST_NAME).is_file() and (
+        problem := ckpt.verify_checkpoint(path, hashed=lambda name: not ckpt.is_training_state(name))
+    ) is not None:
         raise ValueError(
             f"{path}: {problem}. The folder's {ckpt.MANIFEST_NAME} no longer describes its files: damaged, or changed "
             f"after training wrote them (if the change was yours, delete {ckpt.MANIFEST_NAME})."

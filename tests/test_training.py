@@ -718,6 +718,30 @@ def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp
         assert translate.main(["--model", str(cases.get(name, flipped)), "--input", str(source)]) == 1
 
 
+def test_loading_a_checkpoint_for_inference_hashes_what_it_reads_only(reference_run, tmp_path, monkeypatch):
+    """The optimizer state (2x the weights) is never read by `from_pretrained`: loading a checkpoint as a model checks
+    its size but not its sha256, which resuming still checks; the model's own files are hashed as before."""
+    import shutil
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(reference_run / "checkpoint-12", folder)
+    hashed = []
+    real_sha256 = ckpt.sha256_of
+    monkeypatch.setattr(ckpt, "sha256_of", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    optimizer = folder / training.OPTIMIZER_NAME
+    data = bytearray(optimizer.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])
+    optimizer.write_bytes(bytes(data))
+    model, _ = training.load_model_and_tokenizer(folder, device="cpu")
+    assert torch.equal(model.lm_head.weight, weights(folder)["model.shared.weight"])
+    assert "model.safetensors" in hashed and "config.json" in hashed
+    assert not any(ckpt.is_training_state(name) for name in hashed)
+    assert ckpt.verify_checkpoint(folder) == f"{training.OPTIMIZER_NAME} does not match its sha256 in the manifest (corrupted)"
+    optimizer.write_bytes(bytes(data[:-1]))
+    with pytest.raises(ValueError, match=re.escape(f"{folder}: {training.OPTIMIZER_NAME} has {len(data) - 1} bytes")):
+        training.load_model_and_tokenizer(folder, device="cpu")
+
+
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
 def test_ctrl_c_or_sigterm_names_the_checkpoint_to_resume_from(assets, tmp_path, stop, code, word):
     """Ctrl-C, or a scheduler's SIGTERM: no traceback, the conventional exit code, and where to resume from."""
