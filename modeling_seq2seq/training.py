@@ -690,6 +690,18 @@ def check_output_file(path: str | None, option: str) -> None:
         raise ValueError(f"{option} {path!r} cannot be written ({error.strerror}).") from error
 
 
+def write_output_file(path: str | os.PathLike, text: str) -> None:
+    """Write a user's output file (translations, predictions, results). A regular file, or a new one, is written
+    atomically, so a failed or killed write leaves its old contents whole. A symlink, a pipe or a device is written
+    through with `open(path, "w")`: replacing `/dev/stdout` (a link) or a named pipe would break what they lead to."""
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    ckpt.atomic_write_text(target, text)
+
+
 def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None, dtype: str | None = None):
     """A saved model folder (safetensors only) and its tokenizer, in eval mode on `device` (default: cuda if any)."""
     from .tokenization import load_tokenizer

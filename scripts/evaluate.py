@@ -24,6 +24,7 @@ from modeling_seq2seq.training import (
     read_text_lines,
     translate_texts,
     translation_metrics,
+    write_output_file,
 )
 
 
@@ -115,10 +116,9 @@ def main(argv=None) -> int:
           f"chrF {scores['chrf']:.2f}  exact match {100 * scores['exact_match']:.2f}%  ({seconds:.1f}s)")
     print(f"BLEU signature: {scores['bleu_signature']}")
     print(f"chrF signature: {scores['chrf_signature']}")
+    outputs = {}
     if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-            handle.write("\n")
+        outputs["--output_json"] = (args.output_json, json.dumps(result, indent=2) + "\n")
     if args.predictions_file:
         if lines is not None:  # line for line with --source_file: a skipped pair leaves its line empty
             kept, line_count = lines
@@ -128,8 +128,13 @@ def main(argv=None) -> int:
             for index, prediction in zip(kept, predictions):
                 aligned[index] = prediction
             predictions = aligned
-        with open(args.predictions_file, "w", encoding="utf-8") as handle:
-            handle.write("".join(p + "\n" for p in predictions))
+        outputs["--predictions_file"] = (args.predictions_file, "".join(p + "\n" for p in predictions))
+    for option, (path, text) in outputs.items():
+        try:
+            write_output_file(path, text)
+        except OSError as error:
+            print(f"error: {option} {path!r} could not be written ({error}); the file is as it was.", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -23,6 +23,7 @@ from modeling_seq2seq.training import (
     load_model_and_tokenizer,
     read_text_lines,
     translate_texts,
+    write_output_file,
 )
 
 
@@ -71,9 +72,12 @@ def main(argv=None) -> int:
     text = "".join(line + "\n" for line in outputs)
     if args.output == "-":
         sys.stdout.write(text)
-    else:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        return 0
+    try:
+        write_output_file(args.output, text)
+    except OSError as error:
+        print(f"error: --output {args.output!r} could not be written ({error}); the file is as it was.", file=sys.stderr)
+        return 1
     return 0
 
 

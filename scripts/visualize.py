@@ -20,6 +20,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 from modeling_seq2seq import viz  # noqa: E402
+from modeling_seq2seq.training import write_output_file  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +72,7 @@ def run(args) -> list:
     split = builtin_task()[args.split]
     report = viz.unit_word_alignment(model, tokenizer, split["source"], split["target"])
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "alignment.json"), "w", encoding="utf-8") as handle:
-        json.dump(report.to_dict(), handle, indent=2, ensure_ascii=False)
+    write_output_file(os.path.join(args.out, "alignment.json"), json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     parts = [f"{args.split} split: {report.compound_examples} numbers ending in a compound such as thirty-four"]
     for name in ("separable", "all", "own_subwords"):
         share = getattr(report, name)

@@ -394,6 +394,61 @@ def test_output_files_are_tried_without_harm_to_pipes_links_or_contents(tmp_path
         assert not checking.is_alive() or pytest.fail("check_output_file opened the named pipe")
 
 
+def test_output_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """`write_output_file`: a regular file gets the new text whole, through a temporary file renamed over it; when the
+    write fails (here: the disk is full at fsync), the old contents stay and no temporary file is left. A symlink
+    (`/dev/stdout` is one) is written through and stays a link, and a named pipe is written into, not replaced."""
+    import errno
+    import threading
+
+    out = tmp_path / "out.txt"
+    out.write_text("old translations\n")
+    training.write_output_file(out, "new\n")
+    assert out.read_text() == "new\n"
+    real_fsync = ckpt.os.fsync
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        training.write_output_file(out, "half of something\n")
+    assert out.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    monkeypatch.setattr(ckpt.os, "fsync", real_fsync)
+    link = tmp_path / "link.txt"
+    link.symlink_to(out)
+    training.write_output_file(link, "through the link\n")
+    assert link.is_symlink() and out.read_text() == "through the link\n"
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        received = []
+        reader = threading.Thread(target=lambda: received.append(open(fifo, encoding="utf-8").read()), daemon=True)
+        reader.start()
+        training.write_output_file(fifo, "into the pipe\n")
+        reader.join(10)
+        assert received == ["into the pipe\n"] and fifo.is_fifo()
+
+
+def test_a_translation_that_cannot_be_written_keeps_the_old_output(short_run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    source, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("one\n")
+    out.write_text("yesterday's translations\n")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", disk_full)
+    translate = load_script("translate")
+    assert translate.main(["--model", str(short_run), "--input", str(source), "--output", str(out)]) == 1
+    assert f"error: --output {str(out)!r} could not be written ([Errno 28] No space left on device); the file is as it " \
+           "was." in capsys.readouterr().err
+    assert out.read_text() == "yesterday's translations\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+
+
 def test_a_mixed_precision_model_translates_on_the_fast_search_during_training():
     """Accelerate's mixed precision replaces `forward` on the instance, which makes `generate` step aside for
     transformers' loop; the training loop's translations run under autocast and lift the wrapper for the fast one."""
