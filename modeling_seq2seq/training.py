@@ -693,10 +693,11 @@ def check_output_file(path: str | None, option: str) -> None:
 def write_output_file(path: str | os.PathLike, text: str) -> None:
     """Write a user's output file (translations, predictions, results). A regular file, or a new one, is written
     atomically, so a failed or killed write leaves its old contents whole. A symlink, a pipe or a device is written
-    through with `open(path, "w")`: replacing `/dev/stdout` (a link) or a named pipe would break what they lead to."""
+    through: replacing a link, `/dev/stdout` (one) or a named pipe would break what they lead to. `/dev/...` and
+    `/proc/...` paths are opened for appending, as "w" would truncate a file the shell opened with `>>`."""
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_file()):
-        with open(target, "w", encoding="utf-8") as handle:
+        with open(target, "a" if str(target.absolute()).startswith(("/dev/", "/proc/")) else "w", encoding="utf-8") as handle:
             handle.write(text)
         return
     ckpt.atomic_write_text(target, text)

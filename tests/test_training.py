@@ -397,7 +397,8 @@ def test_output_files_are_tried_without_harm_to_pipes_links_or_contents(tmp_path
 def test_output_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """`write_output_file`: a regular file gets the new text whole, through a temporary file renamed over it; when the
     write fails (here: the disk is full at fsync), the old contents stay and no temporary file is left. A symlink
-    (`/dev/stdout` is one) is written through and stays a link, and a named pipe is written into, not replaced."""
+    stays a link, `/dev/stdout` appends to a file the shell opened with `>>`, and a named pipe is written into, not
+    replaced."""
     import errno
     import threading
 
@@ -419,6 +420,12 @@ def test_output_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     link.symlink_to(out)
     training.write_output_file(link, "through the link\n")
     assert link.is_symlink() and out.read_text() == "through the link\n"
+    appended = tmp_path / "appended.txt"  # `translate.py --output /dev/stdout >> appended.txt`
+    appended.write_text("earlier\n")
+    script = "from modeling_seq2seq.training import write_output_file; write_output_file('/dev/stdout', 'later\\n')"
+    with open(appended, "a") as shell_redirect:
+        subprocess.run([sys.executable, "-c", script], stdout=shell_redirect, check=True, env=SUBPROCESS_ENV)
+    assert appended.read_text() == "earlier\nlater\n"
     if hasattr(os, "mkfifo"):
         fifo = tmp_path / "pipe"
         os.mkfifo(fifo)
