@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
@@ -1627,8 +1628,10 @@ def plot_training_curves(log_path: Path, image_path: Path) -> Path | None:
     right.set_ylabel("BLEU")
     right.legend()
     figure.tight_layout()
-    figure.savefig(image_path, dpi=110)
+    picture = io.BytesIO()
+    figure.savefig(picture, dpi=110, format="png")
     plt.close(figure)
+    ckpt.atomic_write_bytes(image_path, picture.getvalue())
     return Path(image_path)
 
 
