@@ -112,6 +112,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def move_files_into(staging: str | os.PathLike, directory: str | os.PathLike, last: Iterable[str] = ()) -> list[str]:
+    """Move the files of `staging` into `directory`, each fsynced and then renamed over its namesake, the names in
+    `last` after the others (a reader that sees the new config sees the new files it describes). A crash leaves
+    every file either old or new, never torn. Returns the paths written."""
+    staging, directory = Path(staging), Path(directory)
+    last = tuple(last)
+    names = sorted((p.name for p in staging.iterdir() if p.is_file()), key=lambda n: (n in last, last.index(n) if n in last else 0, n))
+    written = []
+    for name in names:
+        fsync_file(staging / name)
+        os.replace(staging / name, directory / name)
+        written.append(str(directory / name))
+    fsync_dir(directory)
+    return written
+
+
 def atomic_write_json(path: str | os.PathLike, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -604,6 +620,7 @@ __all__ = [
     "find_latest_checkpoint",
     "last_checkpoints",
     "list_checkpoints",
+    "move_files_into",
     "load_safetensors_folder",
     "load_torch_state",
     "lock_output_dir",

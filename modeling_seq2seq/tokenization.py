@@ -31,6 +31,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .checkpointing import move_files_into
+
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
@@ -213,16 +215,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | os.PathL
         config_path.write_text(
             json.dumps(_portable_tokenizer_config(config), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        written = []
         # tokenizer.json first, the config last: a reader that sees the new config sees the new vocabulary.
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        names.sort(key=lambda n: n == "tokenizer_config.json")
-        for name in names:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp / name, directory / name)
-            written.append(str(directory / name))
-        return written
+        return move_files_into(tmp, directory, last=("tokenizer_config.json",))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

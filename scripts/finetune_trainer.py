@@ -57,7 +57,6 @@ def finetune(args):
     """Run Seq2SeqTrainer; returns (trainer, final evaluation metrics or {})."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-    from modeling_seq2seq.tokenization import save_tokenizer
     from modeling_seq2seq.training import load_model_and_tokenizer, translation_metrics
 
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if args.use_cpu else None)
@@ -112,9 +111,29 @@ def finetune(args):
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     metrics = trainer.evaluate() if has_eval else {}
     model.config.use_cache = True  # the Trainer switches the cache off while training
-    trainer.save_model(args.output_dir)
-    save_tokenizer(tokenizer, args.output_dir)  # the portable tokenizer_config.json (see STACK.md)
+    save_final_model(trainer, tokenizer, args.output_dir)
     return trainer, metrics
+
+
+def save_final_model(trainer, tokenizer, output_dir) -> None:
+    """`trainer.save_model` and the portable tokenizer_config.json (see STACK.md), written into a staging folder
+    inside `output_dir` and then moved in file by file, the configs last: a kill or a full disk leaves each file of
+    an earlier final model whole or replaced, never torn. (The Trainer's own checkpoints are its own writes.)"""
+    import shutil
+    import tempfile
+
+    from modeling_seq2seq.checkpointing import move_files_into
+    from modeling_seq2seq.tokenization import save_tokenizer
+
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".final-model-tmp-", dir=output_dir)
+    try:
+        trainer.save_model(staging)  # every process calls it (sharded models gather); the main one writes
+        if trainer.is_world_process_zero():
+            save_tokenizer(tokenizer, staging)
+            move_files_into(staging, output_dir, last=("tokenizer_config.json", "config.json"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_parser():

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -109,3 +110,48 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
         assert whole.keys() == other.keys()
         for name in whole:
             torch.testing.assert_close(other[name], whole[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_old_one(tmp_path):
+    """`save_final_model` stages the Trainer's files and the tokenizer, then renames them in, configs last; a save that
+    fails halfway (here: after the weights were written) leaves the earlier final model as it was, and no staging."""
+    script = load_script("finetune_trainer")
+    output_dir = tmp_path / "finetuned"
+    output_dir.mkdir()
+    (output_dir / "model.safetensors").write_bytes(b"earlier weights")
+    (output_dir / "config.json").write_text("{}")
+
+    class Trainer:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def is_world_process_zero(self):
+            return True
+
+        def save_model(self, folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"new weights")
+            if self.fail:
+                raise OSError(28, "No space left on device")
+            (Path(folder) / "config.json").write_text('{"new": true}')
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{}")
+            (Path(folder) / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
+
+    with pytest.raises(OSError, match="No space left"):
+        script.save_final_model(Trainer(fail=True), Tokenizer(), str(output_dir))
+    assert sorted(p.name for p in output_dir.iterdir()) == ["config.json", "model.safetensors"]
+    assert (output_dir / "model.safetensors").read_bytes() == b"earlier weights"
+    moved = []
+    real_replace = os.replace
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", lambda a, b: moved.append(Path(b).name) or real_replace(a, b))
+        script.save_final_model(Trainer(fail=False), Tokenizer(), str(output_dir))
+    assert (output_dir / "model.safetensors").read_bytes() == b"new weights"
+    assert json.loads((output_dir / "config.json").read_text()) == {"new": True}
+    assert json.loads((output_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    final_moves = [name for name in moved if name in {"model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                                       "config.json"}]
+    assert final_moves[-2:] == ["tokenizer_config.json", "config.json"] and "model.safetensors" in final_moves[:-2]
+    assert not [p for p in output_dir.iterdir() if p.name.startswith(".")]
