@@ -117,8 +117,8 @@ def move_files_into(staging: str | os.PathLike, directory: str | os.PathLike, la
     `last` after the others (a reader that sees the new config sees the new files it describes). A crash leaves
     every file either old or new, never torn. Returns the paths written."""
     staging, directory = Path(staging), Path(directory)
-    last = tuple(last)
-    names = sorted((p.name for p in staging.iterdir() if p.is_file()), key=lambda n: (n in last, last.index(n) if n in last else 0, n))
+    present = {p.name for p in staging.iterdir() if p.is_file()}
+    names = sorted(present - set(last)) + [name for name in last if name in present]
     written = []
     for name in names:
         fsync_file(staging / name)
@@ -247,11 +247,10 @@ def is_training_state(name: str) -> bool:
     return name.endswith(".pt") or name == TRAINER_STATE_NAME or name.startswith("rng_state_")
 
 
-def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True,
-                      hashed: Callable[[str], bool] = lambda name: True) -> str | None:
+def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True, hash_training_state: bool = True) -> str | None:
     """Return None when `folder` is a complete checkpoint, otherwise the reason it is not. Every file the manifest
-    lists must be there with its size; with `check_hashes`, those for which `hashed(name)` holds must also match their
-    sha256 (loading a model for inference skips the optimizer state: 2x the weights, and never read)."""
+    lists must be there with its size; with `check_hashes`, also with its sha256, except, without
+    `hash_training_state`, the files only resuming reads (loading a model skips the optimizer state: 2x the weights)."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST_NAME
     if not folder.is_dir():
@@ -272,7 +271,8 @@ def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True,
         size = path.stat().st_size
         if size != expected.get("size"):
             return f"{name} has {size} bytes, the manifest says {expected.get('size')} (truncated?)"
-        if check_hashes and hashed(name) and sha256_of(path) != expected.get("sha256"):
+        hashed = check_hashes and (hash_training_state or not is_training_state(name))
+        if hashed and sha256_of(path) != expected.get("sha256"):
             return f"{name} does not match its sha256 in the manifest (corrupted)"
     return None
 
@@ -572,7 +572,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             raise CheckpointError(f"{str(folder)!r} has no config.json: average saved model folders (checkpoints), or "
                                   "the result could not be loaded.")
         if (Path(folder) / MANIFEST_NAME).exists():
-            problem = verify_checkpoint(folder, hashed=lambda name: not is_training_state(name))
+            problem = verify_checkpoint(folder, hash_training_state=False)
             if problem is not None:
                 raise CheckpointError(f"Cannot average {str(folder)!r}: {problem}.")
     averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints], checkpoints)

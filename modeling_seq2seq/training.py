@@ -613,7 +613,7 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
     from .hub import load_reporting_random_weights
 
     if (Path(path) / ckpt.MANIFEST_NAME).is_file() and (
-        problem := ckpt.verify_checkpoint(path, hashed=lambda name: not ckpt.is_training_state(name))
+        problem := ckpt.verify_checkpoint(path, hash_training_state=False)
     ) is not None:
         raise ValueError(
             f"{path}: {problem}. The folder's {ckpt.MANIFEST_NAME} no longer describes its files: damaged, or changed "
