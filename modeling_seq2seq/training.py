@@ -1431,6 +1431,7 @@ class Trainer:
         window = {"loss": 0.0, "tokens": 0.0, "steps": 0, "start": time.monotonic()}
         stop_reason = "max_steps"
         while self.step < config.max_steps:
+            raise_pending_stop()
             if self._out_of_time():
                 stop_reason = "max_time"
                 break
@@ -1664,23 +1665,45 @@ class Terminated(BaseException):
     A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
 
+_pending_stop: list[type[BaseException]] = []  # the stop signals' exceptions raised since training began
+
+
+def raise_pending_stop() -> None:
+    """Raise again a stop that a signal already raised once: an exception raised inside a `__del__`, a weakref
+    callback or a library's catch-all is printed or dropped there, and the run would go on. Called at every step."""
+    if _pending_stop:
+        raise _pending_stop[0]()
+
+
 @contextlib.contextmanager
-def sigterm_raises_terminated():
-    """While training runs, SIGTERM raises `Terminated` instead of ending the process on the spot, so that the run
-    can say which checkpoint to resume from; only in the main thread (where Python runs signal handlers)."""
+def stop_signals_raise():
+    """While training runs, SIGTERM raises `Terminated` and Ctrl-C `KeyboardInterrupt` where Python is, so that the
+    run can say which checkpoint to resume from; each is also remembered for `raise_pending_stop`. Only in the main
+    thread (where Python runs signal handlers); Ctrl-C only where Python's own handler is in place (not where it is
+    ignored, as in a background job, nor where the caller installed one)."""
 
-    def terminate(signum, frame):
-        raise Terminated()
+    def handler(exception):
+        def stop(signum, frame):
+            _pending_stop.append(exception)
+            raise exception()
+        return stop
 
+    wanted = {signal.SIGTERM: Terminated}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        wanted[signal.SIGINT] = KeyboardInterrupt
+    previous = {}
+    _pending_stop.clear()
     try:
-        previous = signal.signal(signal.SIGTERM, terminate)
+        for signum, exception in wanted.items():
+            previous[signum] = signal.signal(signum, handler(exception))
     except ValueError:  # not the main thread
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
+        _pending_stop.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1694,7 +1717,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        with sigterm_raises_terminated():
+        with stop_signals_raise():
             train(config)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
