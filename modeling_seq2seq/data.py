@@ -266,6 +266,29 @@ def _read_delimited(path: Path, source_lang: str, target_lang: str, delimiter: s
         csv.field_size_limit(old_limit)
 
 
+def line_aligned_files(prefix: str | os.PathLike, source_lang: str, target_lang: str) -> tuple[Path, Path] | None:
+    """`prefix.<source_lang>` and `prefix.<target_lang>` when both exist and `prefix` itself does not: plain text,
+    one sentence per line, line N of one the translation of line N of the other (the Moses layout of OPUS and WMT
+    downloads, and fairseq's `--trainpref`)."""
+    prefix = Path(prefix)
+    pair = (Path(f"{prefix}.{source_lang}"), Path(f"{prefix}.{target_lang}"))
+    return pair if not prefix.exists() and all(p.exists() for p in pair) else None
+
+
+def _read_line_aligned(source: Path, target: Path) -> Iterator[tuple[int, str, str]]:
+    targets = _iter_lines(target)
+    lineno = 0
+    for lineno, src in _iter_lines(source):
+        tgt = next(targets, None)
+        if tgt is None:
+            raise DataFileError(f"{target}, line {lineno}: the file ends here, but {source} goes on (the two files "
+                                "must have one line per sentence pair, in the same order)")
+        yield lineno, src, tgt[1]
+    if next(targets, None) is not None:
+        raise DataFileError(f"{source}, line {lineno + 1}: the file ends here, but {target} goes on (the two files "
+                            "must have one line per sentence pair, in the same order)")
+
+
 def _read_file_pairs(path: Path, source_lang: str, target_lang: str) -> Iterator[tuple[int, str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -277,7 +300,10 @@ def _read_file_pairs(path: Path, source_lang: str, target_lang: str) -> Iterator
         return _read_jsonl(path, source_lang, target_lang)
     if suffix in (".csv", ".tsv"):
         return _read_delimited(path, source_lang, target_lang, "\t" if suffix == ".tsv" else ",")
-    raise DataFileError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    prefix = path.with_suffix("") if suffix[1:] in (source_lang, target_lang) else "P"
+    raise DataFileError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}, or "
+                        f"give the prefix {prefix} of two line-aligned plain-text files {prefix}.{source_lang} and "
+                        f"{prefix}.{target_lang}")
 
 
 def check_unicode(source: str, target: str, where: str) -> None:
@@ -309,14 +335,18 @@ def read_parallel_file(
     split: str = "train",
     max_bad_lines_shown: int = 10,
 ) -> Dataset:
-    """Read one local file into a Dataset of ("source", "target"); see `load_parallel_data`."""
+    """Read one local file, or the two line-aligned files of a prefix, into a Dataset of ("source", "target"); see
+    `load_parallel_data`."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    if not path.is_file():
-        raise DataFileError(f"{path}: not a regular file")
     if source_lang == target_lang:
         raise ValueError(f"source_lang and target_lang are both {source_lang!r}")
+    aligned = line_aligned_files(path, source_lang, target_lang)
+    if aligned is None and not path.exists():
+        raise FileNotFoundError(f"data file not found: {path} (nor the line-aligned pair {path}.{source_lang} and "
+                                f"{path}.{target_lang})")
+    for file in aligned or (path,):
+        if not file.is_file():
+            raise DataFileError(f"{file}: not a regular file")
     schema = pa.schema([("source", pa.string()), ("target", pa.string())])
     batches, sources, targets = [], [], []
     skipped, skipped_lines = 0, []
@@ -329,9 +359,11 @@ def read_parallel_file(
             sources.clear()
             targets.clear()
 
-    for lineno, src, tgt in _read_file_pairs(path, source_lang, target_lang):
+    pairs = _read_line_aligned(*aligned) if aligned else _read_file_pairs(path, source_lang, target_lang)
+    name = f"{path}.{{{source_lang},{target_lang}}}" if aligned else str(path)
+    for lineno, src, tgt in pairs:
         src, tgt = src.strip(), tgt.strip()
-        check_unicode(src, tgt, f"{path}, line {lineno}")
+        check_unicode(src, tgt, f"{name}, line {lineno}")
         if not src or not tgt:
             skipped += 1
             if len(skipped_lines) < max_bad_lines_shown:
@@ -342,11 +374,11 @@ def read_parallel_file(
         if len(sources) >= _ROWS_PER_CHUNK:
             flush()
     flush()
-    warn_skipped_pairs(str(path), skipped_lines, skipped)
+    warn_skipped_pairs(name, skipped_lines, skipped)
     n = sum(b.num_rows for b in batches)
     if n == 0:
         raise DataFileError(
-            f"{path}, line 1: no usable {source_lang}-{target_lang} pairs"
+            f"{name}, line 1: no usable {source_lang}-{target_lang} pairs"
             + (f" ({skipped} skipped as empty)" if skipped else " (the file has no records)")
         )
     table = pa.Table.from_batches(batches, schema=schema)
@@ -443,7 +475,9 @@ def load_parallel_data(
       (a "translation" dict column, as wmt14) or with one column per language code.
     - `train_file` / `validation_file` / `test_file`: local `.jsonl`, `.json` (JSON Lines or one array),
       `.csv` or `.tsv` (tab-separated, no quoting), either in the translation layout (JSON) or with
-      fields/columns named by the language codes (CSV/TSV: a header row). Only the splits given are returned.
+      fields/columns named by the language codes (CSV/TSV: a header row); or a prefix `P` of two plain-text
+      files `P.<source_lang>` and `P.<target_lang>`, one sentence per line (`line_aligned_files`). Only the
+      splits given are returned.
       Local files are read into memory (compact Arrow); for corpora of many GB use a Hub/`datasets` dataset.
     - nothing: `builtin_task()` (requires `source_lang="en"`, `target_lang="de"`, the defaults).
 

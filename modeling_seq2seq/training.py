@@ -85,7 +85,7 @@ class TrainingConfig:
     # data
     dataset_name: typing.Optional[str] = _option(None, "a Hub dataset (e.g. wmt14); none and no files: the built-in task")
     dataset_config_name: typing.Optional[str] = _option(None, "the Hub dataset's configuration (e.g. de-en)")
-    train_file: typing.Optional[str] = _option(None, "local training file (.jsonl/.json/.csv/.tsv)")
+    train_file: typing.Optional[str] = _option(None, "local training file (.jsonl/.json/.csv/.tsv), or the prefix P of line-aligned P.<source_lang> and P.<target_lang>")
     validation_file: typing.Optional[str] = _option(None, "local validation file")
     test_file: typing.Optional[str] = _option(None, "local test file")
     source_lang: str = _option("en", "source language key/column")

@@ -61,7 +61,7 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool, tuple[list[i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder")
-    parser.add_argument("--test_file", help="a .jsonl/.json/.csv/.tsv file of pairs")
+    parser.add_argument("--test_file", help="a .jsonl/.json/.csv/.tsv file of pairs, or the prefix P of line-aligned P.<source_lang> and P.<target_lang>")
     parser.add_argument("--source_lang", default="en")
     parser.add_argument("--target_lang", default="de")
     parser.add_argument("--source_file", help="plain text sources, one per line (with --reference_file)")

@@ -140,7 +140,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder to start from")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--train_file", help="training pairs (.jsonl/.json/.csv/.tsv); default: the built-in task")
+    parser.add_argument("--train_file", help="training pairs (.jsonl/.json/.csv/.tsv, or the prefix P of line-aligned P.<source_lang> and P.<target_lang>); default: the built-in task")
     parser.add_argument("--validation_file")
     parser.add_argument("--source_lang", default="en")
     parser.add_argument("--target_lang", default="de")

@@ -19,7 +19,7 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True, help="folder to save tokenizer.json and tokenizer_config.json")
     parser.add_argument("--vocab_size", type=int, required=True, help="total size, specials and byte tokens included")
     parser.add_argument("--min_frequency", type=int, default=2)
-    parser.add_argument("--train_file", help=".jsonl/.json/.csv/.tsv; without it and --dataset_name: the built-in task")
+    parser.add_argument("--train_file", help=".jsonl/.json/.csv/.tsv, or the prefix P of line-aligned P.<source_lang> and P.<target_lang>; without it and --dataset_name: the built-in task")
     parser.add_argument("--dataset_name", help="a datasets Hub dataset in the translation layout (e.g. wmt14)")
     parser.add_argument("--dataset_config_name", help="its configuration (e.g. de-en)")
     parser.add_argument("--source_lang", default="en")

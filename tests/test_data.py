@@ -136,6 +136,38 @@ def test_splits_and_language_direction(tmp_path):
     assert rows_of(data["validation"]) == [("y", "x")]
 
 
+def test_two_line_aligned_text_files_are_read_by_their_prefix(tmp_path, caplog):
+    """The Moses layout of OPUS and WMT downloads: `P.en` and `P.de`, line N of one translating line N of the other,
+    with tabs, quotes, CRLF endings and a byte order mark kept out of the text; empty lines are skipped pairs."""
+    prefix = tmp_path / "corpus.de-en"
+    write(tmp_path / "corpus.de-en.en", "\ufeff" + "".join(f"{s}\r\n" for s, _ in PAIRS) + "a\tb\n\nlast, no newline")
+    write(tmp_path / "corpus.de-en.de", "".join(f"{t}\n" for _, t in PAIRS) + "x \"y\"\nnur deutsch\nletzte")
+    with caplog.at_level(logging.WARNING):
+        ds = read_parallel_file(prefix)
+    assert rows_of(ds) == PAIRS + [("a\tb", 'x "y"'), ("last, no newline", "letzte")]
+    assert f"{prefix}.{{en,de}}: skipped 1 pair(s) with an empty source or target (line {len(PAIRS) + 2})" in caplog.text
+    both = load_parallel_data(train_file=prefix, test_file=prefix, source_lang="de", target_lang="en")
+    assert rows_of(both["test"])[:len(PAIRS)] == [(t, s) for s, t in PAIRS]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{prefix}.fr")):
+        read_parallel_file(prefix, "en", "fr")
+
+
+def test_line_aligned_files_of_different_lengths_name_the_line_where_one_ends(tmp_path):
+    prefix = tmp_path / "train"
+    write(tmp_path / "train.en", "a\nb\nc\n")
+    write(tmp_path / "train.de", "x\ny\n")
+    with pytest.raises(DataFileError, match=re.escape(f"{prefix}.de, line 3: the file ends here, but {prefix}.en goes on")):
+        read_parallel_file(prefix)
+    write(tmp_path / "train.de", "x\ny\nz\nw\n")
+    with pytest.raises(DataFileError, match=re.escape(f"{prefix}.en, line 4: the file ends here, but {prefix}.de goes on")):
+        read_parallel_file(prefix)
+    write(tmp_path / "train.de", b"x\n\xff\nz\n")
+    check_error(tmp_path / "train.de", re.escape(f"give the prefix {prefix} of two line-aligned plain-text files"))
+    with pytest.raises(DataFileError, match=re.escape(f"{prefix}.de, line 2: not valid UTF-8")):
+        read_parallel_file(prefix)
+    check_error(write(tmp_path / "train.txt", "a\n"), r"unsupported file type '\.txt'", r"prefix P of two line-aligned")
+
+
 def test_whitespace_is_stripped_and_bom_accepted(tmp_path):
     f = write(tmp_path / "a.tsv", "\ufeffen\tde\n  a b  \t c \n")
     assert rows_of(read_parallel_file(f)) == [("a b", "c")]
