@@ -41,7 +41,17 @@ class PackedDecodeWeights(dict):
         return PackedDecodeWeights, ()
 
 
-PADDED_ROWS = 6  # where oneDNN's AVX-512 float32 kernel streams a blocked matrix fastest (measured; 8 is slower)
+# How a decode step multiplies few rows, which depends on the CPU. On AMD CPUs, oneDNN's AVX-512 kernel streams a
+# blocked matrix faster for 6 rows than for 1 to 5 (the 37 products of a base step on 2 cores: 7.7 ms at one row,
+# 6.2 ms as 6; 8 is slower), so fewer rows are multiplied as `PADDED_ROWS` (zeros below), and MKL, behind
+# `F.linear`, is about half as fast. MKL runs its AVX-512 code on Intel CPUs only. There, up to 2 rows go to
+# `F.linear` (`FEW_ROWS_ON_MKL`): oneDNN's blocked kernel costs more per call (a base step's 36 layer products on a
+# 2-core Xeon: 4.3 ms with MKL at one row, 4.9 ms with oneDNN, 5.7 ms padded to 6 rows; at 4 rows and more oneDNN is
+# faster, 10.8 against 16.1 ms at 32), and nothing is padded (whole beam-4 searches of one sentence 1.07x faster
+# without). This file cannot tell which CPU it runs on (it ships as remote code, which opens no file), so it keeps
+# the AMD settings; the installed package sets Intel's where it finds an Intel CPU (`modeling_seq2seq.cpu`).
+PADDED_ROWS = 6
+FEW_ROWS_ON_MKL = 0
 
 
 class DecodeStepLinear:
@@ -56,9 +66,9 @@ class DecodeStepLinear:
     (its weights once more in memory). At the first use in a search each is checked against its layer:
     same tensor, same version counter and same values at every 509th element (edits through `.data` leave the
     version counter alone; 509 < 512 samples every row of 512 or more, and reads 1/32 of the cache lines), else
-    rebuilt. Fewer than `PADDED_ROWS` rows are multiplied as that many (zeros below): oneDNN's AVX-512 kernel
-    streams a blocked matrix faster for 6 rows than for 1 to 5 (the 37 products of a base step on 2 cores: 7.7 ms
-    at 1 row, 6.2 ms at 6); only the input's rows come back, and each depends on its own input row only.
+    rebuilt. Up to `FEW_ROWS_ON_MKL` rows go to `F.linear`, and fewer than `PADDED_ROWS` rows are multiplied as
+    that many (zeros below), by CPU (see those settings); only the input's rows come back, and each depends on its
+    own input row only.
     Results equal `F.linear` up to float rounding. Matrices under 1 MB (2^18 floats) stay in cache, where a oneDNN
     call's fixed cost (~40 us against ~10 us) outweighs its bandwidth: they, layers that are not plain
     (subclasses, adapters, hooks), and other devices or dtypes run the module itself.
@@ -76,6 +86,7 @@ class DecodeStepLinear:
         if self.cache is None:
             self.cache = model._packed_decode_weights = PackedDecodeWeights()
         self.chosen, self.padded = {}, {}
+        self.mkl_rows = FEW_ROWS_ON_MKL
 
     def weights(self, module):
         """The (weight, bias) oneDNN multiplies `module`'s inputs by in this search, or None to run the module."""
@@ -119,6 +130,8 @@ class DecodeStepLinear:
         if weights is None:
             return module(x)
         rows = x.shape[0]
+        if x.dim() == 2 and rows <= self.mkl_rows:
+            return F.linear(x, module.weight, module.bias)
         if x.dim() == 2 and rows < PADDED_ROWS:
             buffer = self.padding(x.shape[1])
             buffer[:rows] = x
@@ -126,23 +139,23 @@ class DecodeStepLinear:
         return self.kernel(x, *weights, "none", [], "")
 
 
-# For TorchScript, which takes no objects: a linear layer as (weight, bias, whether oneDNN multiplies, its padding
-# buffer), a layer norm as (weight, bias, eps).
-ScriptedLinear = Tuple[torch.Tensor, Optional[torch.Tensor], bool, torch.Tensor]
+# For TorchScript, which takes no objects: a linear layer as (weight, bias, the weight oneDNN multiplies or None, its
+# padding buffer, the most rows that F.linear multiplies instead), a layer norm as (weight, bias, eps).
+ScriptedLinear = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, int]
 ScriptedNorm = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]
 
 
 def scripted_linear(x: torch.Tensor, linear: ScriptedLinear) -> torch.Tensor:
     """`DecodeStepLinear` inside TorchScript."""
-    weight, bias, onednn, padding = linear
-    if not onednn:
+    weight, bias, onednn_weight, padding, mkl_rows = linear
+    rows = x.size(0)
+    if onednn_weight is None or rows <= mkl_rows:
         return F.linear(x, weight, bias)
     no_scalars: List[Optional[Union[int, float, complex]]] = []
-    rows = x.size(0)
     if rows < padding.size(0):
         padding[:rows] = x
-        return torch.ops.mkldnn._linear_pointwise(padding, weight, bias, "none", no_scalars, "")[:rows]
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", no_scalars, "")
+        return torch.ops.mkldnn._linear_pointwise(padding, onednn_weight, bias, "none", no_scalars, "")[:rows]
+    return torch.ops.mkldnn._linear_pointwise(x, onednn_weight, bias, "none", no_scalars, "")
 
 
 def scripted_layer_norm(x: torch.Tensor, norm: ScriptedNorm) -> torch.Tensor:
@@ -323,9 +336,10 @@ class IncrementalDecoder:
         for module in modules + [model.lm_head]:
             onednn = self.linear.weights(module)
             if onednn is None:
-                linears.append((module.weight, module.bias, False, no_padding))
+                linears.append((module.weight, module.bias, None, no_padding, 0))
             else:
-                linears.append((*onednn, True, self.linear.padding(module.in_features)))
+                linears.append((module.weight, module.bias, onednn[0], self.linear.padding(module.in_features),
+                                self.linear.mkl_rows))
         norms = [(n.weight, n.bias, n.eps) for n in norms]
         return linears, norms, heads.pop(), self.num_beams, scalings.pop(), self.pre_norm[0], activations.pop()
 

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
 from transformers.cache_utils import EncoderDecoderCache, StaticCache
@@ -18,9 +19,9 @@ from modeling_seq2seq import (
     Seq2SeqTransformerForConditionalGeneration,
     Seq2SeqTransformerModel,
 )
+from modeling_seq2seq import decoding_seq2seq
 from modeling_seq2seq.convert import from_marian, to_marian
 from modeling_seq2seq.decoding_seq2seq import (
-    PADDED_ROWS,
     DecodeStepLinear,
     GreedyScreen,
     IncrementalDecoder,
@@ -261,19 +262,45 @@ def wide_model():
                       decoder_attention_heads=8, vocab_size=600)
 
 
-def test_decode_step_linear_equals_a_float64_recomputation():
-    """Also when it multiplies fewer than `PADDED_ROWS` rows as that many, after a call with more rows (the padding
-    rows then hold stale values, which must not leak into the rows returned)."""
+def test_few_rows_go_to_mkl_on_intel_cpus_only(monkeypatch):
+    """MKL runs its AVX-512 code on Intel CPUs only: elsewhere (AMD, or a vendor that cannot be read) oneDNN takes
+    every row count, padded. The installed package sets the shipped file's settings from this machine's vendor."""
+    from modeling_seq2seq.cpu import cpu_vendor, few_rows_settings
+
+    assert (decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS) == few_rows_settings(cpu_vendor())
+    assert [few_rows_settings(vendor) for vendor in ("GenuineIntel", "AuthenticAMD", "")] == [(2, 0), (0, 6), (0, 6)]
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # a torch built without MKL
+    assert few_rows_settings("GenuineIntel") == (0, 6)
+
+
+FEW_ROWS_SETTINGS = {"amd": (0, 6), "intel": (2, 0)}
+
+
+def use_few_rows_settings(monkeypatch, cpu: str):
+    mkl_rows, padded_rows = FEW_ROWS_SETTINGS[cpu]
+    monkeypatch.setattr(decoding_seq2seq, "FEW_ROWS_ON_MKL", mkl_rows)
+    monkeypatch.setattr(decoding_seq2seq, "PADDED_ROWS", padded_rows)
+    return mkl_rows, padded_rows
+
+
+@pytest.mark.parametrize("cpu", FEW_ROWS_SETTINGS)
+def test_decode_step_linear_equals_a_float64_recomputation(cpu, monkeypatch):
+    """With either CPU's settings for few rows. Also when it multiplies fewer than `PADDED_ROWS` rows as that many,
+    after a call with more rows (the padding rows then hold stale values, which must not leak into the rows
+    returned)."""
+    mkl_rows, padded_rows = use_few_rows_settings(monkeypatch, cpu)
     model = wide_model()
     linear = DecodeStepLinear(model, torch.device("cpu"), torch.float32)
-    for shape in [(5,), (1,), (3,), (PADDED_ROWS,), (32,), (3, 1), (1, 1)]:
+    for shape in [(5,), (1,), (3,), (2,), (6,), (32,), (3, 1), (1, 1)]:
         for module in (model.lm_head, model.model.decoder.layers[0].feed_forward.fc1):
             x = torch.randn(*shape, module.in_features) * 10
             expected = (x.double() @ module.weight.double().T + (0 if module.bias is None else module.bias.double()))
             output = linear(module, x)
             assert output.shape == expected.shape, shape
-            if len(shape) == 1 and shape[0] < PADDED_ROWS:  # the padded product's first rows
-                assert output._base is not None and output._base.shape[0] == PADDED_ROWS, shape
+            padded = len(shape) == 1 and mkl_rows < shape[0] < padded_rows
+            assert (output._base is not None and output._base.shape[0] == padded_rows) == padded, shape
+            if len(shape) == 1 and shape[0] <= mkl_rows:  # F.linear's own result, bit for bit
+                assert torch.equal(output, F.linear(x, module.weight, module.bias)), shape
             assert torch.allclose(output.double(), expected, atol=1e-3), shape
 
 
@@ -1049,17 +1076,20 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("shape", ["paper", "pre-norm", "gelu", "silu", "swish pre-norm", "wide"])
-def test_scripted_decode_step_computes_what_the_python_step_does(shape):
+@pytest.mark.parametrize("shape", ["paper", "pre-norm", "gelu", "silu", "swish pre-norm", "wide amd", "wide intel"])
+def test_scripted_decode_step_computes_what_the_python_step_does(shape, monkeypatch):
     """The TorchScript step (`decode_step_layers`) against the step run op by op: the same logits at every step, for
-    every layer norm position and activation it takes, through beam reorders and sentences leaving the batch, and
-    with oneDNN's padded products (`wide`). Then whole searches against transformers' own."""
+    every layer norm position and activation it takes, through beam reorders and sentences leaving the batch (6, 4,
+    then 2 rows), and with oneDNN's products under either CPU's settings for few rows (`wide`: padded, or 2 rows by
+    `F.linear` and none padded). Then whole searches against transformers' own."""
+    if shape.startswith("wide"):
+        use_few_rows_settings(monkeypatch, shape.split()[1])
     overrides = {
         "paper": {}, "pre-norm": dict(layer_norm_position="pre"), "gelu": dict(activation_function="gelu"),
         "silu": dict(activation_function="silu"),
         "swish pre-norm": dict(activation_function="swish", layer_norm_position="pre"),
     }
-    model = wide_model() if shape == "wide" else make_model(1, output_bias=True, **overrides[shape])
+    model = wide_model() if shape.startswith("wide") else make_model(1, output_bias=True, **overrides[shape])
     vocab = model.config.vocab_size
     source, mask = padded_batch(seed=2, batch=3, vocab=vocab)
     beams = 2
@@ -1068,7 +1098,7 @@ def test_scripted_decode_step_computes_what_the_python_step_does(shape):
         python.script = None
         assert scripted.script is not None
         tokens = torch.arange(6) + 4
-        for step in range(6):
+        for step in range(7):
             expected = python.step(tokens)
             torch.testing.assert_close(scripted.step(tokens), expected, rtol=1e-5, atol=1e-5)
             tokens = expected.argmax(dim=-1)
@@ -1080,6 +1110,11 @@ def test_scripted_decode_step_computes_what_the_python_step_does(shape):
                     decoder.keep_sentences(torch.tensor([0, 2]))
                     decoder.reorder(torch.tensor([0, 1, 4, 5]))
                 tokens = tokens[[0, 1, 4, 5]]
+            if step == 4:  # only the first sentence is left
+                for decoder in (scripted, python):
+                    decoder.keep_sentences(torch.tensor([0]))
+                    decoder.reorder(torch.tensor([0, 1]))
+                tokens = tokens[[0, 1]]
     for settings in (dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)):
         settings.update(max_new_tokens=8)
         reference = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
@@ -1194,13 +1229,16 @@ def screened_model(seed=0):
                       decoder_attention_heads=8, encoder_layers=1, decoder_layers=1, vocab_size=8192, output_bias=True)
 
 
+@pytest.mark.parametrize("cpu", FEW_ROWS_SETTINGS)
 @pytest.mark.parametrize("copy", SCREEN_COPIES)
 @pytest.mark.parametrize("seed", range(3))
-def test_greedy_screen_gives_transformers_tokens(seed, copy, monkeypatch):
+def test_greedy_screen_gives_transformers_tokens(seed, copy, cpu, monkeypatch):
     """Greedy search through the screen returns what transformers' greedy search returns, with the token
     suppressions it handles; the screen, reading `copy`, was used and rarely had to fall back to the full product.
-    The int8 copy serves 1 to 3 rows, the bfloat16 one (here) any number. The copy is looked up (and checked against
-    the weight) once per search, not at every step; an edit of the weight between searches is seen."""
+    The int8 copy serves 1 to 3 rows, the bfloat16 one (here) any number, padded or not (either CPU's settings for
+    few rows). The copy is looked up (and checked against the weight) once per search, not at every step; an edit
+    of the weight between searches is seen."""
+    use_few_rows_settings(monkeypatch, cpu)
     model = screened_model(seed)
     skip_unless_screen_kernel(model, copy, monkeypatch)
     with torch.no_grad():
