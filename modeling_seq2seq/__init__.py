@@ -7,8 +7,8 @@ where this package is not installed.
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-from . import decoding_seq2seq, pipeline  # pipeline: registers the "seq2seq-translation" pipeline task
-from .cpu import cpu_vendor, few_rows_settings
+from . import pipeline  # registers the "seq2seq-translation" pipeline task
+from .cpu import cpu_vendor, mkl_runs_avx512, use_mkl_where_it_is_fast
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import (
     Seq2SeqTransformerForConditionalGeneration,
@@ -19,7 +19,8 @@ from .modeling_seq2seq import (
 AutoConfig.register(Seq2SeqTransformerConfig.model_type, Seq2SeqTransformerConfig, exist_ok=True)
 AutoModel.register(Seq2SeqTransformerConfig, Seq2SeqTransformerModel, exist_ok=True)
 AutoModelForSeq2SeqLM.register(Seq2SeqTransformerConfig, Seq2SeqTransformerForConditionalGeneration, exist_ok=True)
-decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS = few_rows_settings(cpu_vendor())
+if mkl_runs_avx512(cpu_vendor()):
+    use_mkl_where_it_is_fast()
 Seq2SeqTransformerConfig.register_for_auto_class()
 Seq2SeqTransformerModel.register_for_auto_class("AutoModel")
 Seq2SeqTransformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")

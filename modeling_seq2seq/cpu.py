@@ -1,11 +1,10 @@
-"""What the shipped decoding code cannot find out for itself: which CPU it runs on (remote code opens no file).
-
-Importing the package sets `decoding_seq2seq.FEW_ROWS_ON_MKL` and `PADDED_ROWS` from here.
+"""What the shipped model and decoding files cannot find out for themselves: which CPU they run on (remote code opens
+no file). Importing the package applies `use_mkl_where_it_is_fast` on CPUs where `mkl_runs_avx512`.
 """
 
 import torch
 
-from .decoding_seq2seq import PADDED_ROWS as AMD_PADDED_ROWS  # the shipped default, before the package sets its own
+from . import decoding_seq2seq, modeling_seq2seq
 
 
 def cpu_vendor() -> str:
@@ -20,8 +19,15 @@ def cpu_vendor() -> str:
     return ""
 
 
-def few_rows_settings(vendor: str) -> tuple[int, int]:
-    """`decoding_seq2seq`'s (FEW_ROWS_ON_MKL, PADDED_ROWS) for this vendor's CPUs: up to 2 rows by MKL and no padding
-    on Intel's, where MKL runs AVX-512 code, in a torch built with MKL; else oneDNN for every row count, fewer than
-    6 rows padded to 6 (the shipped file's own settings; see there)."""
-    return (2, 0) if vendor == "GenuineIntel" and torch.backends.mkl.is_available() else (0, AMD_PADDED_ROWS)
+def mkl_runs_avx512(vendor: str) -> bool:
+    """Whether MKL, behind `F.linear`, runs its AVX-512 code on this vendor's CPUs: on Intel's, in a torch built with
+    MKL. Elsewhere (AMD) it runs slower code, and the shipped files' defaults, which use oneDNN, apply."""
+    return vendor == "GenuineIntel" and torch.backends.mkl.is_available()
+
+
+def use_mkl_where_it_is_fast() -> None:
+    """The shipped files' settings for a CPU where MKL runs its AVX-512 code: training products stay with `F.linear`
+    (`modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS`), and a decode step multiplies up to 2 rows with it and pads none
+    (`decoding_seq2seq.FEW_ROWS_ON_MKL`, `PADDED_ROWS`); those say why."""
+    modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS = False
+    decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS = 2, 0

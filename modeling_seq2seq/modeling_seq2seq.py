@@ -230,14 +230,20 @@ def add_dropout(residual: torch.Tensor, x: torch.Tensor, p: float, training: boo
 # The decode loop's `linear(module, x)` while it encodes the source (`decoding_seq2seq.IncrementalDecoder`).
 search_linear = contextvars.ContextVar("search_linear", default=None)
 
+# Whether training products go to `OneDNNLinear`, which pays off where MKL lacks AVX-512 code (AMD CPUs). On an Intel
+# CPU, MKL has it, and a base training step with every product on MKL was 1.4 to 3.5% faster (a 2-core Xeon, three
+# alternating runs). This file cannot tell which CPU it runs on (it ships as remote code, which opens no file); the
+# installed package sets False where it finds an Intel CPU (`modeling_seq2seq.cpu`).
+ONEDNN_TRAINING_PRODUCTS = True
+
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, computed by `OneDNNLinear` when training (module in train mode, autograd recording) a plain
-    float32 `nn.Linear` on a CPU with enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23
+    float32 `nn.Linear` on a CPU (where `ONEDNN_TRAINING_PRODUCTS`) with enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23
     multiply-adds, or a weight of 2^20 values or more. Evaluation keeps `F.linear`, so that logits stay
     bit-identical to MarianMTModel's, except inside our `generate`, whose search picks its own kernels
     (`search_linear`, `decoding_seq2seq.DecodeStepLinear`)."""
-    if not (module.training and torch.is_grad_enabled() and is_plain_linear(module)):
+    if not (module.training and torch.is_grad_enabled() and ONEDNN_TRAINING_PRODUCTS and is_plain_linear(module)):
         # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
         search = None if module.training or torch.compiler.is_compiling() else search_linear.get()
         return module(x) if search is None else search(module, x)

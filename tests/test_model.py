@@ -19,7 +19,7 @@ from modeling_seq2seq import (
     Seq2SeqTransformerForConditionalGeneration,
     Seq2SeqTransformerModel,
 )
-from modeling_seq2seq import decoding_seq2seq
+from modeling_seq2seq import decoding_seq2seq, modeling_seq2seq
 from modeling_seq2seq.convert import from_marian, to_marian
 from modeling_seq2seq.decoding_seq2seq import (
     DecodeStepLinear,
@@ -262,15 +262,28 @@ def wide_model():
                       decoder_attention_heads=8, vocab_size=600)
 
 
-def test_few_rows_go_to_mkl_on_intel_cpus_only(monkeypatch):
-    """MKL runs its AVX-512 code on Intel CPUs only: elsewhere (AMD, or a vendor that cannot be read) oneDNN takes
-    every row count, padded. The installed package sets the shipped file's settings from this machine's vendor."""
-    from modeling_seq2seq.cpu import cpu_vendor, few_rows_settings
+def test_mkl_is_used_where_it_is_fast_on_intel_cpus_only(monkeypatch):
+    """MKL runs its AVX-512 code on Intel CPUs only: there training products and decode steps of one or two rows stay
+    with `F.linear`; elsewhere (AMD, or a vendor that cannot be read) the shipped files' oneDNN defaults apply. The
+    installed package chose by this machine's vendor."""
+    from modeling_seq2seq import cpu
 
-    assert (decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS) == few_rows_settings(cpu_vendor())
-    assert [few_rows_settings(vendor) for vendor in ("GenuineIntel", "AuthenticAMD", "")] == [(2, 0), (0, 6), (0, 6)]
+    intel = (False, 2, 0)
+    settings = (modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS, decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS)
+    assert settings == (intel if cpu.mkl_runs_avx512(cpu.cpu_vendor()) else (True, 0, 6))
+    assert [cpu.mkl_runs_avx512(vendor) for vendor in ("GenuineIntel", "AuthenticAMD", "")] == [True, False, False]
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # a torch built without MKL
-    assert few_rows_settings("GenuineIntel") == (0, 6)
+    assert not cpu.mkl_runs_avx512("GenuineIntel")
+    for name in ("ONEDNN_TRAINING_PRODUCTS", "FEW_ROWS_ON_MKL", "PADDED_ROWS"):  # restored after the test
+        monkeypatch.setattr(modeling_seq2seq if name.startswith("ONEDNN") else decoding_seq2seq, name, None)
+    cpu.use_mkl_where_it_is_fast()
+    assert (modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS, decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS) == intel
+
+
+@pytest.fixture
+def onednn_training(monkeypatch):
+    """Training products on `OneDNNLinear`, as on AMD CPUs, whatever this machine is."""
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", True)
 
 
 FEW_ROWS_SETTINGS = {"amd": (0, 6), "intel": (2, 0)}
@@ -305,7 +318,7 @@ def test_decode_step_linear_equals_a_float64_recomputation(cpu, monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias):
+def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias, onednn_training):
     torch.manual_seed(0)
     module = torch.nn.Linear(512, 1536, bias=bias)
     x = torch.randn(4, 48, 512, requires_grad=True)
@@ -378,7 +391,7 @@ def ran_on_onednn(output):
     return type(node).__name__ == "OneDNNLinearBackward"
 
 
-def test_onednn_linear_output_can_be_edited_in_place_and_differentiated_twice():
+def test_onednn_linear_output_can_be_edited_in_place_and_differentiated_twice(onednn_training):
     torch.manual_seed(0)
     module = torch.nn.Linear(512, 1024)
     x = torch.randn(3, 40, 512, requires_grad=True)
@@ -402,7 +415,7 @@ class ScaledLinear(torch.nn.Linear):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao, mkldnn.flags
-def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(monkeypatch):
+def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(monkeypatch, onednn_training):
     """Anything that changes what a layer computes (hooks, subclasses, accelerate's replaced forward, autocast,
     other dtypes) keeps the module's own call; so does a product too small for oneDNN to pay off."""
     torch.manual_seed(0)
@@ -431,6 +444,9 @@ def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(mon
     assert not ran_on_onednn(linear(copy.deepcopy(plain).eval(), x))  # evaluation: F.linear, Marian's bits
     with torch.backends.mkldnn.flags(enabled=False):
         assert not ran_on_onednn(linear(plain, x))
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", False)  # an Intel CPU: MKL, by the module
+    assert not ran_on_onednn(linear(plain, x)) and torch.equal(linear(plain, x), plain(x))
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", True)
     with torch.autograd.forward_ad.dual_level():  # forward-mode AD
         dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
         tangent = torch.autograd.forward_ad.unpack_dual(linear(plain, dual)).tangent
@@ -444,7 +460,7 @@ def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(mon
     assert linear(copy.deepcopy(plain).double(), x.double()).dtype == torch.float64
 
 
-def test_training_gradients_match_marian_where_products_run_on_onednn():
+def test_training_gradients_match_marian_where_products_run_on_onednn(onednn_training):
     """At widths where every training product goes through OneDNNLinear, loss and gradients equal MarianMTModel's
     (MKL) up to float rounding, and inference logits are Marian's exactly."""
     torch.manual_seed(0)
@@ -801,7 +817,7 @@ def test_gradient_reaches_every_parameter():
         dict(dropout=0.3, activation_dropout=0.2, attention_dropout=0.1, attn_implementation="eager"),  # same masks
     ],
 )
-def test_gradient_checkpointing_gives_the_same_gradients(settings):
+def test_gradient_checkpointing_gives_the_same_gradients(settings, onednn_training):
     source, mask = padded_batch()
     labels = torch.randint(4, VOCAB, (4, 6))
     gradients = []
