@@ -990,13 +990,24 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
+NORM_CHUNK = 1 << 18  # float32 values per dot product in `squared_norm_on_cpu`
+
+
+def squared_norm_on_cpu(grads: list) -> torch.Tensor:
+    """The sum of the squares of float32 CPU tensors (float64): a BLAS dot product per chunk of `NORM_CHUNK`
+    values, summed in float64. At the base preset on a 2-core Xeon 11 ms against 22 ms for
+    `torch.nn.utils.get_total_norm`, and closer to a float64 recomputation (2e-8 against 2.5e-4 relative)."""
+    return torch.stack([torch.dot(chunk, chunk) for g in grads for chunk in g.reshape(-1).split(NORM_CHUNK)]).double().sum()
+
+
 def gradient_norm(parameters: list, max_norm: float | None, accelerator=None) -> float:
     """The total 2-norm of the parameters' gradients, after clipping them to `max_norm` when it is set; through
     `accelerator` when given (it unscales fp16 gradients, and FSDP, DeepSpeed and XLA, whose gradients are sharded
     or reduced inside accelerate, keep its own method).
 
     Without clipping only the norm is computed: `clip_grad_norm_(..., inf)` also multiplies every gradient by 1,
-    one more pass over all of them (8 of its 20 ms at the base preset on 2 cores)."""
+    one more pass over all of them (8 of its 20 ms at the base preset on 2 cores); float32 gradients on a CPU by
+    `squared_norm_on_cpu`."""
     from accelerate.utils import DistributedType
 
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -1009,6 +1020,8 @@ def gradient_norm(parameters: list, max_norm: float | None, accelerator=None) ->
         return float(clip(parameters, max_norm or float("inf")))
     if accelerator is not None:
         accelerator.unscale_gradients()
+    if grads and all(g.device.type == "cpu" and g.dtype == torch.float32 and g.layout == torch.strided for g in grads):
+        return math.sqrt(float(squared_norm_on_cpu(grads)))
     return float(total_norm(grads))
 
 

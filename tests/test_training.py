@@ -222,6 +222,24 @@ def test_gradient_norm_is_clip_grad_norms_and_clips_only_when_asked(max_norm, th
             torch.testing.assert_close(ours.grad, theirs.grad)  # clipped (0.5) or untouched, as clip_grad_norm_
 
 
+def test_the_gradient_norm_on_a_cpu_equals_a_float64_recomputation(monkeypatch):
+    """Chunked float32 dot products summed in float64: within 1e-6 of the float64 norm where float32 sums of millions
+    of squares drift (a bias on every value makes the squares add up without cancelling), over chunk boundaries,
+    views and non-contiguous gradients; an infinite or NaN gradient gives an infinite or NaN norm, which makes the
+    loop skip the update."""
+    monkeypatch.setattr(training, "NORM_CHUNK", 1000)
+    torch.manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.empty(shape)) for shape in [(3000, 700), (2500,), (7,), (64, 64)]]
+    for parameter in parameters:
+        parameter.grad = torch.randn(parameter.shape) * 1e-3 + 1e-3
+    parameters[3].grad = parameters[3].grad.t()  # not contiguous
+    reference = math.sqrt(sum(float(p.grad.double().square().sum()) for p in parameters))
+    assert training.gradient_norm(parameters, None) == pytest.approx(reference, rel=1e-6)
+    for bad in (math.inf, math.nan):
+        parameters[1].grad[5] = bad
+        assert repr(training.gradient_norm(parameters, None)) == repr(bad)
+
+
 def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
     bad_key = tmp_path / "bad_key.yaml"
     bad_key.write_text("max_step: 10\n")
