@@ -44,6 +44,7 @@ from modeling_seq2seq.modeling_seq2seq import (
     onednn_matmul,
     onednn_matmul_keeps_float32,
     search_linear,
+    tied_gradient,
 )
 from modeling_seq2seq.presets import load_preset
 
@@ -801,6 +802,95 @@ def test_label_smoothed_loss_and_gradient_equal_a_float64_recomputation(epsilon)
     assert abs(loss.item() - torch_loss.item()) < 1e-5
 
 
+def lookup_backward_nodes(model, **inputs):
+    """Run a forward; return the output and the names of the backward nodes of the embedding lookups it made."""
+    names = []
+
+    def record(module, args, output):  # output = lookup * scale: its grad_fn's input is the lookup's backward node
+        if output.grad_fn is not None:
+            names.append(type(output.grad_fn.next_functions[0][0]).__name__)
+
+    handle = model.get_input_embeddings().register_forward_hook(record)
+    try:
+        output = model(**inputs)
+    finally:
+        handle.remove()
+    return output, names
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn products", "mkl products"])
+def test_the_tied_matrixs_gradient_is_gathered_in_one_buffer_and_equals_marians(onednn, monkeypatch):
+    """In CPU training of the tied model, the lookups add their rows into the output projection's d/dW
+    (`TiedGradient`). The shared matrix's gradient equals MarianMTModel's however the graph is used: one backward,
+    two forwards summed, a graph backpropagated twice, `torch.autograd.grad`, gradients accumulated over calls, and
+    a loss that does not use the logits (where the lookups fall back to their own dense gradients)."""
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", onednn)
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    labels[0, -2:] = -100
+    inputs = dict(input_ids=source, attention_mask=mask, labels=labels)
+    other = dict(input_ids=source.flip(0), attention_mask=mask.flip(0), labels=labels.roll(1, 0))
+
+    def encoder_loss(model, batch):  # padding left out: Marian's lookup gives its padding row no gradient
+        return (model(**batch).encoder_last_hidden_state * batch["attention_mask"][..., None]).square().sum()
+
+    def use(model, how):
+        weight = model.get_input_embeddings().weight
+        if how == "one backward":
+            model(**inputs).loss.backward()
+        elif how == "two forwards summed":
+            (model(**inputs).loss + model(**other).loss).backward()
+        elif how == "backward twice":
+            loss = model(**inputs).loss
+            loss.backward(retain_graph=True)
+            loss.backward()
+        elif how == "autograd.grad":
+            return torch.autograd.grad(model(**inputs).loss, [weight])[0]
+        elif how == "accumulated":
+            model(**inputs).loss.backward()
+            model(**other).loss.backward()
+        elif how == "logits unused":
+            encoder_loss(model, inputs).backward()
+        elif how == "logits and encoder":
+            (model(**inputs).loss + encoder_loss(model, other)).backward()
+        elif how == "graph in parts":  # the projection's backward runs alone first, then the encoder's lookup alone
+            output = model(**inputs)
+            torch.autograd.grad(output.loss, [model.get_decoder().layers[-1].final_layer_norm.weight],
+                                retain_graph=True)
+            (output.encoder_last_hidden_state * mask[..., None]).square().sum().backward()
+        elif how == "double backward":  # eager attention: SDPA's CPU kernel has no second derivative
+            model.config._attn_implementation = "eager"
+            logits = model(input_ids=source, attention_mask=mask, decoder_input_ids=labels.clamp(min=4)).logits
+            gradient = torch.autograd.grad(logits.log_softmax(-1).mean(), [weight], create_graph=True)[0]
+            gradient.square().sum().backward()
+        return weight.grad
+
+    for how in ("one backward", "two forwards summed", "backward twice", "autograd.grad", "accumulated",
+                "logits unused", "logits and encoder", "graph in parts", "double backward"):
+        model = make_model(dropout=0.0).train()
+        marian = to_marian(model).train()
+        gradient, reference = use(model, how), use(marian, how)
+        assert gradient.layout == torch.strided and gradient.shape == reference.shape, how
+        assert torch.allclose(gradient, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item()), how
+        assert tied_gradient.get() is None
+    torch.optim.Adam(model.parameters(), fused=True).step()
+
+    model = make_model(dropout=0.0).train()
+    assert lookup_backward_nodes(model, **inputs)[1] == ["TiedLookupBackward"] * 2
+    # Elsewhere autograd's own lookups: evaluation, the model without its projection, untied weights.
+    assert lookup_backward_nodes(model.eval(), **inputs)[1] == ["EmbeddingBackward0"] * 2
+    plain = dict(input_ids=source, decoder_input_ids=labels.clamp(0))
+    assert lookup_backward_nodes(model.model.train(), **plain)[1] == ["EmbeddingBackward0"] * 2
+    untied = make_model(dropout=0.0, tie_word_embeddings=False).train()
+    assert untied.lm_head.weight is not untied.model.shared.weight
+    assert lookup_backward_nodes(untied, **inputs)[1] == ["EmbeddingBackward0"] * 2
+    with pytest.raises(ValueError, match="decoder_input_ids"):  # the setting is reset when the forward fails
+        model.train()(**inputs, decoder_input_ids=labels.clamp(0) + VOCAB)
+    assert tied_gradient.get() is None
+    with pytest.raises(RuntimeError, match="no second derivative"):  # rather than a silently incomplete one
+        torch.autograd.grad(model(**inputs).loss, [model.model.shared.weight], create_graph=True)
+
+
 def test_gradient_reaches_every_parameter():
     model = make_model().train()
     source, mask = padded_batch()
@@ -851,7 +941,7 @@ def test_lowbias32_on_int32_equals_the_uint32_hash():
     assert lowbias32_reference(np.array([1], dtype=np.uint32))[0] != 1  # not the identity
 
 
-@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.3, 0.5, 0.9])  # 0.01: a 32-bit number per element; others: 16 bits
 def test_dropout_mask_drops_each_element_independently_with_probability_p(p):
     torch.manual_seed(0)
     n = 1_000_000
@@ -864,6 +954,15 @@ def test_dropout_mask_drops_each_element_independently_with_probability_p(p):
     pair_sigma = math.sqrt(p * p * (1 - p * p) / (n // 2))
     for a, b in ((dropped[:-1], dropped[1:]), (dropped, dropped_next), (dropped[:-512], dropped[512:])):
         assert abs((a & b).double().mean().item() - p * p) < 5 * pair_sigma
+
+
+def test_a_dropout_probability_below_the_16_bit_resolution_is_not_rounded_away():
+    torch.manual_seed(0)
+    p, n = 2**-18, 2**22  # 16-bit halves would round p to 0; 32-bit numbers drop ~16 of these elements
+    dropped = (dropout_mask(torch.Size([n]), p, torch.float32) == 0).sum().item()
+    assert 4 <= dropped <= 40
+    odd = dropout_mask(torch.Size([3, 5, 7]), 0.5, torch.float64)  # an odd count: half of the last hash is unused
+    assert odd.shape == (3, 5, 7) and odd.dtype == torch.float64 and set(odd.unique().tolist()) <= {0.0, 2.0}
 
 
 def test_dropout_is_reproducible_from_torchs_seed_and_scales_what_it_keeps():
