@@ -9,6 +9,8 @@ know `Seq2SeqTrainer`: our model is a regular `transformers` seq2seq LM, so `Dat
 its decoder inputs (via `prepare_decoder_input_ids_from_labels`) and `predict_with_generate=True` evaluates
 with beam search. Note the model computes its own label-smoothed loss (`config.label_smoothing`).
 `--save_steps N` writes the Trainer's own checkpoints, and `--resume_from_checkpoint PATH|latest` continues one.
+Each checkpoint gets our manifest once the Trainer has written it (sizes and sha256 of its files, written last), so
+`latest` takes the newest complete one: a checkpoint torn by a kill or a full disk is skipped with a warning.
 """
 
 import os
@@ -57,6 +59,7 @@ def finetune(args):
     """Run Seq2SeqTrainer; returns (trainer, final evaluation metrics or {})."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
+    from modeling_seq2seq import checkpointing as ckpt
     from modeling_seq2seq.training import load_model_and_tokenizer, translation_metrics
 
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if args.use_cpu else None)
@@ -106,13 +109,30 @@ def finetune(args):
         data_collator=collator,
         processing_class=tokenizer,  # transformers 5.x raises on tokenizer=
         compute_metrics=compute_metrics if has_eval else None,
+        callbacks=[manifest_on_save_callback()],
     )
     resume = args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    if resume == "latest":  # None (a warning said why) when there is no complete checkpoint: start from scratch
+        resume = ckpt.resolve_resume_checkpoint("latest", args.output_dir)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     metrics = trainer.evaluate() if has_eval else {}
     model.config.use_cache = True  # the Trainer switches the cache off while training
     save_final_model(trainer, tokenizer, args.output_dir)
     return trainer, metrics
+
+
+def manifest_on_save_callback():
+    """A `TrainerCallback` that writes our manifest into each checkpoint the Trainer has just saved (main process)."""
+    from transformers import TrainerCallback
+
+    from modeling_seq2seq import checkpointing as ckpt
+
+    class ManifestOnSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt.write_manifest(ckpt.checkpoint_path(args.output_dir, state.global_step), state.global_step)
+
+    return ManifestOnSave()
 
 
 def save_final_model(trainer, tokenizer, output_dir) -> None:

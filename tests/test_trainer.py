@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -85,10 +86,12 @@ def test_seq2seq_trainer_lowers_the_loss_and_generation_works(saved_model, numbe
         before.main(["--model", "m", "--output_dir", "o", "--save_steps", "-1"])
 
 
-def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path):
+def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path, caplog):
     """--save_steps writes the Trainer's checkpoints; --resume_from_checkpoint continues one to the weights of the
-    run that was never stopped."""
+    run that was never stopped; `latest` skips a torn checkpoint."""
     from safetensors.torch import load_file
+
+    from modeling_seq2seq import checkpointing as ckpt
 
     script = load_script("finetune_trainer")
 
@@ -103,9 +106,18 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
 
     whole = run(tmp_path / "whole", "--save_steps", "6")
     assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    for checkpoint in (tmp_path / "whole").glob("checkpoint-*"):  # each one complete, by our manifest
+        assert ckpt.verify_checkpoint(checkpoint) is None
     resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-6"))
     shutil.copytree(tmp_path / "whole" / "checkpoint-6", tmp_path / "again" / "checkpoint-6")
-    latest = run(tmp_path / "again", "--resume_from_checkpoint", "latest")
+    # A later checkpoint torn by a kill: its weights cut short, and no manifest (the Trainer had not finished).
+    shutil.copytree(tmp_path / "whole" / "checkpoint-12", tmp_path / "again" / "checkpoint-9")
+    torn = tmp_path / "again" / "checkpoint-9"
+    (torn / ckpt.MANIFEST_NAME).unlink()
+    (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        latest = run(tmp_path / "again", "--resume_from_checkpoint", "latest")
+    assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-9" in caplog.text
     for other in (resumed, latest):
         assert whole.keys() == other.keys()
         for name in whole:
