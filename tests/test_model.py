@@ -958,9 +958,10 @@ def test_dropout_mask_drops_each_element_independently_with_probability_p(p):
 
 def test_a_dropout_probability_below_the_16_bit_resolution_is_not_rounded_away():
     torch.manual_seed(0)
-    p, n = 2**-18, 2**22  # 16-bit halves would round p to 0; 32-bit numbers drop ~16 of these elements
-    dropped = (dropout_mask(torch.Size([n]), p, torch.float32) == 0).sum().item()
-    assert 4 <= dropped <= 40
+    n = 2**22  # 16-bit halves would round p (or 1 - p) to 0; 32-bit numbers drop (or keep) ~16 of these elements
+    dropped = (dropout_mask(torch.Size([n]), 2**-18, torch.float32) == 0).sum().item()
+    kept = (dropout_mask(torch.Size([n]), 1 - 2**-18, torch.float32) != 0).sum().item()
+    assert 4 <= dropped <= 40 and 4 <= kept <= 40
     odd = dropout_mask(torch.Size([3, 5, 7]), 0.5, torch.float64)  # an odd count: half of the last hash is unused
     assert odd.shape == (3, 5, 7) and odd.dtype == torch.float64 and set(odd.unique().tolist()) <= {0.0, 2.0}
 
