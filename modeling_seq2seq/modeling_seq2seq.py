@@ -316,7 +316,8 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 class ScaledWordEmbedding(nn.Embedding):
-    """Section 3.4: learned embeddings whose weights are multiplied by sqrt(d_model)."""
+    """Section 3.4: learned embeddings whose weights are multiplied by sqrt(d_model). In CPU training of the tied
+    model, a lookup's weight gradient is gathered with the output projection's (`TiedGradient`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float = 1.0):
         super().__init__(num_embeddings, embedding_dim)
@@ -328,88 +329,6 @@ class ScaledWordEmbedding(nn.Embedding):
         if tied is None or not plain:
             return super().forward(input_ids) * self.embed_scale
         return TiedLookup.apply(input_ids, self.weight, tied) * self.embed_scale
-
-
-class TiedGradient:
-    """The gradient of the matrix that Section 3.4 shares between the two embeddings and the output projection, for
-    one forward, gathered in one buffer. The projection's backward (`TiedOutputProjection`) keeps its dense d/dW;
-    each lookup's backward (`TiedLookup`), which autograd runs after it, adds its rows there in place, and the last
-    one hands the sum to autograd as the forward's whole gradient of the matrix. Left to autograd, each lookup's
-    gradient is a zero-filled copy of the whole matrix, then added to the others (out of place, behind `F.linear`):
-    ~25 ms of a base training step on a 2-core Xeon (37,000 x 512), where gathering takes ~0.5 ms.
-
-    Only within the backward pass (autograd's graph task) that ran the projection; any other backward (the logits
-    unused, or the graph backpropagated in parts) gets each lookup's own dense gradient. A backward that builds a
-    graph (double backward) uses plain differentiable products throughout."""
-
-    def __init__(self):
-        self.buffer, self.task = None, None
-        self.lookups = self.pending = 0  # lookups made in the forward; those yet to add their rows in this backward
-
-    def keep(self, grad_weight: torch.Tensor) -> bool:
-        """From the projection's backward: whether the lookups take d/dW over (then the projection returns None)."""
-        if self.lookups == 0 or torch.is_grad_enabled():
-            self.buffer = None
-            return False
-        self.buffer, self.task, self.pending = grad_weight, torch._C._current_graph_task_id(), self.lookups
-        return True
-
-    def add(self, ids: torch.Tensor, rows: torch.Tensor, weight_shape: torch.Size):
-        """From a lookup's backward: its d/dW (None while other lookups have rows to add)."""
-        if self.buffer is None or self.task != torch._C._current_graph_task_id() or torch.is_grad_enabled():
-            return rows.new_zeros(weight_shape).index_add(0, ids, rows)
-        self.buffer.index_add_(0, ids, rows)
-        self.pending -= 1
-        if self.pending:
-            return None
-        gathered, self.buffer = self.buffer, None
-        return gathered
-
-
-# The `TiedGradient` of the running forward, set by `Seq2SeqTransformerForConditionalGeneration.forward`.
-tied_gradient = contextvars.ContextVar("tied_gradient", default=None)
-
-
-class TiedLookup(torch.autograd.Function):
-    """`F.embedding(ids, weight)`, whose d/dweight is gathered by `TiedGradient`."""
-
-    @staticmethod
-    def forward(ctx, ids, weight, tied):
-        ctx.save_for_backward(ids)
-        ctx.tied, ctx.weight_shape = tied, weight.shape
-        tied.lookups += 1
-        return F.embedding(ids, weight)
-
-    @staticmethod
-    def backward(ctx, grad_embeddings):
-        (ids,) = ctx.saved_tensors
-        rows = grad_embeddings.reshape(-1, grad_embeddings.shape[-1])
-        return None, ctx.tied.add(ids.reshape(-1), rows, ctx.weight_shape), None
-
-
-class TiedOutputProjection(torch.autograd.Function):
-    """Section 3.4's output projection, logits = h W^T + b, where W is also the embedding matrix, whose d/dW is
-    gathered by `TiedGradient`. Products as `linear` computes them: oneDNN's where `ONEDNN_TRAINING_PRODUCTS`, else
-    MKL's."""
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias, tied):
-        ctx.tied, ctx.onednn = tied, ONEDNN_TRAINING_PRODUCTS and onednn_linear_kernel() is not None
-        if ctx.onednn:
-            return OneDNNLinear.forward(ctx, rows, weight, bias)
-        ctx.save_for_backward(rows, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(rows, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_logits):
-        if ctx.onednn:
-            grad_rows, grad_weight, grad_bias = OneDNNLinear.backward(ctx, grad_logits)
-        else:
-            rows, weight = ctx.saved_tensors
-            grad_rows, grad_weight = grad_logits @ weight, grad_logits.t() @ rows
-            grad_bias = grad_logits.sum(0) if ctx.has_bias else None
-        return grad_rows, None if ctx.tied.keep(grad_weight) else grad_weight, grad_bias, None
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -1038,6 +957,88 @@ class LabelSmoothedCrossEntropy(torch.autograd.Function):
         # in-place passes, which on CPUs take half the time of one `addcmul` with the (tokens, 1) weight broadcast.
         grad = log_probs.exp().mul_(weight).sub_(weight * (ctx.epsilon / log_probs.shape[-1]))
         return grad.scatter_add_(1, targets[:, None], weight * (ctx.epsilon - 1)), None, None, None
+
+
+class TiedGradient:
+    """The gradient of the matrix that Section 3.4 shares between the two embeddings and the output projection, for
+    one forward, gathered in one buffer. The projection's backward (`TiedOutputProjection`) keeps its dense d/dW;
+    each lookup's backward (`TiedLookup`), which autograd runs after it, adds its rows there in place, and the last
+    one hands the sum to autograd as the forward's whole gradient of the matrix. Left to autograd, each lookup's
+    gradient is a zero-filled copy of the whole matrix, then added to the others (out of place, behind `F.linear`):
+    ~25 ms of a base training step on a 2-core Xeon (37,000 x 512), where gathering takes ~0.5 ms.
+
+    Only within the backward pass (autograd's graph task) that ran the projection; any other backward (the logits
+    unused, or the graph backpropagated in parts) gets each lookup's own dense gradient. A backward that builds a
+    graph (double backward) uses plain differentiable products throughout."""
+
+    def __init__(self):
+        self.buffer, self.task = None, None
+        self.lookups = self.pending = 0  # lookups made in the forward; those yet to add their rows in this backward
+
+    def keep(self, grad_weight: torch.Tensor) -> bool:
+        """From the projection's backward: whether the lookups take d/dW over (then the projection returns None)."""
+        if self.lookups == 0 or torch.is_grad_enabled():
+            self.buffer = None
+            return False
+        self.buffer, self.task, self.pending = grad_weight, torch._C._current_graph_task_id(), self.lookups
+        return True
+
+    def add(self, ids: torch.Tensor, rows: torch.Tensor, weight_shape: torch.Size):
+        """From a lookup's backward: its d/dW (None while other lookups have rows to add)."""
+        if self.buffer is None or self.task != torch._C._current_graph_task_id() or torch.is_grad_enabled():
+            return rows.new_zeros(weight_shape).index_add(0, ids, rows)
+        self.buffer.index_add_(0, ids, rows)
+        self.pending -= 1
+        if self.pending:
+            return None
+        gathered, self.buffer = self.buffer, None
+        return gathered
+
+
+# The `TiedGradient` of the running forward, set by `Seq2SeqTransformerForConditionalGeneration.forward`.
+tied_gradient = contextvars.ContextVar("tied_gradient", default=None)
+
+
+class TiedLookup(torch.autograd.Function):
+    """`F.embedding(ids, weight)`, whose d/dweight is gathered by `TiedGradient`."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, tied):
+        ctx.save_for_backward(ids)
+        ctx.tied, ctx.weight_shape = tied, weight.shape
+        tied.lookups += 1
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_embeddings):
+        (ids,) = ctx.saved_tensors
+        rows = grad_embeddings.reshape(-1, grad_embeddings.shape[-1])
+        return None, ctx.tied.add(ids.reshape(-1), rows, ctx.weight_shape), None
+
+
+class TiedOutputProjection(torch.autograd.Function):
+    """Section 3.4's output projection, logits = h W^T + b, where W is also the embedding matrix, whose d/dW is
+    gathered by `TiedGradient`. Products as `linear` computes them: oneDNN's where `ONEDNN_TRAINING_PRODUCTS`, else
+    MKL's."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, tied):
+        ctx.tied, ctx.onednn = tied, ONEDNN_TRAINING_PRODUCTS and onednn_linear_kernel() is not None
+        if ctx.onednn:
+            return OneDNNLinear.forward(ctx, rows, weight, bias)
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(rows, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        if ctx.onednn:
+            grad_rows, grad_weight, grad_bias = OneDNNLinear.backward(ctx, grad_logits)
+        else:
+            rows, weight = ctx.saved_tensors
+            grad_rows, grad_weight = grad_logits @ weight, grad_logits.t() @ rows
+            grad_bias = grad_logits.sum(0) if ctx.has_bias else None
+        return grad_rows, None if ctx.tied.keep(grad_weight) else grad_weight, grad_bias, None
 
 
 class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedModel, GenerationMixin):
