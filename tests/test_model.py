@@ -891,6 +891,42 @@ def test_the_tied_matrixs_gradient_is_gathered_in_one_buffer_and_equals_marians(
         torch.autograd.grad(model(**inputs).loss, [model.model.shared.weight], create_graph=True)
 
 
+def test_logits_for_labels_only_give_marians_loss_and_gradients_and_its_logits_at_those_positions():
+    """`logits_for_labels_only=True` (what the training loop passes) projects only the labelled positions: same loss
+    and gradients as MarianMTModel's full projection, and its logits at those positions."""
+    from modeling_seq2seq.training import compute_loss
+
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    labels[0, -2:] = labels[2, -3:] = -100
+    kept = labels != -100
+    model = make_model(dropout=0.0).train()
+    marian = to_marian(model).train()
+    output = model(input_ids=source, attention_mask=mask, labels=labels, logits_for_labels_only=True)
+    reference = marian(input_ids=source, attention_mask=mask, labels=labels)
+    assert output.logits.shape == (int(kept.sum()), VOCAB)
+    torch.testing.assert_close(output.logits, reference.logits[kept], rtol=1e-5, atol=1e-5)
+    assert abs(output.loss.item() - reference.loss.item()) < 1e-5
+    output.loss.backward()
+    reference.loss.backward()
+    pairs = ((model.model.shared.weight, marian.model.shared.weight),
+             (model.model.decoder.layers[-1].feed_forward.fc2.weight, marian.model.decoder.layers[-1].fc2.weight))
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6 * theirs.grad.abs().max().item())
+    # Without labels, or without the flag, every position is projected.
+    assert model(input_ids=source, attention_mask=mask, decoder_input_ids=labels.clamp(4),
+                 logits_for_labels_only=True).logits.shape == (4, 6, VOCAB)
+    assert model(input_ids=source, attention_mask=mask, labels=labels).logits.shape == (4, 6, VOCAB)
+    # The training loop's loss projects the labelled positions only.
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        loss = compute_loss(model, dict(input_ids=source, attention_mask=mask, labels=labels))
+    finally:
+        handle.remove()
+    assert rows == [int(kept.sum())] and abs(loss.item() - reference.loss.item()) < 1e-5
+
+
 def test_gradient_reaches_every_parameter():
     model = make_model().train()
     source, mask = padded_batch()
