@@ -1240,9 +1240,9 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
 
         `logits_for_labels_only=True` (with `labels`; what our training loop passes) computes the output projection
         only at the positions whose label is not -100: `logits` is then (positions, vocab_size), those positions in
-        order, and the loss is the same. Token batches of real text leave ~20 to 30% of the target positions as
-        padding, and the projection with its loss is about a third of a base training step. Not under
-        `torch.compile`, where the count of positions would be data-dependent: there all positions are computed."""
+        order, and the loss is the same. Token batches of the benchmark's realistic length mix leave ~30% of the
+        label positions as padding, and the projection with its loss is about a quarter of a base training step. Not
+        under `torch.compile`, where the count of positions would be data-dependent: there all positions are computed."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             use_cache = False
