@@ -316,19 +316,20 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 class ScaledWordEmbedding(nn.Embedding):
-    """Section 3.4: learned embeddings whose weights are multiplied by sqrt(d_model). In CPU training of the tied
-    model, a lookup's weight gradient is gathered with the output projection's (`TiedGradient`)."""
+    """Section 3.4: learned embeddings whose weights are multiplied by sqrt(d_model). As in MarianMTModel and BART,
+    the padding token's row gets no gradient from the lookups (`padding_idx`; it is not zeroed at initialisation).
+    In CPU training of the tied model, a lookup's weight gradient is gathered with the output projection's
+    (`TiedGradient`)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float = 1.0):
-        super().__init__(num_embeddings, embedding_dim)
+    def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float = 1.0, padding_idx=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
         self.embed_scale = embed_scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         tied = None if torch.compiler.is_compiling() else tied_gradient.get()
-        plain = self.padding_idx is None and self.max_norm is None and not (self.scale_grad_by_freq or self.sparse)
-        if tied is None or not plain:
+        if tied is None or self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
             return super().forward(input_ids) * self.embed_scale
-        return TiedLookup.apply(input_ids, self.weight, tied) * self.embed_scale
+        return TiedLookup.apply(input_ids, self.weight, tied, self.padding_idx) * self.embed_scale
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -840,7 +841,7 @@ class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
     def __init__(self, config: Seq2SeqTransformerConfig):
         super().__init__(config)
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self.shared = ScaledWordEmbedding(config.vocab_size, config.d_model, embed_scale)
+        self.shared = ScaledWordEmbedding(config.vocab_size, config.d_model, embed_scale, config.pad_token_id)
         self.encoder = Encoder(config, self.shared)
         self.decoder = Decoder(config, self.shared)
         self.post_init()
@@ -926,21 +927,32 @@ class LabelSmoothedCrossEntropy(torch.autograd.Function):
     distribution, averaged over the positions whose label is not `ignore_index`. Same value as
     `F.cross_entropy(..., label_smoothing=eps)`, in fewer passes over the (tokens x vocabulary) logits.
 
-    Per position, with log p = log_softmax(z): loss = -(1 - eps) log p_target - eps mean(log p), and
-    d loss / dz = p - (1 - eps) onehot(target) - eps / V, formed in the buffer that exp writes. torch's version
-    combines the gradients of its two terms, each the size of the logits. (`torch.logsumexp` would spare the
-    log-softmax's output, but on CPUs it takes twice as long: it materialises z - max.)
+    Per position, with p = softmax(z) and log p = z - logsumexp(z): loss = -(1 - eps) log p_target - eps mean(log p),
+    and d loss / dz = p - (1 - eps) onehot(target) - eps / V. The forward keeps p, not log p, so that the backward
+    forms the gradient in one pass, without the exponential that torch's log-softmax backward takes. logsumexp(z)
+    is z_target - log p_target on CPUs (recomputed for the rare positions whose p_target nears underflow), elsewhere
+    max z - log p at the largest logit, which never underflows: no extra pass over the logits, or one that needs no
+    host sync. (`torch.logsumexp` over all positions would take longer on CPUs than the softmax.)
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, epsilon: float, ignore_index: int = -100):
         valid = labels != ignore_index
         targets = labels.masked_fill(~valid, 0)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        target_log_probs = log_probs.gather(1, targets[:, None]).squeeze(1)
-        per_position = -(1 - epsilon) * target_log_probs - epsilon * log_probs.mean(dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+        if probs.is_cpu and not torch.compiler.is_compiling():
+            # From each target's probability (no pass over the logits), where it is far from underflow.
+            target_probs = probs.gather(1, targets[:, None]).squeeze(1)
+            log_normaliser = target_logits - target_probs.log()
+            underflowing = (target_probs < 1e-30).nonzero().squeeze(1)
+            log_normaliser[underflowing] = torch.logsumexp(logits[underflowing], dim=-1)
+        else:
+            log_normaliser = logits.amax(-1) - probs.amax(-1).log()
+        target_log_probs = target_logits - log_normaliser
+        per_position = -(1 - epsilon) * target_log_probs - epsilon * (logits.mean(-1) - log_normaliser)
         count = valid.sum()
-        ctx.save_for_backward(log_probs, targets, valid, count)
+        ctx.save_for_backward(probs, targets, valid, count)
         ctx.epsilon = epsilon
         return torch.where(valid, per_position, 0.0).sum() / count
 
@@ -951,11 +963,17 @@ class LabelSmoothedCrossEntropy(torch.autograd.Function):
                 "the model's label-smoothed loss has no second derivative: for a double backward (create_graph=True), "
                 "compute the loss from `logits` with F.cross_entropy(..., label_smoothing=config.label_smoothing)"
             )
-        log_probs, targets, valid, count = ctx.saved_tensors
-        weight = (valid * (grad_loss / count)).to(log_probs.dtype)[:, None]
-        # p = exp(log p), as torch's log-softmax backward has it: one pass, where softmax takes three. Then two
-        # in-place passes, which on CPUs take half the time of one `addcmul` with the (tokens, 1) weight broadcast.
-        grad = log_probs.exp().mul_(weight).sub_(weight * (ctx.epsilon / log_probs.shape[-1]))
+        probs, targets, valid, count = ctx.saved_tensors
+        weight = (valid * (grad_loss / count.clamp(min=1))).to(probs.dtype)[:, None]  # no labels: zero, as torch's
+        uniform = -ctx.epsilon / probs.shape[-1]
+        if probs.is_cpu and not torch.compiler.is_compiling():
+            # One pass with a scalar weight, then the unlabelled rows zeroed: on CPUs, a pass with the (tokens, 1)
+            # weight broadcast takes about twice as long.
+            scale = grad_loss.item() / max(count.item(), 1)
+            grad = torch.add(probs.new_full((), scale * uniform), probs, alpha=scale)
+            grad.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
+        else:
+            grad = torch.addcmul(weight * uniform, probs, weight)
         return grad.scatter_add_(1, targets[:, None], weight * (ctx.epsilon - 1)), None, None, None
 
 
@@ -1000,20 +1018,22 @@ tied_gradient = contextvars.ContextVar("tied_gradient", default=None)
 
 
 class TiedLookup(torch.autograd.Function):
-    """`F.embedding(ids, weight)`, whose d/dweight is gathered by `TiedGradient`."""
+    """`F.embedding(ids, weight, padding_idx)`, whose d/dweight is gathered by `TiedGradient`."""
 
     @staticmethod
-    def forward(ctx, ids, weight, tied):
+    def forward(ctx, ids, weight, tied, padding_idx):
         ctx.save_for_backward(ids)
-        ctx.tied, ctx.weight_shape = tied, weight.shape
+        ctx.tied, ctx.weight_shape, ctx.padding_idx = tied, weight.shape, padding_idx
         tied.lookups += 1
         return F.embedding(ids, weight)
 
     @staticmethod
     def backward(ctx, grad_embeddings):
-        (ids,) = ctx.saved_tensors
+        ids = ctx.saved_tensors[0].reshape(-1)
         rows = grad_embeddings.reshape(-1, grad_embeddings.shape[-1])
-        return None, ctx.tied.add(ids.reshape(-1), rows, ctx.weight_shape), None
+        if ctx.padding_idx is not None:
+            rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
+        return None, ctx.tied.add(ids, rows, ctx.weight_shape), None, None
 
 
 class TiedOutputProjection(torch.autograd.Function):

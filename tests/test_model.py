@@ -782,10 +782,17 @@ def test_loss_is_cross_entropy_over_shifted_labels_with_label_smoothing():
     assert torch.allclose(out.logits.double(), logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("backward", ["one pass", "per-position weight"])
+@pytest.mark.parametrize("scale", [3.0, 60.0])
 @pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.4])
-def test_label_smoothed_loss_and_gradient_equal_a_float64_recomputation(epsilon):
+def test_label_smoothed_loss_and_gradient_equal_a_float64_recomputation(epsilon, scale, backward, monkeypatch):
+    """Also at logits large enough that most probabilities underflow (the log-normaliser is taken from the largest),
+    through both ways the backward forms the gradient (CPU eager: one pass with a scalar weight; elsewhere a
+    per-position weight)."""
+    if backward == "per-position weight":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.manual_seed(0)
-    logits = (3 * torch.randn(12, 37)).requires_grad_()
+    logits = (scale * torch.randn(12, 37)).requires_grad_()
     labels = torch.randint(0, 37, (12,))
     labels[[2, 7]] = -100
     loss = LabelSmoothedCrossEntropy.apply(logits, labels, epsilon)
@@ -795,11 +802,16 @@ def test_label_smoothed_loss_and_gradient_equal_a_float64_recomputation(epsilon)
     nll, smooth = -log_probs.gather(-1, keep[:, None]).squeeze(-1), -log_probs.mean(-1)
     reference = ((1 - epsilon) * nll + epsilon * smooth).mean()
     (2 * reference).backward()
-    assert abs(loss.item() - reference.item()) < 1e-5
+    assert abs(loss.item() - reference.item()) < 1e-6 * max(1.0, reference.item())
     assert torch.allclose(logits.grad.double(), reference_logits.grad, atol=1e-6)
     assert not logits.grad[[2, 7]].any()  # ignored positions get no gradient
     torch_loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=epsilon)
-    assert abs(loss.item() - torch_loss.item()) < 1e-5
+    assert abs(loss.item() - torch_loss.item()) < 1e-6 * max(1.0, reference.item())
+
+    logits.grad = None  # no labelled position: the loss is NaN and the gradient zero, as torch's
+    loss = LabelSmoothedCrossEntropy.apply(logits, torch.full((12,), -100), epsilon)
+    loss.backward()
+    assert loss.isnan() and torch.count_nonzero(logits.grad) == 0
 
 
 def lookup_backward_nodes(model, **inputs):
@@ -831,8 +843,8 @@ def test_the_tied_matrixs_gradient_is_gathered_in_one_buffer_and_equals_marians(
     inputs = dict(input_ids=source, attention_mask=mask, labels=labels)
     other = dict(input_ids=source.flip(0), attention_mask=mask.flip(0), labels=labels.roll(1, 0))
 
-    def encoder_loss(model, batch):  # padding left out: Marian's lookup gives its padding row no gradient
-        return (model(**batch).encoder_last_hidden_state * batch["attention_mask"][..., None]).square().sum()
+    def encoder_loss(model, batch):  # every position, padding included
+        return model(**batch).encoder_last_hidden_state.square().sum()
 
     def use(model, how):
         weight = model.get_input_embeddings().weight
@@ -889,6 +901,32 @@ def test_the_tied_matrixs_gradient_is_gathered_in_one_buffer_and_equals_marians(
     assert tied_gradient.get() is None
     with pytest.raises(RuntimeError, match="no second derivative"):  # rather than a silently incomplete one
         torch.autograd.grad(model(**inputs).loss, [model.model.shared.weight], create_graph=True)
+
+
+def test_the_padding_token_gets_no_gradient_from_the_lookups_as_in_marian():
+    """As MarianMTModel's embedding (`padding_idx`), the lookups give the padding token's row no gradient; there it
+    matters in an OPUS-MT model, whose decoder starts from the padding token. Checked against Marian with that
+    setting, through the gathered gradient (training), autograd's own lookups (the base model) and a loss over the
+    encoder's padding positions."""
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    pad = 0
+    for how in ("training", "base model", "encoder padding"):
+        model = make_model(dropout=0.0, decoder_start_token_id=pad).train()
+        marian = to_marian(model).train()
+        assert marian.config.decoder_start_token_id == pad == marian.model.shared.padding_idx
+        for network in (model, marian):
+            if how == "training":
+                network(input_ids=source, attention_mask=mask, labels=labels).loss.backward()
+            elif how == "base model":
+                network.model(input_ids=source, attention_mask=mask, decoder_input_ids=network
+                              .prepare_decoder_input_ids_from_labels(labels)).last_hidden_state.square().sum().backward()
+            else:
+                network(input_ids=source, labels=labels).encoder_last_hidden_state.square().sum().backward()
+        gradient, reference = model.model.shared.weight.grad, marian.model.shared.weight.grad
+        assert torch.allclose(gradient, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item()), how
+        if how != "training":  # no projection there: the padding row's gradient is exactly zero
+            assert torch.count_nonzero(gradient[pad]) == 0 and torch.count_nonzero(gradient[4:]) > 0, how
 
 
 def test_logits_for_labels_only_give_marians_loss_and_gradients_and_its_logits_at_those_positions():
