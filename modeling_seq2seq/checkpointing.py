@@ -36,6 +36,10 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's and rotation's trash names
+# What a killed run of ours can leave in its output folder: checkpoint and final-model staging folders, trashed
+# checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, a dash, 8 random characters).
+_STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model)$")
+_STALE_FILE_RE = re.compile(r"^\.tmp-.+-[a-z0-9_]{8}$")
 
 
 class CheckpointError(RuntimeError):
@@ -434,21 +438,28 @@ def restore_interrupted_replacements(output_dir: str | os.PathLike) -> list[Path
             if candidate.is_dir() and verify_checkpoint(candidate) is None:
                 os.replace(candidate, final)
                 fsync_dir(output_dir)
+                logger.warning("Restored %s, left under a temporary name by a run that stopped while replacing or "
+                               "rotating it.", final)
                 restored.append(final)
                 break
     return restored
 
 
+def is_stale_staging(entry: Path) -> bool:
+    """Whether `entry` has a name that only our writes give (a user's `.tmp-notes` folder does not)."""
+    if entry.is_dir() and not entry.is_symlink():
+        return bool(_STALE_DIR_RE.match(entry.name) or _TRASHED_CHECKPOINT_RE.match(entry.name))
+    return entry.is_file() and bool(_STALE_FILE_RE.match(entry.name))
+
+
 def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete temporary folders left by a process that was killed while writing a checkpoint (after putting back
-    what `restore_interrupted_replacements` can)."""
+    """Delete the temporary folders and files left by a run of ours killed while writing (call
+    `restore_interrupted_replacements` first, and only once the folder is known to be a run's)."""
     output_dir = Path(output_dir)
     removed = []
-    for path in restore_interrupted_replacements(output_dir):
-        logger.warning("Restored %s, left under a temporary name by a run that stopped while replacing it.", path)
     if output_dir.is_dir():
         for entry in output_dir.iterdir():
-            if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            if is_stale_staging(entry):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
@@ -547,6 +558,35 @@ def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | o
             )
 
 
+# Config fields that do not change what the weights compute: averaging checkpoints that differ only there is fine.
+_NOT_ARCHITECTURE = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dropout", "attention_dropout",
+                     "activation_dropout", "label_smoothing", "use_cache", "torch_dtype", "dtype", "custom_pipelines"}
+
+
+def check_same_architecture(folders: list[str | os.PathLike]) -> None:
+    """Weights of the same shapes can still mean different models (pre- and post-LN, another positional layout):
+    the folders' config.json must agree on every field but training-only ones. The same folder twice is refused."""
+    resolved = [Path(folder).resolve() for folder in folders]
+    repeated = sorted({str(folder) for folder in resolved if resolved.count(folder) > 1})
+    if repeated:
+        raise CheckpointError(f"{repeated[0]!r} is given more than once: each checkpoint should count once.")
+    configs = []
+    for folder in folders:
+        try:
+            configs.append(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{Path(folder) / 'config.json'}: not a readable JSON model config ({error}).") from error
+    first = configs[0]
+    for folder, config in zip(folders[1:], configs[1:]):
+        differ = sorted(key for key in set(first) | set(config)
+                        if key not in _NOT_ARCHITECTURE and first.get(key) != config.get(key))
+        if differ:
+            raise CheckpointError(
+                f"{str(folder)!r} and {str(folders[0])!r} describe different models in config.json ("
+                + ", ".join(f"{key}: {config.get(key)!r} against {first.get(key)!r}" for key in differ[:5])
+                + "): their weights cannot be averaged into one.")
+
+
 def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Average the weights of saved model folders (the paper averaged the last 5 or 20 checkpoints).
 
@@ -575,6 +615,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             problem = verify_checkpoint(folder, hash_training_state=False)
             if problem is not None:
                 raise CheckpointError(f"Cannot average {str(folder)!r}: {problem}.")
+    check_same_architecture(checkpoints)
     averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints], checkpoints)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -599,11 +640,20 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
 
 
 def last_checkpoints(output_dir: str | os.PathLike, count: int) -> list[Path]:
-    """The newest `count` complete checkpoints of a training output folder, oldest first."""
-    complete = [path for _, path in list_checkpoints(output_dir) if verify_checkpoint(path) is None]
+    """The newest `count` complete checkpoints of a training output folder, oldest first; a torn or corrupted one is
+    skipped with a warning that names it."""
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}.")
-    return complete[-count:]
+    complete = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
+            continue
+        complete.insert(0, path)
+        if len(complete) == count:
+            break
+    return complete
 
 
 __all__ = [

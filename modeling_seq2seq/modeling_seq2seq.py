@@ -1193,6 +1193,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             config.do_sample or config.early_stopping or config.use_cache is False or returned > num_beams
             or (num_beams == 1 and returned != 1) or None in eos or start is None
             or any(len(words) != 1 for words in config.bad_words_ids or [])
+            or any(not 0 <= token < self.config.vocab_size for token in banned)  # transformers' check names them
         ):
             return None
         if config.max_new_tokens is not None:

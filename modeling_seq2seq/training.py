@@ -213,6 +213,10 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
         unknown = sorted(set(config.model_overrides) - known)
         if unknown:
             fail("model_overrides", f"a mapping of Seq2SeqTransformerConfig fields (unknown: {', '.join(unknown)})")
+        taken = sorted(set(config.model_overrides) & set(RUN_SET_MODEL_FIELDS))
+        if taken:
+            fail("model_overrides", "fields other than those the run sets itself (" + "; ".join(
+                f"{field}: {RUN_SET_MODEL_FIELDS[field]}" for field in taken) + ")")
     # The model, the tokenizer and its size are checked before any work, which with --overwrite_output_dir
     # includes deleting an earlier run's checkpoints.
     _check_model_overrides(config, fail)
@@ -553,11 +557,12 @@ def collate(dataset, indices, collator) -> dict:
 
 def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, num_beams: int | None = None,
                     length_penalty: float | None = None, max_new_tokens_extra: int = 50,
-                    max_source_length: int | None = None) -> list[str]:
+                    max_source_length: int | None = None, names: list[str] | None = None) -> list[str]:
     """Translate `texts`, batched by similar length (fast), returned in the input order.
 
     `num_beams`/`length_penalty` None take the model's generation config. Each batch may produce at most the
-    longest source length + `max_new_tokens_extra` tokens (Section 6.1).
+    longest source length + `max_new_tokens_extra` tokens (Section 6.1). Sources longer than `max_source_length`
+    tokens are truncated, with a warning naming them (`names[i]`, default "sentence i+1").
     """
     model_was_training = model.training
     model.eval()
@@ -566,6 +571,11 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
     encoded = [tokenizer(text)["input_ids"] for text in texts]
     if max_source_length is not None:
         eos = tokenizer.eos_token_id
+        long = [i for i, ids in enumerate(encoded) if len(ids) > max_source_length]
+        if long:
+            logger.warning("%d source(s) longer than %d tokens truncated to that length: %s%s", len(long),
+                           max_source_length, ", ".join(names[i] if names else f"sentence {i + 1}" for i in long[:10]),
+                           " ..." if len(long) > 10 else "")
         encoded = [ids if len(ids) <= max_source_length else ids[: max_source_length - 1] + [eos] for ids in encoded]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
@@ -610,8 +620,17 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
     # Importing this module ran the package's __init__, which registers our classes with the Auto factories.
     from transformers import AutoModelForSeq2SeqLM
 
+    from .configuration_seq2seq import Seq2SeqTransformerConfig
     from .hub import load_reporting_random_weights
 
+    config_file = Path(path) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{config_file}: not a readable JSON model config ({error}).") from error
+    if model_type != Seq2SeqTransformerConfig.model_type:
+        raise ValueError(f"{config_file} says model_type {model_type!r}, not {Seq2SeqTransformerConfig.model_type!r}: "
+                         "not a model of this package (a MarianMTModel converts with scripts/convert_marian.py).")
     if (Path(path) / ckpt.MANIFEST_NAME).is_file() and (
         problem := ckpt.verify_checkpoint(path, hash_training_state=False)
     ) is not None:
@@ -671,11 +690,28 @@ def check_device(name: str | None, option: str = "--device") -> None:
         raise ValueError(f"{option} {name!r}: no CUDA device on this machine.")
 
 
-def check_output_file(path: str | None, option: str) -> None:
-    """Before the work: a file can be written at `path` (not a folder, and its folder exists)."""
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return first.resolve() == second.resolve()
+
+
+def check_output_file(path: str | None, option: str, inputs: dict | None = None, model_dir: str | None = None) -> None:
+    """Before the work: a file can be written at `path` (not a folder, and its folder exists), and writing it destroys
+    none of `inputs` ({option: path}: what the run reads, or its other outputs) and nothing in the `model_dir` folder.
+    Devices (`/dev/stdout`) may be shared."""
     if path is None or path == "-":
         return
     target = Path(path)
+    device = str(target.resolve()).startswith(("/dev/", "/proc/"))
+    for other_option, other in (inputs or {}).items():
+        if other not in (None, "-") and not device and _same_file(target, Path(other)):
+            raise ValueError(f"{option} {path!r} is the same file as {other_option}: writing it would destroy that. "
+                             f"Choose another {option}.")
+    if model_dir is not None and Path(model_dir).is_dir() and target.resolve().is_relative_to(Path(model_dir).resolve()):
+        raise ValueError(f"{option} {path!r} lies inside the model folder {model_dir!r} (--model): writing there could "
+                         f"break the model. Choose a path outside it.")
     if target.is_dir():
         raise ValueError(f"{option} {path!r} is a folder, not a file.")
     if not target.parent.is_dir():
@@ -712,10 +748,34 @@ def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None,
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"No saved model in {str(path)!r} (config.json is missing).")
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    check_generation_config(path)
     model = load_saved_model(path, torch_dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    return model, load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"{path}: its tokenizer has {len(tokenizer)} tokens, but the model only {model.config.vocab_size} "
+                         "(config.json's vocab_size): the two do not belong together.")
+    return model, tokenizer
+
+
+def check_generation_config(path: Path) -> None:
+    """A saved generation_config.json that transformers would ignore (not JSON) or fail on at the first `generate`
+    (no beams, a negative length) is refused at load, naming the file."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: not valid JSON ({error}).") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{file}: expected a JSON object of generation settings.")
+    for field, low in (("num_beams", 1), ("num_return_sequences", 1), ("max_length", 1), ("max_new_tokens", 1),
+                       ("min_length", 0), ("min_new_tokens", 0)):
+        value = settings.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{file}: {field!r} must be an integer >= {low}, got {value!r}.")
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -878,6 +938,17 @@ def _check_model_overrides(config: TrainingConfig, fail) -> None:
     except ValueError as error:
         load_preset(model_preset(config))  # raises, naming the file, when the preset is wrong on its own
         fail("model_overrides", f"fields that make a valid model with {config.model_config} ({error})")
+
+
+# Model config fields that `build_model` takes from the tokenizer and the recipe, and where to set them instead.
+RUN_SET_MODEL_FIELDS = {
+    "vocab_size": "the tokenizer's size (set vocab_size in the run's settings)",
+    "pad_token_id": "the tokenizer's",
+    "bos_token_id": "the tokenizer's",
+    "eos_token_id": "the tokenizer's",
+    "decoder_start_token_id": "the tokenizer's beginning-of-sentence token",
+    "label_smoothing": "set label_smoothing in the run's settings",
+}
 
 
 def build_model(config: TrainingConfig, tokenizer):
@@ -1070,12 +1141,15 @@ class Trainer:
         if self.is_main:
             ckpt.probe_writable(self.output_dir)
             ckpt.lock_output_dir(self.output_dir)
-            for stale in ckpt.remove_stale_staging(self.output_dir):
-                logger.warning("Removed %s, left by a run that stopped while writing it.", stale)
+            ckpt.restore_interrupted_replacements(self.output_dir)
         self.accelerator.wait_for_everyone()
         self.log = JsonlLog(self.output_dir / LOG_FILE_NAME, enabled=self.is_main)
         self.resume_dir = ckpt.resolve_resume_checkpoint(config.resume_from_checkpoint, self.output_dir)
         self._check_fresh_start()
+        if self.is_main:  # only once the folder is known to be this run's (or one it may replace)
+            for stale in ckpt.remove_stale_staging(self.output_dir):
+                logger.warning("Removed %s, left by a run that stopped while writing it.", stale)
+        self.accelerator.wait_for_everyone()
 
     def _check_fresh_start(self):
         """A new run must not mix its checkpoints with an older run's (resume would pick the wrong ones)."""
@@ -1085,15 +1159,20 @@ class Trainer:
             self._check_no_later_checkpoints(existing)
             return
         if not existing:
-            # A run killed before its first checkpoint leaves its tokenizer and log: `latest` starts it again.
-            names = ("model.safetensors", "config.json", EVAL_RESULTS_NAME)
-            if self.config.resume_from_checkpoint != "latest":
-                names += (TOKENIZER_DIR_NAME, LOG_FILE_NAME)
-            held = [name for name in names if (self.output_dir / name).exists()]
+            # The final save writes many names (weights, config, tokenizer files, code, plots, results): a fresh run
+            # wants a folder with nothing else in it. A run killed before its first checkpoint leaves its tokenizer
+            # and log, which `latest` starts again from.
+            ours = {ckpt.LOCK_NAME}
+            if self.config.resume_from_checkpoint == "latest":
+                ours |= {TOKENIZER_DIR_NAME, LOG_FILE_NAME}
+            held = sorted(entry.name for entry in self.output_dir.iterdir()
+                          if entry.name not in ours and not ckpt.is_stale_staging(entry))
             if held and not self.config.overwrite_output_dir:
                 raise ValueError(
-                    f"Output directory {str(self.output_dir)!r} already holds a saved model or an earlier run's files "
-                    f"({', '.join(held)}). Pass --overwrite_output_dir to replace them, or choose another --output_dir."
+                    f"Output directory {str(self.output_dir)!r} is not empty ({', '.join(held[:6])}"
+                    f"{', ...' if len(held) > 6 else ''}): the run would overwrite a saved model or your files there. "
+                    "Choose another (or a new) --output_dir, or pass --overwrite_output_dir to let the run write "
+                    "over them."
                 )
             return
         if not self.config.overwrite_output_dir and self.config.resume_from_checkpoint == "latest":
@@ -1127,7 +1206,7 @@ class Trainer:
         `--resume_from_checkpoint latest` would pick those up again: refuse, and touch nothing."""
         state = json.loads((self.resume_dir / ckpt.TRAINER_STATE_NAME).read_text(encoding="utf-8"))
         later = [path for step, path in existing if step > state["step"] and path.resolve() != self.resume_dir.resolve()
-                 and ckpt.verify_checkpoint(path, check_hashes=False) is None]
+                 and ckpt.verify_checkpoint(path) is None]  # hashes too: `latest` skipped a corrupted one
         if later:
             raise ValueError(
                 f"Resuming from {str(self.resume_dir)!r} (step {state['step']}), but {str(self.output_dir)!r} holds later "
@@ -1522,7 +1601,7 @@ class Trainer:
             load_full_weights(accelerator, self.model, weights, "averaged checkpoints")
             self.print(f"Averaged the weights of {len(averaged_from)} checkpoints: {', '.join(p.name for p in averaged_from)}.")
             if len(averaged_from) < config.average_checkpoints:
-                self.print(f"(asked for {config.average_checkpoints}; only {len(averaged_from)} exist)")
+                self.print(f"(asked for {config.average_checkpoints}; only {len(averaged_from)} complete ones exist)")
             # The averaged model is what gets saved and tested; record its validation numbers too.
             metrics = self.evaluate()
             if metrics:

@@ -83,8 +83,10 @@ def main(argv=None) -> int:
 
     try:
         check_device(args.device)
-        check_output_file(args.output_json, "--output_json")
-        check_output_file(args.predictions_file, "--predictions_file")
+        inputs = {"--test_file": args.test_file, "--source_file": args.source_file, "--reference_file": args.reference_file}
+        check_output_file(args.output_json, "--output_json", {**inputs, "--predictions_file": args.predictions_file},
+                          args.model)
+        check_output_file(args.predictions_file, "--predictions_file", inputs, args.model)
         sources, references, description, effective_order, lines = load_test_pairs(args)
         if not sources:
             raise ValueError(f"{description}: no sentences to evaluate.")
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
         effective_order = args.effective_order
     start = time.monotonic()
     predictions = translate_texts(model, tokenizer, sources, batch_size=args.batch_size, num_beams=args.num_beams,
-                                  length_penalty=args.length_penalty)
+                                  length_penalty=args.length_penalty,
+                                  max_source_length=model.config.max_position_embeddings)
     seconds = time.monotonic() - start
     scores = translation_metrics(predictions, references, effective_order=effective_order)
     result = {

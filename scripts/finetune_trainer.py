@@ -62,6 +62,12 @@ def finetune(args):
     from modeling_seq2seq import checkpointing as ckpt
     from modeling_seq2seq.training import load_model_and_tokenizer, translation_metrics
 
+    resume = args.resume_from_checkpoint
+    if resume == "latest":  # None (a warning said why) when there is no complete checkpoint: start from scratch
+        resume = ckpt.resolve_resume_checkpoint("latest", args.output_dir)
+    check_output_dir(args, resume)
+    if resume is not None and finished(args, resume):
+        return None, {}
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if args.use_cpu else None)
     model.train()
     train_set, validation_set = build_datasets(tokenizer, args)
@@ -111,14 +117,47 @@ def finetune(args):
         compute_metrics=compute_metrics if has_eval else None,
         callbacks=[manifest_on_save_callback()],
     )
-    resume = args.resume_from_checkpoint
-    if resume == "latest":  # None (a warning said why) when there is no complete checkpoint: start from scratch
-        resume = ckpt.resolve_resume_checkpoint("latest", args.output_dir)
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     metrics = trainer.evaluate() if has_eval else {}
     model.config.use_cache = True  # the Trainer switches the cache off while training
     save_final_model(trainer, tokenizer, args.output_dir)
     return trainer, metrics
+
+
+def check_output_dir(args, resume) -> None:
+    """The final save writes a whole model into --output_dir: never into the --model folder it starts from, nor, for a
+    new run, over a saved model or a user's files (resuming continues the run whose checkpoints are there)."""
+    from pathlib import Path
+
+    output_dir, model_dir = Path(args.output_dir), Path(args.model)
+    if output_dir.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(output_dir.resolve()):
+        raise ValueError(f"--output_dir {args.output_dir!r} holds --model {args.model!r}: the fine-tuned model would "
+                         "overwrite the one it starts from. Choose another --output_dir.")
+    if resume is not None or args.overwrite_output_dir or not output_dir.is_dir():
+        return
+    held = sorted(entry.name for entry in output_dir.iterdir())
+    if held:
+        raise ValueError(f"--output_dir {args.output_dir!r} is not empty ({', '.join(held[:6])}"
+                         f"{', ...' if len(held) > 6 else ''}): the fine-tuned model would overwrite a saved model or "
+                         "your files there. Choose another (or a new) --output_dir, pass --resume_from_checkpoint to "
+                         "continue a run there, or --overwrite_output_dir to write over them.")
+
+
+def finished(args, resume) -> bool:
+    """Whether the checkpoint to resume is the run's last and its final model is saved: then there is nothing to do
+    (the stock Trainer would train one step more, and replace the final model, at each such resume)."""
+    import json
+    from pathlib import Path
+
+    from modeling_seq2seq import checkpointing as ckpt
+
+    step = json.loads((Path(resume) / ckpt.TRAINER_STATE_NAME).read_text(encoding="utf-8")).get("global_step", 0)
+    output_dir = Path(args.output_dir)
+    if step < args.max_steps or not ((output_dir / "config.json").is_file() and (output_dir / "model.safetensors").is_file()):
+        return False
+    print(f"{resume} is the run's last step ({step} of --max_steps {args.max_steps}) and the fine-tuned model is saved in "
+          f"{args.output_dir}: nothing to resume.")
+    return True
 
 
 def manifest_on_save_callback():
@@ -175,6 +214,8 @@ def build_parser():
     parser.add_argument("--save_steps", type=int, default=0, help="write a Trainer checkpoint every N steps (0: none)")
     parser.add_argument("--resume_from_checkpoint", default=None,
                         help="a Trainer checkpoint folder to continue from, or 'latest' (the newest in --output_dir)")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="start a new run in a non-empty --output_dir, writing over what is there")
     parser.add_argument("--logging_steps", type=int, default=20)
     parser.add_argument("--num_beams", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42)
@@ -189,13 +230,14 @@ def main(argv=None) -> int:
     if args.save_steps < 0:
         parser.error("--save_steps must be 0 (no checkpoints) or more")
     try:
-        _, metrics = finetune(args)
+        trainer, metrics = finetune(args)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if metrics:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    print(f"Saved the fine-tuned model to {args.output_dir}.")
+    if trainer is not None:
+        print(f"Saved the fine-tuned model to {args.output_dir}.")
     return 0
 
 

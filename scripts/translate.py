@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--length_penalty", type=float, default=None, help="beam length penalty (default: generation config)")
     parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     parser.add_argument("--max_new_tokens_extra", type=int, default=50, help="output may be source length + N tokens")
-    parser.add_argument("--max_source_length", type=int, default=None, help="truncate longer inputs (tokens)")
+    parser.add_argument("--max_source_length", type=int, default=None,
+                        help="truncate longer inputs (tokens), with a warning naming their lines (default: the model's "
+                             "max_position_embeddings: a runaway line would otherwise take minutes to translate)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype")
     args = parser.parse_args(argv)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
 
     try:
         check_device(args.device)
-        check_output_file(args.output, "--output")
+        check_output_file(args.output, "--output", {"--input": args.input}, args.model)
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
         lines = read_text_lines(args.input)
     except (OSError, ValueError) as error:
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
         max_new_tokens_extra=args.max_new_tokens_extra,
-        max_source_length=args.max_source_length,
+        max_source_length=args.max_source_length or model.config.max_position_embeddings,
+        names=[f"{args.input if args.input != '-' else 'stdin'}, line {i + 1}" for i in wanted],
     )
     outputs = [""] * len(lines)
     for index, translation in zip(wanted, translations):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def write_fake_checkpoint(output_dir, step, weights=None, extra=b"state"):
 
     def write(folder):
         save_file(weights, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"step": step}))
+        (folder / "config.json").write_text(json.dumps({"model_type": "seq2seq_transformer", "d_model": 2}))
         (folder / "optimizer.pt").write_bytes(extra * 100)
 
     return ckpt.write_checkpoint(output_dir, step, write)
@@ -141,6 +142,7 @@ ckpt.write_checkpoint({str(tmp_path)!r}, 5, write)
         import shutil
         shutil.rmtree(tmp_path / ".tmp-checkpoint-5")
     with caplog.at_level(logging.WARNING):
+        ckpt.restore_interrupted_replacements(tmp_path)
         ckpt.remove_stale_staging(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
     assert ckpt.verify_checkpoint(tmp_path / "checkpoint-5") is None
@@ -153,6 +155,7 @@ def test_an_incomplete_trashed_checkpoint_is_not_restored(tmp_path):
     path = write_fake_checkpoint(tmp_path, 5)
     (path / "optimizer.pt").unlink()  # a rotation killed half-way through deleting it
     os.replace(path, tmp_path / ".trash-checkpoint-5-123")
+    assert ckpt.restore_interrupted_replacements(tmp_path) == []
     ckpt.remove_stale_staging(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -242,10 +245,20 @@ def test_average_rejects_mismatched_or_torn_inputs(tmp_path):
         ckpt.average_checkpoints([a, b], tmp_path / "out")
     loose = tmp_path / "loose"  # a saved model folder without a manifest, whose weights file is cut short
     loose.mkdir()
-    (loose / "config.json").write_text("{}")
+    shutil.copy2(a / "config.json", loose / "config.json")
     (loose / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes()[:40])
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{loose / 'model.safetensors'}: cannot read the weights")):
         ckpt.average_checkpoints([a, loose], tmp_path / "out")
+    # Same shapes, another model (pre-LN against post-LN), or one checkpoint given twice: refused, naming them.
+    d = write_fake_checkpoint(tmp_path / "d", 2, {"w": torch.zeros(2)})
+    (d / ckpt.MANIFEST_NAME).unlink()
+    config = json.loads((a / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "layer_norm_position": "pre", "dropout": 0.3}))
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{str(d)!r} and {str(a)!r} describe different models in "
+                                                             f"config.json (layer_norm_position: 'pre' against")):
+        ckpt.average_checkpoints([a, d], tmp_path / "out")
+    with pytest.raises(ckpt.CheckpointError, match="is given more than once"):
+        ckpt.average_checkpoints([a, tmp_path / "a" / ".." / "a" / a.name], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -903,6 +903,18 @@ def test_the_tied_matrixs_gradient_is_gathered_in_one_buffer_and_equals_marians(
         torch.autograd.grad(model(**inputs).loss, [model.model.shared.weight], create_graph=True)
 
 
+def test_banned_tokens_outside_the_vocabulary_get_transformers_error_from_generate():
+    """The fast search leaves a `bad_words_ids` entry outside [0, vocab_size) to transformers, whose check names it
+    (the fast path indexed out of range, or banned nothing for a negative id)."""
+    model = make_model()
+    source, mask = padded_batch()
+    for banned, message in (([[VOCAB + 10]], r"vocabulary size is 64, but the following tokens were being biased"),
+                            ([[-3]], r"has to be a list of positive integers")):
+        for num_beams in (1, 3):
+            with pytest.raises(ValueError, match=message):
+                model.generate(source, attention_mask=mask, bad_words_ids=banned, num_beams=num_beams, max_new_tokens=4)
+
+
 def test_the_padding_token_gets_no_gradient_from_the_lookups_as_in_marian():
     """As MarianMTModel's embedding (`padding_idx`), the lookups give the padding token's row no gradient; there it
     matters in an OPUS-MT model, whose decoder starts from the padding token. Checked against Marian with that

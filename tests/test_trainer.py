@@ -123,6 +123,18 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
         for name in whole:
             torch.testing.assert_close(other[name], whole[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
+    # Resuming a finished run trains nothing and keeps its model (the stock Trainer would take one more step).
+    final = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    run(tmp_path / "whole", "--resume_from_checkpoint", "latest")
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
+    assert not (tmp_path / "whole" / "checkpoint-13").exists()
+    # A new run never writes over the model it starts from, nor over a folder's contents unless told to.
+    with pytest.raises(ValueError, match="holds --model"):
+        run(saved_model)
+    with pytest.raises(ValueError, match="is not empty"):
+        run(tmp_path / "whole")
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
+
 
 def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_old_one(tmp_path):
     """`save_final_model` stages the Trainer's files and the tokenizer, then renames them in, configs last; a save that

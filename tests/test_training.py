@@ -259,6 +259,10 @@ def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
         parse_config(["--max_tokens", "200", "--max_source_length", "300", "--max_target_length", "100"])
     with pytest.raises(ValueError, match=r"'model_overrides' must be a mapping of Seq2SeqTransformerConfig fields \(unknown: n_layers\)"):
         parse_config(["--model_overrides", '{"n_layers": 2}'])
+    # Fields the run sets itself (from the tokenizer, or its own settings) are refused before any work, saying where.
+    with pytest.raises(ValueError, match=r"'model_overrides' must be fields other than those the run sets itself "
+                                         r"\(label_smoothing: set label_smoothing in the run's settings; vocab_size: "):
+        parse_config(["--model_overrides", '{"vocab_size": 600, "label_smoothing": 0.2}'])
     # Overrides that make an invalid model are blamed on the flag, before any work; the preset file is fine.
     with pytest.raises(ValueError, match=r"flag --model_overrides: 'model_overrides' must be fields that make a valid "
                                          r"model with transformer-tiny \(.*expected a divisor of d_model=30"):
@@ -385,6 +389,57 @@ def test_translate_script_restores_file_order(short_run, tmp_path, monkeypatch, 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(with_bom.read_bytes())))
     assert translate.main(["--model", str(short_run), "--batch_size", "1"]) == 0
     assert capsys.readouterr().out == (tmp_path / "out.txt").read_text()
+
+
+def test_translate_and_evaluate_refuse_outputs_that_would_destroy_an_input_or_the_model(short_run, tmp_path, capsys):
+    """An output that is an input file (also through a link), another output, or a file inside the model folder is
+    refused before any work, naming both options; every file stays as it was."""
+    import hashlib
+
+    def fingerprint():
+        files = [tmp_path / name for name in ("in.txt", "refs.txt")] + sorted(short_run.iterdir())
+        return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+    (tmp_path / "in.txt").write_text("one\ntwo\n")
+    (tmp_path / "refs.txt").write_text("eins\nzwei\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "in.txt")
+    before = fingerprint()
+    translate, evaluate = load_script("translate"), load_script("evaluate")
+    model, source, refs = str(short_run), str(tmp_path / "in.txt"), str(tmp_path / "refs.txt")
+    cases = [
+        (translate, ["--input", source, "--output", source], "--output", "the same file as --input"),
+        (translate, ["--input", source, "--output", str(tmp_path / "link.txt")], "--output", "the same file as --input"),
+        (translate, ["--input", source, "--output", str(short_run / "model.safetensors")], "--output", "inside the model folder"),
+        (evaluate, ["--source_file", source, "--reference_file", refs, "--predictions_file", source],
+         "--predictions_file", "the same file as --source_file"),
+        (evaluate, ["--source_file", source, "--reference_file", refs, "--output_json", refs],
+         "--output_json", "the same file as --reference_file"),
+        (evaluate, ["--source_file", source, "--reference_file", refs, "--output_json", str(short_run / "config.json")],
+         "--output_json", "inside the model folder"),
+        (evaluate, ["--source_file", source, "--reference_file", refs, "--output_json", str(tmp_path / "o.txt"),
+                    "--predictions_file", str(tmp_path / "o.txt")], "--output_json", "the same file as --predictions_file"),
+    ]
+    for script, arguments, option, message in cases:
+        assert script.main(["--model", model, *arguments]) == 1, arguments
+        error = capsys.readouterr().err
+        assert option in error and message in error, (arguments, error)
+        assert fingerprint() == before and not (tmp_path / "o.txt").exists()
+    assert translate.main(["--model", model, "--input", source, "--output", str(tmp_path / "out.txt")]) == 0
+
+
+def test_translate_truncates_a_runaway_line_at_the_models_length_and_names_it(short_run, tmp_path, caplog):
+    """Untruncated, one line of thousands of words took minutes (its output may be as long); by default translate.py
+    truncates sources at max_position_embeddings tokens, with a warning naming the line."""
+    model, tokenizer = training.load_model_and_tokenizer(short_run, device="cpu")
+    limit = model.config.max_position_embeddings
+    source = tmp_path / "in.txt"
+    source.write_text("one\n" + "three " * (4 * limit) + "\n")
+    with caplog.at_level("WARNING"):
+        assert load_script("translate").main(["--model", str(short_run), "--input", str(source),
+                                              "--output", str(tmp_path / "out.txt"), "--num_beams", "1"]) == 0
+    assert f"1 source(s) longer than {limit} tokens truncated to that length: {source}, line 2" in caplog.text
+    outputs = (tmp_path / "out.txt").read_text().split("\n")[:-1]
+    assert len(outputs) == 2 and len(tokenizer(outputs[1])["input_ids"]) <= limit + 50 + 1
 
 
 def test_output_files_are_tried_without_harm_to_pipes_links_or_contents(tmp_path):
@@ -650,15 +705,36 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(assets, reference_run, t
     assert_same_weights(output_dir, reference_run)
 
 
-def test_torn_newest_checkpoint_is_skipped_on_resume(assets, reference_run, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
+def test_torn_newest_checkpoint_is_skipped_on_resume(assets, reference_run, tmp_path, caplog, damage):
+    """A damaged newest checkpoint is skipped, and the run resumes from the one before it. A byte changed in place
+    (same size) is caught by the hashes; it must not count as a later complete checkpoint that blocks resuming."""
     output_dir = tmp_path / "torn"
     assert training.main(run_args(assets, output_dir, max_steps=8)) == 0
-    optimizer_file = output_dir / "checkpoint-8" / training.OPTIMIZER_NAME
-    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])  # truncated behind our back
+    if damage == "truncated":
+        optimizer_file = output_dir / "checkpoint-8" / training.OPTIMIZER_NAME
+        optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])  # truncated behind our back
+    else:
+        weights = output_dir / "checkpoint-8" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0xFF
+        weights.write_bytes(bytes(data))
     with caplog.at_level("WARNING"):
         assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0
     assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-8" in caplog.text
     assert_same_weights(output_dir, reference_run)
+
+
+def test_averaging_skips_a_damaged_checkpoint_naming_it(reference_run, tmp_path, caplog):
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference_run, output_dir)
+    weights = output_dir / "checkpoint-8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        assert [p.name for p in ckpt.last_checkpoints(output_dir, 3)] == ["checkpoint-4", "checkpoint-12"]
+    assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-8" in caplog.text
 
 
 def test_resuming_a_finished_run_writes_no_record_twice(assets, tmp_path):
@@ -735,24 +811,47 @@ def test_resuming_from_an_earlier_checkpoint_keeps_the_later_ones(assets, refere
 
 
 def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference_run, tmp_path, capsys):
-    """No checkpoints, but a model (or an earlier run's files): a new run would overwrite it, so it is refused."""
+    """No checkpoints, but a model, an earlier run's files or a user's own: a new run would overwrite them (the final
+    save writes many names), so it is refused, touching nothing, not even files named like our temporary ones."""
     import shutil
+
+    def contents(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 
     output_dir = tmp_path / "model"
     output_dir.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(reference_run / name, output_dir / name)
-    before = {p.name: p.read_bytes() for p in output_dir.iterdir()}
+    before = contents(output_dir)
     assert training.main(run_args(assets, output_dir, max_steps=2)) == 1
-    assert "already holds a saved model or an earlier run's files (model.safetensors, config.json)" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in output_dir.iterdir()} == before
+    assert "is not empty (config.json, model.safetensors)" in capsys.readouterr().err
+    assert contents(output_dir) == before
     assert training.main(run_args(assets, output_dir, max_steps=2, overwrite_output_dir=True)) == 0
+
+    users = tmp_path / "users"
+    (users / ".tmp-backup").mkdir(parents=True)
+    (users / ".tmp-backup" / "old.txt").write_text("mine")
+    for name in ("pipeline.py", "tokenizer.json", "notes.txt", ".trash-keep.txt", ".tmp-notes-12345678.txt"):
+        (users / name).write_text(name)
+    before = contents(users)
+    assert training.main(run_args(assets, users, max_steps=2)) == 1
+    assert "is not empty (.tmp-backup, .tmp-notes-12345678.txt, .trash-keep.txt, notes.txt, pipeline.py, tokenizer.json)" \
+        in capsys.readouterr().err
+    assert {name: data for name, data in contents(users).items() if name != ".training.lock"} == before
+
+    # Our own leftovers (a staging folder, an atomic write's temporary file) are removed once a run goes ahead.
+    leftovers = tmp_path / "leftovers"
+    (leftovers / ".tmp-checkpoint-5").mkdir(parents=True)
+    (leftovers / ".tmp-training_log.jsonl-ab12_x9z").write_text("{")
+    assert training.main(run_args(assets, leftovers, max_steps=2)) == 0
+    assert not any(p.name.startswith(".tmp-") for p in leftovers.iterdir())
+
     # A run killed before its first checkpoint leaves its tokenizer and log: `latest` starts it again from scratch.
     killed = tmp_path / "killed_early"
     (killed / training.TOKENIZER_DIR_NAME).mkdir(parents=True)
     (killed / training.LOG_FILE_NAME).write_text('{"type": "train", "step": 1}\n')
     assert training.main(run_args(assets, killed, max_steps=2)) == 1
-    assert "(tokenizer, training_log.jsonl)" in capsys.readouterr().err
+    assert "is not empty (tokenizer, training_log.jsonl)" in capsys.readouterr().err
     assert training.main(run_args(assets, killed, max_steps=2, resume_from_checkpoint="latest")) == 0
     assert [r["step"] for r in read_log(killed) if r["type"] == "train"] == [2]
 
@@ -796,6 +895,40 @@ def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp
     source.write_text("one\n")
     for name in ("partial", "flipped"):
         assert translate.main(["--model", str(cases.get(name, flipped)), "--input", str(source)]) == 1
+
+
+def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_tokenizer_is_refused_by_name(
+        reference_run, tmp_path):
+    """Each used to load and then fail deep inside transformers (or, for a generation_config.json that is not JSON,
+    to be silently ignored); loading names the file and the problem instead."""
+    import shutil
+
+    from modeling_seq2seq.tokenization import load_tokenizer, save_tokenizer
+
+    def variant(name):
+        folder = tmp_path / name
+        shutil.copytree(reference_run, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+        return folder
+
+    config = json.loads((reference_run / "config.json").read_text())
+    bart = variant("bart")
+    (bart / "config.json").write_text(json.dumps({**config, "model_type": "bart"}))
+    not_json, no_beams = variant("not_json"), variant("no_beams")
+    (not_json / "generation_config.json").write_text("xx")
+    settings = json.loads((reference_run / "generation_config.json").read_text())
+    (no_beams / "generation_config.json").write_text(json.dumps({**settings, "num_beams": 0}))
+    foreign = variant("foreign")
+    tokenizer = load_tokenizer(reference_run)
+    tokenizer.add_tokens([f"extra{i}" for i in range(config["vocab_size"])])
+    save_tokenizer(tokenizer, foreign)
+    for folder, message in [
+        (bart, f"{bart / 'config.json'} says model_type 'bart', not 'seq2seq_transformer'"),
+        (not_json, f"{not_json / 'generation_config.json'}: not valid JSON"),
+        (no_beams, f"{no_beams / 'generation_config.json'}: 'num_beams' must be an integer >= 1, got 0"),
+        (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens, but the model only {config['vocab_size']}"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            training.load_model_and_tokenizer(folder, device="cpu")
 
 
 def test_loading_a_checkpoint_for_inference_hashes_what_it_reads_only(reference_run, tmp_path, monkeypatch):
