@@ -11,6 +11,8 @@ with beam search. Note the model computes its own label-smoothed loss (`config.l
 `--save_steps N` writes the Trainer's own checkpoints, and `--resume_from_checkpoint PATH|latest` continues one.
 Each checkpoint gets our manifest once the Trainer has written it (sizes and sha256 of its files, written last), so
 `latest` takes the newest complete one: a checkpoint torn by a kill or a full disk is skipped with a warning.
+The fine-tuned model never goes into the --model folder; a new run wants an empty --output_dir (or
+--overwrite_output_dir), and resuming a finished run trains nothing.
 """
 
 import os
