@@ -1097,6 +1097,22 @@ def gradient_norm(parameters: list, max_norm: float | None, accelerator=None) ->
     return float(total_norm(grads))
 
 
+def check_own_checkpoint(folder: Path) -> None:
+    """A checkpoint of this loop: its trainer_state.json is a JSON object with the fields resuming reads (the
+    stock Trainer's checkpoints, from finetune_trainer.py, share our manifest but not this state)."""
+    file = folder / ckpt.TRAINER_STATE_NAME
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ckpt.CheckpointError(f"{file}: not readable as this training loop's state ({error}).") from error
+    missing = [key for key in ("step", "sampler") if not isinstance(state, dict) or key not in state]
+    if missing:
+        hint = (" It looks like a Seq2SeqTrainer checkpoint: resume it with scripts/finetune_trainer.py."
+                if isinstance(state, dict) and "global_step" in state else "")
+        raise ckpt.CheckpointError(f"{file} lacks {', '.join(map(repr, missing))}: not a checkpoint of scripts/train.py."
+                                   + hint)
+
+
 class Trainer:
     """One training run; `run()` returns the final metrics. Constructed by `train(config)`."""
 
@@ -1145,6 +1161,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.log = JsonlLog(self.output_dir / LOG_FILE_NAME, enabled=self.is_main)
         self.resume_dir = ckpt.resolve_resume_checkpoint(config.resume_from_checkpoint, self.output_dir)
+        if self.resume_dir is not None:
+            check_own_checkpoint(self.resume_dir)
         self._check_fresh_start()
         if self.is_main:  # only once the folder is known to be this run's (or one it may replace)
             for stale in ckpt.remove_stale_staging(self.output_dir):

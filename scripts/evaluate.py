@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     result = {
         "dataset": description,
         "samples": len(sources),
-        "num_beams": args.num_beams or model.generation_config.num_beams,
+        "num_beams": args.num_beams or model.generation_config.num_beams or 1,  # what generate uses when unset
         "bleu": scores["bleu"],
         "chrf": scores["chrf"],
         "exact_match": scores["exact_match"],

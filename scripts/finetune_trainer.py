@@ -23,8 +23,15 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
+
+
+FINAL_STAGING_PREFIX = ".final-model-tmp-"  # the final model's staging folder inside --output_dir
 
 
 def build_datasets(tokenizer, args):
@@ -68,6 +75,8 @@ def finetune(args):
     if resume == "latest":  # None (a warning said why) when there is no complete checkpoint: start from scratch
         resume = ckpt.resolve_resume_checkpoint("latest", args.output_dir)
     check_output_dir(args, resume)
+    for stale in Path(args.output_dir).glob(f"{FINAL_STAGING_PREFIX}*"):  # a final save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     if resume is not None and finished(args, resume):
         return None, {}
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if args.use_cpu else None)
@@ -129,15 +138,13 @@ def finetune(args):
 def check_output_dir(args, resume) -> None:
     """The final save writes a whole model into --output_dir: never into the --model folder it starts from, nor, for a
     new run, over a saved model or a user's files (resuming continues the run whose checkpoints are there)."""
-    from pathlib import Path
-
     output_dir, model_dir = Path(args.output_dir), Path(args.model)
     if output_dir.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(output_dir.resolve()):
         raise ValueError(f"--output_dir {args.output_dir!r} holds --model {args.model!r}: the fine-tuned model would "
                          "overwrite the one it starts from. Choose another --output_dir.")
     if resume is not None or args.overwrite_output_dir or not output_dir.is_dir():
         return
-    held = sorted(entry.name for entry in output_dir.iterdir())
+    held = sorted(entry.name for entry in output_dir.iterdir() if not entry.name.startswith(FINAL_STAGING_PREFIX))
     if held:
         raise ValueError(f"--output_dir {args.output_dir!r} is not empty ({', '.join(held[:6])}"
                          f"{', ...' if len(held) > 6 else ''}): the fine-tuned model would overwrite a saved model or "
@@ -148,12 +155,17 @@ def check_output_dir(args, resume) -> None:
 def finished(args, resume) -> bool:
     """Whether the checkpoint to resume is the run's last and its final model is saved: then there is nothing to do
     (the stock Trainer would train one step more, and replace the final model, at each such resume)."""
-    import json
-    from pathlib import Path
-
     from modeling_seq2seq import checkpointing as ckpt
 
-    step = json.loads((Path(resume) / ckpt.TRAINER_STATE_NAME).read_text(encoding="utf-8")).get("global_step", 0)
+    file = Path(resume) / ckpt.TRAINER_STATE_NAME
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: not readable as a Trainer state ({error}).") from error
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise ValueError(f"{file} has no 'global_step': not a Seq2SeqTrainer checkpoint (one of scripts/train.py "
+                         "resumes with that script).")
+    step = state["global_step"]
     output_dir = Path(args.output_dir)
     if step < args.max_steps or not ((output_dir / "config.json").is_file() and (output_dir / "model.safetensors").is_file()):
         return False
@@ -180,14 +192,12 @@ def save_final_model(trainer, tokenizer, output_dir) -> None:
     """`trainer.save_model` and the portable tokenizer_config.json (see STACK.md), written into a staging folder
     inside `output_dir` and then moved in file by file, the configs last: a kill or a full disk leaves each file of
     an earlier final model whole or replaced, never torn. (The Trainer's own checkpoints are its own writes.)"""
-    import shutil
-    import tempfile
 
     from modeling_seq2seq.checkpointing import move_files_into
     from modeling_seq2seq.tokenization import save_tokenizer
 
     os.makedirs(output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".final-model-tmp-", dir=output_dir)
+    staging = tempfile.mkdtemp(prefix=FINAL_STAGING_PREFIX, dir=output_dir)
     try:
         trainer.save_model(staging)  # every process calls it (sharded models gather); the main one writes
         if trainer.is_world_process_zero():

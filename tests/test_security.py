@@ -239,8 +239,11 @@ def test_hub_folder_builder_refuses_pickled_weights(pickled_model, tmp_path):
 
 
 def test_average_checkpoints_refuses_pickled_weights(pickled_model, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(pickled_model, tmp_path / "copy")
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"No *.safetensors weights in {str(pickled_model)!r}.")):
-        ckpt.average_checkpoints([pickled_model, pickled_model], tmp_path / "averaged")
+        ckpt.average_checkpoints([pickled_model, copy], tmp_path / "averaged")
     assert not (tmp_path / "averaged").exists()
 
 

@@ -123,9 +123,12 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
         for name in whole:
             torch.testing.assert_close(other[name], whole[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
-    # Resuming a finished run trains nothing and keeps its model (the stock Trainer would take one more step).
+    # Resuming a finished run trains nothing and keeps its model (the stock Trainer would take one more step); the
+    # staging folder of a final save that was killed is removed.
     final = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    (tmp_path / "whole" / f"{script.FINAL_STAGING_PREFIX}abc123" / "sub").mkdir(parents=True)
     run(tmp_path / "whole", "--resume_from_checkpoint", "latest")
+    assert not list((tmp_path / "whole").glob(f"{script.FINAL_STAGING_PREFIX}*"))
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
     assert not (tmp_path / "whole" / "checkpoint-13").exists()
     # A new run never writes over the model it starts from, nor over a folder's contents unless told to.
@@ -134,6 +137,18 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
     with pytest.raises(ValueError, match="is not empty"):
         run(tmp_path / "whole")
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
+    # The two loops' checkpoints share our manifest, not their state: each names the other's (once a raw KeyError or
+    # TypeError from deep inside).
+    from modeling_seq2seq import training
+
+    with pytest.raises(ckpt.CheckpointError, match="Seq2SeqTrainer checkpoint: resume it with scripts/finetune_trainer"):
+        training.check_own_checkpoint(tmp_path / "whole" / "checkpoint-12")
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / ckpt.TRAINER_STATE_NAME).write_text(json.dumps({"step": 12, "sampler": {}}))
+    args = script.build_parser().parse_args(["--model", str(saved_model), "--output_dir", str(tmp_path / "whole")])
+    with pytest.raises(ValueError, match="has no 'global_step': not a Seq2SeqTrainer checkpoint"):
+        script.finished(args, ours)
 
 
 def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_old_one(tmp_path):
