@@ -132,6 +132,17 @@ def move_files_into(staging: str | os.PathLike, directory: str | os.PathLike, la
     return written
 
 
+def read_json_object(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in the file at `path`; else `error`, naming the file and `what` it should hold."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{path}: not readable as {what} ({problem}).") from problem
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object ({what}), got {type(value).__name__}.")
+    return value
+
+
 def atomic_write_json(path: str | os.PathLike, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -570,12 +581,7 @@ def check_same_architecture(folders: list[str | os.PathLike]) -> None:
     repeated = sorted({str(folder) for folder in resolved if resolved.count(folder) > 1})
     if repeated:
         raise CheckpointError(f"{repeated[0]!r} is given more than once: each checkpoint should count once.")
-    configs = []
-    for folder in folders:
-        try:
-            configs.append(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{Path(folder) / 'config.json'}: not a readable JSON model config ({error}).") from error
+    configs = [read_json_object(Path(folder) / "config.json", "a JSON model config", CheckpointError) for folder in folders]
     first = configs[0]
     for folder, config in zip(folders[1:], configs[1:]):
         differ = sorted(key for key in set(first) | set(config)

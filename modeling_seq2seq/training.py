@@ -624,10 +624,7 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
     from .hub import load_reporting_random_weights
 
     config_file = Path(path) / "config.json"
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        raise ValueError(f"{config_file}: not a readable JSON model config ({error}).") from error
+    model_type = ckpt.read_json_object(config_file, "a JSON model config").get("model_type")
     if model_type != Seq2SeqTransformerConfig.model_type:
         raise ValueError(f"{config_file} says model_type {model_type!r}, not {Seq2SeqTransformerConfig.model_type!r}: "
                          "not a model of this package (a MarianMTModel converts with scripts/convert_marian.py).")
@@ -765,12 +762,7 @@ def check_generation_config(path: Path) -> None:
     file = path / "generation_config.json"
     if not file.is_file():
         return
-    try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file}: not valid JSON ({error}).") from error
-    if not isinstance(settings, dict):
-        raise ValueError(f"{file}: expected a JSON object of generation settings.")
+    settings = ckpt.read_json_object(file, "JSON generation settings")
     for field, low in (("num_beams", 1), ("num_return_sequences", 1), ("max_length", 1), ("max_new_tokens", 1),
                        ("min_length", 0), ("min_new_tokens", 0)):
         value = settings.get(field)
@@ -1101,14 +1093,11 @@ def check_own_checkpoint(folder: Path) -> None:
     """A checkpoint of this loop: its trainer_state.json is a JSON object with the fields resuming reads (the
     stock Trainer's checkpoints, from finetune_trainer.py, share our manifest but not this state)."""
     file = folder / ckpt.TRAINER_STATE_NAME
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ckpt.CheckpointError(f"{file}: not readable as this training loop's state ({error}).") from error
-    missing = [key for key in ("step", "sampler") if not isinstance(state, dict) or key not in state]
+    state = ckpt.read_json_object(file, "this training loop's state", ckpt.CheckpointError)
+    missing = [key for key in ("step", "sampler") if key not in state]
     if missing:
         hint = (" It looks like a Seq2SeqTrainer checkpoint: resume it with scripts/finetune_trainer.py."
-                if isinstance(state, dict) and "global_step" in state else "")
+                if "global_step" in state else "")
         raise ckpt.CheckpointError(f"{file} lacks {', '.join(map(repr, missing))}: not a checkpoint of scripts/train.py."
                                    + hint)
 

@@ -23,7 +23,6 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -158,11 +157,8 @@ def finished(args, resume) -> bool:
     from modeling_seq2seq import checkpointing as ckpt
 
     file = Path(resume) / ckpt.TRAINER_STATE_NAME
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file}: not readable as a Trainer state ({error}).") from error
-    if not isinstance(state, dict) or "global_step" not in state:
+    state = ckpt.read_json_object(file, "a Trainer state")
+    if "global_step" not in state:
         raise ValueError(f"{file} has no 'global_step': not a Seq2SeqTrainer checkpoint (one of scripts/train.py "
                          "resumes with that script).")
     step = state["global_step"]

@@ -923,7 +923,7 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
     save_tokenizer(tokenizer, foreign)
     for folder, message in [
         (bart, f"{bart / 'config.json'} says model_type 'bart', not 'seq2seq_transformer'"),
-        (not_json, f"{not_json / 'generation_config.json'}: not valid JSON"),
+        (not_json, f"{not_json / 'generation_config.json'}: not readable as JSON generation settings"),
         (no_beams, f"{no_beams / 'generation_config.json'}: 'num_beams' must be an integer >= 1, got 0"),
         (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens, but the model only {config['vocab_size']}"),
     ]:
