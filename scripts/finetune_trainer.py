@@ -138,9 +138,9 @@ def check_output_dir(args, resume) -> None:
     """The final save writes a whole model into --output_dir: never into the --model folder it starts from, nor, for a
     new run, over a saved model or a user's files (resuming continues the run whose checkpoints are there)."""
     output_dir, model_dir = Path(args.output_dir), Path(args.model)
-    if output_dir.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(output_dir.resolve()):
-        raise ValueError(f"--output_dir {args.output_dir!r} holds --model {args.model!r}: the fine-tuned model would "
-                         "overwrite the one it starts from. Choose another --output_dir.")
+    if output_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"--output_dir {args.output_dir!r} is the --model folder: the fine-tuned model would overwrite "
+                         "the one it starts from. Choose another --output_dir.")
     if resume is not None or args.overwrite_output_dir or not output_dir.is_dir():
         return
     held = sorted(entry.name for entry in output_dir.iterdir() if not entry.name.startswith(FINAL_STAGING_PREFIX))

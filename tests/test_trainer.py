@@ -132,7 +132,7 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
     assert not (tmp_path / "whole" / "checkpoint-13").exists()
     # A new run never writes over the model it starts from, nor over a folder's contents unless told to.
-    with pytest.raises(ValueError, match="holds --model"):
+    with pytest.raises(ValueError, match="is the --model folder"):
         run(saved_model)
     with pytest.raises(ValueError, match="is not empty"):
         run(tmp_path / "whole")
