@@ -897,6 +897,9 @@ class JsonlLog:
         return records
 
 
+TRACKER_RUN_NAME = "train"  # Accelerate's TensorBoard tracker writes into output_dir/<this>
+
+
 def _tracker_choice(report_to: str):
     if report_to == "none":
         return None
@@ -1167,11 +1170,11 @@ class Trainer:
             return
         if not existing:
             # The final save writes many names (weights, config, tokenizer files, code, plots, results): a fresh run
-            # wants a folder with nothing else in it. A run killed before its first checkpoint leaves its tokenizer
-            # and log, which `latest` starts again from.
+            # wants a folder with nothing else in it. A run killed before its first checkpoint leaves its tokenizer,
+            # log and TensorBoard folder, which `latest` starts again from.
             ours = {ckpt.LOCK_NAME}
             if self.config.resume_from_checkpoint == "latest":
-                ours |= {TOKENIZER_DIR_NAME, LOG_FILE_NAME}
+                ours |= {TOKENIZER_DIR_NAME, LOG_FILE_NAME, TRACKER_RUN_NAME}
             held = sorted(entry.name for entry in self.output_dir.iterdir()
                           if entry.name not in ours and not ckpt.is_stale_staging(entry))
             if held and not self.config.overwrite_output_dir:
@@ -1516,7 +1519,7 @@ class Trainer:
         else:
             self.log.truncate_after(-1)  # a fresh run starts a fresh log
         if self.tracker:
-            accelerator.init_trackers("train", config=_tracker_hparams(config))
+            accelerator.init_trackers(TRACKER_RUN_NAME, config=_tracker_hparams(config))
         n_params = sum(p.numel() for p in accelerator.unwrap_model(self.model).parameters())
         self.print(
             f"Training {n_params / 1e6:.2f}M parameters on {len(self.train_set)} pairs ({data_description(config)}), "

@@ -849,9 +849,10 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     # A run killed before its first checkpoint leaves its tokenizer and log: `latest` starts it again from scratch.
     killed = tmp_path / "killed_early"
     (killed / training.TOKENIZER_DIR_NAME).mkdir(parents=True)
+    (killed / training.TRACKER_RUN_NAME).mkdir()  # its TensorBoard events, where tensorboard is installed
     (killed / training.LOG_FILE_NAME).write_text('{"type": "train", "step": 1}\n')
     assert training.main(run_args(assets, killed, max_steps=2)) == 1
-    assert "is not empty (tokenizer, training_log.jsonl)" in capsys.readouterr().err
+    assert "is not empty (tokenizer, train, training_log.jsonl)" in capsys.readouterr().err
     assert training.main(run_args(assets, killed, max_steps=2, resume_from_checkpoint="latest")) == 0
     assert [r["step"] for r in read_log(killed) if r["type"] == "train"] == [2]
 
