@@ -687,6 +687,11 @@ def check_device(name: str | None, option: str = "--device") -> None:
         raise ValueError(f"{option} {name!r}: no CUDA device on this machine.")
 
 
+def is_device_path(path: Path) -> bool:
+    """A path the user named under /dev or /proc (`/dev/stdout`): by its name, as it resolves to whatever fd 1 is."""
+    return str(path.absolute()).startswith(("/dev/", "/proc/"))
+
+
 def _same_file(first: Path, second: Path) -> bool:
     try:
         return os.path.samefile(first, second)
@@ -701,9 +706,8 @@ def check_output_file(path: str | None, option: str, inputs: dict | None = None,
     if path is None or path == "-":
         return
     target = Path(path)
-    device = str(target.resolve()).startswith(("/dev/", "/proc/"))
     for other_option, other in (inputs or {}).items():
-        if other not in (None, "-") and not device and _same_file(target, Path(other)):
+        if other not in (None, "-") and not is_device_path(target) and _same_file(target, Path(other)):
             raise ValueError(f"{option} {path!r} is the same file as {other_option}: writing it would destroy that. "
                              f"Choose another {option}.")
     if model_dir is not None and Path(model_dir).is_dir() and target.resolve().is_relative_to(Path(model_dir).resolve()):
@@ -731,7 +735,7 @@ def write_output_file(path: str | os.PathLike, text: str) -> None:
     `/proc/...` paths are opened for appending, as "w" would truncate a file the shell opened with `>>`."""
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_file()):
-        with open(target, "a" if str(target.absolute()).startswith(("/dev/", "/proc/")) else "w", encoding="utf-8") as handle:
+        with open(target, "a" if is_device_path(target) else "w", encoding="utf-8") as handle:
             handle.write(text)
         return
     ckpt.atomic_write_text(target, text)

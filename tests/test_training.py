@@ -425,6 +425,8 @@ def test_translate_and_evaluate_refuse_outputs_that_would_destroy_an_input_or_th
         assert option in error and message in error, (arguments, error)
         assert fingerprint() == before and not (tmp_path / "o.txt").exists()
     assert translate.main(["--model", model, "--input", source, "--output", str(tmp_path / "out.txt")]) == 0
+    # Both outputs on /dev/stdout are fine, whatever file the shell (here pytest's capture) made standard output.
+    training.check_output_file("/dev/stdout", "--output_json", {"--predictions_file": "/dev/stdout"})
 
 
 def test_translate_truncates_a_runaway_line_at_the_models_length_and_names_it(short_run, tmp_path, caplog):
