@@ -38,7 +38,7 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's and rotation's trash names
 # What a killed run of ours can leave in its output folder: checkpoint and final-model staging folders, trashed
 # checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, a dash, 8 random characters).
-_STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model)$")
+_STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model|tokenizer)$")
 _STALE_FILE_RE = re.compile(r"^\.tmp-.+-[a-z0-9_]{8}$")
 
 
@@ -493,8 +493,16 @@ def load_torch_state(path: str | os.PathLike):
     """Load a state file without unpickling arbitrary objects."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path} is missing.") from error
     except Exception as error:
-        raise CheckpointError(f"Could not load {str(path)!r} safely (weights_only=True): {error}") from error
+        # torch's own text advises retrying with weights_only=False, which would run any code the file holds, or
+        # allow-listing the class: keep only the reason (the refused class, or what a damaged file broke).
+        text = str(error).strip()
+        refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text)
+        reason = refused.group(1) if refused else f"{type(error).__name__}: {(text.splitlines() or [''])[0]}"
+        raise CheckpointError(f"{path}: not a state file this package wrote, or damaged; it is loaded with "
+                              f"weights_only=True only ({reason}).") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

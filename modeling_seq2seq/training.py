@@ -45,6 +45,7 @@ LOG_FILE_NAME = "training_log.jsonl"
 EVAL_RESULTS_NAME = "eval_results.json"
 CURVES_FILE_NAME = "training_curves.png"
 TOKENIZER_DIR_NAME = "tokenizer"
+TOKENIZER_STAGING_NAME = ckpt.TMP_PREFIX + TOKENIZER_DIR_NAME
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 TRAINER_STATE_VERSION = 1
@@ -79,7 +80,7 @@ class TrainingConfig:
     output_dir: str = _option("outputs/transformer", "folder for checkpoints, logs and the final model")
     # model and tokenizer
     model_config: str = _option("configs/transformer-base.json", "model preset JSON (a Seq2SeqTransformerConfig)")
-    model_overrides: dict = _option({}, "config fields that replace the preset's (YAML mapping or JSON string)")
+    model_overrides: dict = _option({}, "config fields that replace the preset's (a mapping in the YAML file, a JSON object as a flag)")
     tokenizer: typing.Optional[str] = _option(None, "a saved tokenizer; without it a shared BPE is trained on the training text")
     vocab_size: int = _option(37000, "vocabulary size of the BPE trained when --tokenizer is not given")
     # data
@@ -204,6 +205,14 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
     for key in _NON_NEGATIVE_INTS:
         if getattr(config, key) < 0:
             fail(key, "zero or a positive integer")
+    if not 0 <= config.seed < 2**32:
+        fail("seed", "a whole number from 0 to 2**32 - 1")
+    if not config.output_dir.strip():
+        fail("output_dir", "a folder path")
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        fail("output_dir", "a folder (this is a file)")
+    if config.resume_from_checkpoint not in (None, "latest") and not Path(config.resume_from_checkpoint).is_dir():
+        fail("resume_from_checkpoint", "'latest' or an existing checkpoint folder")  # before the output folder is made
     if config.model_overrides:
         import inspect
 
@@ -280,8 +289,19 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"Training config file {str(path)!r} is a folder.")
     if not path.is_file():
         raise FileNotFoundError(f"Training config file {str(path)!r} does not exist.")
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """safe_load, except that a key given twice is an error: PyYAML would keep the last one silently."""
+
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
+            for index, (key_node, _) in enumerate(node.value):
+                if keys[index] in keys[:index]:
+                    raise ValueError(f"{path}, line {key_node.start_mark.line + 1}: '{keys[index]}' is given twice.")
+            return super().construct_mapping(node, deep)
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from error
     except UnicodeDecodeError as error:
@@ -624,10 +644,15 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
     from .hub import load_reporting_random_weights
 
     config_file = Path(path) / "config.json"
-    model_type = ckpt.read_json_object(config_file, "a JSON model config").get("model_type")
+    settings = ckpt.read_json_object(config_file, "a JSON model config")
+    model_type = settings.get("model_type")
     if model_type != Seq2SeqTransformerConfig.model_type:
         raise ValueError(f"{config_file} says model_type {model_type!r}, not {Seq2SeqTransformerConfig.model_type!r}: "
                          "not a model of this package (a MarianMTModel converts with scripts/convert_marian.py).")
+    try:  # the config's own check (heads that divide d_model...), naming the file
+        Seq2SeqTransformerConfig.from_dict(settings)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{config_file}: {error}") from error
     if (Path(path) / ckpt.MANIFEST_NAME).is_file() and (
         problem := ckpt.verify_checkpoint(path, hash_training_state=False)
     ) is not None:
@@ -658,21 +683,40 @@ def split_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def read_text_lines(path: str | os.PathLike) -> list[str]:
+def read_text_lines(path: str | os.PathLike, option: str | None = None) -> list[str]:
     """`split_lines` of a UTF-8 text file (`-`: stdin), without a leading byte order mark, as the data files are
-    read; bytes that are not UTF-8 raise ValueError naming the file and line."""
+    read; a file that cannot be read, bytes that are not UTF-8 and NUL bytes raise ValueError naming the file (and
+    the `option` that gave it) and the line."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    name = f"{option} {name}" if option else name
     if str(path) == "-":  # the bytes, not Python's decoding of them (which would hide bad bytes as surrogates)
         stdin = sys.stdin
-        name = "<stdin>"
         data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
     else:
-        name, data = path, Path(path).read_bytes()
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{name}: cannot be read ({error.strerror or error}).") from error
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ValueError(f"{name}, line {line}: not UTF-8 text ({error.reason}).") from error
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise ValueError(f"{name}, line {line}: contains NUL bytes (is this a binary file?).")
     return split_lines(text.removeprefix("\ufeff"))
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a number, not nan or inf (which `generate` would take without a word)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def check_device(name: str | None, option: str = "--device") -> None:
@@ -1107,6 +1151,9 @@ def check_own_checkpoint(folder: Path) -> None:
                 if "global_step" in state else "")
         raise ckpt.CheckpointError(f"{file} lacks {', '.join(map(repr, missing))}: not a checkpoint of scripts/train.py."
                                    + hint)
+    if type(state["step"]) is not int or state["step"] < 0 or not isinstance(state["sampler"], dict):
+        raise ckpt.CheckpointError(f"{file}: 'step' must be a whole number >= 0 and 'sampler' an object, got "
+                                   f"{state['step']!r} and {type(state['sampler']).__name__}.")
 
 
 class Trainer:
@@ -1218,7 +1265,8 @@ class Trainer:
     def _check_no_later_checkpoints(self, existing):
         """Resuming from an earlier checkpoint of this output directory would overwrite its later ones, and a later
         `--resume_from_checkpoint latest` would pick those up again: refuse, and touch nothing."""
-        state = json.loads((self.resume_dir / ckpt.TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        state = ckpt.read_json_object(self.resume_dir / ckpt.TRAINER_STATE_NAME, "this training loop's state",
+                                      ckpt.CheckpointError)
         later = [path for step, path in existing if step > state["step"] and path.resolve() != self.resume_dir.resolve()
                  and ckpt.verify_checkpoint(path) is None]  # hashes too: `latest` skipped a corrupted one
         if later:
@@ -1241,15 +1289,24 @@ class Trainer:
             return load_tokenizer(str(resolve_path(self.config.tokenizer)))
         if self.resume_dir is not None:
             return load_tokenizer(str(self.resume_dir))
-        saved = self.output_dir / TOKENIZER_DIR_NAME
+        # Saved under a staging name, renamed to tokenizer/ by `commit_tokenizer` once the data has been read with it:
+        # a run that stops on its data leaves nothing that the corrected run would have to be told to overwrite.
+        staged = self.output_dir / TOKENIZER_STAGING_NAME
         if self.is_main:
             texts = list(raw["train"]["source"]) + list(raw["train"]["target"])
             self.print(f"Training a shared BPE tokenizer (vocab {self.config.vocab_size}) on {len(texts)} training sentences.")
             tokenizer = train_tokenizer(texts, vocab_size=self.config.vocab_size)
-            save_tokenizer(tokenizer, str(saved))
+            shutil.rmtree(staged, ignore_errors=True)
+            save_tokenizer(tokenizer, str(staged))
         self.accelerator.wait_for_everyone()
         # Every process reads the same files, so all agree on the vocabulary.
-        return load_tokenizer(str(saved))
+        return load_tokenizer(str(staged))
+
+    def commit_tokenizer(self):
+        staged = self.output_dir / TOKENIZER_STAGING_NAME
+        self.accelerator.wait_for_everyone()  # every process has read the staged files
+        if self.is_main and staged.is_dir():
+            ckpt.replace_dir(staged, self.output_dir / TOKENIZER_DIR_NAME)
 
     def setup_data(self, raw, tokenizer):
         from .data import Seq2SeqCollator, tokenize_pairs
@@ -1364,7 +1421,7 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path):
         """Restore weights, optimizer, scheduler, data position and RNG of a verified checkpoint."""
-        state = json.loads((folder / ckpt.TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        state = ckpt.read_json_object(folder / ckpt.TRAINER_STATE_NAME, "this training loop's state", ckpt.CheckpointError)
         if state.get("world_size", 1) != self.world_size:
             raise ckpt.CheckpointError(
                 f"{folder} was written by {state.get('world_size')} processes; resuming with {self.world_size} would "
@@ -1386,7 +1443,8 @@ class Trainer:
         if state.get("grad_scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         rng_json = folder / f"rng_state_{self.rank}.json"
-        restore_rng_state(json.loads(rng_json.read_text(encoding="utf-8")), ckpt.load_torch_state(folder / f"rng_state_{self.rank}.pt"))
+        restore_rng_state(ckpt.read_json_object(rng_json, "random-number generator states", ckpt.CheckpointError),
+                          ckpt.load_torch_state(folder / f"rng_state_{self.rank}.pt"))
         self.print(f"Resumed from {folder} at step {self.step} (epoch {self.sampler.epoch}, "
                    f"{state['sampler']['batches_consumed']} batches into it).")
 
@@ -1491,50 +1549,10 @@ class Trainer:
         self.step += 1
         return {**counts, "status": "ok"}
 
-    def run(self) -> dict:
-        from tqdm.auto import tqdm
-
+    def train_steps(self, stream, progress) -> str:
+        """Update until max_steps, the time budget or divergence (returned as the reason), logging, evaluating and
+        saving checkpoints on the way."""
         config, accelerator = self.config, self.accelerator
-        raw = load_raw_data(config)
-        self.tokenizer = self.setup_tokenizer(raw)
-        self.setup_data(raw, self.tokenizer)
-        self.sampler = self.make_sampler()
-        model = build_model(config, self.tokenizer)
-        self.delete_replaced_checkpoints()
-        _apply_generation_defaults(model, config)
-        optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.step_model = self.model
-        if config.compile and accelerator.state.dynamo_plugin.backend.value != "NO":
-            self.print("Accelerate already compiles the model (--dynamo_backend): `compile` adds nothing to it.")
-        elif config.compile:
-            self.step_model = compiled_for_training(self.model)
-            self.print("The training step runs under torch.compile: the first steps compile it (minutes).")
-        self.step = 0
-        self.skipped_steps = self.consecutive_bad_steps = self.tokens_seen = 0
-        self.elapsed_before = 0.0
-        self.last_saved_step = self.last_eval_step = None
-        if self.resume_dir is not None:
-            self.load_checkpoint(self.resume_dir)
-            self.log.truncate_after(self.step, self.resumed_log_records)
-            if self.step > config.max_steps:
-                logger.warning("Resumed at step %d, past max_steps (%d): no step is trained, and the final model is "
-                               "the checkpoint's (step %d).", self.step, config.max_steps, self.step)
-        else:
-            self.log.truncate_after(-1)  # a fresh run starts a fresh log
-        if self.tracker:
-            accelerator.init_trackers(TRACKER_RUN_NAME, config=_tracker_hparams(config))
-        n_params = sum(p.numel() for p in accelerator.unwrap_model(self.model).parameters())
-        self.print(
-            f"Training {n_params / 1e6:.2f}M parameters on {len(self.train_set)} pairs ({data_description(config)}), "
-            f"{self.world_size} process(es) ({accelerator.distributed_type.value}, {accelerator.device}), up to {config.max_steps} steps of {config.gradient_accumulation_steps} x "
-            f"{config.max_tokens} tokens per process."
-        )
-
-        self.model.train()
-        stream = self.micro_batches()
-        progress = tqdm(total=config.max_steps, initial=self.step, disable=not accelerator.is_local_main_process,
-                        desc="training", dynamic_ncols=True)
         window = {"loss": 0.0, "tokens": 0.0, "steps": 0, "start": time.monotonic()}
         stop_reason = "max_steps"
         while self.step < config.max_steps:
@@ -1586,7 +1604,55 @@ class Trainer:
             if config.save_steps and self.step % config.save_steps == 0:
                 self.save_checkpoint()
                 window["start"] = time.monotonic()
-        progress.close()
+        return stop_reason
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        raw = load_raw_data(config)
+        self.tokenizer = self.setup_tokenizer(raw)
+        self.setup_data(raw, self.tokenizer)
+        self.commit_tokenizer()
+        self.sampler = self.make_sampler()
+        model = build_model(config, self.tokenizer)
+        self.delete_replaced_checkpoints()
+        _apply_generation_defaults(model, config)
+        optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.step_model = self.model
+        if config.compile and accelerator.state.dynamo_plugin.backend.value != "NO":
+            self.print("Accelerate already compiles the model (--dynamo_backend): `compile` adds nothing to it.")
+        elif config.compile:
+            self.step_model = compiled_for_training(self.model)
+            self.print("The training step runs under torch.compile: the first steps compile it (minutes).")
+        self.step = 0
+        self.skipped_steps = self.consecutive_bad_steps = self.tokens_seen = 0
+        self.elapsed_before = 0.0
+        self.last_saved_step = self.last_eval_step = None
+        if self.resume_dir is not None:
+            self.load_checkpoint(self.resume_dir)
+            self.log.truncate_after(self.step, self.resumed_log_records)
+            if self.step > config.max_steps:
+                logger.warning("Resumed at step %d, past max_steps (%d): no step is trained, and the final model is "
+                               "the checkpoint's (step %d).", self.step, config.max_steps, self.step)
+        else:
+            self.log.truncate_after(-1)  # a fresh run starts a fresh log
+        if self.tracker:
+            accelerator.init_trackers(TRACKER_RUN_NAME, config=_tracker_hparams(config))
+        n_params = sum(p.numel() for p in accelerator.unwrap_model(self.model).parameters())
+        self.print(
+            f"Training {n_params / 1e6:.2f}M parameters on {len(self.train_set)} pairs ({data_description(config)}), "
+            f"{self.world_size} process(es) ({accelerator.distributed_type.value}, {accelerator.device}), up to {config.max_steps} steps of {config.gradient_accumulation_steps} x "
+            f"{config.max_tokens} tokens per process."
+        )
+
+        self.model.train()
+        stream = self.micro_batches()
+        # Closed however the loop ends, so that a message on Ctrl-C starts on a line of its own.
+        with tqdm(total=config.max_steps, initial=self.step, disable=not accelerator.is_local_main_process,
+                  desc="training", dynamic_ncols=True) as progress:
+            stop_reason = self.train_steps(stream, progress)
 
         if stop_reason == "diverged":
             last = ckpt.find_latest_checkpoint(self.output_dir, check_hashes=False) if self.is_main else None

@@ -561,7 +561,7 @@ def draw_training(run: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
     bleu.set_ylabel("score")
     bleu.set_ylim(0, 105)
     bleu.set_title("BLEU" if evals["step"] else "BLEU (no evaluation records in the log)")
-    if evals["step"] or log.test:
+    if bleu.get_legend_handles_labels()[0]:  # a run without validation or test scores has nothing to label
         bleu.legend(loc="lower right")
     last = train["step"][-1]
     for axes in (loss, rate, bleu):

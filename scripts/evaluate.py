@@ -20,6 +20,7 @@ import time
 from modeling_seq2seq.training import (
     check_device,
     check_output_file,
+    finite_float,
     load_model_and_tokenizer,
     read_text_lines,
     translate_texts,
@@ -36,7 +37,8 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool, tuple[list[i
             raise ValueError("--source_file and --reference_file go together")
         from modeling_seq2seq.data import warn_skipped_pairs
 
-        sources, references = read_text_lines(args.source_file), read_text_lines(args.reference_file)
+        sources = read_text_lines(args.source_file, "--source_file")
+        references = read_text_lines(args.reference_file, "--reference_file")
         if len(sources) != len(references):
             raise ValueError(f"{args.source_file} has {len(sources)} lines but {args.reference_file} has {len(references)}")
         # As in the data files: a pair with an empty side is skipped, not translated and scored.
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference_file", help="plain text references, line-aligned with --source_file")
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N pairs")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
-    parser.add_argument("--length_penalty", type=float, default=None)
+    parser.add_argument("--length_penalty", type=finite_float, default=None)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--effective_order", action=argparse.BooleanOptionalAction, default=None,
                         help="BLEU effective order (default: on for the built-in task only)")

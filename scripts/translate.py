@@ -20,6 +20,7 @@ import argparse
 from modeling_seq2seq.training import (
     check_device,
     check_output_file,
+    finite_float,
     load_model_and_tokenizer,
     read_text_lines,
     translate_texts,
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", default="-", help="text file, one sentence per line (default: stdin)")
     parser.add_argument("--output", default="-", help="where to write translations (default: stdout)")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
-    parser.add_argument("--length_penalty", type=float, default=None, help="beam length penalty (default: generation config)")
+    parser.add_argument("--length_penalty", type=finite_float, default=None, help="beam length penalty (default: generation config)")
     parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     parser.add_argument("--max_new_tokens_extra", type=int, default=50, help="output may be source length + N tokens")
     parser.add_argument("--max_source_length", type=int, default=None,
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
     try:
         check_device(args.device)
         check_output_file(args.output, "--output", {"--input": args.input}, args.model)
+        lines = read_text_lines(args.input, "--input")
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
-        lines = read_text_lines(args.input)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -318,8 +318,17 @@ def test_state_files_load_without_unpickling_objects(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"payload": subprocess.Popen}, evil)  # an arbitrary class: must not be unpickled
-    with pytest.raises(ckpt.CheckpointError, match="weights_only=True"):
+    with pytest.raises(ckpt.CheckpointError, match="weights_only=True") as refused:
         ckpt.load_torch_state(evil)
+    # The reason, naming the file and the class, without torch's advice to load it unsafely or allow-list the class.
+    message = str(refused.value)
+    assert str(evil) in message and "subprocess.Popen" in message
+    assert "weights_only=False" not in message and "safe_globals" not in message
+
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a torch file" * 8)
+    with pytest.raises(ckpt.CheckpointError, match=f"{damaged}: not a state file this package wrote, or damaged"):
+        ckpt.load_torch_state(damaged)
 
 
 def test_a_folder_where_files_cannot_be_locked_is_used_without_a_lock(tmp_path, monkeypatch, caplog):

@@ -281,9 +281,25 @@ def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
         load_yaml_config(latin1)
     with pytest.raises(ValueError, match="is a folder"):
         load_yaml_config(tmp_path)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("max_steps: 5\nseed: 1\nmodel_overrides: {d_model: 8,\n  d_model: 16}\n")
+    with pytest.raises(ValueError, match=r"twice\.yaml, line 4: 'd_model' is given twice"):
+        load_yaml_config(twice)
+    twice.write_text("max_steps: 5\nseed: 1\nmax_steps: 7\n")
+    with pytest.raises(ValueError, match=r"twice\.yaml, line 3: 'max_steps' is given twice"):
+        load_yaml_config(twice)
+    with pytest.raises(ValueError, match=r"flag --seed: 'seed' must be a whole number from 0 to 2\*\*32 - 1, got -1"):
+        parse_config(["--seed", "-1"])
+    with pytest.raises(ValueError, match=r"flag --output_dir: 'output_dir' must be a folder path, got ''"):
+        parse_config(["--output_dir", ""])
+    with pytest.raises(ValueError, match=r"flag --output_dir: 'output_dir' must be a folder \(this is a file\)"):
+        parse_config(["--output_dir", str(twice)])
     with pytest.raises(SystemExit):
         parse_config(["--mixed_precision", "fp8"])
     assert training.main(["--config", str(bad_key)]) == 2
+    # A mistyped checkpoint path is refused before the output folder is made.
+    assert training.main(["--resume_from_checkpoint", str(tmp_path / "chekpoint-4"), "--output_dir", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_flags_override_yaml_and_recipes_parse(tmp_path, capsys):
@@ -561,10 +577,15 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     assert len((tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")) == 4 + 1
     broken = tmp_path / "broken.txt"
     broken.write_bytes(b"one\ntw\xffo\n")
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"one\ntwo\nthr\0ee\n")
     unwritable = [(["--input", str(source), "--output", "/proc/out.txt"], "'/proc/out.txt' cannot be written")]
     for args, message in [
-        (["--input", str(broken)], f"{broken}, line 2: not UTF-8 text"),
-        (["--input", "-"], "<stdin>, line 2: not UTF-8 text"),
+        (["--input", str(broken)], f"--input {broken}, line 2: not UTF-8 text"),
+        (["--input", "-"], "--input <stdin>, line 2: not UTF-8 text"),
+        (["--input", str(tmp_path / "missing.txt")], f"--input {tmp_path / 'missing.txt'}: cannot be read (No such file"),
+        (["--input", str(tmp_path)], f"--input {tmp_path}: cannot be read (Is a directory)"),
+        (["--input", str(nul)], f"--input {nul}, line 3: contains NUL bytes"),
         (["--input", str(source), "--output", str(tmp_path / "no" / "out.txt")], "does not exist"),
         *(unwritable if Path("/proc").is_dir() else []),
         (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
@@ -573,15 +594,19 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(broken.read_bytes())))
         assert translate.main(["--model", str(short_run), *args]) == 1
         assert message in capsys.readouterr().err
-    for args in (["--max_source_length", "0"], ["--max_new_tokens_extra", "-1"]):
+    for args in (["--max_source_length", "0"], ["--max_new_tokens_extra", "-1"], ["--length_penalty", "nan"]):
         with pytest.raises(SystemExit):
             translate.main(["--model", str(short_run), "--input", str(source), *args])
+    assert "--length_penalty: expected a finite number, got 'nan'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(short_run), "--length_penalty", "inf"])
+    assert "--length_penalty: expected a finite number, got 'inf'" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert evaluate.main(["--model", str(short_run), "--source_file", str(empty), "--reference_file", str(empty)]) == 1
     assert "no sentences to evaluate" in capsys.readouterr().err
     assert evaluate.main(["--model", str(short_run), "--source_file", str(broken), "--reference_file", str(source)]) == 1
-    assert "line 2: not UTF-8 text" in capsys.readouterr().err
+    assert f"--source_file {broken}, line 2: not UTF-8 text" in capsys.readouterr().err
     # A pair with an empty side is skipped with a warning (as in the data files), not translated and scored.
     sources, references = tmp_path / "src.txt", tmp_path / "ref.txt"
     sources.write_text("one\n\ntwo\nthree\n")
@@ -727,6 +752,29 @@ def test_torn_newest_checkpoint_is_skipped_on_resume(assets, reference_run, tmp_
     assert_same_weights(output_dir, reference_run)
 
 
+@pytest.mark.parametrize("file, content, message", [
+    ("trainer_state.json", b'{"step": 8,', "not readable as this training loop's state"),
+    ("trainer_state.json", b'{"step": "8", "sampler": {}}', "'step' must be a whole number"),
+    ("rng_state_0.json", b"[1, 2]", "expected a JSON object (random-number generator states)"),
+    ("optimizer.pt", b"not a torch file" * 8, "not a state file this package wrote, or damaged"),
+])
+def test_a_hand_edited_checkpoint_file_is_named_and_the_checkpoint_kept(assets, reference_run, tmp_path, capsys,
+                                                                        file, content, message):
+    """Edited behind our back, with a manifest written again to match: resuming names the file, and changes nothing."""
+    import shutil
+
+    checkpoint = tmp_path / "edited"
+    shutil.copytree(reference_run / "checkpoint-8", checkpoint)
+    (checkpoint / file).write_bytes(content)
+    ckpt.write_manifest(checkpoint, 8)
+    before = {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+    assert training.main(run_args(assets, tmp_path / "out", resume_from_checkpoint=str(checkpoint))) == 1
+    error = capsys.readouterr().err
+    assert str(checkpoint / file) in error and message in error, error
+    assert "Traceback" not in error and "weights_only=False" not in error
+    assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
+
+
 def test_averaging_skips_a_damaged_checkpoint_naming_it(reference_run, tmp_path, caplog):
     import shutil
 
@@ -858,6 +906,16 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     assert training.main(run_args(assets, killed, max_steps=2, resume_from_checkpoint="latest")) == 0
     assert [r["step"] for r in read_log(killed) if r["type"] == "train"] == [2]
 
+    # A run that stops on its data (every pair longer than the limit) leaves no tokenizer/ behind, so the corrected
+    # run goes ahead in the same folder.
+    stopped = tmp_path / "stopped_on_data"
+    assert training.main(run_args(assets, stopped, max_steps=2, max_source_length=1, tokenizer=None, vocab_size=300)) == 1
+    assert "No training pairs left" in capsys.readouterr().err
+    assert not (stopped / training.TOKENIZER_DIR_NAME).exists()
+    assert training.main(run_args(assets, stopped, max_steps=2, tokenizer=None, vocab_size=300)) == 0
+    assert (stopped / training.TOKENIZER_DIR_NAME / "tokenizer.json").is_file()
+    assert not (stopped / training.TOKENIZER_STAGING_NAME).exists()
+
 
 def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp_path):
     """transformers fills missing weights (or ones of another shape) with random values and only logs it; a damaged
@@ -920,12 +978,16 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
     (not_json / "generation_config.json").write_text("xx")
     settings = json.loads((reference_run / "generation_config.json").read_text())
     (no_beams / "generation_config.json").write_text(json.dumps({**settings, "num_beams": 0}))
+    heads = variant("heads")
+    (heads / "config.json").write_text(json.dumps({**config, "encoder_attention_heads": 7}))
     foreign = variant("foreign")
     tokenizer = load_tokenizer(reference_run)
     tokenizer.add_tokens([f"extra{i}" for i in range(config["vocab_size"])])
     save_tokenizer(tokenizer, foreign)
     for folder, message in [
         (bart, f"{bart / 'config.json'} says model_type 'bart', not 'seq2seq_transformer'"),
+        (heads, f"{heads / 'config.json'}: Seq2SeqTransformerConfig.encoder_attention_heads=7 is invalid: expected a "
+                "divisor of d_model"),
         (not_json, f"{not_json / 'generation_config.json'}: not readable as JSON generation settings"),
         (no_beams, f"{no_beams / 'generation_config.json'}: 'num_beams' must be an integer >= 1, got 0"),
         (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens, but the model only {config['vocab_size']}"),
@@ -972,8 +1034,9 @@ def test_ctrl_c_or_sigterm_names_the_checkpoint_to_resume_from(assets, tmp_path,
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr[-2000:]
-    assert f"{word}: the last complete checkpoint is" in stderr and "--resume_from_checkpoint latest" in stderr
-    assert "Traceback" not in stderr
+    message = [line for line in stderr.split("\n") if f"{word}: the last complete checkpoint is" in line]
+    assert len(message) == 1 and message[0].startswith(word), f"on a line of its own, not after the progress bar: {message}"
+    assert "--resume_from_checkpoint latest" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])

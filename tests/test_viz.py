@@ -152,6 +152,19 @@ def test_training_command_writes_the_figure(visualize, capsys, tmp_path):
     check_png(paths[0], round(width * viz.DPI), round(height * viz.DPI))
 
 
+def test_a_run_without_scores_draws_without_warnings(tmp_path):
+    """No validation, and a test record without BLEU (a task with exact match only): no empty legend (matplotlib
+    warns of one)."""
+    import warnings
+
+    records = [{"type": "train", "step": step, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "elapsed_s": 1.0}
+               for step in range(10, 101, 10)] + [{"type": "test", "step": 100, "test_exact_match": 0.5}]
+    (tmp_path / viz.LOG_FILE_NAME).write_text("".join(json.dumps(record) + "\n" for record in records))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert viz.draw_training(tmp_path, tmp_path / "pictures")[0].is_file()
+
+
 def test_read_training_log_columns(tmp_path):
     write_log(tmp_path / viz.LOG_FILE_NAME, steps=1000, warmup=200)
     log = viz.read_training_log(tmp_path)
