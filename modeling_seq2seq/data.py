@@ -649,10 +649,17 @@ class TokenBatchSampler:
         self.bucket_size = bucket_size or n
         self.max_sentences = max_sentences
         self.batch_count_multiple = batch_count_multiple or num_replicas
+        if n < self.batch_count_multiple:
+            raise ValueError(self._too_few_message(n))
         self.epoch = 0
         self._start = 0  # batches to skip at the next __iter__ (set by load_state_dict)
         self._consumed = 0
         self._cache: tuple[int, list[list[int]]] | None = None
+
+    def _too_few_message(self, n: int) -> str:
+        return (f"{n} training pairs are too few for {self.batch_count_multiple} batches per update "
+                f"({self.num_replicas} process(es) x {self.batch_count_multiple // self.num_replicas} accumulated "
+                "micro-batches): lower gradient_accumulation_steps, or train on more pairs.")
 
     # -- building an epoch -----------------------------------------------------------------------
 
@@ -702,7 +709,7 @@ class TokenBatchSampler:
             )
             batches = batches[: len(batches) - dropped]
             if not batches:
-                raise ValueError(f"{n} examples are too few for {m} replicas")
+                raise ValueError(self._too_few_message(n))
         return batches
 
     def _rank_batches(self) -> list[list[int]]:

@@ -42,6 +42,9 @@ BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 SPACE_MARK = "\u2581"  # "▁"
 DEFAULT_MODEL_MAX_LENGTH = 1024  # the model config's default max_position_embeddings
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_TOKENS) + 1
+# Far above any translation vocabulary; the tokenizers library's BPE trainer aborts the process (a Rust panic) on
+# sizes near 2**30 and above.
+MAX_VOCAB_SIZE = 2**24
 
 
 def _configure_pipeline(tok: Tokenizer) -> None:
@@ -97,6 +100,8 @@ def train_tokenizer(
             f"vocab_size={vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
             f"({len(SPECIAL_TOKENS)} special tokens + {len(BYTE_TOKENS)} byte-fallback tokens + 1)"
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is too large: at most {MAX_VOCAB_SIZE:,}")
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
     budget = vocab_size - len(SPECIAL_TOKENS) - len(BYTE_TOKENS)  # characters + merges

@@ -232,11 +232,11 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
     if config.tokenizer is not None and not resolve_path(config.tokenizer).exists():
         fail("tokenizer", "an existing tokenizer folder or tokenizer.json file")
     if config.tokenizer is None:
-        from .tokenization import MIN_VOCAB_SIZE, SPECIAL_TOKENS
+        from .tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, SPECIAL_TOKENS
 
-        if config.vocab_size < MIN_VOCAB_SIZE:
+        if not MIN_VOCAB_SIZE <= config.vocab_size <= MAX_VOCAB_SIZE:
             fail("vocab_size", f"at least {MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens, 256 byte tokens and 1 "
-                               "more) for the BPE trained when no tokenizer is given")
+                               f"more) and at most {MAX_VOCAB_SIZE:,} for the BPE trained when no tokenizer is given")
     if config.torch_threads is not None and config.torch_threads < 1:
         fail("torch_threads", "a positive integer or null")
     if config.save_total_limit is not None and config.save_total_limit < 1:
@@ -798,24 +798,56 @@ def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     tokenizer = load_tokenizer(path)
+    check_special_tokens(tokenizer, str(path))
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"{path}: its tokenizer has {len(tokenizer)} tokens, but the model only {model.config.vocab_size} "
                          "(config.json's vocab_size): the two do not belong together.")
     return model, tokenizer
 
 
+def check_special_tokens(tokenizer, where: str, needed=("pad_token", "eos_token")) -> None:
+    """The ids a model is run with (padding, the end of a sentence; training also needs the decoder's start), and a
+    tokenizer that ends every text with that end: without it the model never sees where a sentence stops, nor learns
+    to stop."""
+    missing = [name for name in needed if getattr(tokenizer, f"{name}_id") is None]
+    if missing:
+        raise ValueError(f"{where}: the tokenizer has no {', '.join(missing)}; this model needs {', '.join(needed)} (a "
+                         "tokenizer from scripts/train_tokenizer.py has them).")
+    encoded = tokenizer("a", text_target="a")
+    if encoded["input_ids"][-1:] != [tokenizer.eos_token_id] or encoded["labels"][-1:] != [tokenizer.eos_token_id]:
+        raise ValueError(f"{where}: the tokenizer does not end a text with its end-of-sentence token "
+                         f"{tokenizer.eos_token!r} (no post-processor adds it), so the model could not learn or see where a "
+                         "sentence ends. Use a tokenizer from scripts/train_tokenizer.py.")
+
+
 def check_generation_config(path: Path) -> None:
     """A saved generation_config.json that transformers would ignore (not JSON) or fail on at the first `generate`
-    (no beams, a negative length) is refused at load, naming the file."""
+    (no beams, a negative length, a number given as text, a token id outside the vocabulary) is refused at load,
+    naming the file."""
     file = path / "generation_config.json"
     if not file.is_file():
         return
     settings = ckpt.read_json_object(file, "JSON generation settings")
     for field, low in (("num_beams", 1), ("num_return_sequences", 1), ("max_length", 1), ("max_new_tokens", 1),
-                       ("min_length", 0), ("min_new_tokens", 0)):
+                       ("min_length", 0), ("min_new_tokens", 0), ("top_k", 0), ("no_repeat_ngram_size", 0)):
         value = settings.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        if value is not None and (type(value) is not int or value < low):
             raise ValueError(f"{file}: {field!r} must be an integer >= {low}, got {value!r}.")
+    for field in ("length_penalty", "temperature", "top_p", "repetition_penalty"):
+        value = settings.get(field)
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise ValueError(f"{file}: {field!r} must be a finite number, got {value!r}.")
+    if settings.get("do_sample") and settings.get("temperature") is not None and settings["temperature"] <= 0:
+        raise ValueError(f"{file}: sampling ('do_sample': true) needs a 'temperature' above 0, got "
+                         f"{settings['temperature']!r}.")
+    vocab_size = ckpt.read_json_object(path / "config.json", "a JSON model config").get("vocab_size")
+    for field in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos_token_id",
+                  "forced_eos_token_id"):
+        value = settings.get(field)
+        if value is not None and type(vocab_size) is int and not all(
+                type(token) is int and 0 <= token < vocab_size for token in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"{file}: {field!r} must be a token id from 0 to {vocab_size - 1} (or a list of them), got "
+                             f"{value!r}.")
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -1250,9 +1282,13 @@ class Trainer:
             )
         self.replaced_checkpoints = [path for _, path in existing]  # deleted once the data has been read
 
-    def delete_replaced_checkpoints(self):
-        """--overwrite_output_dir: the earlier run's checkpoints go, but only once this run's data, tokenizer and
-        model have been read and built (a typo in a data path must not cost them)."""
+    def replace_earlier_run(self):
+        """A fresh run, once its first step has been taken (its data, tokenizer, model and batches all work): only now
+        do an earlier run's log and, with --overwrite_output_dir, its checkpoints go. A mistake that shows before then
+        (a mistyped path, a tokenizer without the special tokens, an accumulation larger than the data) costs them
+        nothing."""
+        self.earlier_run_pending = False
+        self.log.truncate_after(-1)
         self.accelerator.wait_for_everyone()
         if self.is_main and self.replaced_checkpoints:
             for path in self.replaced_checkpoints:
@@ -1286,7 +1322,9 @@ class Trainer:
         from .tokenization import load_tokenizer, save_tokenizer, train_tokenizer
 
         if self.config.tokenizer:
-            return load_tokenizer(str(resolve_path(self.config.tokenizer)))
+            tokenizer = load_tokenizer(str(resolve_path(self.config.tokenizer)))
+            check_special_tokens(tokenizer, f"tokenizer {self.config.tokenizer}", ("pad_token", "bos_token", "eos_token"))
+            return tokenizer
         if self.resume_dir is not None:
             return load_tokenizer(str(self.resume_dir))
         # Saved under a staging name, renamed to tokenizer/ by `commit_tokenizer` once the data has been read with it:
@@ -1562,6 +1600,8 @@ class Trainer:
                 break
             batches = [next(stream) for _ in range(config.gradient_accumulation_steps)]
             result = self.train_step(batches)
+            if self.earlier_run_pending:
+                self.replace_earlier_run()
             if result["status"] == "overflow":
                 continue
             if result["status"] == "bad":
@@ -1616,7 +1656,6 @@ class Trainer:
         self.commit_tokenizer()
         self.sampler = self.make_sampler()
         model = build_model(config, self.tokenizer)
-        self.delete_replaced_checkpoints()
         _apply_generation_defaults(model, config)
         optimizer, self.scheduler = make_optimizer_and_scheduler(model, config, model.config.d_model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -1636,8 +1675,7 @@ class Trainer:
             if self.step > config.max_steps:
                 logger.warning("Resumed at step %d, past max_steps (%d): no step is trained, and the final model is "
                                "the checkpoint's (step %d).", self.step, config.max_steps, self.step)
-        else:
-            self.log.truncate_after(-1)  # a fresh run starts a fresh log
+        self.earlier_run_pending = self.resume_dir is None
         if self.tracker:
             accelerator.init_trackers(TRACKER_RUN_NAME, config=_tracker_hparams(config))
         n_params = sum(p.numel() for p in accelerator.unwrap_model(self.model).parameters())
@@ -1653,6 +1691,8 @@ class Trainer:
         with tqdm(total=config.max_steps, initial=self.step, disable=not accelerator.is_local_main_process,
                   desc="training", dynamic_ncols=True) as progress:
             stop_reason = self.train_steps(stream, progress)
+        if self.earlier_run_pending:  # out of time before the first step
+            self.replace_earlier_run()
 
         if stop_reason == "diverged":
             last = ckpt.find_latest_checkpoint(self.output_dir, check_hashes=False) if self.is_main else None

@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 
+from modeling_seq2seq.data import line_aligned_files
 from modeling_seq2seq.training import (
     check_device,
     check_output_file,
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
     try:
         check_device(args.device)
         inputs = {"--test_file": args.test_file, "--source_file": args.source_file, "--reference_file": args.reference_file}
+        if args.test_file and (aligned := line_aligned_files(args.test_file, args.source_lang, args.target_lang)):
+            inputs.update({f"--test_file's {path.suffix[1:]} side": str(path) for path in aligned})
         check_output_file(args.output_json, "--output_json", {**inputs, "--predictions_file": args.predictions_file},
                           args.model)
         check_output_file(args.predictions_file, "--predictions_file", inputs, args.model)

@@ -141,6 +141,11 @@ def check_output_dir(args, resume) -> None:
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError(f"--output_dir {args.output_dir!r} is the --model folder: the fine-tuned model would overwrite "
                          "the one it starts from. Choose another --output_dir.")
+    if model_dir.resolve().is_relative_to(output_dir.resolve()) and any(
+            part.startswith("checkpoint-") for part in model_dir.resolve().relative_to(output_dir.resolve()).parts):
+        raise ValueError(f"--model {args.model!r} is a checkpoint folder inside --output_dir {args.output_dir!r}: this "
+                         "run's checkpoints would overwrite or rotate it away. Copy it elsewhere first, or choose "
+                         "another --output_dir.")
     if resume is not None or args.overwrite_output_dir or not output_dir.is_dir():
         return
     held = sorted(entry.name for entry in output_dir.iterdir() if not entry.name.startswith(FINAL_STAGING_PREFIX))

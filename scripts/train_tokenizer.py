@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from modeling_seq2seq.tokenization import train_tokenizer_from_data
+from modeling_seq2seq.tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, train_tokenizer_from_data
 
 
 def main(argv=None):
@@ -27,14 +27,23 @@ def main(argv=None):
     parser.add_argument("--model_max_length", type=int, default=1024)
     parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output_dir")
     args = parser.parse_args(argv)
-    if args.vocab_size < 1 or args.model_max_length < 1:
-        parser.error("--vocab_size and --model_max_length must be positive")
-    # A model's folder holds its tokenizer: a new vocabulary there would silently break the model.
-    held = [name for name in ("tokenizer.json", "config.json") if (Path(args.output_dir) / name).exists()]
+    if not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
+        parser.error(f"--vocab_size must be from {MIN_VOCAB_SIZE} (the special and byte tokens, and one more) to "
+                     f"{MAX_VOCAB_SIZE:,}")
+    if args.model_max_length < 1 or args.min_frequency < 1:
+        parser.error("--model_max_length and --min_frequency must be positive")
+    if args.dataset_config_name and not args.dataset_name:
+        parser.error("--dataset_config_name needs --dataset_name")
+    # Checked before training, which can take long: a model's folder holds its tokenizer (a new vocabulary there would
+    # silently break the model), and any other file there may be the user's.
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {args.output_dir!r} is a file, not a folder")
+    held = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else []
     if held and not args.overwrite:
-        print(f"error: {args.output_dir} already holds {' and '.join(held)}: a new vocabulary would replace the one "
-              "that folder's model or tokenizer was built with. Choose another --output_dir, or pass --overwrite.",
-              file=sys.stderr)
+        print(f"error: --output_dir {args.output_dir} is not empty ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): "
+              "a new vocabulary would replace the files of a model or tokenizer there. Choose another --output_dir, or "
+              "pass --overwrite.", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

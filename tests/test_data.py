@@ -485,8 +485,12 @@ def test_too_few_examples_for_the_replicas_drop_surplus(caplog):
     assert [len(s) for s in shares] == [1, 1]
     assert len({i for s in shares for b in s for i in b}) == 2
     assert "dropping 1 batch" in caplog.text
-    with pytest.raises(ValueError, match="too few for 2 replicas"):
-        len(TokenBatchSampler([5], [5], max_tokens=100, num_replicas=2, rank=1))
+    # Fewer pairs than batches per update: refused when the sampler is made, naming the setting to lower.
+    with pytest.raises(ValueError, match=r"1 training pairs are too few for 2 batches per update \(2 process\(es\) x 1 "
+                                         r"accumulated micro-batches\): lower gradient_accumulation_steps"):
+        TokenBatchSampler([5], [5], max_tokens=100, num_replicas=2, rank=1)
+    with pytest.raises(ValueError, match=r"3 training pairs are too few for 4 batches per update \(1 process\(es\) x 4"):
+        TokenBatchSampler([5, 5, 5], [5, 5, 5], max_tokens=100, batch_count_multiple=4)
 
 
 @pytest.mark.parametrize("num_replicas", [1, 2])

@@ -254,3 +254,13 @@ def test_train_tokenizer_script(tmp_path):
     assert module.main(args + ["--overwrite"]) == 0
     assert (out / "tokenizer.json").read_bytes() != saved
     assert module.main(["--train_file", str(tmp_path / "missing.tsv"), "--vocab_size", "300", "--output_dir", str(tmp_path / "o2")]) == 1
+    # Any other file of the user's there too (a SentencePiece model's tokenizer_config.json, notes), and before training.
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "tokenizer_config.json").write_text('{"mine": true}')
+    assert module.main(["--train_file", str(data), "--vocab_size", "300", "--output_dir", str(users)]) == 1
+    assert (users / "tokenizer_config.json").read_text() == '{"mine": true}' and len(list(users.iterdir())) == 1
+    for bad in (["--vocab_size", str(2**40)], ["--vocab_size", "100"], ["--dataset_config_name", "de-en"],
+                ["--output_dir", str(data)]):
+        with pytest.raises(SystemExit):
+            module.main(["--train_file", str(data), "--vocab_size", "300", "--output_dir", str(tmp_path / "o3"), *bad])

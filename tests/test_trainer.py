@@ -136,6 +136,11 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
         run(saved_model)
     with pytest.raises(ValueError, match="is not empty"):
         run(tmp_path / "whole")
+    # Nor from one of its own checkpoints, which its checkpoints would overwrite (or rotate away), even when told to.
+    inside = script.build_parser().parse_args(["--model", str(tmp_path / "whole" / "checkpoint-6"), "--output_dir",
+                                               str(tmp_path / "whole"), "--overwrite_output_dir"])
+    with pytest.raises(ValueError, match="is a checkpoint folder inside --output_dir"):
+        script.check_output_dir(inside, None)
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
     # The two loops' checkpoints share our manifest, not their state: each names the other's (once a raw KeyError or
     # TypeError from deep inside).

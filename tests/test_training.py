@@ -413,12 +413,14 @@ def test_translate_and_evaluate_refuse_outputs_that_would_destroy_an_input_or_th
     import hashlib
 
     def fingerprint():
-        files = [tmp_path / name for name in ("in.txt", "refs.txt")] + sorted(short_run.iterdir())
+        files = [tmp_path / name for name in ("in.txt", "refs.txt", "test.en", "test.de")] + sorted(short_run.iterdir())
         return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
 
     (tmp_path / "in.txt").write_text("one\ntwo\n")
     (tmp_path / "refs.txt").write_text("eins\nzwei\n")
     (tmp_path / "link.txt").symlink_to(tmp_path / "in.txt")
+    (tmp_path / "test.en").write_text("one\ntwo\n")  # line-aligned files read through --test_file's prefix
+    (tmp_path / "test.de").write_text("eins\nzwei\n")
     before = fingerprint()
     translate, evaluate = load_script("translate"), load_script("evaluate")
     model, source, refs = str(short_run), str(tmp_path / "in.txt"), str(tmp_path / "refs.txt")
@@ -434,6 +436,10 @@ def test_translate_and_evaluate_refuse_outputs_that_would_destroy_an_input_or_th
          "--output_json", "inside the model folder"),
         (evaluate, ["--source_file", source, "--reference_file", refs, "--output_json", str(tmp_path / "o.txt"),
                     "--predictions_file", str(tmp_path / "o.txt")], "--output_json", "the same file as --predictions_file"),
+        (evaluate, ["--test_file", str(tmp_path / "test"), "--predictions_file", str(tmp_path / "test.de")],
+         "--predictions_file", "the same file as --test_file's de side"),
+        (evaluate, ["--test_file", str(tmp_path / "test"), "--output_json", str(tmp_path / "test.en")],
+         "--output_json", "the same file as --test_file's en side"),
     ]
     for script, arguments, option, message in cases:
         assert script.main(["--model", model, *arguments]) == 1, arguments
@@ -679,8 +685,38 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run,
             assert message in capsys.readouterr().err
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-500"]
     assert not (tmp_path / "fresh").exists()  # nothing written that the corrected command would stumble over
+    # And so is everything up to the first step (batches, collation, the step itself): the earlier run's checkpoints
+    # and log go only once it has been taken.
+    (tmp_path / "old" / training.LOG_FILE_NAME).write_text('{"type": "train", "step": 500}\n')
+    too_many = run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True, gradient_accumulation_steps=10**6)
+    assert training.main(too_many) == 1
+    assert "too few for 1000000 batches per update" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.Trainer, "train_step", lambda self, batches: (_ for _ in ()).throw(ValueError("step")))
+        assert training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True)) == 1
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-500"]
+    assert read_log(tmp_path / "old") == [{"type": "train", "step": 500}]
     assert training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True)) == 0
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-4"]
+
+
+def test_a_tokenizer_without_the_special_tokens_or_the_end_of_sentence_is_refused(assets, tmp_path, capsys):
+    """A foreign tokenizer (WordLevel, no post-processor) trained silently: the model never saw an end of sentence, so
+    it could never learn to stop. Refused by name, before anything is written."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "[PAD]": 1, "one": 2, "eins": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    bare = tmp_path / "tokenizer.json"
+    backend.save(str(bare))
+    folder = tmp_path / "foreign"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    for tokenizer, message in [(bare, "the tokenizer does not end a text with its end-of-sentence token '</s>'"),
+                               (folder, "the tokenizer has no bos_token, eos_token")]:
+        assert training.main(run_args(assets, tmp_path / "out", tokenizer=str(tokenizer))) == 1
+        assert f"tokenizer {tokenizer}: {message}" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] in ([], [ckpt.LOCK_NAME])
 
 
 def test_a_second_run_into_the_output_dir_of_a_live_one_is_refused(assets, tmp_path, capsys):
@@ -978,6 +1014,13 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
     (not_json / "generation_config.json").write_text("xx")
     settings = json.loads((reference_run / "generation_config.json").read_text())
     (no_beams / "generation_config.json").write_text(json.dumps({**settings, "num_beams": 0}))
+    generation_cases = {"start": {"decoder_start_token_id": config["vocab_size"]}, "text": {"length_penalty": "0.6"},
+                        "cold": {"do_sample": True, "temperature": 0.0}}
+    for name, change in generation_cases.items():
+        (variant(name) / "generation_config.json").write_text(json.dumps({**settings, **change}))
+    no_eos = variant("no_eos")
+    tokenizer_config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    (no_eos / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "eos_token": None}))
     heads = variant("heads")
     (heads / "config.json").write_text(json.dumps({**config, "encoder_attention_heads": 7}))
     foreign = variant("foreign")
@@ -990,6 +1033,11 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
                 "divisor of d_model"),
         (not_json, f"{not_json / 'generation_config.json'}: not readable as JSON generation settings"),
         (no_beams, f"{no_beams / 'generation_config.json'}: 'num_beams' must be an integer >= 1, got 0"),
+        (tmp_path / "start", f"'decoder_start_token_id' must be a token id from 0 to {config['vocab_size'] - 1}"),
+        (tmp_path / "text", f"{tmp_path / 'text' / 'generation_config.json'}: 'length_penalty' must be a finite number, "
+                            "got '0.6'"),
+        (tmp_path / "cold", "sampling ('do_sample': true) needs a 'temperature' above 0, got 0.0"),
+        (no_eos, f"{no_eos}: the tokenizer has no eos_token"),
         (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens, but the model only {config['vocab_size']}"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
