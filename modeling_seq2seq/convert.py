@@ -183,7 +183,7 @@ def load_for_conversion(model_class, source: str):
     if config.get("model_type") != expected:
         raise ValueError(f"{source}: its config.json says model_type {config.get('model_type')!r}, not {expected!r}: "
                          "it is not in the format this direction of conversion reads.")
-    model, missing, _ = load_reporting_random_weights(model_class, source)  # another shape raises there
+    model, missing, _, _ = load_reporting_random_weights(model_class, source)  # another shape raises there
     stored_once = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"} & set(missing)
     if stored_once and getattr(model.config, "share_encoder_decoder_embeddings", False) and (
             "model.shared.weight" not in missing):

@@ -221,14 +221,9 @@ def build_hub_folder(
     if not template.is_file():
         raise FileNotFoundError(f"model card template {template} not found; pass --template PATH")
 
-    config = Seq2SeqTransformerConfig.from_pretrained(model_dir)
-    model, missing, mismatched = load_reporting_random_weights(Seq2SeqTransformerForConditionalGeneration, model_dir, config=config)
-    if missing or mismatched:
-        raise ValueError(
-            f"the weights in {model_dir} do not fit the model (missing: {missing or 'none'}, "
-            f"wrong shape: {mismatched or 'none'}); refusing to publish partly random weights"
-        )
-    model.eval()
+    from .training import load_saved_model  # the same checks as translating with it: type, config, weights that fit
+
+    model = load_saved_model(model_dir).eval()
     tokenizer = load_tokenizer(model_dir)
     _check_tokenizer_matches(tokenizer, model.config)
     if (model_dir / "generation_config.json").is_file():
@@ -356,10 +351,11 @@ def _tied_targets(model) -> dict:
 
 
 def load_reporting_random_weights(model_class, path, **kwargs):
-    """`model_class.from_pretrained(path)` from safetensors -> (model, missing, wrong shape): the weights transformers
-    filled with fresh random values because the files lack them or hold another shape (it only logs that); tied
-    aliases of a loaded tensor do not count. A damaged weights file, or weights of other shapes than config.json
-    describes where transformers raises, become a ValueError naming `path`."""
+    """`model_class.from_pretrained(path)` from safetensors -> (model, missing, wrong shape, unexpected): the weights
+    transformers filled with fresh random values because the files lack them or hold another shape, and those of the
+    files it left unused (it only logs either); tied aliases of a loaded tensor do not count as missing. A damaged
+    weights file, or weights of other shapes than config.json describes where transformers raises, become a
+    ValueError naming `path`."""
     from safetensors import SafetensorError
 
     try:
@@ -373,7 +369,7 @@ def load_reporting_random_weights(model_class, path, **kwargs):
                          "above lists them).") from error
     missing = sorted(set(loading.get("missing_keys", ())) - set(_tied_targets(model)))
     mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item) for item in loading.get("mismatched_keys", ())]
-    return model, missing, mismatched
+    return model, missing, mismatched, sorted(loading.get("unexpected_keys", ()))
 
 
 def _read_json(path: Path) -> dict | None:

@@ -47,10 +47,12 @@ def attention_dtype(hidden_states: torch.Tensor) -> torch.dtype:
 
 def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(batch, keys) 1/0 mask -> additive (batch, 1, 1, keys) mask: 0 where attended, the dtype's minimum where not.
+    Any value but 0 attends, as in transformers' own masks (a mask of 2s or a bool mask means the same as 1s).
 
     The dtype's minimum rather than -inf: a row whose keys are all padding then gets a uniform softmax, never NaN.
     """
-    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    masked = attention_mask[:, None, None, :] == 0
+    return torch.zeros(masked.shape, dtype=dtype, device=masked.device).masked_fill_(masked, torch.finfo(dtype).min)
 
 
 def causal_mask(query_length: int, past_length, dtype: torch.dtype, device: torch.device, key_length=None) -> torch.Tensor:
@@ -1188,12 +1190,18 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         num_beams, returned = config.num_beams or 1, config.num_return_sequences or 1
         eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
-        banned = [words[0] for words in config.bad_words_ids or []]
+        # As transformers' NoBadWordsLogitsProcessor: a banned end of sentence is dropped from the list.
+        banned = [words[0] for words in config.bad_words_ids or [] if list(words) not in ([token] for token in eos)]
+        forced_eos = config.forced_eos_token_id
+        pad = config.pad_token_id if config.pad_token_id is not None else eos[0] if eos else None
+        forced = forced_eos if isinstance(forced_eos, list) else [] if forced_eos is None else [forced_eos]
+        token_ids = [*eos, start, pad, *banned, *forced]
         if (
             config.do_sample or config.early_stopping or config.use_cache is False or returned > num_beams
-            or (num_beams == 1 and returned != 1) or None in eos or start is None
+            or (num_beams == 1 and returned != 1) or start is None or config.bad_words_ids == []
             or any(len(words) != 1 for words in config.bad_words_ids or [])
-            or any(not 0 <= token < self.config.vocab_size for token in banned)  # transformers' check names them
+            # Ids that are not plain ints in the vocabulary (tensors, negative, True): transformers' checks name them.
+            or any(type(token) is not int or not 0 <= token < self.config.vocab_size for token in token_ids)
         ):
             return None
         if config.max_new_tokens is not None:
@@ -1212,7 +1220,6 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         min_new_tokens = config.min_new_tokens if config.min_new_tokens is not None else max((config.min_length or 0) - 1, 0)
         if max_new_tokens < 1 or min_new_tokens < 0:
             return None
-        pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
         # transformers 4.x infers a missing source mask from pad tokens; 5.x only for decoder-only models.
         if (attention_mask is None and transformers_major_version() < 5 and config.pad_token_id is not None and pad not in eos
                 and bool((input_ids == pad).any())):
@@ -1220,7 +1227,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         settings = dict(
             num_beams=num_beams, num_return_sequences=returned, length_penalty=1.0 if config.length_penalty is None else config.length_penalty,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-            eos=eos, pad=pad, start=start, banned=banned, forced_eos=config.forced_eos_token_id,
+            eos=eos, pad=pad, start=start, banned=banned, forced_eos=forced_eos,
         )
         return input_ids, attention_mask, settings
 
@@ -1270,6 +1277,10 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             check_token_ids(labels.masked_fill(labels == -100, 0), self.lm_head.out_features, "labels")  # -100: ignored
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+            decoder_shape = (decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds).shape[:2]
+            if decoder_shape != labels.shape:
+                raise ValueError(f"`labels` {tuple(labels.shape)} and the decoder's inputs {tuple(decoder_shape)} must have "
+                                 "the same (batch, length): one label per decoder position.")
         tied = TiedGradient() if self.gathers_tied_gradient() else None
         gathering = tied_gradient.set(tied) if tied is not None else None
         try:

@@ -660,13 +660,18 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
             f"{path}: {problem}. The folder's {ckpt.MANIFEST_NAME} no longer describes its files: damaged, or changed "
             f"after training wrote them (if the change was yours, delete {ckpt.MANIFEST_NAME})."
         )
-    model, missing, mismatched = load_reporting_random_weights(AutoModelForSeq2SeqLM, str(path), dtype=dtype, **kwargs)
+    model, missing, mismatched, unused = load_reporting_random_weights(AutoModelForSeq2SeqLM, str(path), dtype=dtype,
+                                                                       **kwargs)
     if missing or mismatched:
         raise ValueError(
             f"{path}: the weights do not fit the model its config.json describes (missing: {missing[:5] or 'none'}"
             f"{' ...' if len(missing) > 5 else ''}, wrong shape: {mismatched[:5] or 'none'}); refusing to run partly "
             "random weights."
         )
+    if unused:  # config.json describes less than the weights hold (fewer layers, say): the model would be cut short
+        raise ValueError(f"{path}: the weights file holds tensors the model its config.json describes has no place for "
+                         f"({', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}); config.json and the weights do "
+                         "not belong together.")
     broken = [name for name, tensor in model.state_dict().items()
               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if broken:
@@ -729,6 +734,12 @@ def check_device(name: str | None, option: str = "--device") -> None:
         raise ValueError(f"{option} {name!r}: not a device name ({error}).") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{option} {name!r}: no CUDA device on this machine.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {name!r}: no MPS device on this machine.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{option} {name!r}: translating runs on cpu, cuda or mps, not {device.type}.")
 
 
 def is_device_path(path: Path) -> bool:

@@ -20,6 +20,8 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help="a model folder (or a Hub id, which needs network)")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir!r} is a file, not a folder")
     try:
         convert_folder(args.input, args.output_dir, to=args.to)
     except (OSError, ValueError) as error:

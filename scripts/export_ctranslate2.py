@@ -24,6 +24,7 @@ Needs `pip install ctranslate2` (the `bench` extra).
 """
 
 import argparse
+import os
 import sys
 
 from modeling_seq2seq.export import QUANTIZATIONS
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder or its tokenizer/ sub-folder)")
     parser.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     args = parser.parse_args(argv)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir!r} is a file, not a folder")
     try:
         import ctranslate2  # noqa: F401
     except ImportError:

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> list:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any work
+        raise ValueError(f"--out {args.out!r} is a file, not a folder.")
     if args.command == "positions":
         return viz.draw_positions(args.d_model, args.length, args.out, args.layout, args.dims)
     if args.command == "training":

@@ -304,6 +304,11 @@ def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, ca
     ]:
         assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(output), *overwrite]) == 1
         assert message in capsys.readouterr().err
+    for arguments, message in [(["--last", "0"], "--last must be at least 1"),
+                               (["--output", str(notes / "keep.txt")], "is a file, not a folder")]:
+        with pytest.raises(SystemExit):
+            script.main(["--input_dir", str(run), "--output", str(tmp_path / "avg"), *arguments])
+        assert message in capsys.readouterr().err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     # Asked to, it replaces a folder that is not an input.
     assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(notes), "--overwrite"]) == 0

@@ -79,6 +79,12 @@ def test_export_script_translates_like_our_generate(saved_model, tmp_path, unusu
     assert done.returncode == 0, done.stderr
     assert (output / "model.bin").is_file() and (output / "tokenizer.json").is_file()
     assert unusual_permissions(tmp_path) == []
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "export_ctranslate2.py"), "--model_dir", str(folder), "--output_dir",
+         str(mine), "--force"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode == 2 and "is a file, not a folder" in refused.stderr and mine.read_text() == "mine"
     config = json.loads((output / "config.json").read_text())
     assert config["decoder_start_token"] == "<s>"  # ours starts from <s>, not from OPUS-MT's zero-embedded <pad>
     translator = ctranslate2.Translator(str(output), device="cpu", intra_threads=1)

@@ -915,6 +915,47 @@ def test_banned_tokens_outside_the_vocabulary_get_transformers_error_from_genera
                 model.generate(source, attention_mask=mask, bad_words_ids=banned, num_beams=num_beams, max_new_tokens=4)
 
 
+def test_odd_generate_arguments_give_marians_tokens_or_its_error():
+    """Arguments the fast search used to take its own way: a banned end of sentence (transformers drops it from the
+    list; the search never ended), ids that are negative, True or a tensor (used as Python indices), an empty ban
+    list, and masks of 2s, halves or -1s (transformers attends wherever the mask is not 0). Each now gives what
+    MarianMTModel with the same weights gives: the same tokens, or the same error."""
+    model = make_model()
+    marian = to_marian(model).eval()
+    source, mask = padded_batch()
+
+    def outcome(network, options):
+        options = dict(options)
+        try:
+            return network.generate(source, attention_mask=options.pop("attention_mask", mask), max_new_tokens=6,
+                                    **options).tolist()
+        except (ValueError, TypeError, IndexError) as error:
+            return type(error).__name__, str(error)
+
+    eos = model.config.eos_token_id
+    cases = [dict(bad_words_ids=[[eos]]), dict(bad_words_ids=[[token] for token in range(VOCAB)]),
+             dict(bad_words_ids=[]), dict(forced_eos_token_id=-1), dict(forced_eos_token_id=True), dict(pad_token_id=-1),
+             dict(eos_token_id=torch.tensor([eos])), dict(attention_mask=mask * 2), dict(attention_mask=mask * 0.5),
+             dict(attention_mask=-mask), dict(attention_mask=mask.bool())]
+    for options in cases:
+        for num_beams in (1, 3):
+            ours, theirs = outcome(model, {**options, "num_beams": num_beams}), outcome(marian, {**options, "num_beams": num_beams})
+            assert ours == theirs, (options, num_beams, ours, theirs)
+    assert outcome(model, cases[0]) == outcome(model, {}), "a banned end of sentence is no ban"
+    assert isinstance(outcome(model, dict(forced_eos_token_id=-1)), tuple), "an error, not a sequence ending in the last id"
+
+
+def test_labels_and_decoder_inputs_of_different_lengths_are_named():
+    """Marian fails inside cross-entropy ("Expected input batch_size (8) to match target batch_size (24)"), and ours
+    failed inside the loss ("Size does not match at dimension 0"): the error now names the two arguments."""
+    model = make_model()
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    for decoder in (dict(decoder_input_ids=labels[:, :2]), dict(decoder_inputs_embeds=torch.zeros(4, 5, 32))):
+        with pytest.raises(ValueError, match=r"`labels` \(4, 6\) and the decoder's inputs \(4, \d\) must have the same"):
+            model(input_ids=source, attention_mask=mask, labels=labels, **decoder)
+
+
 def test_the_padding_token_gets_no_gradient_from_the_lookups_as_in_marian():
     """As MarianMTModel's embedding (`padding_idx`), the lookups give the padding token's row no gradient; there it
     matters in an OPUS-MT model, whose decoder starts from the padding token. Checked against Marian with that
@@ -1276,6 +1317,10 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
         assert convert(args) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit):
+        convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "file")])
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("shape", ["paper", "pre-norm", "gelu", "silu", "swish pre-norm", "wide amd", "wide intel"])

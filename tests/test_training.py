@@ -596,6 +596,7 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
         *(unwritable if Path("/proc").is_dir() else []),
         (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
         (["--input", str(source), "--device", "gpu7"], "not a device name"),
+        (["--input", str(source), "--device", "meta"], "'meta': translating runs on cpu, cuda or mps, not meta"),
     ]:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(broken.read_bytes())))
         assert translate.main(["--model", str(short_run), *args]) == 1
@@ -961,7 +962,7 @@ def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp
     from safetensors.torch import save_file
 
     cases = {}
-    for name in ("partial", "reshaped", "truncated"):
+    for name in ("partial", "reshaped", "truncated", "stray"):
         folder = cases[name] = tmp_path / name
         shutil.copytree(reference_run, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
     full = weights(reference_run)
@@ -971,9 +972,13 @@ def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp
     (cases["reshaped"] / "config.json").write_text(json.dumps({**config, "decoder_ffn_dim": 2 * config["decoder_ffn_dim"]}))
     data = (reference_run / "model.safetensors").read_bytes()
     (cases["truncated"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    save_file({**full, "model.decoder.layers.7.fc1.weight": torch.zeros(2)}, str(cases["stray"] / "model.safetensors"),
+              metadata={"format": "pt"})  # as if config.json said fewer layers than the weights hold
     for name, message in [("partial", "the weights do not fit the model its config.json describes (missing: ['model.decoder"),
                           ("reshaped", "some weights have other shapes than its config.json describes"),
-                          ("truncated", "cannot read the weights")]:
+                          ("truncated", "cannot read the weights"),
+                          ("stray", "the weights file holds tensors the model its config.json describes has no place "
+                                    "for (model.decoder.layers.7.fc1.weight)")]:
         with pytest.raises(ValueError, match=re.escape(f"{cases[name]}: {message}")):
             training.load_model_and_tokenizer(cases[name], device="cpu")
     # A checkpoint whose files no longer match its manifest, and NaN weights in a folder without one.

@@ -303,6 +303,12 @@ def test_attention_maps_generate_the_target_when_not_given(loaded):
 def test_attention_needs_a_saved_model(visualize, capsys, tmp_path):
     assert visualize.main(["attention", "--model", str(tmp_path), "--source", "one", "--out", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    for command in (["attention", "--model", str(tmp_path), "--source", "one"], ["positions"]):
+        assert visualize.main([*command, "--out", str(note)]) == 2
+        assert f"--out {str(note)!r} is a file, not a folder" in capsys.readouterr().err
+    assert note.read_text() == "mine"
 
 
 def test_attention_refuses_a_model_with_weights_missing(visualize, capsys, tmp_path, model_dir):
