@@ -166,6 +166,8 @@ def _read_jsonl(path: Path, source_lang: str, target_lang: str) -> Iterator[tupl
             record = json.loads(line.rstrip("\r\n"))  # a column past the line's end, not column 1 of the next
         except json.JSONDecodeError as e:
             raise DataFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataFileError(f"{where}: JSON nested too deeply to be a sentence pair") from None
         yield (lineno, *_pair_from_record(record, source_lang, target_lang, where))
 
 
@@ -204,6 +206,8 @@ def _read_json_array(path: Path, source_lang: str, target_lang: str) -> Iterator
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataFileError(f"{path}, line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataFileError(f"{where}: JSON nested too deeply to be a sentence pair") from None
         yield (lineno, *_pair_from_record(record, source_lang, target_lang, where))
         pos = skip_ws(pos)
         if pos < len(text) and text[pos] == ",":
@@ -243,6 +247,10 @@ def _read_delimited(path: Path, source_lang: str, target_lang: str, delimiter: s
             if header is None:
                 raise DataFileError(f"{path}, line 1: the file is empty (expected a header row)")
             header = [h.strip() for h in header]
+            repeated = sorted({name for name in header if name and header.count(name) > 1})
+            if repeated:
+                raise DataFileError(f"{path}, line {current['line']}: the header names column(s) {repeated} more than "
+                                    "once; which one holds the text would be a guess")
             missing = [lang for lang in (source_lang, target_lang) if lang not in header]
             if missing:
                 raise DataFileError(
@@ -494,7 +502,14 @@ def load_parallel_data(
     if dataset_name is not None:
         import datasets
 
-        raw = datasets.load_dataset(dataset_name, dataset_config_name)
+        try:
+            raw = datasets.load_dataset(dataset_name, dataset_config_name)
+        except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+            # Offline, a misspelt name, a configuration it lacks, a builder that needs data files: datasets' own
+            # message says which, ours says where it came from.
+            where = f"--dataset_name {dataset_name!r}" + (f" --dataset_config_name {dataset_config_name!r}"
+                                                        if dataset_config_name else "")
+            raise ValueError(f"{where}: could not be loaded ({type(error).__name__}: {error})") from error
         return _convert_hub_dataset(raw, dataset_name, source_lang, target_lang, max_bad_lines_shown)
     if given:
         return DatasetDict(
@@ -508,7 +523,7 @@ def load_parallel_data(
     if (source_lang, target_lang) != (BUILTIN_SOURCE_LANG, BUILTIN_TARGET_LANG):
         raise ValueError(
             f"no data given and the built-in task is {BUILTIN_SOURCE_LANG}->{BUILTIN_TARGET_LANG}, "
-            f"not {source_lang}->{target_lang}; pass --train_file or --dataset_name"
+            f"not {source_lang}->{target_lang}; pass --train_file (or --dataset_name, where the script has it)"
         )
     return builtin_task()
 

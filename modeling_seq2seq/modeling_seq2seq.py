@@ -321,7 +321,11 @@ class ScaledWordEmbedding(nn.Embedding):
     """Section 3.4: learned embeddings whose weights are multiplied by sqrt(d_model). As in MarianMTModel and BART,
     the padding token's row gets no gradient from the lookups (`padding_idx`; it is not zeroed at initialisation).
     In CPU training of the tied model, a lookup's weight gradient is gathered with the output projection's
-    (`TiedGradient`)."""
+    (`TiedGradient`).
+
+    The scale is part of the lookup, as in BART's `ScaledWordEmbedding`: `inputs_embeds` and `decoder_inputs_embeds`
+    are used as given, so `get_input_embeddings()(ids)` passed as either equals passing `ids`. (MarianMTModel scales a
+    passed `decoder_inputs_embeds` again, but not `inputs_embeds`.)"""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float = 1.0, padding_idx=None):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)

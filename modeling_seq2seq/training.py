@@ -156,6 +156,14 @@ def _unwrap_optional(annotation):
     return annotation, False
 
 
+def _reads_as_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
+
+
 def _check_value(key: str, value, where: str):
     """Return `value` converted to the field's type, or raise ValueError naming `where` and `key`."""
     annotation, optional = _unwrap_optional(_field_types()[key])
@@ -173,14 +181,19 @@ def _check_value(key: str, value, where: str):
             fail("true or false")
     elif annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            fail("an integer")
+            fail("an integer, written out (1000, not 1e3)" if _reads_as_number(value) else "an integer")
     elif annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads a number in exponent form without a dot (1e-9) as text
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         value = float(value)
         if not math.isfinite(value):
             fail("a finite number")
     elif annotation is str:
+        if isinstance(value, bool):
+            fail("a string (YAML reads an unquoted no, yes, off or on as false or true: quote it)")
         if not isinstance(value, str):
             fail("a string")
     elif annotation is dict:
@@ -275,6 +288,8 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
                 f"({config.max_tokens}, from {sources.get('max_tokens', 'default')}): a sentence that long could never fit "
                 "in a batch. Lower it or raise max_tokens."
             )
+    if config.dataset_config_name is not None and config.dataset_name is None:
+        fail("dataset_config_name", "given only with dataset_name")
     if config.dataset_name is None and config.train_file is None and (config.validation_file or config.test_file):
         fail("train_file", "given when validation_file or test_file is given")
     return config
@@ -317,7 +332,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
             import difflib
 
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = (f" Did you mean '{close[0]}'?" if close else
+                    " (YAML reads an unquoted no, yes, off or on as false or true: quote it.)" if isinstance(key, bool) else "")
             raise ValueError(f"{path}: unknown setting '{key}'.{hint}")
         values[key] = _check_value(key, value, str(path))
     return values
@@ -1199,6 +1215,29 @@ def check_own_checkpoint(folder: Path) -> None:
                                    f"{state['step']!r} and {type(state['sampler']).__name__}.")
 
 
+# What a run trains on: resuming with other values would continue the data order, and the model, on other data.
+RESUMED_DATA_FIELDS = ("train_file", "dataset_name", "dataset_config_name", "source_lang", "target_lang",
+                       "max_source_length", "max_target_length", "max_train_samples")
+
+
+def check_same_data(folder: Path, config) -> None:
+    """Refuse to resume `folder` with other data settings than the run that wrote it, naming each change."""
+    file = folder / ckpt.TRAINER_STATE_NAME
+    saved = ckpt.read_json_object(file, "this training loop's state", ckpt.CheckpointError).get("config") or {}
+
+    def same(field, old, new):
+        if old == new or field != "train_file" or old is None or new is None:
+            return old == new
+        return resolve_path(old).resolve() == resolve_path(new).resolve()  # the same file, written another way
+
+    changed = [f"{field}: {saved[field]!r} there, {getattr(config, field)!r} now" for field in RESUMED_DATA_FIELDS
+               if field in saved and not same(field, saved[field], getattr(config, field))]
+    if changed:
+        raise ckpt.CheckpointError(f"{folder} was trained on other data ({'; '.join(changed)}). Resume with the data "
+                                   "settings the run was started with; to go on from its weights on other data, "
+                                   f"fine-tune it: scripts/finetune_trainer.py --model {folder}.")
+
+
 class Trainer:
     """One training run; `run()` returns the final metrics. Constructed by `train(config)`."""
 
@@ -1249,6 +1288,7 @@ class Trainer:
         self.resume_dir = ckpt.resolve_resume_checkpoint(config.resume_from_checkpoint, self.output_dir)
         if self.resume_dir is not None:
             check_own_checkpoint(self.resume_dir)
+            check_same_data(self.resume_dir, config)
         self._check_fresh_start()
         if self.is_main:  # only once the folder is known to be this run's (or one it may replace)
             for stale in ckpt.remove_stale_staging(self.output_dir):

@@ -33,7 +33,7 @@ import numpy as np
 FINAL_STAGING_PREFIX = ".final-model-tmp-"  # the final model's staging folder inside --output_dir
 
 
-def build_datasets(tokenizer, args):
+def build_datasets(tokenizer, args, max_position_embeddings: int):
     """Tokenized train/validation splits with `input_ids`, `attention_mask` and `labels`."""
     from modeling_seq2seq.data import load_parallel_data
 
@@ -43,23 +43,33 @@ def build_datasets(tokenizer, args):
         source_lang=args.source_lang,
         target_lang=args.target_lang,
     )
-    if "train" not in raw:
-        raise ValueError("no training split")
 
-    def tokenize(batch):
-        return tokenizer(batch["source"], text_target=batch["target"], truncation=True,
-                         max_length=args.max_source_length)
+    def tokenize(batch, max_length=None):
+        return tokenizer(batch["source"], text_target=batch["target"], truncation=max_length is not None,
+                         max_length=max_length)
 
     train = raw["train"]
-    if args.max_train_samples:
+    if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
     train = train.map(tokenize, batched=True, remove_columns=train.column_names)
+    # As scripts/train.py: a pair over the limits is left out, not cut (a cut target, still ending in </s>, would
+    # teach the model to stop mid-sentence).
+    fits = [len(source) <= args.max_source_length and len(target) <= args.max_target_length
+            for source, target in zip(train["input_ids"], train["labels"])]
+    if not all(fits):
+        print(f"Left out {fits.count(False)} training pairs longer than {args.max_source_length}/"
+              f"{args.max_target_length} tokens (--max_source_length/--max_target_length).", file=sys.stderr)
+        train = train.select([index for index, fit in enumerate(fits) if fit])
+    if len(train) == 0:
+        raise ValueError("No training pairs left after length filtering: raise --max_source_length/--max_target_length.")
     validation = None
     if "validation" in raw:
         validation = raw["validation"]
-        if args.max_eval_samples:
+        if args.max_eval_samples is not None:
             validation = validation.select(range(min(args.max_eval_samples, len(validation))))
-        validation = validation.map(tokenize, batched=True, remove_columns=validation.column_names)
+        # Whole references for the scores; only what the model cannot take at all is cut.
+        validation = validation.map(tokenize, batched=True, remove_columns=validation.column_names,
+                                    fn_kwargs={"max_length": max_position_embeddings})
     return train, validation
 
 
@@ -80,7 +90,7 @@ def finetune(args):
         return None, {}
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if args.use_cpu else None)
     model.train()
-    train_set, validation_set = build_datasets(tokenizer, args)
+    train_set, validation_set = build_datasets(tokenizer, args, model.config.max_position_embeddings)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
 
     def compute_metrics(eval_prediction):
@@ -111,7 +121,7 @@ def finetune(args):
         save_steps=args.save_steps or None,
         predict_with_generate=True,
         generation_num_beams=args.num_beams,
-        generation_max_length=min(args.max_source_length + 50, model.config.max_position_embeddings),
+        generation_max_length=min(args.max_target_length + 50, model.config.max_position_embeddings),
         report_to="none",
         seed=args.seed,
         use_cpu=args.use_cpu,
@@ -216,7 +226,8 @@ def build_parser():
     parser.add_argument("--validation_file")
     parser.add_argument("--source_lang", default="en")
     parser.add_argument("--target_lang", default="de")
-    parser.add_argument("--max_source_length", type=int, default=128)
+    parser.add_argument("--max_source_length", type=int, default=128, help="longer training pairs are left out")
+    parser.add_argument("--max_target_length", type=int, default=128, help="longer training pairs are left out")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=200)
     parser.add_argument("--max_steps", type=int, default=500)
@@ -242,6 +253,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.save_steps < 0:
         parser.error("--save_steps must be 0 (no checkpoints) or more")
+    for option in ("max_steps", "batch_size", "eval_steps", "logging_steps", "num_beams", "max_train_samples",
+                   "max_eval_samples"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
+    for option in ("max_source_length", "max_target_length"):
+        if getattr(args, option) < 2:
+            parser.error(f"--{option} must be at least 2 (a token and </s>), got {getattr(args, option)}")
+    if args.warmup_steps < 0 or not args.learning_rate > 0:
+        parser.error("--warmup_steps must be 0 or more and --learning_rate above 0")
+    if args.validation_file and not args.train_file:
+        parser.error("--validation_file needs --train_file (the built-in task brings its own validation split)")
     try:
         trainer, metrics = finetune(args)
     except (OSError, ValueError) as error:

@@ -238,6 +238,18 @@ def test_malformed_json_array(tmp_path):
     check_error(g, r"line 3\b", r"array item 2", r"missing language field")
 
 
+def test_json_nested_too_deeply_is_named_by_line(tmp_path):
+    """Python's JSON parser recurses: a line of 100,000 brackets raised a bare RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    check_error(write(tmp_path / "a.jsonl", jsonl(PAIRS[:1]) + deep + "\n"), r"line 2\b", "nested too deeply")
+    check_error(write(tmp_path / "b.json", '[\n  {"en": "a", "de": "b"},\n  ' + deep + "\n]\n"), r"line 3\b",
+                r"array item 2", "nested too deeply")
+
+
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path):
+    check_error(write(tmp_path / "a.csv", "en,de,en\na,b,c\n"), r"line 1\b", r"column\(s\) \['en'\] more than once")
+
+
 def test_non_string_value(tmp_path):
     f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:1]) + '{"en": "x", "de": 42}\n')
     check_error(f, r"line 2\b", "'de' value must be a string")
@@ -346,6 +358,16 @@ def test_hub_column_layout_and_split_alias(monkeypatch):
     )
     with pytest.raises(DataFileError, match=r"dataset 'some/corpus', split 'train'.*columns found: \['x'\]"):
         load_parallel_data(dataset_name="some/corpus")
+
+
+def test_a_dataset_that_cannot_be_loaded_is_named_by_its_flags(monkeypatch, tmp_path):
+    """Offline, a misspelt name or a builder without data files: datasets raises from deep inside, with no word of
+    which flag asked for it."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"--dataset_name 'json': could not be loaded \(DatasetGenerationError"):
+        load_parallel_data(dataset_name="json")
+    with pytest.raises(ValueError, match=rf"--dataset_name '{tmp_path}/nowhere' --dataset_config_name 'de-en': could not"):
+        load_parallel_data(dataset_name=str(tmp_path / "nowhere"), dataset_config_name="de-en")
 
 
 # ------------------------------------------------------------------------------------------------

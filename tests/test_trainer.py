@@ -82,8 +82,30 @@ def test_seq2seq_trainer_lowers_the_loss_and_generation_works(saved_model, numbe
     assert len(translations) == 2 and all(isinstance(t, str) for t in translations)
     before = load_script("finetune_trainer")  # the script is importable twice (no global state)
     assert before.build_parser().parse_args(["--model", "m", "--output_dir", "o"]).max_steps == 500
-    with pytest.raises(SystemExit):
-        before.main(["--model", "m", "--output_dir", "o", "--save_steps", "-1"])
+    for bad in (["--save_steps", "-1"], ["--max_steps", "0"], ["--max_train_samples", "0"], ["--num_beams", "0"],
+                ["--max_source_length", "1"], ["--validation_file", "v.jsonl"]):
+        with pytest.raises(SystemExit):
+            before.main(["--model", "m", "--output_dir", "o", *bad])
+
+
+def test_pairs_over_the_length_limits_are_left_out_not_cut(saved_model, number_pairs, tmp_path, capsys):
+    """A target cut at the limit still ends in </s>: the model would learn to stop mid-sentence. As scripts/train.py,
+    such pairs are left out of training; validation references stay whole (the scores are computed on them)."""
+    from modeling_seq2seq.tokenization import load_tokenizer
+
+    script = load_script("finetune_trainer")
+    tokenizer = load_tokenizer(saved_model)
+    args = script.build_parser().parse_args([
+        "--model", str(saved_model), "--output_dir", str(tmp_path / "o"), "--train_file", str(number_pairs[0]),
+        "--validation_file", str(number_pairs[1]), "--max_source_length", "12", "--max_target_length", "8"])
+    train, validation = script.build_datasets(tokenizer, args, max_position_embeddings=64)
+    full = tokenizer([json.loads(line)["translation"]["de"] for line in number_pairs[0].read_text().splitlines()])
+    short = sum(len(ids) <= 8 for ids in full["input_ids"])
+    assert 0 < len(train) <= short < 500 and max(len(labels) for labels in train["labels"]) <= 8
+    assert all(labels[-1] == tokenizer.eos_token_id for labels in train["labels"])
+    assert f"Left out {500 - len(train)} training pairs longer than 12/8 tokens" in capsys.readouterr().err
+    references = [json.loads(line)["translation"]["de"] for line in number_pairs[1].read_text().splitlines()]
+    assert [tokenizer.decode(labels, skip_special_tokens=True) for labels in validation["labels"]] == references
 
 
 def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path, caplog):

@@ -288,6 +288,17 @@ def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
     twice.write_text("max_steps: 5\nseed: 1\nmax_steps: 7\n")
     with pytest.raises(ValueError, match=r"twice\.yaml, line 3: 'max_steps' is given twice"):
         load_yaml_config(twice)
+    # YAML 1.1 reads 1e-9 as text and an unquoted no as false: a number is taken as one, the rest explained.
+    yaml11 = tmp_path / "yaml11.yaml"
+    yaml11.write_text("adam_epsilon: 1e-9\n")
+    assert parse_config(["--config", str(yaml11)]).adam_epsilon == 1e-9
+    for text, message in [("max_steps: 1e3\n", r"'max_steps' must be an integer, written out \(1000, not 1e3\)"),
+                          ("mixed_precision: no\n", r"'mixed_precision' must be a string \(YAML reads an unquoted no"),
+                          ("on: 3\n", r"unknown setting 'True'. \(YAML reads an unquoted no, yes, off or on"),
+                          ("dataset_config_name: de-en\n", r"'dataset_config_name' must be given only with dataset_name")]:
+        yaml11.write_text(text)
+        with pytest.raises(ValueError, match=rf"yaml11\.yaml: {message}"):
+            parse_config(["--config", str(yaml11)])
     with pytest.raises(ValueError, match=r"flag --seed: 'seed' must be a whole number from 0 to 2\*\*32 - 1, got -1"):
         parse_config(["--seed", "-1"])
     with pytest.raises(ValueError, match=r"flag --output_dir: 'output_dir' must be a folder path, got ''"):
@@ -855,6 +866,24 @@ def test_resume_with_another_model_size_names_the_checkpoint_and_the_weight(asse
     assert re.search(rf"{re.escape(str(checkpoint))}: weights do not fit the model: \S+ is \(\d+(, \d+)?,?\) there and "
                      r"\(\d+(, \d+)?,?\) here \(the model settings, model_config or model_overrides, differ", error), error
     assert sorted(p.name for p in reference_run.iterdir()) == before
+
+
+def test_resuming_with_other_data_settings_names_them(assets, reference_run, tmp_path, capsys, monkeypatch):
+    """The data order would continue, silently, on other data (the language pair swapped, another file)."""
+    checkpoint = reference_run / "checkpoint-12"
+    for change, named in [(dict(source_lang="de", target_lang="en"), "source_lang: 'en' there, 'de' now; target_lang"),
+                          (dict(max_source_length=20), "max_source_length: 32 there, 20 now")]:
+        assert training.main(run_args(assets, tmp_path / "other", resume_from_checkpoint=str(checkpoint), **change)) == 1
+        error = capsys.readouterr().err
+        assert f"{checkpoint} was trained on other data ({named}" in error, error
+    # The same file written another way is the same data; another file is not.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.tsv").write_text("en\tde\n")
+    (tmp_path / "saved" / ckpt.TRAINER_STATE_NAME).parent.mkdir()
+    (tmp_path / "saved" / ckpt.TRAINER_STATE_NAME).write_text(json.dumps({"config": {"train_file": "pairs.tsv"}}))
+    training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file=str(tmp_path / "pairs.tsv")))
+    with pytest.raises(ckpt.CheckpointError, match="train_file: 'pairs.tsv' there, 'other.tsv' now"):
+        training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file="other.tsv"))
 
 
 def test_resume_follows_a_changed_learning_rate_schedule_and_says_so(assets, tmp_path, caplog):
