@@ -38,7 +38,7 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's and rotation's trash names
 # What a killed run of ours can leave in its output folder: checkpoint and final-model staging folders, trashed
 # checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, a dash, 8 random characters).
-_STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model|tokenizer)$")
+_STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model|tokenizer)$|^\.trash-tokenizer-\d+$")
 _STALE_FILE_RE = re.compile(r"^\.tmp-.+-[a-z0-9_]{8}$")
 
 

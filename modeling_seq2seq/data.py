@@ -247,7 +247,7 @@ def _read_delimited(path: Path, source_lang: str, target_lang: str, delimiter: s
             if header is None:
                 raise DataFileError(f"{path}, line 1: the file is empty (expected a header row)")
             header = [h.strip() for h in header]
-            repeated = sorted({name for name in header if name and header.count(name) > 1})
+            repeated = [lang for lang in (source_lang, target_lang) if header.count(lang) > 1]
             if repeated:
                 raise DataFileError(f"{path}, line {current['line']}: the header names column(s) {repeated} more than "
                                     "once; which one holds the text would be a guess")

@@ -41,8 +41,6 @@ import torch
 from transformers import GenerationConfig
 
 from .checkpointing import seal_folder
-from .configuration_seq2seq import Seq2SeqTransformerConfig
-from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
 from .pipeline import TASK
 from .tokenization import load_tokenizer, save_tokenizer
 

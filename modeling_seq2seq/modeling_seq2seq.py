@@ -1193,6 +1193,8 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             return None
         num_beams, returned = config.num_beams or 1, config.num_return_sequences or 1
         eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+        if any(type(token) is not int for token in eos):  # None, a tensor...: transformers' loop takes or names it
+            return None
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
         # As transformers' NoBadWordsLogitsProcessor: a banned end of sentence is dropped from the list.
         banned = [words[0] for words in config.bad_words_ids or [] if list(words) not in ([token] for token in eos)]

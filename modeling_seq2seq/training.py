@@ -181,7 +181,8 @@ def _check_value(key: str, value, where: str):
             fail("true or false")
     elif annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            fail("an integer, written out (1000, not 1e3)" if _reads_as_number(value) else "an integer")
+            fail("an integer, unquoted and written out (1000, not '1000' or 1e3)"
+                 if isinstance(value, str) and _reads_as_number(value) else "an integer")
     elif annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads a number in exponent form without a dot (1e-9) as text
             with contextlib.suppress(ValueError):
@@ -218,8 +219,8 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
     for key in _NON_NEGATIVE_INTS:
         if getattr(config, key) < 0:
             fail(key, "zero or a positive integer")
-    if not 0 <= config.seed < 2**32:
-        fail("seed", "a whole number from 0 to 2**32 - 1")
+    if not 0 <= config.seed < 2**31:  # each process adds its rank; numpy takes up to 2**32 - 1
+        fail("seed", "a whole number from 0 to 2**31 - 1")
     if not config.output_dir.strip():
         fail("output_dir", "a folder path")
     if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
@@ -752,10 +753,11 @@ def check_device(name: str | None, option: str = "--device") -> None:
         raise ValueError(f"{option} {name!r}: no CUDA device on this machine.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{option} {name!r}: no MPS device on this machine.")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{option} {name!r}: translating runs on cpu, cuda or mps, not {device.type}.")
+    if device.type == "meta":
+        raise ValueError(f"{option} {name!r}: the meta device holds no data; name a device that computes (cpu, cuda).")
+    backend = getattr(torch, device.type, None) if device.type not in ("cpu", "cuda") else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ValueError(f"{option} {name!r}: no {device.type} device on this machine.")
 
 
 def is_device_path(path: Path) -> bool:
@@ -832,19 +834,20 @@ def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None,
     return model, tokenizer
 
 
-def check_special_tokens(tokenizer, where: str, needed=("pad_token", "eos_token")) -> None:
+def check_special_tokens(tokenizer, where: str, needed=("pad_token", "eos_token"),
+                         remedy: str = "this folder's tokenizer is not one the model was trained with") -> None:
     """The ids a model is run with (padding, the end of a sentence; training also needs the decoder's start), and a
     tokenizer that ends every text with that end: without it the model never sees where a sentence stops, nor learns
     to stop."""
     missing = [name for name in needed if getattr(tokenizer, f"{name}_id") is None]
     if missing:
-        raise ValueError(f"{where}: the tokenizer has no {', '.join(missing)}; this model needs {', '.join(needed)} (a "
-                         "tokenizer from scripts/train_tokenizer.py has them).")
+        raise ValueError(f"{where}: the tokenizer has no {', '.join(missing)}; this model needs {', '.join(needed)}: "
+                         f"{remedy}.")
     encoded = tokenizer("a", text_target="a")
     if encoded["input_ids"][-1:] != [tokenizer.eos_token_id] or encoded["labels"][-1:] != [tokenizer.eos_token_id]:
         raise ValueError(f"{where}: the tokenizer does not end a text with its end-of-sentence token "
                          f"{tokenizer.eos_token!r} (no post-processor adds it), so the model could not learn or see where a "
-                         "sentence ends. Use a tokenizer from scripts/train_tokenizer.py.")
+                         f"sentence ends: {remedy}.")
 
 
 def check_generation_config(path: Path) -> None:
@@ -1216,6 +1219,7 @@ def check_own_checkpoint(folder: Path) -> None:
 
 
 # What a run trains on: resuming with other values would continue the data order, and the model, on other data.
+# A train_file given by another path (moved) is only warned of.
 RESUMED_DATA_FIELDS = ("train_file", "dataset_name", "dataset_config_name", "source_lang", "target_lang",
                        "max_source_length", "max_target_length", "max_train_samples")
 
@@ -1225,13 +1229,15 @@ def check_same_data(folder: Path, config) -> None:
     file = folder / ckpt.TRAINER_STATE_NAME
     saved = ckpt.read_json_object(file, "this training loop's state", ckpt.CheckpointError).get("config") or {}
 
-    def same(field, old, new):
-        if old == new or field != "train_file" or old is None or new is None:
-            return old == new
-        return resolve_path(old).resolve() == resolve_path(new).resolve()  # the same file, written another way
-
+    old_file, new_file = saved.get("train_file"), config.train_file
     changed = [f"{field}: {saved[field]!r} there, {getattr(config, field)!r} now" for field in RESUMED_DATA_FIELDS
-               if field in saved and not same(field, saved[field], getattr(config, field))]
+               if field in saved and saved[field] != getattr(config, field)
+               and not (field == "train_file" and old_file is not None and new_file is not None)]
+    if old_file is not None and new_file is not None and resolve_path(old_file).resolve() != resolve_path(new_file).resolve():
+        # A job often copies its data to a new scratch folder each time it runs: a moved file is taken as the same
+        # data (the sampler still refuses another number of pairs), with a word.
+        logger.warning("Resuming %s on train_file %r; the checkpoint was trained on %r. Taken as the same data, moved.",
+                       folder, new_file, old_file)
     if changed:
         raise ckpt.CheckpointError(f"{folder} was trained on other data ({'; '.join(changed)}). Resume with the data "
                                    "settings the run was started with; to go on from its weights on other data, "
@@ -1335,12 +1341,15 @@ class Trainer:
 
     def replace_earlier_run(self):
         """A fresh run, once its first step has been taken (its data, tokenizer, model and batches all work): only now
-        do an earlier run's log and, with --overwrite_output_dir, its checkpoints go. A mistake that shows before then
-        (a mistyped path, a tokenizer without the special tokens, an accumulation larger than the data) costs them
-        nothing."""
+        do an earlier run's log, tokenizer and, with --overwrite_output_dir, checkpoints go. A mistake that shows
+        before then (a mistyped path, a tokenizer without the special tokens, an accumulation larger than the data)
+        costs them nothing, and leaves nothing in the way of the corrected run."""
         self.earlier_run_pending = False
         self.log.truncate_after(-1)
         self.accelerator.wait_for_everyone()
+        staged = self.output_dir / TOKENIZER_STAGING_NAME
+        if self.is_main and staged.is_dir():
+            ckpt.replace_dir(staged, self.output_dir / TOKENIZER_DIR_NAME)
         if self.is_main and self.replaced_checkpoints:
             for path in self.replaced_checkpoints:
                 shutil.rmtree(path)
@@ -1374,12 +1383,13 @@ class Trainer:
 
         if self.config.tokenizer:
             tokenizer = load_tokenizer(str(resolve_path(self.config.tokenizer)))
-            check_special_tokens(tokenizer, f"tokenizer {self.config.tokenizer}", ("pad_token", "bos_token", "eos_token"))
+            check_special_tokens(tokenizer, f"tokenizer {self.config.tokenizer}", ("pad_token", "bos_token", "eos_token"),
+                                 "use a tokenizer from scripts/train_tokenizer.py")
             return tokenizer
         if self.resume_dir is not None:
             return load_tokenizer(str(self.resume_dir))
-        # Saved under a staging name, renamed to tokenizer/ by `commit_tokenizer` once the data has been read with it:
-        # a run that stops on its data leaves nothing that the corrected run would have to be told to overwrite.
+        # Saved under a staging name, renamed to tokenizer/ by `replace_earlier_run` once the first step has been
+        # taken: a run that stops before leaves nothing that the corrected run would have to be told to overwrite.
         staged = self.output_dir / TOKENIZER_STAGING_NAME
         if self.is_main:
             texts = list(raw["train"]["source"]) + list(raw["train"]["target"])
@@ -1390,12 +1400,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # Every process reads the same files, so all agree on the vocabulary.
         return load_tokenizer(str(staged))
-
-    def commit_tokenizer(self):
-        staged = self.output_dir / TOKENIZER_STAGING_NAME
-        self.accelerator.wait_for_everyone()  # every process has read the staged files
-        if self.is_main and staged.is_dir():
-            ckpt.replace_dir(staged, self.output_dir / TOKENIZER_DIR_NAME)
 
     def setup_data(self, raw, tokenizer):
         from .data import Seq2SeqCollator, tokenize_pairs
@@ -1704,7 +1708,6 @@ class Trainer:
         raw = load_raw_data(config)
         self.tokenizer = self.setup_tokenizer(raw)
         self.setup_data(raw, self.tokenizer)
-        self.commit_tokenizer()
         self.sampler = self.make_sampler()
         model = build_model(config, self.tokenizer)
         _apply_generation_defaults(model, config)

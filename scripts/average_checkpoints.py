@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="folder for the averaged model")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     args = parser.parse_args(argv)
-    if args.last < 1:
+    if args.input_dir is not None and args.last < 1:
         parser.error("--last must be at least 1")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         parser.error(f"--output {args.output!r} is a file, not a folder")

@@ -49,7 +49,7 @@ def build_datasets(tokenizer, args, max_position_embeddings: int):
                          max_length=max_length)
 
     train = raw["train"]
-    if args.max_train_samples is not None:
+    if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
     train = train.map(tokenize, batched=True, remove_columns=train.column_names)
     # As scripts/train.py: a pair over the limits is left out, not cut (a cut target, still ending in </s>, would
@@ -65,7 +65,7 @@ def build_datasets(tokenizer, args, max_position_embeddings: int):
     validation = None
     if "validation" in raw:
         validation = raw["validation"]
-        if args.max_eval_samples is not None:
+        if args.max_eval_samples:
             validation = validation.select(range(min(args.max_eval_samples, len(validation))))
         # Whole references for the scores; only what the model cannot take at all is cut.
         validation = validation.map(tokenize, batched=True, remove_columns=validation.column_names,
@@ -228,8 +228,8 @@ def build_parser():
     parser.add_argument("--target_lang", default="de")
     parser.add_argument("--max_source_length", type=int, default=128, help="longer training pairs are left out")
     parser.add_argument("--max_target_length", type=int, default=128, help="longer training pairs are left out")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--max_eval_samples", type=int, default=200)
+    parser.add_argument("--max_train_samples", type=int, default=None, help="the first N training pairs (0: all)")
+    parser.add_argument("--max_eval_samples", type=int, default=200, help="the first N validation pairs (0: all)")
     parser.add_argument("--max_steps", type=int, default=500)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--warmup_steps", type=int, default=50)
@@ -253,10 +253,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.save_steps < 0:
         parser.error("--save_steps must be 0 (no checkpoints) or more")
-    for option in ("max_steps", "batch_size", "eval_steps", "logging_steps", "num_beams", "max_train_samples",
-                   "max_eval_samples"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
+    for option in ("max_steps", "batch_size", "eval_steps", "logging_steps", "num_beams"):
+        if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
+    for option in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, option) is not None and getattr(args, option) < 0:
+            parser.error(f"--{option} must be 0 (all) or more, got {getattr(args, option)}")
     for option in ("max_source_length", "max_target_length"):
         if getattr(args, option) < 2:
             parser.error(f"--{option} must be at least 2 (a token and </s>), got {getattr(args, option)}")

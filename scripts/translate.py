@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     try:
         check_device(args.device)
         check_output_file(args.output, "--output", {"--input": args.input}, args.model)
-        lines = read_text_lines(args.input, "--input")
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+        lines = read_text_lines(args.input, "--input")  # after the model: stdin may be a pipe still being written
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

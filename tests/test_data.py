@@ -246,8 +246,10 @@ def test_json_nested_too_deeply_is_named_by_line(tmp_path):
                 r"array item 2", "nested too deeply")
 
 
-def test_a_column_named_twice_in_the_header_is_refused(tmp_path):
+def test_a_language_column_named_twice_in_the_header_is_refused(tmp_path):
     check_error(write(tmp_path / "a.csv", "en,de,en\na,b,c\n"), r"line 1\b", r"column\(s\) \['en'\] more than once")
+    other = write(tmp_path / "b.tsv", "en\tde\tnote\tnote\na\tb\tx\ty\n")  # columns never read may repeat
+    assert rows_of(read_parallel_file(other)) == [("a", "b")]
 
 
 def test_non_string_value(tmp_path):

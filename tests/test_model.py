@@ -936,7 +936,8 @@ def test_odd_generate_arguments_give_marians_tokens_or_its_error():
     cases = [dict(bad_words_ids=[[eos]]), dict(bad_words_ids=[[token] for token in range(VOCAB)]),
              dict(bad_words_ids=[]), dict(forced_eos_token_id=-1), dict(forced_eos_token_id=True), dict(pad_token_id=-1),
              dict(eos_token_id=torch.tensor([eos])), dict(attention_mask=mask * 2), dict(attention_mask=mask * 0.5),
-             dict(attention_mask=-mask), dict(attention_mask=mask.bool())]
+             dict(attention_mask=-mask), dict(attention_mask=mask.bool()),
+             dict(bad_words_ids=[[5]], eos_token_id=torch.tensor([eos, 3]))]
     for options in cases:
         for num_beams in (1, 3):
             ours, theirs = outcome(model, {**options, "num_beams": num_beams}), outcome(marian, {**options, "num_beams": num_beams})

@@ -82,7 +82,7 @@ def test_seq2seq_trainer_lowers_the_loss_and_generation_works(saved_model, numbe
     assert len(translations) == 2 and all(isinstance(t, str) for t in translations)
     before = load_script("finetune_trainer")  # the script is importable twice (no global state)
     assert before.build_parser().parse_args(["--model", "m", "--output_dir", "o"]).max_steps == 500
-    for bad in (["--save_steps", "-1"], ["--max_steps", "0"], ["--max_train_samples", "0"], ["--num_beams", "0"],
+    for bad in (["--save_steps", "-1"], ["--max_steps", "0"], ["--max_train_samples", "-5"], ["--num_beams", "0"],
                 ["--max_source_length", "1"], ["--validation_file", "v.jsonl"]):
         with pytest.raises(SystemExit):
             before.main(["--model", "m", "--output_dir", "o", *bad])

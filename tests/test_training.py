@@ -292,14 +292,15 @@ def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
     yaml11 = tmp_path / "yaml11.yaml"
     yaml11.write_text("adam_epsilon: 1e-9\n")
     assert parse_config(["--config", str(yaml11)]).adam_epsilon == 1e-9
-    for text, message in [("max_steps: 1e3\n", r"'max_steps' must be an integer, written out \(1000, not 1e3\)"),
+    for text, message in [("max_steps: 1e3\n", r"'max_steps' must be an integer, unquoted and written out \(1000, not "),
+                          ("max_steps: 0.5\n", r"'max_steps' must be an integer, got 0.5"),
                           ("mixed_precision: no\n", r"'mixed_precision' must be a string \(YAML reads an unquoted no"),
                           ("on: 3\n", r"unknown setting 'True'. \(YAML reads an unquoted no, yes, off or on"),
                           ("dataset_config_name: de-en\n", r"'dataset_config_name' must be given only with dataset_name")]:
         yaml11.write_text(text)
         with pytest.raises(ValueError, match=rf"yaml11\.yaml: {message}"):
             parse_config(["--config", str(yaml11)])
-    with pytest.raises(ValueError, match=r"flag --seed: 'seed' must be a whole number from 0 to 2\*\*32 - 1, got -1"):
+    with pytest.raises(ValueError, match=r"flag --seed: 'seed' must be a whole number from 0 to 2\*\*31 - 1, got -1"):
         parse_config(["--seed", "-1"])
     with pytest.raises(ValueError, match=r"flag --output_dir: 'output_dir' must be a folder path, got ''"):
         parse_config(["--output_dir", ""])
@@ -607,7 +608,7 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
         *(unwritable if Path("/proc").is_dir() else []),
         (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
         (["--input", str(source), "--device", "gpu7"], "not a device name"),
-        (["--input", str(source), "--device", "meta"], "'meta': translating runs on cpu, cuda or mps, not meta"),
+        (["--input", str(source), "--device", "meta"], "'meta': the meta device holds no data"),
     ]:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(broken.read_bytes())))
         assert translate.main(["--model", str(short_run), *args]) == 1
@@ -868,7 +869,7 @@ def test_resume_with_another_model_size_names_the_checkpoint_and_the_weight(asse
     assert sorted(p.name for p in reference_run.iterdir()) == before
 
 
-def test_resuming_with_other_data_settings_names_them(assets, reference_run, tmp_path, capsys, monkeypatch):
+def test_resuming_with_other_data_settings_names_them(assets, reference_run, tmp_path, capsys, monkeypatch, caplog):
     """The data order would continue, silently, on other data (the language pair swapped, another file)."""
     checkpoint = reference_run / "checkpoint-12"
     for change, named in [(dict(source_lang="de", target_lang="en"), "source_lang: 'en' there, 'de' now; target_lang"),
@@ -876,14 +877,20 @@ def test_resuming_with_other_data_settings_names_them(assets, reference_run, tmp
         assert training.main(run_args(assets, tmp_path / "other", resume_from_checkpoint=str(checkpoint), **change)) == 1
         error = capsys.readouterr().err
         assert f"{checkpoint} was trained on other data ({named}" in error, error
-    # The same file written another way is the same data; another file is not.
+    # A training file given by another path is taken as moved (a job's new scratch folder), with a warning; the
+    # same file written another way passes in silence.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pairs.tsv").write_text("en\tde\n")
     (tmp_path / "saved" / ckpt.TRAINER_STATE_NAME).parent.mkdir()
-    (tmp_path / "saved" / ckpt.TRAINER_STATE_NAME).write_text(json.dumps({"config": {"train_file": "pairs.tsv"}}))
-    training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file=str(tmp_path / "pairs.tsv")))
-    with pytest.raises(ckpt.CheckpointError, match="train_file: 'pairs.tsv' there, 'other.tsv' now"):
-        training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file="other.tsv"))
+    (tmp_path / "saved" / ckpt.TRAINER_STATE_NAME).write_text(
+        json.dumps({"config": {"train_file": "pairs.tsv", "source_lang": "en"}}))
+    with caplog.at_level("WARNING"):
+        training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file=str(tmp_path / "pairs.tsv")))
+        assert "Taken as the same data" not in caplog.text
+        training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file="/scratch/job2/pairs.tsv"))
+    assert "on train_file '/scratch/job2/pairs.tsv'; the checkpoint was trained on 'pairs.tsv'" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match=r"\(source_lang: 'en' there, 'fr' now\)"):
+        training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file="moved.tsv", source_lang="fr"))
 
 
 def test_resume_follows_a_changed_learning_rate_schedule_and_says_so(assets, tmp_path, caplog):
@@ -977,6 +984,11 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     stopped = tmp_path / "stopped_on_data"
     assert training.main(run_args(assets, stopped, max_steps=2, max_source_length=1, tokenizer=None, vocab_size=300)) == 1
     assert "No training pairs left" in capsys.readouterr().err
+    assert not (stopped / training.TOKENIZER_DIR_NAME).exists()
+    # ... nor one that stops before its first step (more batches per update than pairs).
+    too_many = run_args(assets, stopped, max_steps=2, tokenizer=None, vocab_size=300, gradient_accumulation_steps=10**6)
+    assert training.main(too_many) == 1
+    assert "too few for 1000000 batches per update" in capsys.readouterr().err
     assert not (stopped / training.TOKENIZER_DIR_NAME).exists()
     assert training.main(run_args(assets, stopped, max_steps=2, tokenizer=None, vocab_size=300)) == 0
     assert (stopped / training.TOKENIZER_DIR_NAME / "tokenizer.json").is_file()
