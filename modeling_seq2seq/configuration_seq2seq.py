@@ -117,6 +117,11 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
             **kwargs,
         )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A value set after construction (`config.update`) must not make a folder that no longer loads.
+        self.validate_hyperparameters()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def validate_hyperparameters(self):
         """Raise `ValueError` naming the field and its value when the model could not be built from it."""
 

@@ -576,6 +576,12 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _supports_cache_class = True  # 4.57 reads it; 5.x ignores it
 
+    def __init__(self, config: Seq2SeqTransformerConfig, *inputs, **kwargs):
+        # Values set after the config was made (`from_pretrained(path, encoder_attention_heads=5)` sets them with
+        # setattr, as does `config.update`) skipped its check: a model is built only from a config that passes it.
+        config.validate_hyperparameters()
+        super().__init__(config, *inputs, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`; where the code is saved too (`register_for_auto_class`), `auto_map` lists
         the base model next to the saved class, so that `AutoModel` loads the folder with `trust_remote_code=True`."""

@@ -23,7 +23,8 @@ Generation parameters (`num_beams`, `max_new_tokens`, `length_penalty`, `do_samp
 passed to `model.generate()` unchanged, either at construction (they then apply to every call) or per call (they win);
 the model's `generation_config.json` supplies the rest. The pipeline adds no defaults of its own, so its output is
 exactly `tokenizer.batch_decode(model.generate(**tokenizer(texts), **kwargs), skip_special_tokens=True)`.
-`batch_size=N` pads and runs N inputs per `generate()` call.
+`batch_size=N` pads and runs N inputs per `generate()` call. `src_lang` and `tgt_lang` are taken and unused, as 4.x's
+translation pipeline did for a tokenizer without language codes.
 
 This file is shipped to the Hub next to the model and loaded with `trust_remote_code=True`: it imports only torch,
 transformers and the standard library, and runs the same on transformers 5.x and 4.57.
@@ -85,8 +86,12 @@ class Seq2SeqTranslationPipeline(Pipeline):
         truncation=None,
         prefix=None,
         generate_kwargs=None,
+        src_lang=None,
+        tgt_lang=None,
         **kwargs,
     ):
+        # src_lang/tgt_lang: taken and left unused, as 4.x's translation pipeline did for a tokenizer without
+        # language codes (ours has none), so that code written for it keeps running.
         preprocess_params = {}
         if truncation is not None:
             preprocess_params["truncation"] = truncation
@@ -106,6 +111,12 @@ class Seq2SeqTranslationPipeline(Pipeline):
             postprocess_params["return_type"] = ReturnType.TEXT if return_text else ReturnType.TENSORS
         if clean_up_tokenization_spaces is not None:
             postprocess_params["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+        # The ends and the filler that generate() used, for taking the batch padding off returned ids.
+        generation = forward_params.get("generate_kwargs", {})
+        for key in ("eos_token_id", "pad_token_id"):
+            value = generation.get(key, getattr(generation.get("generation_config"), key, None))
+            if value is not None:
+                postprocess_params[key] = value
         return preprocess_params, forward_params, postprocess_params
 
     def __call__(self, inputs, **kwargs):
@@ -144,11 +155,13 @@ class Seq2SeqTranslationPipeline(Pipeline):
         output_ids = output_ids.reshape(batch_size, output_ids.shape[0] // batch_size, *output_ids.shape[1:])
         return {"output_ids": output_ids}
 
-    def postprocess(self, model_outputs, return_type=ReturnType.TEXT, clean_up_tokenization_spaces=False):
+    def postprocess(self, model_outputs, return_type=ReturnType.TEXT, clean_up_tokenization_spaces=False,
+                    eos_token_id=None, pad_token_id=None):
         records = []
         for output_ids in model_outputs["output_ids"][0]:
             if return_type == ReturnType.TENSORS:
-                records.append({f"{self.return_name}_token_ids": self._strip_batch_padding(output_ids.tolist())})
+                records.append({f"{self.return_name}_token_ids": self._strip_batch_padding(
+                    output_ids.tolist(), eos_token_id, pad_token_id)})
             else:
                 text = self.tokenizer.decode(
                     output_ids,
@@ -158,12 +171,13 @@ class Seq2SeqTranslationPipeline(Pipeline):
                 records.append({f"{self.return_name}_text": text})
         return records
 
-    def _strip_batch_padding(self, ids):
+    def _strip_batch_padding(self, ids, eos=None, pad=None):
         """Drop what follows the first end-of-sequence token when it is only filler (pad or, as transformers' beam
-        search fills with when pad_token_id is 0, more end-of-sequence tokens): batching adds it, the text lacks it."""
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        pad = self.model.generation_config.pad_token_id
+        search fills with when pad_token_id is 0, more end-of-sequence tokens): batching adds it, the text lacks it.
+        `eos` and `pad` are the call's own, else the model's generation config's."""
+        eos = self.model.generation_config.eos_token_id if eos is None else eos
+        eos = set(eos.tolist() if isinstance(eos, torch.Tensor) else eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        pad = self.model.generation_config.pad_token_id if pad is None else pad
         filler = eos | {pad if pad is not None else self.tokenizer.pad_token_id}
         for position in range(1, len(ids)):
             if ids[position] in eos:

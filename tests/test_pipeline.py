@@ -93,6 +93,22 @@ def test_return_tensors_gives_generate_ids_without_batch_padding(translator, mod
     assert [r["translation_token_ids"] for r in records] == beam
 
 
+def test_the_calls_own_end_and_padding_are_taken_off_too(translator, model_and_tokenizer):
+    """An end token or a padding id passed per call (not the generation config's) is what generate() used: the
+    filler after it is batching's too, so the ids do not depend on the batch."""
+    model, tokenizer = model_and_tokenizer
+    ends = [2, generate_one(model, tokenizer, TEXTS[0], **GREEDY)[2]]  # one that the first text produces early
+    for options in (dict(eos_token_id=ends), dict(pad_token_id=5)):
+        expected = [generate_one(model, tokenizer, t, **GREEDY, **options) for t in TEXTS]
+        for batch_size in (1, 4):
+            records = translator(TEXTS, return_tensors=True, batch_size=batch_size, **GREEDY, **options)
+            assert [r["translation_token_ids"] for r in records] == expected, (options, batch_size)
+
+
+def test_source_and_target_languages_are_taken_and_unused_as_in_4x(translator):
+    assert translator(TEXTS[0], src_lang="en", tgt_lang="de", **GREEDY) == translator(TEXTS[0], **GREEDY)
+
+
 def test_several_sequences_per_input(translator, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=10)

@@ -132,6 +132,26 @@ def test_config_json_from_a_stranger_is_validated_on_load(tmp_path):
             AutoConfig.from_pretrained(tmp_path)
 
 
+def test_values_set_after_the_config_was_made_are_checked_before_a_model_or_a_folder(tmp_path):
+    """`from_pretrained(path, field=value)` sets the value after the config's own check (transformers' `from_dict`),
+    and so does `config.update`: the model then loaded and failed at its first forward in a reshape (heads), or
+    ignored the value (a layout). As MarianMTModel refuses heads that do not divide d_model at load, ours refuses
+    every bad value when a model is built, and when a config is saved."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    Seq2SeqTransformerForConditionalGeneration(tiny_config()).save_pretrained(tmp_path)
+    for field, value, expected in [("encoder_attention_heads", 5, "a divisor of d_model=32"),
+                                   ("positional_encoding_layout", "bogus", "one of")]:
+        with pytest.raises(ValueError, match=re.escape(f"Seq2SeqTransformerConfig.{field}={value!r} is invalid: "
+                                                       f"expected {expected}")):
+            AutoModelForSeq2SeqLM.from_pretrained(tmp_path, **{field: value})
+    config = AutoConfig.from_pretrained(tmp_path)
+    config.update({"d_model": -1})
+    with pytest.raises(ValueError, match=exactly("Seq2SeqTransformerConfig.d_model=-1 is invalid: expected a positive integer.")):
+        config.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "config.json").exists()
+
+
 @pytest.mark.parametrize(
     "content, problem",
     [
