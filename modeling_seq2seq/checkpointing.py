@@ -38,7 +38,9 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's and rotation's trash names
 # What a killed run of ours can leave in its output folder: checkpoint and final-model staging folders, trashed
 # checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, a dash, 8 random characters).
-_STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model|tokenizer)$|^\.trash-tokenizer-\d+$")
+REPLACED_PREFIX = ".replaced-"  # an earlier run's checkpoint set aside for deletion (never restored)
+_STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model|tokenizer)$|^\.trash-tokenizer-\d+$"
+                           r"|^\.replaced-checkpoint-\d+-\d+$")
 _STALE_FILE_RE = re.compile(r"^\.tmp-.+-[a-z0-9_]{8}$")
 
 
@@ -431,6 +433,20 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, pro
         shutil.rmtree(trash, ignore_errors=True)
         deleted.append(path)
     return deleted
+
+
+def set_aside(checkpoints: Iterable[Path]) -> list[Path]:
+    """Rename each of an earlier run's checkpoints to a trash name that nothing restores (`--overwrite_output_dir`):
+    a rename is atomic, where deleting a folder file by file leaves it torn under its name if killed. Returns the new
+    paths, for the caller to delete; the next start removes any left over."""
+    trashed = []
+    for path in checkpoints:
+        target = path.with_name(f"{REPLACED_PREFIX}{path.name}-{os.getpid()}")
+        os.replace(path, target)
+        trashed.append(target)
+    if trashed:
+        fsync_dir(trashed[0].parent)
+    return trashed
 
 
 def restore_interrupted_replacements(output_dir: str | os.PathLike) -> list[Path]:

@@ -1315,13 +1315,17 @@ class Trainer:
             ours = {ckpt.LOCK_NAME}
             if self.config.resume_from_checkpoint == "latest":
                 ours |= {TOKENIZER_DIR_NAME, LOG_FILE_NAME, TRACKER_RUN_NAME}
-            held = sorted(entry.name for entry in self.output_dir.iterdir()
-                          if entry.name not in ours and not ckpt.is_stale_staging(entry))
+            # (lexists: the main process may be removing a stale entry while another lists the folder.)
+            held = sorted(entry.name for entry in self.output_dir.iterdir() if entry.name not in ours
+                          and not ckpt.is_stale_staging(entry) and os.path.lexists(entry))
             if held and not self.config.overwrite_output_dir:
+                killed_early = set(held) <= {TOKENIZER_DIR_NAME, LOG_FILE_NAME, TRACKER_RUN_NAME}
                 raise ValueError(
                     f"Output directory {str(self.output_dir)!r} is not empty ({', '.join(held[:6])}"
                     f"{', ...' if len(held) > 6 else ''}): the run would overwrite a saved model or your files there. "
-                    "Choose another (or a new) --output_dir, or pass --overwrite_output_dir to let the run write "
+                    + ("These are what a run stopped before its first checkpoint leaves: pass "
+                       "--resume_from_checkpoint latest to start it again there. " if killed_early else "")
+                    + "Choose another (or a new) --output_dir, or pass --overwrite_output_dir to let the run write "
                     "over them."
                 )
             return
@@ -1345,16 +1349,21 @@ class Trainer:
         before then (a mistyped path, a tokenizer without the special tokens, an accumulation larger than the data)
         costs them nothing, and leaves nothing in the way of the corrected run."""
         self.earlier_run_pending = False
-        self.log.truncate_after(-1)
         self.accelerator.wait_for_everyone()
-        staged = self.output_dir / TOKENIZER_STAGING_NAME
-        if self.is_main and staged.is_dir():
-            ckpt.replace_dir(staged, self.output_dir / TOKENIZER_DIR_NAME)
-        if self.is_main and self.replaced_checkpoints:
-            for path in self.replaced_checkpoints:
-                shutil.rmtree(path)
-            self.print(f"Deleted {len(self.replaced_checkpoints)} checkpoints of an earlier run in {self.output_dir} "
-                       "(--overwrite_output_dir).")
+        if self.is_main:
+            # The earlier checkpoints first, each renamed out of the way at once (a kill then leaves no half-deleted
+            # checkpoint under its name, nor one that `latest` would resume); the log last, so that a kill before
+            # it leaves the earlier run's log with no checkpoint of that run beside it.
+            trashed = ckpt.set_aside(self.replaced_checkpoints)
+            staged = self.output_dir / TOKENIZER_STAGING_NAME
+            if staged.is_dir():
+                ckpt.replace_dir(staged, self.output_dir / TOKENIZER_DIR_NAME)
+            self.log.truncate_after(-1)
+            for path in trashed:
+                shutil.rmtree(path, ignore_errors=True)
+            if trashed:
+                self.print(f"Deleted {len(trashed)} checkpoints of an earlier run in {self.output_dir} "
+                           "(--overwrite_output_dir).")
         self.replaced_checkpoints = []
         self.accelerator.wait_for_everyone()
 
@@ -1363,6 +1372,13 @@ class Trainer:
         `--resume_from_checkpoint latest` would pick those up again: refuse, and touch nothing."""
         state = ckpt.read_json_object(self.resume_dir / ckpt.TRAINER_STATE_NAME, "this training loop's state",
                                       ckpt.CheckpointError)
+        if existing and self.resume_dir.resolve().parent != self.output_dir.resolve():
+            raise ValueError(
+                f"Resuming from {str(self.resume_dir)!r}, outside --output_dir {str(self.output_dir)!r}, which holds "
+                f"checkpoints of another run ({', '.join(path.name for _, path in existing[:4])}"
+                f"{', ...' if len(existing) > 4 else ''}): rotation and checkpoint averaging would mix the two runs. "
+                "Choose an --output_dir without checkpoints."
+            )
         later = [path for step, path in existing if step > state["step"] and path.resolve() != self.resume_dir.resolve()
                  and ckpt.verify_checkpoint(path) is None]  # hashes too: `latest` skipped a corrupted one
         if later:

@@ -12,7 +12,8 @@ with beam search. Note the model computes its own label-smoothed loss (`config.l
 Each checkpoint gets our manifest once the Trainer has written it (sizes and sha256 of its files, written last), so
 `latest` takes the newest complete one: a checkpoint torn by a kill or a full disk is skipped with a warning.
 The fine-tuned model never goes into the --model folder; a new run wants an empty --output_dir (or
---overwrite_output_dir), and resuming a finished run trains nothing.
+--overwrite_output_dir, which deletes an earlier run's checkpoints once the data has been read), and resuming the
+run's last checkpoint trains nothing (its model becomes the final one if the final save did not complete).
 """
 
 import os
@@ -23,6 +24,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +33,7 @@ import numpy as np
 
 
 FINAL_STAGING_PREFIX = ".final-model-tmp-"  # the final model's staging folder inside --output_dir
+FINAL_STATE_NAME = "finetune_final.json"  # the step the final model is from; written last by the final save
 
 
 def build_datasets(tokenizer, args, max_position_embeddings: int):
@@ -84,13 +87,19 @@ def finetune(args):
     if resume == "latest":  # None (a warning said why) when there is no complete checkpoint: start from scratch
         resume = ckpt.resolve_resume_checkpoint("latest", args.output_dir)
     check_output_dir(args, resume)
-    for stale in Path(args.output_dir).glob(f"{FINAL_STAGING_PREFIX}*"):  # a final save that was killed
+    # Left by a killed final save, or by an earlier run's checkpoints being deleted (--overwrite_output_dir).
+    for stale in [*Path(args.output_dir).glob(f"{FINAL_STAGING_PREFIX}*"),
+                  *Path(args.output_dir).glob(f"{ckpt.REPLACED_PREFIX}checkpoint-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    if resume is not None and finished(args, resume):
+    step = None if resume is None else checkpoint_step(resume)
+    if step is not None and step >= args.max_steps:
+        finish_from_last_checkpoint(args, resume, step)
         return None, {}
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if args.use_cpu else None)
     model.train()
     train_set, validation_set = build_datasets(tokenizer, args, model.config.max_position_embeddings)
+    if resume is None and args.overwrite_output_dir:
+        replace_earlier_checkpoints(args.output_dir)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
 
     def compute_metrics(eval_prediction):
@@ -140,13 +149,32 @@ def finetune(args):
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     metrics = trainer.evaluate() if has_eval else {}
     model.config.use_cache = True  # the Trainer switches the cache off while training
-    save_final_model(trainer, tokenizer, args.output_dir)
+    save_final_model(trainer.save_model, trainer.is_world_process_zero(), trainer.state.global_step, tokenizer,
+                     args.output_dir)
     return trainer, metrics
+
+
+def replace_earlier_checkpoints(output_dir) -> None:
+    """--overwrite_output_dir, once the data has been read: an earlier run's checkpoints go (each renamed aside first,
+    so a kill leaves none half-deleted), or `latest` would later resume them, or take one as this run's last."""
+    from accelerate import PartialState
+
+    from modeling_seq2seq import checkpointing as ckpt
+
+    earlier = [path for _, path in ckpt.list_checkpoints(output_dir)]
+    if PartialState().is_main_process and earlier:
+        Path(output_dir, FINAL_STATE_NAME).unlink(missing_ok=True)
+        for path in ckpt.set_aside(earlier):
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"Deleted {len(earlier)} checkpoints of an earlier run in {output_dir} (--overwrite_output_dir).")
+    PartialState().wait_for_everyone()
 
 
 def check_output_dir(args, resume) -> None:
     """The final save writes a whole model into --output_dir: never into the --model folder it starts from, nor, for a
     new run, over a saved model or a user's files (resuming continues the run whose checkpoints are there)."""
+    from modeling_seq2seq import checkpointing as ckpt
+
     output_dir, model_dir = Path(args.output_dir), Path(args.model)
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError(f"--output_dir {args.output_dir!r} is the --model folder: the fine-tuned model would overwrite "
@@ -158,7 +186,8 @@ def check_output_dir(args, resume) -> None:
                          "another --output_dir.")
     if resume is not None or args.overwrite_output_dir or not output_dir.is_dir():
         return
-    held = sorted(entry.name for entry in output_dir.iterdir() if not entry.name.startswith(FINAL_STAGING_PREFIX))
+    held = sorted(entry.name for entry in output_dir.iterdir()
+                  if not entry.name.startswith((FINAL_STAGING_PREFIX, f"{ckpt.REPLACED_PREFIX}checkpoint-")))
     if held:
         raise ValueError(f"--output_dir {args.output_dir!r} is not empty ({', '.join(held[:6])}"
                          f"{', ...' if len(held) > 6 else ''}): the fine-tuned model would overwrite a saved model or "
@@ -166,23 +195,40 @@ def check_output_dir(args, resume) -> None:
                          "continue a run there, or --overwrite_output_dir to write over them.")
 
 
-def finished(args, resume) -> bool:
-    """Whether the checkpoint to resume is the run's last and its final model is saved: then there is nothing to do
-    (the stock Trainer would train one step more, and replace the final model, at each such resume)."""
+def checkpoint_step(resume) -> int:
+    """The step of a Seq2SeqTrainer checkpoint (its trainer_state.json's `global_step`)."""
     from modeling_seq2seq import checkpointing as ckpt
 
     file = Path(resume) / ckpt.TRAINER_STATE_NAME
     state = ckpt.read_json_object(file, "a Trainer state")
-    if "global_step" not in state:
-        raise ValueError(f"{file} has no 'global_step': not a Seq2SeqTrainer checkpoint (one of scripts/train.py "
-                         "resumes with that script).")
-    step = state["global_step"]
-    output_dir = Path(args.output_dir)
-    if step < args.max_steps or not ((output_dir / "config.json").is_file() and (output_dir / "model.safetensors").is_file()):
-        return False
-    print(f"{resume} is the run's last step ({step} of --max_steps {args.max_steps}) and the fine-tuned model is saved in "
-          f"{args.output_dir}: nothing to resume.")
-    return True
+    if type(state.get("global_step")) is not int:
+        raise ValueError(f"{file} has no whole-number 'global_step': not a Seq2SeqTrainer checkpoint (one of "
+                         "scripts/train.py resumes with that script).")
+    return state["global_step"]
+
+
+def finish_from_last_checkpoint(args, resume, step) -> None:
+    """Resuming the run's last checkpoint: the stock Trainer would train one step past --max_steps (and again at each
+    such resume). Nothing is trained; the checkpoint's model becomes the final one unless the final save of that
+    step completed (its FINAL_STATE_NAME, written last, says so)."""
+    from accelerate import PartialState
+
+    from modeling_seq2seq import checkpointing as ckpt
+    from modeling_seq2seq.training import load_model_and_tokenizer, load_saved_model
+
+    marker = Path(args.output_dir) / FINAL_STATE_NAME
+    if marker.is_file() and ckpt.read_json_object(marker, "the final model's step").get("global_step") == step:
+        print(f"{resume} is the run's last step ({step} of --max_steps {args.max_steps}) and the fine-tuned model is "
+              f"saved in {args.output_dir}: nothing to resume.")
+        return
+    if PartialState().is_main_process:
+        _, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
+        model = load_saved_model(resume)
+        model.config.use_cache = True
+        save_final_model(model.save_pretrained, True, step, tokenizer, args.output_dir)
+        print(f"{resume} is the run's last step ({step} of --max_steps {args.max_steps}), but its final save did not "
+              f"complete: saved its model as the fine-tuned one in {args.output_dir}, training nothing.")
+    PartialState().wait_for_everyone()
 
 
 def manifest_on_save_callback():
@@ -199,10 +245,12 @@ def manifest_on_save_callback():
     return ManifestOnSave()
 
 
-def save_final_model(trainer, tokenizer, output_dir) -> None:
-    """`trainer.save_model` and the portable tokenizer_config.json (see STACK.md), written into a staging folder
-    inside `output_dir` and then moved in file by file, the configs last: a kill or a full disk leaves each file of
-    an earlier final model whole or replaced, never torn. (The Trainer's own checkpoints are its own writes.)"""
+def save_final_model(save_model, is_main: bool, step: int, tokenizer, output_dir) -> None:
+    """`save_model` (the Trainer's, or a model's `save_pretrained`) and the portable tokenizer_config.json (see
+    STACK.md), written into a staging folder inside `output_dir` and then moved in file by file, the configs last and
+    FINAL_STATE_NAME (the model's step) after them, the earlier one removed first: a kill or a full disk leaves each
+    file of an earlier final model whole or replaced, never torn, and no step that the files might not be from. (The
+    Trainer's own checkpoints are its own writes.)"""
 
     from modeling_seq2seq.checkpointing import move_files_into
     from modeling_seq2seq.tokenization import save_tokenizer
@@ -210,10 +258,12 @@ def save_final_model(trainer, tokenizer, output_dir) -> None:
     os.makedirs(output_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=FINAL_STAGING_PREFIX, dir=output_dir)
     try:
-        trainer.save_model(staging)  # every process calls it (sharded models gather); the main one writes
-        if trainer.is_world_process_zero():
+        save_model(staging)  # every process calls the Trainer's (sharded models gather); the main one writes
+        if is_main:
             save_tokenizer(tokenizer, staging)
-            move_files_into(staging, output_dir, last=("tokenizer_config.json", "config.json"))
+            Path(staging, FINAL_STATE_NAME).write_text(json.dumps({"global_step": step}) + "\n", encoding="utf-8")
+            Path(output_dir, FINAL_STATE_NAME).unlink(missing_ok=True)
+            move_files_into(staging, output_dir, last=("tokenizer_config.json", "config.json", FINAL_STATE_NAME))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

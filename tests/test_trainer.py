@@ -153,6 +153,19 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
     assert not list((tmp_path / "whole").glob(f"{script.FINAL_STAGING_PREFIX}*"))
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
     assert not (tmp_path / "whole" / "checkpoint-13").exists()
+    # A final save killed before its step was recorded (here: the earlier final model left, no record) is done again
+    # from the last checkpoint, training nothing (the stock Trainer trained a step past --max_steps at each resume).
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.copy(tmp_path / "whole" / "checkpoint-6" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    (tmp_path / "cut" / script.FINAL_STATE_NAME).unlink()
+    run(tmp_path / "cut", "--resume_from_checkpoint", "latest")
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == final
+    assert json.loads((tmp_path / "cut" / script.FINAL_STATE_NAME).read_text()) == {"global_step": 12}
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    # --overwrite_output_dir: the earlier run's checkpoints go, or `latest` would later take one as this run's.
+    run(tmp_path / "cut", "--overwrite_output_dir", "--max_steps", "4", "--save_steps", "4")
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-4"]
+    assert json.loads((tmp_path / "cut" / script.FINAL_STATE_NAME).read_text()) == {"global_step": 4}
     # A new run never writes over the model it starts from, nor over a folder's contents unless told to.
     with pytest.raises(ValueError, match="is the --model folder"):
         run(saved_model)
@@ -173,9 +186,8 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
     ours = tmp_path / "ours"
     ours.mkdir()
     (ours / ckpt.TRAINER_STATE_NAME).write_text(json.dumps({"step": 12, "sampler": {}}))
-    args = script.build_parser().parse_args(["--model", str(saved_model), "--output_dir", str(tmp_path / "whole")])
-    with pytest.raises(ValueError, match="has no 'global_step': not a Seq2SeqTrainer checkpoint"):
-        script.finished(args, ours)
+    with pytest.raises(ValueError, match="has no whole-number 'global_step': not a Seq2SeqTrainer checkpoint"):
+        script.checkpoint_step(ours)
 
 
 def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_old_one(tmp_path):
@@ -206,18 +218,20 @@ def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_o
             (Path(folder) / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
 
     with pytest.raises(OSError, match="No space left"):
-        script.save_final_model(Trainer(fail=True), Tokenizer(), str(output_dir))
+        script.save_final_model(Trainer(fail=True).save_model, True, 12, Tokenizer(), str(output_dir))
     assert sorted(p.name for p in output_dir.iterdir()) == ["config.json", "model.safetensors"]
     assert (output_dir / "model.safetensors").read_bytes() == b"earlier weights"
     moved = []
     real_replace = os.replace
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "replace", lambda a, b: moved.append(Path(b).name) or real_replace(a, b))
-        script.save_final_model(Trainer(fail=False), Tokenizer(), str(output_dir))
+        script.save_final_model(Trainer(fail=False).save_model, True, 12, Tokenizer(), str(output_dir))
     assert (output_dir / "model.safetensors").read_bytes() == b"new weights"
     assert json.loads((output_dir / "config.json").read_text()) == {"new": True}
     assert json.loads((output_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     final_moves = [name for name in moved if name in {"model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                                                       "config.json"}]
-    assert final_moves[-2:] == ["tokenizer_config.json", "config.json"] and "model.safetensors" in final_moves[:-2]
+                                                       "config.json", script.FINAL_STATE_NAME}]
+    assert final_moves[-3:] == ["tokenizer_config.json", "config.json", script.FINAL_STATE_NAME]
+    assert "model.safetensors" in final_moves[:-3]
+    assert json.loads((output_dir / script.FINAL_STATE_NAME).read_text()) == {"global_step": 12}
     assert not [p for p in output_dir.iterdir() if p.name.startswith(".")]

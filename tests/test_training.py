@@ -709,6 +709,26 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run,
         assert training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True)) == 1
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-500"]
     assert read_log(tmp_path / "old") == [{"type": "train", "step": 500}]
+    # Killed while replacing the earlier run (here: as the log is truncated, the last part): the earlier checkpoints
+    # are already set aside whole, so `latest` cannot quietly go on with the earlier run, and the next start removes
+    # them; the log is still the earlier run's.
+    (tmp_path / "old" / "checkpoint-500" / "weights.bin").write_text("x")
+
+    def killed(self, step, records=None):
+        raise SystemExit("killed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.JsonlLog, "truncate_after", killed)
+        with pytest.raises(SystemExit):
+            training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True))
+    ckpt.unlock_output_dir(tmp_path / "old")  # a killed process's lock goes with it
+    assert ckpt.list_checkpoints(tmp_path / "old") == []
+    assert [p.name for p in (tmp_path / "old").iterdir() if p.name.startswith(ckpt.REPLACED_PREFIX)] == [
+        f"{ckpt.REPLACED_PREFIX}checkpoint-500-{os.getpid()}"]
+    assert read_log(tmp_path / "old") == [{"type": "train", "step": 500}]
+    assert training.main(run_args(assets, tmp_path / "old", max_steps=4, resume_from_checkpoint="latest")) == 0
+    assert not any(p.name.startswith(ckpt.REPLACED_PREFIX) for p in (tmp_path / "old").iterdir())
+    assert [r["step"] for r in read_log(tmp_path / "old") if r["type"] == "train"] == [2, 4]
     assert training.main(run_args(assets, tmp_path / "old", max_steps=4, overwrite_output_dir=True)) == 0
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "old")] == ["checkpoint-4"]
 
@@ -917,6 +937,20 @@ def test_resume_latest_with_only_incomplete_checkpoints_says_so(assets, tmp_path
     assert "Pass --resume_from_checkpoint latest" not in error
 
 
+def test_resuming_a_checkpoint_from_elsewhere_into_another_runs_folder_is_refused(assets, reference_run, tmp_path,
+                                                                                 capsys):
+    """Rotation and the final checkpoint averaging would take the folder's own checkpoints with the resumed run's."""
+    import shutil
+
+    other = tmp_path / "other_run"
+    shutil.copytree(reference_run / "checkpoint-4", other / "checkpoint-2")
+    before = sorted(p.name for p in other.iterdir())
+    args = run_args(assets, other, resume_from_checkpoint=str(reference_run / "checkpoint-8"), average_checkpoints=3)
+    assert training.main(args) == 1
+    assert f"outside --output_dir '{other}', which holds checkpoints of another run (checkpoint-2)" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == before
+
+
 def test_resuming_from_an_earlier_checkpoint_keeps_the_later_ones(assets, reference_run, tmp_path, capsys):
     """Going back to an earlier checkpoint of the same output directory would overwrite the later ones, and a later
     `latest` would jump back to them: refused, with the output directory left as it was."""
@@ -975,7 +1009,9 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     (killed / training.TRACKER_RUN_NAME).mkdir()  # its TensorBoard events, where tensorboard is installed
     (killed / training.LOG_FILE_NAME).write_text('{"type": "train", "step": 1}\n')
     assert training.main(run_args(assets, killed, max_steps=2)) == 1
-    assert "is not empty (tokenizer, train, training_log.jsonl)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "is not empty (tokenizer, train, training_log.jsonl)" in error
+    assert "pass --resume_from_checkpoint latest to start it again there" in error
     assert training.main(run_args(assets, killed, max_steps=2, resume_from_checkpoint="latest")) == 0
     assert [r["step"] for r in read_log(killed) if r["type"] == "train"] == [2]
 
