@@ -90,8 +90,7 @@ class Seq2SeqTranslationPipeline(Pipeline):
         tgt_lang=None,
         **kwargs,
     ):
-        # src_lang/tgt_lang: taken and left unused, as 4.x's translation pipeline did for a tokenizer without
-        # language codes (ours has none), so that code written for it keeps running.
+        # src_lang/tgt_lang: unused (see the module docstring).
         preprocess_params = {}
         if truncation is not None:
             preprocess_params["truncation"] = truncation
@@ -176,7 +175,9 @@ class Seq2SeqTranslationPipeline(Pipeline):
         search fills with when pad_token_id is 0, more end-of-sequence tokens): batching adds it, the text lacks it.
         `eos` and `pad` are the call's own, else the model's generation config's."""
         eos = self.model.generation_config.eos_token_id if eos is None else eos
-        eos = set(eos.tolist() if isinstance(eos, torch.Tensor) else eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        if isinstance(eos, torch.Tensor):
+            eos = eos.tolist()
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         pad = self.model.generation_config.pad_token_id if pad is None else pad
         filler = eos | {pad if pad is not None else self.tokenizer.pad_token_id}
         for position in range(1, len(ids)):
