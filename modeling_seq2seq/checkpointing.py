@@ -437,10 +437,11 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, pro
 
 def set_aside(checkpoints: Iterable[Path]) -> list[Path]:
     """Rename each of an earlier run's checkpoints to a trash name that nothing restores (`--overwrite_output_dir`):
-    a rename is atomic, where deleting a folder file by file leaves it torn under its name if killed. Returns the new
-    paths, for the caller to delete; the next start removes any left over."""
+    a rename is atomic, where deleting a folder file by file leaves it torn under its name if killed. Oldest first: a
+    kill part-way leaves the newest under their names, so `latest` finds the earlier run where it stood, as if killed
+    just before. Returns the new paths, for the caller to delete; the next start removes any left over."""
     trashed = []
-    for path in checkpoints:
+    for path in sorted(checkpoints, key=lambda path: int(_CHECKPOINT_RE.match(path.name).group(1))):
         target = path.with_name(f"{REPLACED_PREFIX}{path.name}-{os.getpid()}")
         os.replace(path, target)
         trashed.append(target)

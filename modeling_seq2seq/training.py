@@ -1397,13 +1397,13 @@ class Trainer:
     def setup_tokenizer(self, raw):
         from .tokenization import load_tokenizer, save_tokenizer, train_tokenizer
 
+        if self.resume_dir is not None:
+            return self.resumed_tokenizer()
         if self.config.tokenizer:
             tokenizer = load_tokenizer(str(resolve_path(self.config.tokenizer)))
             check_special_tokens(tokenizer, f"tokenizer {self.config.tokenizer}", ("pad_token", "bos_token", "eos_token"),
                                  "use a tokenizer from scripts/train_tokenizer.py")
             return tokenizer
-        if self.resume_dir is not None:
-            return load_tokenizer(str(self.resume_dir))
         # Saved under a staging name, renamed to tokenizer/ by `replace_earlier_run` once the first step has been
         # taken: a run that stops before leaves nothing that the corrected run would have to be told to overwrite.
         staged = self.output_dir / TOKENIZER_STAGING_NAME
@@ -1416,6 +1416,27 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # Every process reads the same files, so all agree on the vocabulary.
         return load_tokenizer(str(staged))
+
+    def resumed_tokenizer(self):
+        """The checkpoint's own tokenizer: its ids are the ones the weights learned. A --tokenizer given on resume
+        must be the same vocabulary (another one of the same size would train on silently renumbered text); a
+        --vocab_size other than the run's is ignored, with a word."""
+        from .tokenization import load_tokenizer
+
+        tokenizer = load_tokenizer(str(self.resume_dir))
+        saved = ckpt.read_json_object(self.resume_dir / ckpt.TRAINER_STATE_NAME, "this training loop's state",
+                                      ckpt.CheckpointError).get("config") or {}
+        if self.config.tokenizer:
+            given = load_tokenizer(str(resolve_path(self.config.tokenizer)))
+            if given.get_vocab() != tokenizer.get_vocab():
+                raise ckpt.CheckpointError(
+                    f"--tokenizer {self.config.tokenizer} is not the tokenizer {self.resume_dir} was trained with (their "
+                    f"vocabularies differ: {len(given)} and {len(tokenizer)} tokens). Resume without --tokenizer (the "
+                    "checkpoint's own is used), or with the one the run was started with.")
+        elif saved.get("tokenizer") is None and saved.get("vocab_size", self.config.vocab_size) != self.config.vocab_size:
+            logger.warning("Resuming %s with --vocab_size %s: ignored, the run goes on with the tokenizer it trained "
+                           "(%s tokens).", self.resume_dir, self.config.vocab_size, len(tokenizer))
+        return tokenizer
 
     def setup_data(self, raw, tokenizer):
         from .data import Seq2SeqCollator, tokenize_pairs

@@ -349,3 +349,26 @@ def test_a_folder_where_files_cannot_be_locked_is_used_without_a_lock(tmp_path, 
     ckpt.lock_output_dir(tmp_path)
     assert "Cannot lock" in caplog.text and "nothing stops a second run" in caplog.text
     ckpt.unlock_output_dir(tmp_path)
+
+
+def test_a_kill_while_setting_checkpoints_aside_leaves_the_newest_for_latest(tmp_path, monkeypatch):
+    """--overwrite_output_dir renames an earlier run's checkpoints one by one; stopped after the first rename, the
+    folder must still resume that run from its newest checkpoint, not from an older one."""
+    paths = [write_fake_checkpoint(tmp_path, step) for step in (4, 8, 12)]
+    renames = []
+    real_replace = os.replace
+
+    def stop_after_one(source, target):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append(source)
+        real_replace(source, target)
+
+    monkeypatch.setattr(ckpt.os, "replace", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.set_aside([paths[2], paths[0], paths[1]])
+    monkeypatch.undo()
+    assert renames == [paths[0]]
+    assert ckpt.find_latest_checkpoint(tmp_path) == paths[2]
+    assert ckpt.remove_stale_staging(tmp_path) == [tmp_path / f"{ckpt.REPLACED_PREFIX}checkpoint-4-{os.getpid()}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-8"]

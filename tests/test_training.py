@@ -913,6 +913,42 @@ def test_resuming_with_other_data_settings_names_them(assets, reference_run, tmp
         training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file="moved.tsv", source_lang="fr"))
 
 
+def test_resume_keeps_the_checkpoints_tokenizer(assets, reference_run, tmp_path, capsys, caplog):
+    """Another tokenizer, even of the same size, would renumber the text the weights learned: refused, naming both.
+    The run's own tokenizer given again passes; a changed --vocab_size is ignored with a word."""
+    from modeling_seq2seq.data import builtin_task
+    from modeling_seq2seq.tokenization import load_tokenizer, save_tokenizer, train_tokenizer
+
+    checkpoint = reference_run / "checkpoint-12"
+    train = builtin_task()["train"].select(range(600, 1200))
+    other = tmp_path / "other-tokenizer"
+    save_tokenizer(train_tokenizer(list(train["target"]) + list(train["source"]), vocab_size=300), other)
+    args = run_args(assets, tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), tokenizer=str(other))
+    assert training.main(args) == 1
+    error = capsys.readouterr().err
+    assert f"--tokenizer {other} is not the tokenizer {checkpoint} was trained with" in error, error
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+
+    trainer = training.Trainer.__new__(training.Trainer)
+    trainer.resume_dir = checkpoint
+    trainer.config = training.TrainingConfig(tokenizer=assets["tokenizer"])
+    assert trainer.resumed_tokenizer().get_vocab() == load_tokenizer(assets["tokenizer"]).get_vocab()
+    # A run that trained its own BPE, resumed with another --vocab_size.
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in os.listdir(checkpoint):
+        if "token" in name or name == "special_tokens_map.json":
+            (saved / name).write_bytes((checkpoint / name).read_bytes())
+    (saved / ckpt.TRAINER_STATE_NAME).write_text(json.dumps({"config": {"tokenizer": None, "vocab_size": 300}}))
+    trainer.resume_dir, trainer.config = saved, training.TrainingConfig(vocab_size=300)
+    with caplog.at_level("WARNING"):
+        trainer.resumed_tokenizer()
+        assert "vocab_size" not in caplog.text
+        trainer.config = training.TrainingConfig(vocab_size=8000)
+        assert len(trainer.resumed_tokenizer()) <= 300
+    assert f"Resuming {saved} with --vocab_size 8000: ignored, the run goes on with the tokenizer it trained" in caplog.text
+
+
 def test_resume_follows_a_changed_learning_rate_schedule_and_says_so(assets, tmp_path, caplog):
     output_dir = tmp_path / "rescaled"
     assert training.main(run_args(assets, output_dir, max_steps=6, logging_steps=1)) == 0  # checkpoint-6 at the end
@@ -1450,6 +1486,51 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
     assert_same_weights(two, one, atol=1e-5)
     assert json.loads((two / "checkpoint-8" / ckpt.TRAINER_STATE_NAME).read_text())["world_size"] == 2
     assert (two / "checkpoint-8" / "rng_state_1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_killed_part_way_resume_to_the_same_weights(assets, tmp_path):
+    """Both processes of an `accelerate launch` run, and the launcher, killed at once (a job scheduler's SIGKILL;
+    the launcher's own workers sit in sessions of their own, so a kill of its process group would miss them) at a
+    random moment after the first checkpoint, then resumed with --resume_from_checkpoint latest by 2 processes: the
+    run ends with the weights of 1 process accumulating 2 micro-batches (as in the test above; dropout off), a log
+    with each step once, and no leftover of the killed run. The moment is seeded; the seed is printed on failure."""
+    import psutil
+
+    no_dropout = {"dropout": 0.0}
+    cpu_only = {**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""}
+    one = tmp_path / "one_process"
+    assert training.main(run_args(assets, one, max_steps=40, gradient_accumulation_steps=2, model_overrides=no_dropout)) == 0
+    two = tmp_path / "two_processes"
+    seed = int(os.environ.get("KILL_SEED", random.randrange(10**6)))
+    delay = random.Random(seed).uniform(0.0, 1.2)  # steps 4 to 40 take ~0.8 s here, the final save and test ~0.6 s
+
+    def launch(*extra):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py"),
+                *run_args(assets, two, max_steps=40, model_overrides=no_dropout), *extra]
+
+    process = subprocess.Popen(launch(), env=cpu_only, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (two / "checkpoint-4").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert process.wait(timeout=delay) == 0, f"KILL_SEED={seed}: the run failed on its own"
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(process.pid)
+        everyone = [launcher, *launcher.children(recursive=True)]
+        assert len(everyone) >= 3, everyone
+        for member in everyone:
+            member.kill()
+        psutil.wait_procs(everyone, timeout=60)
+    result = subprocess.run(launch("--resume_from_checkpoint", "latest"), capture_output=True, text=True, timeout=400,
+                            env=cpu_only)
+    assert result.returncode == 0, f"KILL_SEED={seed}: {result.stderr[-3000:]}"
+    assert_same_weights(two, one, atol=1e-5)
+    steps = [r["step"] for r in read_log(two) if r["type"] == "train"]
+    assert steps == list(range(2, 41, 2)), (seed, steps)
+    assert not [entry.name for entry in two.iterdir() if entry.name.startswith(".") and entry.name != ckpt.LOCK_NAME]
 
 
 PAGE_FAULTS_OF_A_REALLOCATION = """
