@@ -728,8 +728,8 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"Batch sizes differ: {batch} decoder sequences but {encoder_hidden_states.shape[0]} encoder outputs."
             )
-        if self.training and any(layer.gradient_checkpointing for layer in self.layers):
-            use_cache = False
+        if self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.layers):
+            use_cache = False  # the backward's replay would write the cache again; without gradients there is none
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         if not use_cache:
@@ -1123,7 +1123,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
-    def generate(self, inputs=None, generation_config=None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
         """`GenerationMixin.generate`, with a faster path for plain greedy and beam search.
 
         When the request is greedy or beam search (with length penalty, min/max length, single banned tokens and a
@@ -1136,9 +1136,9 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         (`model.decode_with_cuda_graphs = False` keeps the step-by-step arithmetic). Anything else (sampling,
         scores, custom processors, stopping criteria, streamers, ...) goes to transformers' implementation unchanged.
         """
-        search = self.fast_search_settings(inputs, generation_config, kwargs)
-        if search is None:
-            return super().generate(inputs, generation_config, **kwargs)
+        search = None if args else self.fast_search_settings(inputs, generation_config, kwargs)
+        if search is None:  # (`args`: the processors, criteria... that transformers takes by position)
+            return super().generate(inputs, generation_config, *args, **kwargs)
         input_ids, attention_mask, settings = search
         # Imported here: the decode loop is built from this file's attention and feed-forward.
         from .decoding_seq2seq import IncrementalDecoder, StaticIncrementalDecoder, beam_search, graph_safe, greedy_search
@@ -1163,15 +1163,22 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
     }
 
     def forward_calls_are_observed(self) -> bool:
-        """Whether something watches the `forward` calls of the model or its stacks, which the fast search never
-        makes: hooks, or a `forward` replaced on the instance (accelerate's hooks, transformers' exporters capturing
-        the prefill and decode calls). `generate` then runs transformers' loop, which makes them."""
+        """Whether something watches or changes a `forward` that the fast search skips (the model's, its stacks',
+        the decoder layers' and their attentions'): hooks, a `forward` replaced on the instance (accelerate's hooks,
+        transformers' exporters capturing the prefill and decode calls) or overridden by a subclass. `generate` then
+        runs transformers' loop, which calls them. (The search calls the embeddings, layer norms, feed-forward
+        blocks, linear layers and output projection as modules where they are hooked or replaced.)"""
         hooks = nn.modules.module
         if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
             return True
+        skipped = [(self, Seq2SeqTransformerForConditionalGeneration), (self.model, Seq2SeqTransformerModel),
+                   (self.model.encoder, Encoder), (self.model.decoder, Decoder)]
+        for layer in self.model.decoder.layers:
+            skipped += [(layer, DecoderLayer), (layer.self_attn, MultiHeadAttention), (layer.cross_attn, MultiHeadAttention)]
         return any(
             module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module) or hasattr(module, "_hf_hook")
-            for module in (self, self.model, self.model.encoder, self.model.decoder)
+            or type(module).forward is not ours.forward
+            for module, ours in skipped
         )
 
     def fast_search_settings(self, inputs, generation_config, kwargs):

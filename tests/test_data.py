@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
+from pathlib import Path
 import logging
 import re
 import tracemalloc
@@ -625,3 +626,66 @@ def test_dataloader_end_to_end(builtin):
         assert (batch["labels"] == -100).sum() == (batch["labels"].shape[1] - (batch["labels"] != -100).sum(1)).sum()
         seen += batch["input_ids"].shape[0]
     assert seen == len(ds) == 500
+
+
+def write_mo(path, messages: dict, charset="UTF-8", encoding=None):
+    """A GNU gettext catalog (.mo), as msgfmt writes it: a header entry, then the messages' two string tables (in
+    `encoding`, by default the header's charset)."""
+    import struct
+
+    entries = {"": f"Content-Type: text/plain; charset={charset}\n", **messages}
+    keys = sorted(entries)
+    sources = [key.encode(encoding or charset) for key in keys]
+    targets = [entries[key].encode(encoding or charset) for key in keys]
+    count, tables = len(keys), 28
+    data_start = tables + 16 * count
+    blob, source_table, target_table = b"", [], []
+    for strings, table in ((sources, source_table), (targets, target_table)):
+        for text in strings:
+            table.append((len(text), data_start + len(blob)))
+            blob += text + b"\0"
+    header = struct.pack("<7I", 0x950412DE, 0, count, tables, tables + 8 * count, 0, 0)
+    tables_bytes = b"".join(struct.pack("<2I", *entry) for entry in source_table + target_table)
+    path.write_bytes(header + tables_bytes + blob)
+
+
+def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path, capsys, caplog):
+    """scripts/gettext_corpus.py: one-line, translated, 3-40 word messages only, each pair once, split without
+    overlap, in the layout train.py reads; a catalog in a legacy encoding is skipped by name; nothing is replaced
+    without --overwrite."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gettext_corpus", Path(__file__).parent.parent / "scripts" / "gettext_corpus.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    kept = {f"cannot open file number {i}": f"Datei Nummer {i} kann nicht geöffnet werden" for i in range(12)}
+    left_out = {
+        "two words": "zwei Wörter",                       # too short
+        "a message\nof two lines here": "eine Meldung\nzweizeilig hier",
+        "a tab\tinside the message": "ein Tab\tin der Meldung",
+        "not translated at all here": "not translated at all here",
+        "ctx\x04with a context here": "mit Kontext hier",
+    }
+    write_mo(tmp_path / "one.mo", {**kept, **left_out})
+    write_mo(tmp_path / "two.mo", dict(list(kept.items())[:5]))  # the same pairs again: kept once
+    write_mo(tmp_path / "legacy.mo", {"a legacy message here": "eine ältere Meldung hier"}, encoding="latin-1")
+    out = tmp_path / "corpus"
+    args = ["--catalogs", *(str(tmp_path / name) for name in ("one.mo", "two.mo", "legacy.mo")), "--output_dir",
+            str(out), "--held_out", "2"]
+    with caplog.at_level("WARNING"):
+        assert script.main(args) == 0
+    assert "12 pairs from 3 catalogs: 8 train, 2 validation, 2 test" in capsys.readouterr().out
+    assert f"Skipped {tmp_path / 'legacy.mo'}: 'utf-8' codec can't decode" in caplog.text
+    splits = load_parallel_data(train_file=str(out / "train.jsonl"), validation_file=str(out / "validation.jsonl"),
+                         test_file=str(out / "test.jsonl"), source_lang="en", target_lang="de")
+    pairs = [pair for split in ("train", "validation", "test") for pair in rows_of(splits[split])]
+    assert sorted(pairs) == sorted(kept.items())
+    with pytest.raises(SystemExit):
+        script.main(args)
+    assert "already holds train.jsonl, validation.jsonl, test.jsonl; pass --overwrite" in capsys.readouterr().err
+    assert script.main(args + ["--overwrite", "--seed", "1"]) == 0
+    with pytest.raises(SystemExit):
+        script.main(["--catalogs", str(tmp_path / "none.mo"), "--output_dir", str(tmp_path / "x")])
+    assert "--catalogs: no such file: " in capsys.readouterr().err
+    assert script.main(args[:-1] + ["6", "--overwrite"]) == 1
+    assert "3 catalogs gave 12 usable pairs, too few for 2 x --held_out 6" in capsys.readouterr().err

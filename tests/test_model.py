@@ -116,6 +116,36 @@ def test_from_marian_round_trip_keeps_output_bias():
     assert (ours_logits - reference).abs().max().item() < 1e-5
 
 
+def test_an_opus_mt_bias_trains_here_and_fine_tunes_as_marian_once_frozen():
+    """Marian keeps `final_logits_bias` as a buffer; ours is a parameter (documented in the README). Frozen, three
+    Adam steps from the same Marian model end at Marian's logits; trained, they do not."""
+    marian = to_marian(make_model(dropout=0.0)).eval()
+    with torch.no_grad():
+        marian.final_logits_bias.normal_()
+    source, mask = padded_batch()
+    labels = source.roll(1, dims=1)
+
+    def fine_tuned(model):
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(input_ids=source, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            return model.eval()(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits
+
+    ours = from_marian(marian)
+    assert ours.lm_head.bias.requires_grad
+    trained = fine_tuned(ours)
+    frozen = from_marian(marian)
+    frozen.lm_head.bias.requires_grad_(False)
+    frozen = fine_tuned(frozen)
+    reference = fine_tuned(marian)
+    torch.testing.assert_close(frozen, reference, rtol=1e-4, atol=1e-4)
+    assert (trained - reference).abs().max() > 1e-2
+
+
 def test_from_marian_refuses_separate_source_and_target_embeddings():
     """A Marian model with tie_word_embeddings=False has its own encoder and decoder embeddings in transformers 5;
     ours has one matrix (Section 3.4), so converting would silently change the function."""
@@ -577,6 +607,81 @@ def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate
     model.model.decoder.layers[1].self_attn.out_proj = torch.nn.utils.parametrizations.weight_norm(
         model.model.decoder.layers[1].self_attn.out_proj)  # no longer a plain nn.Linear forward
     assert_fast_generate_equals_transformers_generate(model, source, mask)
+
+
+@pytest.mark.parametrize("watched", ["layer", "self_attn", "cross_attn", "pre_hook", "subclass"])
+def test_fast_generate_defers_to_transformers_where_a_skipped_forward_is_watched_or_changed(watched):
+    """The fast search skips the `forward` of the decoder layers, their attentions and the model: a hook on one of
+    them, or a subclass's own `forward`, must act as in transformers' loop (hooks called at each step, the same
+    tokens), not be passed over."""
+    model = make_model()
+    source, mask = padded_batch()
+    layer = model.model.decoder.layers[1]
+    calls = []
+
+    def shift(module, inputs, output):
+        calls.append(1)
+        return (output[0] + 0.5, *output[1:]) if isinstance(output, tuple) else output + 0.5
+
+    if watched == "pre_hook":
+        layer.self_attn.register_forward_pre_hook(lambda module, args: calls.append(1))
+    elif watched == "subclass":
+        banned = int(model.generate(source, attention_mask=mask, num_beams=1, max_new_tokens=1)[1, -1])  # a first pick
+
+        class Banning(Seq2SeqTransformerForConditionalGeneration):
+            def forward(self, *args, **kwargs):
+                calls.append(1)
+                output = super().forward(*args, **kwargs)
+                output.logits[..., banned] = -1e4
+                return output
+
+        model = Banning(model.config).eval()
+    else:
+        getattr(layer, watched, layer).register_forward_hook(shift) if watched != "layer" else layer.register_forward_hook(shift)
+    for num_beams in (1, 3):
+        calls.clear()
+        settings = dict(num_beams=num_beams, max_new_tokens=6, min_new_tokens=6)
+        ours = model.generate(source, attention_mask=mask, **settings)
+        assert len(calls) == 6 or (watched == "subclass" and len(calls) >= 6), (num_beams, len(calls))
+        assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+        if watched == "subclass":
+            assert not (ours[:, 1:] == banned).any()
+
+
+def test_generate_positional_processors_as_transformers_takes_them():
+    """transformers' `generate(inputs, generation_config, logits_processor, stopping_criteria, ...)` by position."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = make_model()
+    source, mask = padded_batch()
+    settings = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6)
+    plain = model.generate(source, **settings)
+    token = int(plain[1, 1])
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.index_fill(1, torch.tensor([token]), float("-inf"))
+
+    banned = model.generate(source, None, LogitsProcessorList([Ban()]), **settings)
+    assert torch.equal(banned, model.generate(source, logits_processor=LogitsProcessorList([Ban()]), **settings))
+    assert not (banned[:, 1:] == token).any()
+
+
+def test_generate_in_training_mode_with_gradient_checkpointing_keeps_the_cache():
+    """Generating from a model left in training mode with checkpointing on (a Trainer's evaluation callback): without
+    gradients there is no backward to replay, so the cache must be kept, as transformers' layers do; Marian's
+    scores are the reference."""
+    model = make_model(dropout=0.0)
+    marian = to_marian(model).eval()
+    source, mask = padded_batch()
+    settings = dict(attention_mask=mask, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    model.train().gradient_checkpointing_enable()
+    ours, theirs = model.generate(source, **settings), marian.generate(source, **settings)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (a, b) in enumerate(zip(ours.logits, theirs.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
+    with torch.no_grad():
+        assert model(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :2], use_cache=True).cache is not None
 
 
 def test_beam_search_leaves_the_logits_a_hook_keeps_alone():

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Real parallel text without a network: the English messages of installed programs and their translations.
+
+Linux systems ship translated messages as gettext catalogs (`/usr/share/locale/<lang>/LC_MESSAGES/*.mo`): each holds
+English source strings and their human translations, tens of thousands of pairs for German on a plain Debian or
+Ubuntu image. This writes them, one-line messages of 3 to 40 words, de-duplicated and shuffled (seeded), as
+train/validation/test files in transformers' translation layout, for `scripts/train.py`:
+
+    python scripts/gettext_corpus.py --target_lang de --output_dir data/messages
+    python scripts/train.py --config configs/train-tiny.yaml --train_file data/messages/train.jsonl \\
+        --validation_file data/messages/validation.jsonl --test_file data/messages/test.jsonl \\
+        --vocab_size 8000 --output_dir runs/messages
+
+The text is software messages (format placeholders such as `%s` included): real, but narrow. Catalogs that
+Python's gettext cannot read (a legacy encoding) are skipped with a warning.
+"""
+
+import argparse
+import gettext
+import glob
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+from modeling_seq2seq.checkpointing import atomic_write_text
+
+logger = logging.getLogger("gettext_corpus")
+SPLITS = ("train", "validation", "test")
+CATALOG_PATTERNS = ("/usr/share/locale/{lang}/LC_MESSAGES/*.mo", "/usr/local/share/locale/{lang}/LC_MESSAGES/*.mo",
+                    "/usr/share/*/lang/{lang}/LC_MESSAGES/*.mo", "/usr/share/*/*/lang/{lang}/LC_MESSAGES/*.mo")  # vim's
+
+
+def read_catalog(path: str) -> list[tuple[str, str]]:
+    """The (English, translated) pairs of one .mo file: singular messages only, without context-qualified ones."""
+    with open(path, "rb") as file:
+        catalog = gettext.GNUTranslations(file)._catalog
+    return [(source, target) for source, target in catalog.items()
+            if isinstance(source, str) and source and target and "\x04" not in source and "\x00" not in source]
+
+
+def keep(source: str, target: str, min_words: int, max_words: int) -> bool:
+    """One-line sentences (a line is a training example), without tabs (TSV), of a trainable length, translated."""
+    text = source + target
+    return (not any(c in text for c in "\n\r\t") and min_words <= len(source.split()) <= max_words
+            and source.strip() != target.strip())
+
+
+def build_corpus(files: list[str], min_words: int, max_words: int, seed: int) -> list[tuple[str, str]]:
+    pairs = set()
+    for path in files:
+        try:
+            pairs.update((s, t) for s, t in read_catalog(path) if keep(s, t, min_words, max_words))
+        except (OSError, UnicodeDecodeError, ValueError, LookupError) as error:
+            logger.warning("Skipped %s: %s", path, error)
+    pairs = sorted(pairs)
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target_lang", default="de", help="the catalogs' language code (a folder name under the locale dirs)")
+    parser.add_argument("--source_lang", default="en", help="the key the English side gets in the output")
+    parser.add_argument("--catalogs", nargs="+", help="the .mo files (default: the system's, under /usr/share/locale, "
+                        "/usr/local/share/locale and programs' own lang folders)")
+    parser.add_argument("--output_dir", required=True, help="folder for train.jsonl, validation.jsonl and test.jsonl")
+    parser.add_argument("--held_out", type=int, default=1000, help="pairs in each of validation and test")
+    parser.add_argument("--min_words", type=int, default=3)
+    parser.add_argument("--max_words", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace the split files already in --output_dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.held_out < 1 or not 1 <= args.min_words <= args.max_words:
+        parser.error("--held_out must be positive, and 1 <= --min_words <= --max_words")
+    output_dir = Path(args.output_dir)
+    outputs = [output_dir / f"{split}.jsonl" for split in SPLITS]
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {output_dir} is a file")
+    present = [path.name for path in outputs if path.exists()]
+    if present and not args.overwrite:
+        parser.error(f"--output_dir {output_dir} already holds {', '.join(present)}; pass --overwrite to replace them")
+
+    lang = glob.escape(args.target_lang)
+    files = args.catalogs or sorted({path for pattern in CATALOG_PATTERNS for path in glob.glob(pattern.format(lang=lang))})
+    if not files:
+        parser.error(f"no gettext catalogs (.mo) for language {args.target_lang!r} in {', '.join(CATALOG_PATTERNS)}; "
+                     "name some with --catalogs")
+    missing = [path for path in files if not Path(path).is_file()]
+    if missing:
+        parser.error(f"--catalogs: no such file: {missing[0]}")
+    pairs = build_corpus(files, args.min_words, args.max_words, args.seed)
+    if len(pairs) < 2 * args.held_out + 1:
+        print(f"error: {len(files)} catalogs gave {len(pairs)} usable pairs, too few for 2 x --held_out "
+              f"{args.held_out} and a training split.", file=sys.stderr)
+        return 1
+    held = args.held_out
+    splits = {"test": pairs[:held], "validation": pairs[held:2 * held], "train": pairs[2 * held:]}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for split, path in zip(SPLITS, outputs):
+        atomic_write_text(path, "".join(
+            json.dumps({"translation": {args.source_lang: source, args.target_lang: target}}, ensure_ascii=False) + "\n"
+            for source, target in splits[split]))
+    print(f"{len(pairs)} pairs from {len(files)} catalogs: {len(splits['train'])} train, {held} validation, {held} test "
+          f"in {output_dir}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
