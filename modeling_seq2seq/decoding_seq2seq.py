@@ -21,6 +21,7 @@ from transformers.activations import GELUActivation, SiLUActivation
 from .modeling_seq2seq import (
     PositionwiseFeedForward,
     attention_dtype,
+    forward_is_watched,
     is_plain_linear,
     onednn_linear_kernel,
     padding_mask,
@@ -392,8 +393,7 @@ class IncrementalDecoder:
 
     def feed_forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         feed_forward = self.layers[i][2]
-        hooked = feed_forward._forward_hooks or feed_forward._forward_pre_hooks
-        if type(feed_forward) is not PositionwiseFeedForward or hooked:
+        if type(feed_forward) is not PositionwiseFeedForward or forward_is_watched(feed_forward):
             return feed_forward(hidden)
         return self.linear(feed_forward.fc2, feed_forward.activation(self.linear(feed_forward.fc1, hidden)))
 
@@ -702,7 +702,7 @@ def recordable(model, device: torch.device) -> bool:
         return False
     decoder = model.get_decoder()
     modules = [model, model.lm_head, model.get_input_embeddings(), *decoder.modules()]
-    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules):
+    if any(forward_is_watched(m) for m in modules):
         return False
     linears = [model.lm_head] + [
         linear for layer in decoder.layers
@@ -718,7 +718,7 @@ def recordable(model, device: torch.device) -> bool:
 
 def plain_layer_norm(module):
     """`module` as a function; a plain `nn.LayerNorm` without hooks becomes the functional call (no module dispatch)."""
-    if type(module) is not nn.LayerNorm or module._forward_hooks or module._forward_pre_hooks:
+    if type(module) is not nn.LayerNorm or forward_is_watched(module):
         return module
     shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
     return lambda x: F.layer_norm(x, shape, weight, bias, eps)

@@ -75,6 +75,13 @@ def onednn_linear_kernel():
     return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
+def forward_is_watched(module: nn.Module) -> bool:
+    """Whether calling `module` does more than its class's `forward`: its own hooks, or a `forward` replaced on the
+    instance (accelerate's hooks, exporters, a user's patch)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+                or hasattr(module, "_hf_hook"))
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """An `nn.Linear` that computes x W^T + b and nothing else, so that another kernel may compute its product:
     not a subclass (adapters, quantized or parametrized layers), no hooks (its own, global ones, or a `forward`
@@ -1167,7 +1174,8 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         the decoder layers' and their attentions'): hooks, a `forward` replaced on the instance (accelerate's hooks,
         transformers' exporters capturing the prefill and decode calls) or overridden by a subclass. `generate` then
         runs transformers' loop, which calls them. (The search calls the embeddings, layer norms, feed-forward
-        blocks, linear layers and output projection as modules where they are hooked or replaced.)"""
+        blocks, linear layers and output projection as modules where `forward_is_watched` or their class is not
+        the plain one.)"""
         hooks = nn.modules.module
         if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
             return True
@@ -1175,11 +1183,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
                    (self.model.encoder, Encoder), (self.model.decoder, Decoder)]
         for layer in self.model.decoder.layers:
             skipped += [(layer, DecoderLayer), (layer.self_attn, MultiHeadAttention), (layer.cross_attn, MultiHeadAttention)]
-        return any(
-            module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module) or hasattr(module, "_hf_hook")
-            or type(module).forward is not ours.forward
-            for module, ours in skipped
-        )
+        return any(forward_is_watched(module) or type(module).forward is not ours.forward for module, ours in skipped)
 
     def fast_search_settings(self, inputs, generation_config, kwargs):
         """The settings of a greedy/beam search the fast path reproduces exactly, or None to use transformers'."""

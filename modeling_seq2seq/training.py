@@ -244,7 +244,8 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
     # includes deleting an earlier run's checkpoints.
     _check_model_overrides(config, fail)
     if config.tokenizer is not None and not resolve_path(config.tokenizer).exists():
-        fail("tokenizer", "an existing tokenizer folder or tokenizer.json file")
+        fail("tokenizer", "an existing tokenizer folder or tokenizer.json file" + (
+            " (or none: a resumed run uses its checkpoint's)" if config.resume_from_checkpoint else ""))
     if config.tokenizer is None:
         from .tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, SPECIAL_TOKENS
 
@@ -1429,10 +1430,12 @@ class Trainer:
         if self.config.tokenizer:
             given = load_tokenizer(str(resolve_path(self.config.tokenizer)))
             if given.get_vocab() != tokenizer.get_vocab():
+                sizes = f"{len(given)} tokens against {len(tokenizer)}" if len(given) != len(tokenizer) else \
+                    f"{len(tokenizer)} tokens each, numbered differently"
                 raise ckpt.CheckpointError(
                     f"--tokenizer {self.config.tokenizer} is not the tokenizer {self.resume_dir} was trained with (their "
-                    f"vocabularies differ: {len(given)} and {len(tokenizer)} tokens). Resume without --tokenizer (the "
-                    "checkpoint's own is used), or with the one the run was started with.")
+                    f"vocabularies differ: {sizes}). Resume without --tokenizer (the checkpoint's own is used), or "
+                    "with the one the run was started with.")
         elif saved.get("tokenizer") is None and saved.get("vocab_size", self.config.vocab_size) != self.config.vocab_size:
             logger.warning("Resuming %s with --vocab_size %s: ignored, the run goes on with the tokenizer it trained "
                            "(%s tokens).", self.resume_dir, self.config.vocab_size, len(tokenizer))

@@ -668,13 +668,16 @@ def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path
     }
     write_mo(tmp_path / "one.mo", {**kept, **left_out})
     write_mo(tmp_path / "two.mo", dict(list(kept.items())[:5]))  # the same pairs again: kept once
+    # Another translation of a kept message, in one catalog against two: the more frequent one only, so that the
+    # English sentence cannot be in two splits.
+    write_mo(tmp_path / "three.mo", {"cannot open file number 0": "Datei 0 lässt sich nicht öffnen"})
     write_mo(tmp_path / "legacy.mo", {"a legacy message here": "eine ältere Meldung hier"}, encoding="latin-1")
     out = tmp_path / "corpus"
-    args = ["--catalogs", *(str(tmp_path / name) for name in ("one.mo", "two.mo", "legacy.mo")), "--output_dir",
+    args = ["--catalogs", *(str(tmp_path / name) for name in ("one.mo", "two.mo", "three.mo", "legacy.mo")), "--output_dir",
             str(out), "--held_out", "2"]
     with caplog.at_level("WARNING"):
         assert script.main(args) == 0
-    assert "12 pairs from 3 catalogs: 8 train, 2 validation, 2 test" in capsys.readouterr().out
+    assert "12 pairs from 4 catalogs: 8 train, 2 validation, 2 test" in capsys.readouterr().out
     assert f"Skipped {tmp_path / 'legacy.mo'}: 'utf-8' codec can't decode" in caplog.text
     splits = load_parallel_data(train_file=str(out / "train.jsonl"), validation_file=str(out / "validation.jsonl"),
                          test_file=str(out / "test.jsonl"), source_lang="en", target_lang="de")
@@ -683,9 +686,23 @@ def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path
     with pytest.raises(SystemExit):
         script.main(args)
     assert "already holds train.jsonl, validation.jsonl, test.jsonl; pass --overwrite" in capsys.readouterr().err
+    # Stopped while replacing the splits: what is left never pairs a new split with an old one.
+    real_write, written = script.atomic_write_text, []
+
+    def stop_at_the_second(path, text):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, text)
+
+    script.atomic_write_text = stop_at_the_second
+    with pytest.raises(KeyboardInterrupt):
+        script.main(args + ["--overwrite", "--seed", "1"])
+    script.atomic_write_text = real_write
+    assert sorted(path.name for path in out.iterdir()) == ["train.jsonl"]
     assert script.main(args + ["--overwrite", "--seed", "1"]) == 0
     with pytest.raises(SystemExit):
         script.main(["--catalogs", str(tmp_path / "none.mo"), "--output_dir", str(tmp_path / "x")])
     assert "--catalogs: no such file: " in capsys.readouterr().err
     assert script.main(args[:-1] + ["6", "--overwrite"]) == 1
-    assert "3 catalogs gave 12 usable pairs, too few for 2 x --held_out 6" in capsys.readouterr().err
+    assert "4 catalogs gave 12 usable pairs, too few for 2 x --held_out 6" in capsys.readouterr().err

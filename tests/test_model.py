@@ -609,11 +609,13 @@ def test_fast_generate_runs_hooks_and_replaced_layers_like_transformers_generate
     assert_fast_generate_equals_transformers_generate(model, source, mask)
 
 
-@pytest.mark.parametrize("watched", ["layer", "self_attn", "cross_attn", "pre_hook", "subclass"])
+@pytest.mark.parametrize("watched", ["layer", "self_attn", "cross_attn", "pre_hook", "subclass", "norm_forward",
+                                     "feed_forward_forward", "accelerate_hook"])
 def test_fast_generate_defers_to_transformers_where_a_skipped_forward_is_watched_or_changed(watched):
-    """The fast search skips the `forward` of the decoder layers, their attentions and the model: a hook on one of
-    them, or a subclass's own `forward`, must act as in transformers' loop (hooks called at each step, the same
-    tokens), not be passed over."""
+    """The fast search skips the `forward` of the decoder layers, their attentions and the model, and computes plain
+    layer norms and feed-forward blocks itself: a hook on one of them, a `forward` replaced on the instance (as
+    accelerate's hooks do) or a subclass's own `forward` must act as in transformers' loop (called at each step,
+    the same tokens), not be passed over."""
     model = make_model()
     source, mask = padded_batch()
     layer = model.model.decoder.layers[1]
@@ -636,8 +638,20 @@ def test_fast_generate_defers_to_transformers_where_a_skipped_forward_is_watched
                 return output
 
         model = Banning(model.config).eval()
+    elif watched in ("norm_forward", "feed_forward_forward"):
+        module = layer.final_layer_norm if watched == "norm_forward" else layer.feed_forward
+        plain = module.forward
+        module.forward = lambda hidden: shift(module, (hidden,), plain(hidden))
+    elif watched == "accelerate_hook":
+        from accelerate.hooks import ModelHook, add_hook_to_module
+
+        class Shift(ModelHook):
+            def post_forward(self, module, output):
+                return shift(module, (), output)
+
+        add_hook_to_module(layer.self_attn_layer_norm, Shift())
     else:
-        getattr(layer, watched, layer).register_forward_hook(shift) if watched != "layer" else layer.register_forward_hook(shift)
+        (layer if watched == "layer" else getattr(layer, watched)).register_forward_hook(shift)
     for num_beams in (1, 3):
         calls.clear()
         settings = dict(num_beams=num_beams, max_new_tokens=6, min_new_tokens=6)
