@@ -1187,6 +1187,16 @@ def test_loading_a_checkpoint_for_inference_hashes_what_it_reads_only(reference_
         training.load_model_and_tokenizer(folder, device="cpu")
 
 
+@pytest.fixture
+def ctrl_c_enabled():
+    """Ctrl-C as in a terminal. A test run started in the background by a shell (`cmd &`, nohup) ignores SIGINT, and
+    so, on purpose, do training runs started from it (and their subprocesses, which inherit the disposition)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("ctrl_c_enabled")
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
 def test_ctrl_c_or_sigterm_names_the_checkpoint_to_resume_from(assets, tmp_path, stop, code, word):
     """Ctrl-C, or a scheduler's SIGTERM: no traceback, the conventional exit code, and where to resume from."""
@@ -1206,6 +1216,7 @@ def test_ctrl_c_or_sigterm_names_the_checkpoint_to_resume_from(assets, tmp_path,
     assert "--resume_from_checkpoint latest" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.usefixtures("ctrl_c_enabled")
 @pytest.mark.parametrize("stop, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
 def test_a_stop_signal_whose_exception_is_swallowed_still_stops_the_run(assets, tmp_path, monkeypatch, capsys, stop, code, word):
     """A signal's exception raised inside a `__del__` or a library's catch-all never reaches the run: the training
