@@ -1283,15 +1283,16 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         output_hidden_states=None,
         return_dict=None,
         cache=None,
-        logits_for_labels_only=False,
+        project_scored_positions_only=False,
         **kwargs,
     ):
         """`labels`: target ids, -100 where ignored; the loss is cross-entropy with `config.label_smoothing`
         (Section 5.4), and, without `decoder_input_ids`, the decoder reads the labels shifted right.
 
-        `logits_for_labels_only=True` (with `labels`; what our training loop passes) computes the output projection
-        only at the positions whose label is not -100: `logits` is then (positions, vocab_size), those positions in
-        order, and the loss is the same. Token batches of the benchmark's realistic length mix leave ~30% of the
+        `project_scored_positions_only=True` (with `labels`; what our training loop passes) computes the output
+        projection only at the positions whose label is not -100: `logits` is then (positions, vocab_size), those
+        positions in order, and the loss is the same. (Its name has no "label" in it: transformers' Trainer takes
+        every `forward` argument named so for a label column, and would then find no labels in a batch.) Token batches of the benchmark's realistic length mix leave ~30% of the
         label positions as padding, and the projection with its loss is about a quarter of a base training step. Not
         under `torch.compile`, where the count of positions would be data-dependent: there all positions are computed."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -1325,7 +1326,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             if gathering is not None:
                 tied_gradient.reset(gathering)
         hidden_states = outputs.last_hidden_state
-        if labels is not None and logits_for_labels_only and not torch.compiler.is_compiling():
+        if labels is not None and project_scored_positions_only and not torch.compiler.is_compiling():
             labels = labels.to(hidden_states.device)
             kept = labels != -100
             hidden_states, labels = hidden_states[kept], labels[kept]

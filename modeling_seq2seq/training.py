@@ -959,7 +959,7 @@ def compiled_for_training(model):
 def compute_loss(model, batch: dict) -> torch.Tensor:
     """Mean label-smoothed cross-entropy of one micro-batch, the output projection computed at labelled positions only
     (a module-level seam for fault-injection tests)."""
-    return model(**batch, logits_for_labels_only=True).loss
+    return model(**batch, project_scored_positions_only=True).loss
 
 
 class JsonlLog:

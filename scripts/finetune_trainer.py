@@ -312,8 +312,10 @@ def main(argv=None) -> int:
     for option in ("max_source_length", "max_target_length"):
         if getattr(args, option) < 2:
             parser.error(f"--{option} must be at least 2 (a token and </s>), got {getattr(args, option)}")
-    if args.warmup_steps < 0 or not args.learning_rate > 0:
-        parser.error("--warmup_steps must be 0 or more and --learning_rate above 0")
+    if args.warmup_steps < 0 or not 0 < args.learning_rate < float("inf"):
+        parser.error("--warmup_steps must be 0 or more and --learning_rate a finite number above 0")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
     if args.validation_file and not args.train_file:
         parser.error("--validation_file needs --train_file (the built-in task brings its own validation split)")
     try:

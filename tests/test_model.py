@@ -1102,9 +1102,27 @@ def test_the_padding_token_gets_no_gradient_from_the_lookups_as_in_marian():
             assert torch.count_nonzero(gradient[pad]) == 0 and torch.count_nonzero(gradient[4:]) > 0, how
 
 
-def test_logits_for_labels_only_give_marians_loss_and_gradients_and_its_logits_at_those_positions():
-    """`logits_for_labels_only=True` (what the training loop passes) projects only the labelled positions: same loss
-    and gradients as MarianMTModel's full projection, and its logits at those positions."""
+def test_transformers_trainer_finds_the_labels_and_reports_marians_eval_loss(tmp_path):
+    """transformers' Trainer takes every `forward` argument with "label" in its name for a label column, and counts a
+    batch as labelled only when all are there: a second such argument left every evaluation without a loss (and
+    `compute_metrics` uncalled). Same label names as Marian, and its eval loss."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from transformers.utils import find_labels
+
+    model = make_model(dropout=0.0, label_smoothing=0.0)
+    marian = to_marian(model).eval()
+    assert find_labels(type(model)) == find_labels(type(marian)) == ["labels"]
+    source, mask = padded_batch()
+    labels = source.roll(1, dims=1).masked_fill(mask == 0, -100)
+    rows = [dict(input_ids=s, attention_mask=m, labels=t) for s, m, t in zip(source, mask, labels)]
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=2)
+    ours, theirs = (Seq2SeqTrainer(model=side, args=args, eval_dataset=rows).evaluate() for side in (model, marian))
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+
+
+def test_projecting_scored_positions_only_gives_marians_loss_and_gradients_and_its_logits_at_those_positions():
+    """`project_scored_positions_only=True` (what the training loop passes) projects only the labelled positions: same
+    loss and gradients as MarianMTModel's full projection, and its logits at those positions."""
     from modeling_seq2seq.training import compute_loss
 
     source, mask = padded_batch()
@@ -1113,7 +1131,7 @@ def test_logits_for_labels_only_give_marians_loss_and_gradients_and_its_logits_a
     kept = labels != -100
     model = make_model(dropout=0.0).train()
     marian = to_marian(model).train()
-    output = model(input_ids=source, attention_mask=mask, labels=labels, logits_for_labels_only=True)
+    output = model(input_ids=source, attention_mask=mask, labels=labels, project_scored_positions_only=True)
     reference = marian(input_ids=source, attention_mask=mask, labels=labels)
     assert output.logits.shape == (int(kept.sum()), VOCAB)
     torch.testing.assert_close(output.logits, reference.logits[kept], rtol=1e-5, atol=1e-5)
@@ -1126,7 +1144,7 @@ def test_logits_for_labels_only_give_marians_loss_and_gradients_and_its_logits_a
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6 * theirs.grad.abs().max().item())
     # Without labels, or without the flag, every position is projected.
     assert model(input_ids=source, attention_mask=mask, decoder_input_ids=labels.clamp(4),
-                 logits_for_labels_only=True).logits.shape == (4, 6, VOCAB)
+                 project_scored_positions_only=True).logits.shape == (4, 6, VOCAB)
     assert model(input_ids=source, attention_mask=mask, labels=labels).logits.shape == (4, 6, VOCAB)
     # The training loop's loss projects the labelled positions only.
     rows = []

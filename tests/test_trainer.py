@@ -83,9 +83,14 @@ def test_seq2seq_trainer_lowers_the_loss_and_generation_works(saved_model, numbe
     before = load_script("finetune_trainer")  # the script is importable twice (no global state)
     assert before.build_parser().parse_args(["--model", "m", "--output_dir", "o"]).max_steps == 500
     for bad in (["--save_steps", "-1"], ["--max_steps", "0"], ["--max_train_samples", "-5"], ["--num_beams", "0"],
-                ["--max_source_length", "1"], ["--validation_file", "v.jsonl"]):
+                ["--max_source_length", "1"], ["--validation_file", "v.jsonl"], ["--learning_rate", "inf"],
+                ["--learning_rate", "nan"]):
         with pytest.raises(SystemExit):
             before.main(["--model", "m", "--output_dir", "o", *bad])
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(SystemExit):
+        before.main(["--model", "m", "--output_dir", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_pairs_over_the_length_limits_are_left_out_not_cut(saved_model, number_pairs, tmp_path, capsys):
