@@ -1289,6 +1289,9 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         """`labels`: target ids, -100 where ignored; the loss is cross-entropy with `config.label_smoothing`
         (Section 5.4), and, without `decoder_input_ids`, the decoder reads the labels shifted right.
 
+        With `num_items_in_batch` (transformers' Trainer passes it under gradient accumulation), the loss is this
+        batch's summed token loss over that many tokens, as in transformers' own models.
+
         `project_scored_positions_only=True` (with `labels`; what our training loop passes) computes the output
         projection only at the positions whose label is not -100: `logits` is then (positions, vocab_size), those
         positions in order, and the loss is the same. (Its name has no "label" in it: transformers' Trainer takes
@@ -1338,10 +1341,16 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             logits = rows.view(*hidden_states.shape[:-1], rows.shape[-1])
         loss = None
         if labels is not None:
+            labels = labels.to(logits.device)
             loss = LabelSmoothedCrossEntropy.apply(
-                logits.float().reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1),
-                self.config.label_smoothing,
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), self.config.label_smoothing,
             )
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            if num_items_in_batch is not None:
+                # transformers' Trainer passes the labelled tokens of all the micro-batches of an update (and of all
+                # processes) and then neither averages over micro-batches nor processes: the sum over this batch's
+                # tokens, divided by that count, makes the update's loss the mean over all its tokens.
+                loss = loss * (labels != -100).sum() / num_items_in_batch
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,

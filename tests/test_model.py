@@ -1120,6 +1120,32 @@ def test_transformers_trainer_finds_the_labels_and_reports_marians_eval_loss(tmp
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
 
 
+def test_transformers_trainer_with_gradient_accumulation_takes_the_mean_over_all_the_updates_tokens(tmp_path):
+    """Under accumulation transformers' Trainer passes `num_items_in_batch` (the update's labelled tokens) to a model
+    that takes `**kwargs` and then leaves the loss unscaled: 2 micro-batches of 2 must make the update that 1 batch
+    of 4 makes (plain SGD, so the step is the gradient), with rows of different label counts. (MarianMTModel ignores
+    the count, and steps 2x too far here.)"""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    source, mask = padded_batch(batch=8)
+    labels = source.roll(1, dims=1).masked_fill(mask == 0, -100)
+    rows = [dict(input_ids=s, attention_mask=m, labels=t) for s, m, t in zip(source, mask, labels)]
+    runs = {}
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model = make_model(dropout=0.0)
+        args = Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path / f"{batch}x{accumulation}"), use_cpu=True, report_to=[], optim="sgd",
+            learning_rate=0.5, lr_scheduler_type="constant", max_steps=2, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, logging_steps=1, save_strategy="no", seed=0)
+        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        runs[batch] = ([entry["loss"] for entry in trainer.state.log_history if "loss" in entry], model.state_dict())
+    (losses_4, weights_4), (losses_2, weights_2) = runs[4], runs[2]
+    assert losses_2 == pytest.approx(losses_4, rel=1e-5)
+    for name, tensor in weights_4.items():
+        torch.testing.assert_close(weights_2[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_projecting_scored_positions_only_gives_marians_loss_and_gradients_and_its_logits_at_those_positions():
     """`project_scored_positions_only=True` (what the training loop passes) projects only the labelled positions: same
     loss and gradients as MarianMTModel's full projection, and its logits at those positions."""
