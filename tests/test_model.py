@@ -1102,6 +1102,12 @@ def test_the_padding_token_gets_no_gradient_from_the_lookups_as_in_marian():
             assert torch.count_nonzero(gradient[pad]) == 0 and torch.count_nonzero(gradient[4:]) > 0, how
 
 
+def trainer_rows(source, mask):
+    """A padded batch as a Trainer's dataset: one dict per row, labels -100 at the padding."""
+    labels = source.roll(1, dims=1).masked_fill(mask == 0, -100)
+    return [dict(input_ids=s, attention_mask=m, labels=t) for s, m, t in zip(source, mask, labels)]
+
+
 def test_transformers_trainer_finds_the_labels_and_reports_marians_eval_loss(tmp_path):
     """transformers' Trainer takes every `forward` argument with "label" in its name for a label column, and counts a
     batch as labelled only when all are there: a second such argument left every evaluation without a loss (and
@@ -1112,9 +1118,7 @@ def test_transformers_trainer_finds_the_labels_and_reports_marians_eval_loss(tmp
     model = make_model(dropout=0.0, label_smoothing=0.0)
     marian = to_marian(model).eval()
     assert find_labels(type(model)) == find_labels(type(marian)) == ["labels"]
-    source, mask = padded_batch()
-    labels = source.roll(1, dims=1).masked_fill(mask == 0, -100)
-    rows = [dict(input_ids=s, attention_mask=m, labels=t) for s, m, t in zip(source, mask, labels)]
+    rows = trainer_rows(*padded_batch())
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=2)
     ours, theirs = (Seq2SeqTrainer(model=side, args=args, eval_dataset=rows).evaluate() for side in (model, marian))
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
@@ -1127,9 +1131,7 @@ def test_transformers_trainer_with_gradient_accumulation_takes_the_mean_over_all
     the count, and steps 2x too far here.)"""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-    source, mask = padded_batch(batch=8)
-    labels = source.roll(1, dims=1).masked_fill(mask == 0, -100)
-    rows = [dict(input_ids=s, attention_mask=m, labels=t) for s, m, t in zip(source, mask, labels)]
+    rows = trainer_rows(*padded_batch(batch=8))
     runs = {}
     for batch, accumulation in ((4, 1), (2, 2)):
         model = make_model(dropout=0.0)
