@@ -327,12 +327,17 @@ def create_staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
 def replace_dir(staging: Path, final: Path) -> None:
     """Rename the complete folder `staging` to `final`. An existing folder at `final` is moved aside first and
     deleted only once the new one is in place: at every moment one of the two is complete under its name or the
-    trash name."""
+    trash name, and a failing rename puts the existing folder back."""
     displaced = None
     if final.exists():
         displaced = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}")
         os.replace(final, displaced)
-    os.replace(staging, final)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if displaced is not None:
+            os.replace(displaced, final)
+        raise
     fsync_dir(final.parent)
     if displaced is not None:
         shutil.rmtree(displaced, ignore_errors=True)
@@ -541,7 +546,7 @@ def load_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
     for file in files:
         try:
             tensors.update(load_file(str(file)))
-        except SafetensorError as error:
+        except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{file}: cannot read the weights ({error}); the file is damaged or incomplete.") from error
     return tensors
 
@@ -560,6 +565,12 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], sources: lis
     averaged = {}
     for name in sorted(names):
         first = state_dicts[0][name]
+        for label, state in zip(labels, state_dicts):
+            if state[name].dtype != first.dtype:  # the mean would take the first one's: results depend on the order
+                raise ValueError(f"Tensor {name} is {first.dtype} in {labels[0]} but {state[name].dtype} in {label}: "
+                                 "convert the checkpoints to one dtype first.")
+            if first.is_floating_point() and not bool(torch.isfinite(state[name]).all()):
+                raise ValueError(f"Tensor {name} of {label} holds NaN or infinity: that checkpoint is damaged.")
         if first.is_floating_point():
             total = torch.zeros(first.shape, dtype=torch.float64)
             for label, state in zip(labels, state_dicts):
@@ -649,11 +660,11 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
     check_same_architecture(checkpoints)
     averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints], checkpoints)
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.with_name(f"{TMP_PREFIX}{output_dir.name}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         last = Path(checkpoints[-1])
         for source in last.iterdir():
             if source.is_file() and _belongs_to_saved_model(source.name):

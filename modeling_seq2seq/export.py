@@ -155,7 +155,7 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     tokenizer files are copied next to the CTranslate2 model so that the folder is self-contained.
     """
     from . import Seq2SeqTransformerConfig  # noqa: F401  (registers the Auto classes)
-    from .checkpointing import refuse_to_replace_inputs
+    from .checkpointing import refuse_to_replace_inputs, replace_dir
     from .tokenization import load_tokenizer
     from .training import load_saved_model
 
@@ -181,9 +181,7 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     try:
         export_to_ctranslate2(model, tokenizer, staging / "model", quantization=quantization, force=True)
         tokenizer.save_pretrained(staging / "model")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging / "model", output_dir)
+        replace_dir(staging / "model", output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(output_dir)

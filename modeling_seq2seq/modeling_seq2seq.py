@@ -1190,11 +1190,28 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         # transformers' own merge: what a passed config leaves unset comes from the model's generation config.
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         # Values transformers' search accepts silently (negative minimum lengths) or fails on deep inside (no beams).
-        for field, low in (("num_beams", 1), ("num_return_sequences", 1), ("min_new_tokens", 0), ("min_length", 0)):
+        # Integers of other types (numpy's, a tensor's) are integers too; `True` is not taken for 1.
+        counts = ("num_beams", "num_return_sequences", "min_new_tokens", "min_length", "max_new_tokens", "max_length")
+        for field, low in zip(counts[:4], (1, 1, 0, 0)):
             value = getattr(config, field, None)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            try:
+                valid = value is None or (not isinstance(value, bool) and value.__index__() >= low)
+            except (AttributeError, TypeError):  # 2.5, a float tensor
+                valid = False
+            if not valid:
                 raise ValueError(f"`{field}` must be an integer >= {low}, got {value!r}.")
         if self.training or self.forward_calls_are_observed():
+            return None
+        # Anything but plain ints (None beams, numpy counts), and bad words that are not one-token lists (empty,
+        # longer, tuples, which transformers refuses): transformers' loop takes or refuses them.
+        bad_words = config.bad_words_ids
+        if (
+            any(type(getattr(config, field)) is not int for field in counts[:2])
+            or any(getattr(config, field) is not None and type(getattr(config, field)) is not int for field in counts[2:])
+            or (config.num_beams > 1 and config.length_penalty is None)
+            or (bad_words is not None and (type(bad_words) is not list or not bad_words
+                                           or any(type(words) is not list or len(words) != 1 for words in bad_words)))
+        ):
             return None
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         attention_mask = model_kwargs.pop("attention_mask", None)
@@ -1208,21 +1225,20 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         }
         if changed - self.FAST_SEARCH_FIELDS:
             return None
-        num_beams, returned = config.num_beams or 1, config.num_return_sequences or 1
+        num_beams, returned = config.num_beams, config.num_return_sequences
         eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
         if any(type(token) is not int for token in eos):  # None, a tensor...: transformers' loop takes or names it
             return None
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
         # As transformers' NoBadWordsLogitsProcessor: a banned end of sentence is dropped from the list.
-        banned = [words[0] for words in config.bad_words_ids or [] if list(words) not in ([token] for token in eos)]
+        banned = [words[0] for words in bad_words or [] if words not in ([token] for token in eos)]
         forced_eos = config.forced_eos_token_id
         pad = config.pad_token_id if config.pad_token_id is not None else eos[0] if eos else None
         forced = forced_eos if isinstance(forced_eos, list) else [] if forced_eos is None else [forced_eos]
         token_ids = [*eos, start, pad, *banned, *forced]
         if (
             config.do_sample or config.early_stopping or config.use_cache is False or returned > num_beams
-            or (num_beams == 1 and returned != 1) or start is None or config.bad_words_ids == []
-            or any(len(words) != 1 for words in config.bad_words_ids or [])
+            or (num_beams == 1 and returned != 1) or start is None
             # Ids that are not plain ints in the vocabulary (tensors, negative, True): transformers' checks name them.
             or any(type(token) is not int or not 0 <= token < self.config.vocab_size for token in token_ids)
         ):
@@ -1248,7 +1264,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
                 and bool((input_ids == pad).any())):
             attention_mask = input_ids.ne(pad).long()  # as transformers 4.x infers it
         settings = dict(
-            num_beams=num_beams, num_return_sequences=returned, length_penalty=1.0 if config.length_penalty is None else config.length_penalty,
+            num_beams=num_beams, num_return_sequences=returned, length_penalty=config.length_penalty if num_beams > 1 else 1.0,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             eos=eos, pad=pad, start=start, banned=banned, forced_eos=forced_eos,
         )

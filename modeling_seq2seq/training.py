@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -593,6 +594,9 @@ def collate(dataset, indices, collator) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")  # where str.splitlines would split
+
+
 def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, num_beams: int | None = None,
                     length_penalty: float | None = None, max_new_tokens_extra: int = 50,
                     max_source_length: int | None = None, names: list[str] | None = None) -> list[str]:
@@ -600,7 +604,8 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
 
     `num_beams`/`length_penalty` None take the model's generation config. Each batch may produce at most the
     longest source length + `max_new_tokens_extra` tokens (Section 6.1). Sources longer than `max_source_length`
-    tokens are truncated, with a warning naming them (`names[i]`, default "sentence i+1").
+    tokens are truncated, with a warning naming them (`names[i]`, default "sentence i+1"). Each translation is one
+    line: line breaks the model generates become spaces.
     """
     model_was_training = model.training
     model.eval()
@@ -617,7 +622,9 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
         encoded = [ids if len(ids) <= max_source_length else ids[: max_source_length - 1] + [eos] for ids in encoded]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
-    generation_kwargs = {}
+    # One plain row of ids per source, whatever generation_config.json asks for: several returned sequences would
+    # pair sources with other sources' translations.
+    generation_kwargs = {"num_return_sequences": 1, "return_dict_in_generate": False}
     if num_beams is not None:
         generation_kwargs["num_beams"] = num_beams
     beams = num_beams if num_beams is not None else model.generation_config.num_beams
@@ -645,7 +652,9 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
                 )
                 decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
                 for index, text in zip(chunk, decoded):
-                    outputs[index] = text.strip()
+                    # A generated line break (the byte-level tokens of "\n", "\r") would split a translation over two
+                    # lines of a line-aligned file; BLEU and chrF read it as a space anyway.
+                    outputs[index] = LINE_BREAKS.sub(" ", text).strip()
     finally:
         model.train(model_was_training)
     return outputs
@@ -887,15 +896,48 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
 
 
-def translation_metrics(predictions: list[str], references: list[str], effective_order: bool = False) -> dict:
+# sacrebleu's command line picks these for a target language (`-l en-zh`); everything else gets "13a".
+LANGUAGE_BLEU_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
+
+
+@functools.lru_cache(maxsize=None)
+def bleu_tokenizer(target_lang: str | None, tokenize: str | None = None) -> str:
+    """The BLEU tokenizer for a target language: `tokenize` if given, else the one sacrebleu's command line picks
+    (`LANGUAGE_BLEU_TOKENIZERS`; 13a splits no Chinese or Japanese words, and scores near 0 there). Japanese and
+    Korean need sacrebleu's extras (`pip install "sacrebleu[ja]"`); without them the default falls back to "char"
+    (BLEU over characters) with a warning, and the signature says "tok:char". A `tokenize` sacrebleu cannot build
+    raises ValueError, before any translating."""
+    import sacrebleu
+
+    language = re.split(r"[-_]", target_lang or "")[0].lower()  # zh, zh_CN, zh-Hans, ZH
+    name = tokenize or LANGUAGE_BLEU_TOKENIZERS.get(language, "13a")
+    try:
+        sacrebleu.metrics.BLEU(tokenize=name)
+    except KeyError:
+        raise ValueError(f"BLEU tokenizer {name!r} is not one of sacrebleu's: "
+                         f"{', '.join(sorted(sacrebleu.metrics.BLEU.TOKENIZERS))}.") from None
+    except (RuntimeError, ImportError, OSError) as error:  # missing extras; flores tokenizers download a model
+        if tokenize is not None:
+            raise ValueError(f"BLEU tokenizer {name!r} cannot be used here: {' '.join(str(error).split())}") from error
+        logger.warning("BLEU for target language %r would use sacrebleu's %r tokenizer, which needs "
+                       "`pip install \"sacrebleu[%s]\"`; scoring BLEU over characters instead (tok:char).",
+                       target_lang, name, language)
+        return "char"
+    return name
+
+
+def translation_metrics(predictions: list[str], references: list[str], effective_order: bool = False,
+                        tokenize: str = "13a") -> dict:
     """BLEU, chrF (with sacrebleu's signatures) from the package's `evaluate` module, plus exact match.
 
     `effective_order=True` is for one-word sentences (the built-in task's German numbers), where standard
-    corpus BLEU has no 2-grams to count and would be 0 for perfect output.
+    corpus BLEU has no 2-grams to count and would be 0 for perfect output. `tokenize`: BLEU's tokenizer
+    (`bleu_tokenizer(target_lang)` picks it by language).
     """
     from .metrics import load_sacrebleu
 
-    scores = load_sacrebleu().compute(predictions=predictions, references=references, effective_order=effective_order)
+    scores = load_sacrebleu().compute(predictions=predictions, references=references, effective_order=effective_order,
+                                      tokenize=tokenize)
     signature = scores.get("signature") or {}
     return {
         "bleu": float(scores["bleu"]),
@@ -1608,7 +1650,8 @@ class Trainer:
             with self.accelerator.autocast(), without_mixed_precision_wrapper(model):
                 predictions = translate_texts(model, self.tokenizer, sources, config.eval_batch_size, config.eval_num_beams,
                                               config.length_penalty, config.max_new_tokens_extra, config.max_source_length)
-            scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config))
+            scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config),
+                                         tokenize=bleu_tokenizer(config.target_lang))
         return {"val_loss": losses["loss"], "val_nll": losses["nll"], "val_ppl": losses["ppl"], "val_bleu": scores["bleu"],
                 "val_chrf": scores["chrf"], "val_exact_match": scores["exact_match"]}
 
@@ -1881,7 +1924,8 @@ class Trainer:
             with preserved_rng(), self.accelerator.autocast(), without_mixed_precision_wrapper(model):
                 predictions = translate_texts(model, self.tokenizer, sources, config.eval_batch_size, config.num_beams,
                                               config.length_penalty, config.max_new_tokens_extra, config.max_source_length)
-            scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config))
+            scores = translation_metrics(predictions, references, effective_order=uses_builtin_task(config),
+                                         tokenize=bleu_tokenizer(config.target_lang))
             results.update(
                 test_bleu=scores["bleu"], test_chrf=scores["chrf"], test_exact_match=scores["exact_match"],
                 bleu_signature=scores["bleu_signature"], chrf_signature=scores["chrf_signature"], test_samples=count,
@@ -2046,6 +2090,7 @@ __all__ = [
     "InverseSqrtSchedule",
     "TrainingConfig",
     "TrainingDiverged",
+    "bleu_tokenizer",
     "exact_match",
     "inverse_sqrt_lr",
     "keep_freed_memory",

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         if args.input_dir is not None and len(folders) < args.last:
             print(f"Asked for the last {args.last} checkpoints; {args.input_dir} holds only {len(folders)} complete ones.")
         output = average_checkpoints(folders, args.output, overwrite=args.overwrite)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, ValueError, OSError) as error:  # OSError: an unreadable input, an unwritable --output
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Averaged {len(folders)} checkpoints into {output}:")

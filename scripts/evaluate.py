@@ -19,6 +19,7 @@ import time
 
 from modeling_seq2seq.data import line_aligned_files
 from modeling_seq2seq.training import (
+    bleu_tokenizer,
     check_device,
     check_output_file,
     finite_float,
@@ -75,6 +76,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--effective_order", action=argparse.BooleanOptionalAction, default=None,
                         help="BLEU effective order (default: on for the built-in task only)")
+    parser.add_argument("--tokenize", default=None,
+                        help="sacrebleu's BLEU tokenizer (13a, intl, char, zh, ja-mecab, ...; default: as sacrebleu's "
+                             "command line for --target_lang: zh for Chinese, ja-mecab for Japanese, ko-mecab for "
+                             "Korean, else 13a)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--output_json", help="also write the scores here")
     parser.add_argument("--predictions_file", help="also write the translations here, one per line (with --source_file, "
@@ -86,6 +91,10 @@ def main(argv=None) -> int:
 
     try:
         check_device(args.device)
+        try:
+            tokenize = bleu_tokenizer(args.target_lang, args.tokenize)
+        except ValueError as error:
+            raise ValueError(f"--tokenize: {error}") from None
         inputs = {"--test_file": args.test_file, "--source_file": args.source_file, "--reference_file": args.reference_file}
         if args.test_file and (aligned := line_aligned_files(args.test_file, args.source_lang, args.target_lang)):
             inputs.update({f"--test_file's {path.suffix[1:]} side": str(path) for path in aligned})
@@ -108,7 +117,7 @@ def main(argv=None) -> int:
                                   length_penalty=args.length_penalty,
                                   max_source_length=model.config.max_position_embeddings)
     seconds = time.monotonic() - start
-    scores = translation_metrics(predictions, references, effective_order=effective_order)
+    scores = translation_metrics(predictions, references, effective_order=effective_order, tokenize=tokenize)
     result = {
         "dataset": description,
         "samples": len(sources),

@@ -81,7 +81,7 @@ def finetune(args):
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     from modeling_seq2seq import checkpointing as ckpt
-    from modeling_seq2seq.training import load_model_and_tokenizer, translation_metrics
+    from modeling_seq2seq.training import bleu_tokenizer, load_model_and_tokenizer, translation_metrics
 
     resume = args.resume_from_checkpoint
     if resume == "latest":  # None (a warning said why) when there is no complete checkpoint: start from scratch
@@ -108,7 +108,8 @@ def finetune(args):
         labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
         decoded = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
         references = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
-        scores = translation_metrics(decoded, references, effective_order=args.train_file is None)
+        scores = translation_metrics(decoded, references, effective_order=args.train_file is None,
+                                     tokenize=bleu_tokenizer(args.target_lang))
         return {"bleu": scores["bleu"], "chrf": scores["chrf"], "exact_match": scores["exact_match"]}
 
     has_eval = validation_set is not None

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
     parser.add_argument("--length_penalty", type=finite_float, default=None, help="beam length penalty (default: generation config)")
     parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
-    parser.add_argument("--max_new_tokens_extra", type=int, default=50, help="output may be source length + N tokens")
+    parser.add_argument("--max_new_tokens_extra", type=int, default=50, help="a batch may produce up to its longest source length + N tokens (so a line's limit depends on the lines batched with it; --batch_size 1 gives each line its own)")
     parser.add_argument("--max_source_length", type=int, default=None,
                         help="truncate longer inputs (tokens), with a warning naming their lines (default: the model's "
                              "max_position_embeddings: a runaway line would otherwise take minutes to translate)")

@@ -259,6 +259,16 @@ def test_average_rejects_mismatched_or_torn_inputs(tmp_path):
         ckpt.average_checkpoints([a, d], tmp_path / "out")
     with pytest.raises(ckpt.CheckpointError, match="is given more than once"):
         ckpt.average_checkpoints([a, tmp_path / "a" / ".." / "a" / a.name], tmp_path / "out")
+    # A bfloat16 copy beside a float32 one gave a bfloat16 or a float32 mean, by their order; a NaN gave a model
+    # every loader refuses. Both are named now.
+    half = write_fake_checkpoint(tmp_path / "half", 1, {"w": torch.zeros(2, dtype=torch.bfloat16)})
+    for first, second in (((a, torch.float32), (half, torch.bfloat16)), ((half, torch.bfloat16), (a, torch.float32))):
+        with pytest.raises(ValueError, match=re.escape(f"Tensor w is {first[1]} in {first[0]} but {second[1]} in "
+                                                       f"{second[0]}: convert the checkpoints to one dtype first.")):
+            ckpt.average_checkpoints([first[0], second[0]], tmp_path / "out")
+    broken = write_fake_checkpoint(tmp_path / "broken", 1, {"w": torch.tensor([0.0, float("nan")])})
+    with pytest.raises(ValueError, match=re.escape(f"Tensor w of {broken} holds NaN or infinity: that checkpoint is damaged")):
+        ckpt.average_checkpoints([a, broken], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -286,6 +296,16 @@ def test_average_checkpoints_script(tmp_path, capsys):
     assert script.main(["--input_dir", str(tmp_path / "run"), "--last", "5", "--output", str(tmp_path / "all")]) == 0
     assert "Asked for the last 5 checkpoints;" in capsys.readouterr().out
     assert torch.equal(load_file(str(tmp_path / "all" / "model.safetensors"))["w"], torch.full((2,), 4.0))
+    # An --output that cannot be made, and weights that cannot be read: one line naming the path, no traceback.
+    (tmp_path / "file").write_text("")
+    assert script.main(["--input_dir", str(tmp_path / "run"), "--output", str(tmp_path / "file" / "avg")]) == 1
+    assert f"error: Could not write averaged model '{tmp_path / 'file' / 'avg'}': " in capsys.readouterr().err
+    unreadable = folders[0] / "model.safetensors"
+    unreadable.unlink()
+    unreadable.mkdir()  # a name that opens as a folder: an OSError, as an unreadable file gives one
+    (folders[0] / ckpt.MANIFEST_NAME).unlink()
+    assert script.main(["--checkpoints", str(folders[0]), str(folders[1]), "--output", str(tmp_path / "z")]) == 1
+    assert f"error: {unreadable}: cannot read the weights" in capsys.readouterr().err
 
 
 def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, capsys):

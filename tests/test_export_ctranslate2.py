@@ -1,6 +1,7 @@
 """The serving path: our saved model -> Marian twin -> CTranslate2 translates the same token ids as our `generate`."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_int8_export_runs(saved_model, tmp_path):
     assert len(translated) == len(lengths) and all(0 < len(row) <= NEW_TOKENS for row in translated)
 
 
-def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_path):
+def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_path, monkeypatch):
     model, _ = saved_model
     bare = tmp_path / "bare"
     model.save_pretrained(bare)
@@ -147,6 +148,23 @@ def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_pat
         with pytest.raises(ValueError, match="replacing it would delete that input"):
             export_saved_model(run / "checkpoint-2", output, force=True)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # --force keeps the earlier export until the new one is in place: the last rename failing (a kill would stop
+    # there) left no export at all, as the old one had been deleted first.
+    export_saved_model(saved_model[1], tmp_path / "served")
+    earlier = {p.name: p.read_bytes() for p in (tmp_path / "served").iterdir()}
+    real_replace = os.replace
+
+    def failing_last_rename(source, target):
+        if Path(target) == tmp_path / "served" and Path(source).name == "model":
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_last_rename)
+    with pytest.raises(OSError, match="No space left"):
+        export_saved_model(saved_model[1], tmp_path / "served", force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "served").iterdir()} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bare", "existing", "run", "served"])
 
 
 def test_stock_marian_loader_cannot_convert_our_model(saved_model, tmp_path):

@@ -110,6 +110,46 @@ def test_uneven_reference_counts_are_rejected(metric):
         metric.compute(predictions=["a", "b"], references=[["a"], ["b", "c"]])
 
 
+def test_the_keys_and_arguments_of_evaluates_sacrebleu_module_work_too(metric):
+    """Code written for `evaluate.load("sacrebleu")` reads `score` and passes `use_effective_order` and `force`; a
+    prediction without references is named (sacrebleu raised a bare IndexError)."""
+    words = ["vierunddreißig", "elf"]
+    result = metric.compute(predictions=words, references=words, use_effective_order=True)
+    assert result["score"] == result["bleu"] == pytest.approx(100.0) and "eff:yes" in result["signature"]["bleu"]
+    tokenized = ["the cat sat on the mat ."]
+    assert metric.compute(predictions=tokenized, references=tokenized, force=True)["score"] == pytest.approx(
+        sacrebleu.corpus_bleu(tokenized, [tokenized], force=True).score)
+    with pytest.raises(ValueError, match="at least one reference"):
+        metric.compute(predictions=["a", "b"], references=[[], []])
+
+
+def test_bleu_tokenizer_follows_the_target_language_as_sacrebleus_command_line():
+    """13a splits no Chinese words: near-identical Chinese sentences scored BLEU 0. The tokenizer now follows the
+    target language as `sacrebleu -l en-zh` picks it, falls back to characters (with a warning) where sacrebleu's
+    Japanese or Korean extras are missing, and an explicit name sacrebleu does not know is refused before any work."""
+    from modeling_seq2seq.training import bleu_tokenizer, translation_metrics
+
+    assert [bleu_tokenizer(lang) for lang in ("de", "zh", "zh_CN", "ZH-Hans", None)] == ["13a", "zh", "zh", "zh", "13a"]
+    assert bleu_tokenizer("zh", "13a") == "13a"
+    hypotheses, references = ["今天天气很好。", "我喜欢喝茶。"], ["今天天气非常好。", "我喜欢喝绿茶。"]
+    scores = translation_metrics(hypotheses, references, tokenize=bleu_tokenizer("zh"))
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references], tokenize="zh").score)
+    assert scores["bleu"] > 30 and "tok:zh" in scores["bleu_signature"]
+    assert translation_metrics(hypotheses, references)["bleu"] == 0.0  # 13a: each sentence one word
+    for language, name in (("ja", "ja-mecab"), ("ko", "ko-mecab")):
+        try:
+            sacrebleu.metrics.BLEU(tokenize=name)
+            expected = name
+        except RuntimeError:  # sacrebleu's extras for the language are not installed
+            expected = "char"
+        assert bleu_tokenizer(language) == expected
+        if expected == "char":
+            with pytest.raises(ValueError, match=f"BLEU tokenizer '{name}' cannot be used here: .*sacrebleu\\[{language}\\]"):
+                bleu_tokenizer(language, name)
+    with pytest.raises(ValueError, match="BLEU tokenizer 'moses' is not one of sacrebleu's: 13a, char, "):
+        bleu_tokenizer("de", "moses")
+
+
 def test_module_imports_are_parseable_by_evaluate():
     from evaluate.loading import get_imports
 

@@ -1037,8 +1037,10 @@ def test_banned_tokens_outside_the_vocabulary_get_transformers_error_from_genera
 def test_odd_generate_arguments_give_marians_tokens_or_its_error():
     """Arguments the fast search used to take its own way: a banned end of sentence (transformers drops it from the
     list; the search never ended), ids that are negative, True or a tensor (used as Python indices), an empty ban
-    list, and masks of 2s, halves or -1s (transformers attends wherever the mask is not 0). Each now gives what
-    MarianMTModel with the same weights gives: the same tokens, or the same error."""
+    list, and masks of 2s, halves or -1s (transformers attends wherever the mask is not 0); then ban lists with an
+    empty or a tuple entry, no length penalty, no beam count, and counts of numpy's or a tensor's integer type
+    (refused as not integers). Each now gives what MarianMTModel with the same weights gives: the same tokens, or
+    the same error."""
     model = make_model()
     marian = to_marian(model).eval()
     source, mask = padded_batch()
@@ -1056,9 +1058,13 @@ def test_odd_generate_arguments_give_marians_tokens_or_its_error():
              dict(bad_words_ids=[]), dict(forced_eos_token_id=-1), dict(forced_eos_token_id=True), dict(pad_token_id=-1),
              dict(eos_token_id=torch.tensor([eos])), dict(attention_mask=mask * 2), dict(attention_mask=mask * 0.5),
              dict(attention_mask=-mask), dict(attention_mask=mask.bool()),
-             dict(bad_words_ids=[[5]], eos_token_id=torch.tensor([eos, 3]))]
+             dict(bad_words_ids=[[5]], eos_token_id=torch.tensor([eos, 3])),
+             # An empty entry bans nothing (the fast search raised IndexError); tuples and a missing length penalty
+             # are transformers' errors (the fast search took them); counts of numpy's or a tensor's integer type.
+             dict(bad_words_ids=[[]]), dict(bad_words_ids=[[5], []]), dict(bad_words_ids=[(5,)]),
+             dict(length_penalty=None), dict(num_return_sequences=np.int64(1)), dict(min_new_tokens=np.int64(2))]
     for options in cases:
-        for num_beams in (1, 3):
+        for num_beams in (1, 3, np.int64(3), torch.tensor(3), None):
             ours, theirs = outcome(model, {**options, "num_beams": num_beams}), outcome(marian, {**options, "num_beams": num_beams})
             assert ours == theirs, (options, num_beams, ours, theirs)
     assert outcome(model, cases[0]) == outcome(model, {}), "a banned end of sentence is no ban"

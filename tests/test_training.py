@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from modeling_seq2seq import checkpointing as ckpt
 from modeling_seq2seq import training
@@ -478,6 +479,58 @@ def test_translate_truncates_a_runaway_line_at_the_models_length_and_names_it(sh
     assert len(outputs) == 2 and len(tokenizer(outputs[1])["input_ids"]) <= limit + 50 + 1
 
 
+def test_each_source_keeps_its_own_line_whatever_the_model_generates_or_its_generation_config_asks(short_run, tmp_path):
+    """Two ways a translated file lost its line alignment, silently: a generation_config.json asking for several
+    sequences per source (each source was paired with another's translation) and a line break the model generates
+    (the byte-fallback token "<0x0A>": one translation became two lines, every later one moved down). Now each source
+    gets its own best sequence on its own line, the break read as a space, as BLEU and chrF read it."""
+    lines = ["one", "twenty-one", "three hundred", "forty-two"]
+    source = tmp_path / "in.txt"
+    source.write_text("".join(line + "\n" for line in lines))
+    translate = load_script("translate")
+
+    def translated(model_dir, *options):
+        out = tmp_path / "out.txt"
+        assert translate.main(["--model", str(model_dir), "--input", str(source), "--output", str(out), *options]) == 0
+        return out.read_text(encoding="utf-8").split("\n")[:-1]
+
+    def copy_of_model(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in short_run.iterdir():
+            if file.is_file() and file.name != ckpt.MANIFEST_NAME:
+                shutil.copy(file, folder / file.name)
+        return folder
+
+    expected = translated(short_run, "--num_beams", "4")
+    several = copy_of_model("several")
+    settings = json.loads((several / "generation_config.json").read_text())
+    settings.update(num_beams=4, num_return_sequences=2, return_dict_in_generate=True)
+    (several / "generation_config.json").write_text(json.dumps(settings))
+    assert translated(several) == expected
+
+    # A copy whose "<0x0A>" is, to the model, the second token it generates for "twenty-one" (a hair more likely).
+    model, tokenizer = training.load_model_and_tokenizer(short_run, device="cpu")
+    start, first, second = model.generate(**tokenizer(["twenty-one"], return_tensors="pt"), num_beams=1,
+                                          max_new_tokens=2)[0].tolist()
+    newline = tokenizer.convert_tokens_to_ids("<0x0A>")
+    assert tokenizer.decode([newline]) == "\n" and newline not in (first, second) and first != second
+    breaking = copy_of_model("breaking")
+    weights = load_file(breaking / "model.safetensors")
+    weights["model.shared.weight"][newline] = weights["model.shared.weight"][second]
+    weights["lm_head.bias"] = torch.zeros(model.config.vocab_size)
+    weights["lm_head.bias"][newline] = 1e-3
+    save_file(weights, breaking / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((breaking / "config.json").read_text())
+    (breaking / "config.json").write_text(json.dumps({**config, "output_bias": True}))
+    model, tokenizer = training.load_model_and_tokenizer(breaking, device="cpu")
+    batch = tokenizer(lines, return_tensors="pt", padding=True)
+    longest = batch["input_ids"].shape[1]  # translate.py's limit for a batch: its longest source + 50 new tokens
+    raw = tokenizer.batch_decode(model.generate(**batch, num_beams=1, max_length=longest + 51), skip_special_tokens=True)
+    assert "\n" in raw[1].strip()
+    assert translated(breaking, "--num_beams", "1") == [" ".join(text.split("\n")).strip() for text in raw]
+
+
 def test_output_files_are_tried_without_harm_to_pipes_links_or_contents(tmp_path):
     """`check_output_file` opens a regular file (keeping its contents) and creates, then removes, a new one; a named
     pipe is not opened (that would end its reader's input), and a link whose target is missing is left as it is."""
@@ -652,6 +705,16 @@ def test_evaluate_script_reports_bleu_with_signature(short_run, tmp_path, capsys
     out = capsys.readouterr().out
     assert "builtin-number-words: 8 sentences" in out and "BLEU signature" in out
     assert evaluate.main(["--model", str(tmp_path / "nothing")]) == 1
+    # BLEU's tokenizer: by --target_lang as sacrebleu's command line picks it, or --tokenize; a bad one before any work.
+    (tmp_path / "src.en").write_text("one\n")
+    (tmp_path / "ref.zh").write_text("一\n")
+    for options, tokenizer in ((["--target_lang", "zh"], "zh"), (["--tokenize", "intl"], "intl"), ([], "13a")):
+        assert evaluate.main(["--model", str(short_run), "--source_file", str(tmp_path / "src.en"), "--reference_file",
+                              str(tmp_path / "ref.zh"), "--output_json", str(tmp_path / "s.json"), *options]) == 0
+        assert f"|tok:{tokenizer}|" in json.loads((tmp_path / "s.json").read_text())["bleu_signature"]
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(short_run), "--tokenize", "moses"]) == 1
+    assert "error: --tokenize: BLEU tokenizer 'moses' is not one of sacrebleu's" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ Args:
     effective_order: BLEU uses only the n-gram orders that occur (otherwise a corpus of one-word
         sentences, like the built-in task's German numbers, scores 0 even when every word is right).
     chrf_word_order: 0 for chrF (default), 2 for chrF++.
+    use_effective_order, force: as in evaluate's "sacrebleu" module (the first is effective_order).
 Returns:
     bleu, chrf: the scores (0-100); signature: {"bleu": ..., "chrf": ...}, sacrebleu's signature strings;
-    counts, totals, precisions, bp, sys_len, ref_len: BLEU's statistics.
+    counts, totals, precisions, bp, sys_len, ref_len: BLEU's statistics; score: BLEU, as "sacrebleu" names it.
 """
 
 
@@ -83,12 +84,16 @@ class BleuChrf(evaluate.Metric):
         smooth_value=None,
         effective_order=False,
         chrf_word_order=0,
+        use_effective_order=None,
+        force=False,
     ):
-        if not predictions:
-            raise ValueError("no predictions to score")
+        if use_effective_order is not None:  # the name evaluate's "sacrebleu" module uses
+            effective_order = use_effective_order
         if isinstance(references[0], str):
             references = [[ref] for ref in references]
         n_refs = len(references[0])
+        if n_refs == 0:
+            raise ValueError("every prediction needs at least one reference")
         if any(len(refs) != n_refs for refs in references):
             raise ValueError("every prediction needs the same number of references")
         # sacrebleu wants one stream per reference position: [[ref 1 of each sentence], [ref 2 ...], ...]
@@ -96,6 +101,7 @@ class BleuChrf(evaluate.Metric):
         bleu = sacrebleu.metrics.BLEU(
             tokenize=tokenize,
             lowercase=lowercase,
+            force=force,
             smooth_method=smooth_method,
             smooth_value=smooth_value,
             effective_order=effective_order,
@@ -104,6 +110,7 @@ class BleuChrf(evaluate.Metric):
         bleu_score = bleu.corpus_score(predictions, streams)
         chrf_score = chrf.corpus_score(predictions, streams)
         return {
+            "score": bleu_score.score,  # BLEU again, under the key of evaluate's "sacrebleu" module
             "bleu": bleu_score.score,
             "chrf": chrf_score.score,
             "signature": {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())},
