@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, MarianConfig, MarianMTModel
 
 from .checkpointing import seal_folder
+from .tokenization import save_tokenizer
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
 
@@ -161,7 +162,7 @@ def copy_tokenizer(source: str, destination: str) -> None:
         print(f"note: {source} has no tokenizer files; none copied")
         return
     try:
-        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+        save_tokenizer(AutoTokenizer.from_pretrained(source), destination)  # 4.57 loads what it writes too
     except (OSError, ValueError, TypeError) as error:  # TypeError: a tokenizer class whose files are missing
         print(f"note: no tokenizer copied from {source} ({type(error).__name__}: {error})")
 

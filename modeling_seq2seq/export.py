@@ -163,7 +163,8 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"No saved model in {str(model_dir)!r} (config.json is missing).")
     candidates = [Path(tokenizer_path)] if tokenizer_path is not None else [model_dir, model_dir / "tokenizer"]
-    tokenizer_dir = next((c for c in candidates if (c / "tokenizer.json").is_file() or c.is_file()), None)
+    tokenizer_dir = next((c for c in candidates if c.is_file() or any((c / name).is_file() for name in
+                                                                    ("tokenizer.json", "tokenizer_config.json"))), None)
     if tokenizer_dir is None:
         raise FileNotFoundError(
             f"No tokenizer found in {', '.join(map(str, candidates))}: CTranslate2 needs the vocabulary; pass "

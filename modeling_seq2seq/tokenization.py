@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .checkpointing import move_files_into
 
@@ -132,10 +132,20 @@ def train_tokenizer(
         raise ValueError("train_tokenizer got no texts to learn from")
 
     trained = json.loads(tok.to_str())["model"]
+    # A piece learned from text that spells a byte token ("<0x41>" in a hex dump) would decode as that byte: it
+    # goes, with every merge that makes it or builds on it, and the text keeps the smaller pieces it is made of.
+    spelled_bytes = set(BYTE_TOKENS)
+    merges = []
+    for merge in trained["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        if {left, right, left + right} & spelled_bytes:
+            spelled_bytes.add(left + right)
+        else:
+            merges.append((left, right))
     vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
     for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+        if piece not in spelled_bytes:
+            vocab.setdefault(piece, len(vocab))
     final = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, byte_fallback=True))
     _configure_pipeline(final)
     final.add_special_tokens(SPECIAL_TOKENS)
@@ -203,7 +213,7 @@ def _portable_tokenizer_config(config: dict) -> dict:
     return config
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | os.PathLike) -> list[str]:
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> list[str]:
     """`save_pretrained` into `directory`, with a 4.57-compatible `tokenizer_config.json`.
 
     Files are written into a temporary folder beside `directory` and moved in with `os.replace`, so a
@@ -215,18 +225,19 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | os.PathL
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-tmp-", dir=directory))
     try:
         tokenizer.save_pretrained(tmp)
-        config_path = tmp / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config_path.write_text(
-            json.dumps(_portable_tokenizer_config(config), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        if tokenizer.is_fast:  # a slow one (OPUS-MT's MarianTokenizer) keeps its own class name
+            config_path = tmp / "tokenizer_config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config_path.write_text(
+                json.dumps(_portable_tokenizer_config(config), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         # tokenizer.json first, the config last: a reader that sees the new config sees the new vocabulary.
         return move_files_into(tmp, directory, last=("tokenizer_config.json",))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved by `save_tokenizer` (a folder, or a bare `tokenizer.json` file)."""
     path = Path(path)
     if not path.exists():
@@ -235,6 +246,13 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
         json_file, folder = path, None
     else:
         json_file, folder = path / "tokenizer.json", path
+        if not json_file.is_file() and (path / "tokenizer_config.json").is_file():
+            # A tokenizer transformers keeps in other files (an OPUS-MT model's SentencePiece MarianTokenizer,
+            # converted by convert_marian.py): its own class loads it.
+            try:
+                return AutoTokenizer.from_pretrained(str(path))
+            except Exception as e:
+                raise ValueError(f"could not load the tokenizer saved in {path}: {e}") from e
         if not json_file.is_file():
             found = sorted(p.name for p in path.iterdir())
             raise FileNotFoundError(f"tokenizer not found: {json_file} is missing (the folder holds {found})")

@@ -610,7 +610,8 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
     model_was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    # Truncate by hand: truncation=True would store the setting in the tokenizer and so in tokenizer.json.
+    # Truncated by hand, keeping `</s>` last, for any tokenizer (transformers 4.x's truncation=True also stayed in the
+    # tokenizer, and so in a tokenizer.json saved later).
     encoded = [tokenizer(text)["input_ids"] for text in texts]
     if max_source_length is not None:
         eos = tokenizer.eos_token_id

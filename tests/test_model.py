@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import json
 import math
 import pickle
 import warnings
@@ -47,6 +48,7 @@ from modeling_seq2seq.modeling_seq2seq import (
     tied_gradient,
 )
 from modeling_seq2seq.presets import load_preset
+from modeling_seq2seq.tokenization import save_tokenizer, train_tokenizer
 
 VOCAB = 64
 
@@ -1460,8 +1462,12 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     convert = runpy.run_path("scripts/convert_marian.py")["main"]
     model = make_model()
     model.save_pretrained(tmp_path / "ours")
+    save_tokenizer(train_tokenizer(["one two three"] * 10, vocab_size=300), tmp_path / "ours")
     assert convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "marian")]) == 0
     assert convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")]) == 0
+    for folder in ("marian", "back"):  # as save_tokenizer writes it, which transformers 4.57 loads too
+        config = json.loads((tmp_path / folder / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == "PreTrainedTokenizerFast", folder
     back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "back").eval()
     # the converted folders, made by mkdtemp, and their files (ours/ is save_pretrained's own)
     assert [path for path in unusual_permissions(tmp_path) if not path.startswith("ours")] == []

@@ -231,6 +231,47 @@ def test_load_errors_name_the_path(tmp_path):
         load_tokenizer(corrupt)
 
 
+def test_text_that_spells_a_byte_token_stays_text():
+    """BPE learned the piece "<0x41>" from text that often holds it (a hex dump, a log) and the vocabulary gave it the
+    byte token's id, so the text decoded as "A". Such pieces, and those built on them, are no longer learned."""
+    import random
+
+    random.seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    corpus = ["".join(random.choices(letters, k=3)) + random.choice(["<0x41>", "<0x0A>"]) + "".join(random.choices(letters, k=3))
+              for _ in range(3000)]
+    trained = train_tokenizer(corpus, vocab_size=340)
+    for text in corpus[:200] + ["q<0x41>z", "<0x41>", "x<0x0A>y"]:
+        assert trained.decode(trained(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_an_opus_mt_sentencepiece_tokenizer_loads_and_saves_as_its_own_class(tmp_path):
+    """OPUS-MT's MarianTokenizer keeps its vocabulary in SentencePiece files, without a tokenizer.json: a model
+    converted by convert_marian.py could not be used by translate.py, evaluate.py or finetune_trainer.py, whose loader
+    demanded one. It now loads through transformers' own class, and saving keeps that class (it was renamed
+    PreTrainedTokenizerFast, which cannot load SentencePiece files)."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import MarianTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"file {w} not found, cannot open the {w} folder\n" for w in CORPUS))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60, bos_id=-1,
+                                   eos_id=0, unk_id=1, pad_id=-1, num_threads=1, minloglevel=2)
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    (tmp_path / "vocab.json").write_text(json.dumps({**vocab, "<pad>": len(vocab)}))
+    marian = MarianTokenizer(source_spm=str(tmp_path / "sp.model"), target_spm=str(tmp_path / "sp.model"),
+                             vocab=str(tmp_path / "vocab.json"))
+    marian.save_pretrained(tmp_path / "opus")
+    assert not (tmp_path / "opus" / "tokenizer.json").exists()
+    texts = ["file not found", "cannot open the Katze folder"]
+    for folder in (tmp_path / "opus", tmp_path / "saved"):
+        loaded = load_tokenizer(folder)
+        assert type(loaded) is MarianTokenizer and loaded(texts)["input_ids"] == marian(texts)["input_ids"]
+        save_tokenizer(loaded, tmp_path / "saved")
+        assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["tokenizer_class"] == "MarianTokenizer"
+
+
 def test_train_tokenizer_script(tmp_path):
     import importlib.util
     from pathlib import Path
