@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed of our model vs. its MarianMTModel twin vs. CTranslate2, side by side (issue 6).
 
-    python scripts/benchmark.py                       # CPU, 2 threads, tiny + base presets (~10 minutes)
+    python scripts/benchmark.py                       # CPU, 2 threads, tiny + base presets (~5 minutes)
     python scripts/benchmark.py --quick --json out.json   # tiny preset only, few repeats (under a minute)
     python scripts/benchmark.py --device cuda         # the same on a GPU (bf16), plus the big preset
 
