@@ -334,13 +334,15 @@ def replace_dir(staging: Path, final: Path) -> None:
         os.replace(final, displaced)
     try:
         os.replace(staging, final)
-    except BaseException:
+    finally:
         if displaced is not None:
-            os.replace(displaced, final)
-        raise
+            if staging.exists():  # not renamed: put the earlier one back
+                os.replace(displaced, final)
+            elif displaced.is_dir() and not displaced.is_symlink():  # renamed (a Ctrl-C may arrive just after)
+                shutil.rmtree(displaced, ignore_errors=True)
+            else:
+                displaced.unlink(missing_ok=True)
     fsync_dir(final.parent)
-    if displaced is not None:
-        shutil.rmtree(displaced, ignore_errors=True)
 
 
 def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, step: int) -> Path:
@@ -546,8 +548,10 @@ def load_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor
     for file in files:
         try:
             tensors.update(load_file(str(file)))
-        except (SafetensorError, OSError) as error:
+        except SafetensorError as error:
             raise CheckpointError(f"{file}: cannot read the weights ({error}); the file is damaged or incomplete.") from error
+        except OSError as error:
+            raise CheckpointError(f"{file}: cannot read the weights ({error}).") from error
     return tensors
 
 

@@ -163,8 +163,8 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"No saved model in {str(model_dir)!r} (config.json is missing).")
     candidates = [Path(tokenizer_path)] if tokenizer_path is not None else [model_dir, model_dir / "tokenizer"]
-    tokenizer_dir = next((c for c in candidates if c.is_file() or any((c / name).is_file() for name in
-                                                                    ("tokenizer.json", "tokenizer_config.json"))), None)
+    tokenizer_dir = next((c for name in ("tokenizer.json", "tokenizer_config.json") for c in candidates
+                          if c.is_file() or (c / name).is_file()), None)
     if tokenizer_dir is None:
         raise FileNotFoundError(
             f"No tokenizer found in {', '.join(map(str, candidates))}: CTranslate2 needs the vocabulary; pass "
@@ -172,6 +172,8 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
         )
     output_dir = Path(output_dir)
     refuse_to_replace_inputs(output_dir, [model_dir, tokenizer_dir], "--output_dir")
+    if output_dir.exists() and (output_dir.is_symlink() or not output_dir.is_dir()):
+        raise FileExistsError(f"{output_dir} is a file or a link, not a folder: choose another output folder")
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir} already exists (pass force=True / --force to replace it)")
     tokenizer = load_tokenizer(tokenizer_dir)

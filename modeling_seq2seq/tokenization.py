@@ -225,7 +225,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathL
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-tmp-", dir=directory))
     try:
         tokenizer.save_pretrained(tmp)
-        if tokenizer.is_fast:  # a slow one (OPUS-MT's MarianTokenizer) keeps its own class name
+        if (tmp / "tokenizer.json").is_file():  # one without (OPUS-MT's MarianTokenizer) keeps its own class name
             config_path = tmp / "tokenizer_config.json"
             config = json.loads(config_path.read_text(encoding="utf-8"))
             config_path.write_text(
@@ -237,6 +237,16 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathL
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _class_without_tokenizer_json(folder: Path) -> str | None:
+    """The tokenizer class a folder's tokenizer_config.json names, where that class keeps its vocabulary in files
+    other than tokenizer.json (None for ours, whose tokenizer.json is then missing)."""
+    try:
+        named = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) and named not in ("PreTrainedTokenizerFast", "TokenizersBackend") else None
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved by `save_tokenizer` (a folder, or a bare `tokenizer.json` file)."""
     path = Path(path)
@@ -246,13 +256,13 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         json_file, folder = path, None
     else:
         json_file, folder = path / "tokenizer.json", path
-        if not json_file.is_file() and (path / "tokenizer_config.json").is_file():
+        if not json_file.is_file() and (named := _class_without_tokenizer_json(path)):
             # A tokenizer transformers keeps in other files (an OPUS-MT model's SentencePiece MarianTokenizer,
-            # converted by convert_marian.py): its own class loads it.
+            # converted by convert_marian.py): its own class loads it; never code from the folder.
             try:
-                return AutoTokenizer.from_pretrained(str(path))
+                return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
             except Exception as e:
-                raise ValueError(f"could not load the tokenizer saved in {path}: {e}") from e
+                raise ValueError(f"could not load the {named} saved in {path}: {e}") from e
         if not json_file.is_file():
             found = sorted(p.name for p in path.iterdir())
             raise FileNotFoundError(f"tokenizer not found: {json_file} is missing (the folder holds {found})")

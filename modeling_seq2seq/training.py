@@ -594,7 +594,7 @@ def collate(dataset, indices, collator) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")  # where str.splitlines would split
+LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")  # where a file read line by line splits (text mode: "\r" too)
 
 
 def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, num_beams: int | None = None,
@@ -897,8 +897,10 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
 
 
-# sacrebleu's command line picks these for a target language (`-l en-zh`); everything else gets "13a".
-LANGUAGE_BLEU_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
+# sacrebleu's command line picks these for a target language (`-l en-zh`); everything else gets "13a". Keys are
+# ISO 639-1 codes and the 639-3 ones FLORES and OPUS use (zho_Hans, cmn, yue, jpn_Jpan, kor_Hang).
+LANGUAGE_BLEU_TOKENIZERS = {"zh": "zh", "zho": "zh", "cmn": "zh", "yue": "zh", "wuu": "zh", "ja": "ja-mecab",
+                            "jpn": "ja-mecab", "ko": "ko-mecab", "kor": "ko-mecab"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -922,7 +924,7 @@ def bleu_tokenizer(target_lang: str | None, tokenize: str | None = None) -> str:
             raise ValueError(f"BLEU tokenizer {name!r} cannot be used here: {' '.join(str(error).split())}") from error
         logger.warning("BLEU for target language %r would use sacrebleu's %r tokenizer, which needs "
                        "`pip install \"sacrebleu[%s]\"`; scoring BLEU over characters instead (tok:char).",
-                       target_lang, name, language)
+                       target_lang, name, name[:2])
         return "char"
     return name
 

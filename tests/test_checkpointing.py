@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,52 @@ def test_probe_writable_reports_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(ckpt.CheckpointError, match="disk is full"):
         ckpt.probe_writable(tmp_path)
     assert list(tmp_path.iterdir()) == [], "the probe file is removed"
+
+
+def test_replace_dir_keeps_one_complete_folder_whatever_interrupts_it(tmp_path, monkeypatch):
+    """`replace_dir` moves the earlier folder aside and deletes it once the new one is in: a failing rename puts the
+    earlier one back; a Ctrl-C that arrives just after the rename (Python runs handlers when the call returns)
+    leaves the new one and the interrupt; an earlier file or link in the way is removed, not left as trash."""
+
+    def staged(name, text):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(text)
+        return folder
+
+    final = staged("final", "earlier")
+    real_replace = os.replace
+
+    def failing(source, target):
+        if Path(source).name == "new":
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.replace_dir(staged("new", "newer"), final)
+    assert (final / "model.safetensors").read_text() == "earlier"
+
+    def interrupted_after(source, target):
+        real_replace(source, target)
+        if Path(source).name == "new":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.replace_dir(tmp_path / "new", final)
+    monkeypatch.undo()
+    assert (final / "model.safetensors").read_text() == "newer"
+    for in_the_way in ("file", "link"):
+        target = tmp_path / in_the_way
+        if in_the_way == "file":
+            target.write_text("old")
+        else:
+            target.symlink_to(final)
+        ckpt.replace_dir(staged("new", in_the_way), target)
+        assert (target / "model.safetensors").read_text() == in_the_way and not target.is_symlink()
+    assert (final / "model.safetensors").read_text() == "newer", "the link's target is not touched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "final", "link"]
 
 
 def test_atomic_write_json_replaces_whole_file(tmp_path):

@@ -165,6 +165,10 @@ def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_pat
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (tmp_path / "served").iterdir()} == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bare", "existing", "run", "served"])
+    (tmp_path / "notes.txt").write_text("mine")  # a file is no output folder, --force or not
+    with pytest.raises(FileExistsError, match="is a file or a link, not a folder"):
+        export_saved_model(saved_model[1], tmp_path / "notes.txt", force=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_stock_marian_loader_cannot_convert_our_model(saved_model, tmp_path):

@@ -129,7 +129,9 @@ def test_bleu_tokenizer_follows_the_target_language_as_sacrebleus_command_line()
     Japanese or Korean extras are missing, and an explicit name sacrebleu does not know is refused before any work."""
     from modeling_seq2seq.training import bleu_tokenizer, translation_metrics
 
-    assert [bleu_tokenizer(lang) for lang in ("de", "zh", "zh_CN", "ZH-Hans", None)] == ["13a", "zh", "zh", "zh", "13a"]
+    assert [bleu_tokenizer(lang) for lang in ("de", "zh", "zh_CN", "ZH-Hans", "zho_Hans", "cmn", "yue", None)] == [
+        "13a", "zh", "zh", "zh", "zh", "zh", "zh", "13a"]
+    assert bleu_tokenizer("jpn_Jpan") == bleu_tokenizer("ja") and bleu_tokenizer("kor") == bleu_tokenizer("ko")
     assert bleu_tokenizer("zh", "13a") == "13a"
     hypotheses, references = ["今天天气很好。", "我喜欢喝茶。"], ["今天天气非常好。", "我喜欢喝绿茶。"]
     scores = translation_metrics(hypotheses, references, tokenize=bleu_tokenizer("zh"))

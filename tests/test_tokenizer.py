@@ -1,6 +1,8 @@
 """The shared BPE tokenizer: special ids, eos handling, Unicode round trip, portable saving."""
 
+import io
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -224,6 +226,26 @@ def test_load_errors_name_the_path(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
         load_tokenizer(empty)
+    ours_without_vocabulary = tmp_path / "ours"  # our config names the class that needs tokenizer.json
+    ours_without_vocabulary.mkdir()
+    (ours_without_vocabulary / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
+        load_tokenizer(ours_without_vocabulary)
+    # A folder whose config asks for its own code is refused without asking (a prompt would read translate.py's
+    # input) and without running it.
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "FooTokenizer", "auto_map": {"AutoTokenizer": ["tok_foo.FooTokenizer", None]}}))
+    (remote / "tok_foo.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    stdin = sys.stdin
+    sys.stdin = io.StringIO("y\n")
+    try:
+        with pytest.raises(ValueError, match=f"could not load the FooTokenizer saved in {remote}"):
+            load_tokenizer(remote)
+    finally:
+        sys.stdin = stdin
+    assert not (tmp_path / "ran").exists()
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
