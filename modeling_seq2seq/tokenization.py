@@ -248,7 +248,8 @@ def _class_without_tokenizer_json(folder: Path) -> str | None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved by `save_tokenizer` (a folder, or a bare `tokenizer.json` file)."""
+    """Load a tokenizer saved by `save_tokenizer` (a folder, or a bare `tokenizer.json` file), or one whose config
+    names a transformers class that keeps its vocabulary elsewhere (OPUS-MT's MarianTokenizer), through that class."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer not found: {path} does not exist")
