@@ -1441,6 +1441,7 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------------
 
     def setup_tokenizer(self, raw):
+        from .presets import load_preset
         from .tokenization import load_tokenizer, save_tokenizer, train_tokenizer
 
         if self.resume_dir is not None:
@@ -1456,7 +1457,9 @@ class Trainer:
         if self.is_main:
             texts = list(raw["train"]["source"]) + list(raw["train"]["target"])
             self.print(f"Training a shared BPE tokenizer (vocab {self.config.vocab_size}) on {len(texts)} training sentences.")
-            tokenizer = train_tokenizer(texts, vocab_size=self.config.vocab_size)
+            # Its maximum length is the model's, as transformers ties them (what `truncation=True` cuts at).
+            positions = load_preset(model_preset(self.config), **self.config.model_overrides).max_position_embeddings
+            tokenizer = train_tokenizer(texts, vocab_size=self.config.vocab_size, model_max_length=positions)
             shutil.rmtree(staged, ignore_errors=True)
             save_tokenizer(tokenizer, str(staged))
         self.accelerator.wait_for_everyone()

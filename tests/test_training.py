@@ -379,6 +379,7 @@ def test_short_run_logs_saves_and_reports(short_run):
     assert json.loads((short_run / "tokenizer.json").read_text()) == json.loads((short_run / "tokenizer" / "tokenizer.json").read_text())
 
     model, tokenizer = training.load_model_and_tokenizer(short_run, device="cpu")
+    assert tokenizer.model_max_length == model.config.max_position_embeddings == 64  # tied, as in transformers
     assert model.generation_config.num_beams == 1
     assert model.config.label_smoothing == 0.1 and model.config.d_model == 32
     out = model.generate(**tokenizer(["forty-two"], return_tensors="pt"), max_new_tokens=5)
