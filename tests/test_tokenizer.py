@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -267,23 +268,30 @@ def test_text_that_spells_a_byte_token_stays_text():
         assert trained.decode(trained(text)["input_ids"], skip_special_tokens=True) == text
 
 
+def sentencepiece_marian_tokenizer(folder):
+    """OPUS-MT's kind of tokenizer: a MarianTokenizer over a SentencePiece model trained here on CORPUS-like text."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import MarianTokenizer
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("".join(f"file {w} not found, cannot open the {w} folder\n" for w in CORPUS))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=60, bos_id=-1,
+                                   eos_id=0, unk_id=1, pad_id=-1, num_threads=1, minloglevel=2)
+    processor = spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    (folder / "vocab.json").write_text(json.dumps({**vocab, "<pad>": len(vocab)}))
+    return MarianTokenizer(source_spm=str(folder / "sp.model"), target_spm=str(folder / "sp.model"),
+                           vocab=str(folder / "vocab.json"))
+
+
 def test_an_opus_mt_sentencepiece_tokenizer_loads_and_saves_as_its_own_class(tmp_path):
     """OPUS-MT's MarianTokenizer keeps its vocabulary in SentencePiece files, without a tokenizer.json: a model
     converted by convert_marian.py could not be used by translate.py, evaluate.py or finetune_trainer.py, whose loader
     demanded one. It now loads through transformers' own class, and saving keeps that class (it was renamed
     PreTrainedTokenizerFast, which cannot load SentencePiece files)."""
-    spm = pytest.importorskip("sentencepiece")
     from transformers import MarianTokenizer
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"file {w} not found, cannot open the {w} folder\n" for w in CORPUS))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60, bos_id=-1,
-                                   eos_id=0, unk_id=1, pad_id=-1, num_threads=1, minloglevel=2)
-    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
-    (tmp_path / "vocab.json").write_text(json.dumps({**vocab, "<pad>": len(vocab)}))
-    marian = MarianTokenizer(source_spm=str(tmp_path / "sp.model"), target_spm=str(tmp_path / "sp.model"),
-                             vocab=str(tmp_path / "vocab.json"))
+    marian = sentencepiece_marian_tokenizer(tmp_path)
     marian.save_pretrained(tmp_path / "opus")
     assert not (tmp_path / "opus" / "tokenizer.json").exists()
     texts = ["file not found", "cannot open the Katze folder"]
@@ -292,6 +300,41 @@ def test_an_opus_mt_sentencepiece_tokenizer_loads_and_saves_as_its_own_class(tmp
         assert type(loaded) is MarianTokenizer and loaded(texts)["input_ids"] == marian(texts)["input_ids"]
         save_tokenizer(loaded, tmp_path / "saved")
         assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["tokenizer_class"] == "MarianTokenizer"
+
+
+def test_a_converted_opus_mt_folder_translates_with_our_scripts_as_marian_does(tmp_path):
+    """The OPUS-MT path end to end: a tiny MarianMTModel with a SentencePiece MarianTokenizer (random weights, a
+    vocabulary trained here) converted by convert_marian.py, then translated by translate.py: the same text as the
+    MarianMTModel's own beam search. Before the eleventh session translate.py refused the folder (no tokenizer.json)."""
+    import runpy
+
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    marian_tokenizer = sentencepiece_marian_tokenizer(tmp_path)
+    size = len(marian_tokenizer.get_vocab())
+    torch.manual_seed(0)
+    marian = MarianMTModel(MarianConfig(
+        vocab_size=size, decoder_vocab_size=size, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=128, pad_token_id=size - 1, eos_token_id=0, decoder_start_token_id=size - 1,
+        forced_eos_token_id=0)).eval()
+    marian.save_pretrained(tmp_path / "opus")
+    marian_tokenizer.save_pretrained(tmp_path / "opus")
+    root = Path(__file__).resolve().parents[1] / "scripts"
+    convert = runpy.run_path(str(root / "convert_marian.py"))["main"]
+    assert convert(["--to", "ours", "--input", str(tmp_path / "opus"), "--output_dir", str(tmp_path / "ours")]) == 0
+    sources = ["file not found", "cannot open the Katze folder", "Straße"]
+    (tmp_path / "in.txt").write_text("".join(line + "\n" for line in sources))
+    translate = runpy.run_path(str(root / "translate.py"))["main"]
+    assert translate(["--model", str(tmp_path / "ours"), "--input", str(tmp_path / "in.txt"), "--output",
+                      str(tmp_path / "out.txt"), "--num_beams", "4", "--length_penalty", "0.6", "--batch_size", "1"]) == 0
+    expected = []
+    for line in sources:
+        ids = marian_tokenizer([line], return_tensors="pt")["input_ids"]
+        generated = marian.generate(input_ids=ids, num_beams=4, length_penalty=0.6, max_length=ids.shape[1] + 51)
+        expected.append(marian_tokenizer.decode(generated[0], skip_special_tokens=True).strip())
+    assert (tmp_path / "out.txt").read_text().split("\n")[:-1] == expected and all(expected), expected
 
 
 def test_train_tokenizer_script(tmp_path):
