@@ -1206,8 +1206,8 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         # longer, tuples, which transformers refuses): transformers' loop takes or refuses them.
         bad_words = config.bad_words_ids
         if (
-            any(type(getattr(config, field)) is not int for field in counts[:2])
-            or any(getattr(config, field) is not None and type(getattr(config, field)) is not int for field in counts[2:])
+            config.num_beams is None or config.num_return_sequences is None
+            or any(getattr(config, field) is not None and type(getattr(config, field)) is not int for field in counts)
             or (config.num_beams > 1 and config.length_penalty is None)
             or (bad_words is not None and (type(bad_words) is not list or not bad_words
                                            or any(type(words) is not list or len(words) != 1 for words in bad_words)))
