@@ -102,7 +102,6 @@ PADDED_BATCH_SIZE = 16  # Seq2SeqTrainer's per_device_train_batch_size, scaled t
 TRANSLATE_BATCH_SIZE = 64  # scripts/translate.py's default --batch_size
 ADAM_BETAS, ADAM_EPS = (0.9, 0.98), 1e-9
 PHASES = ("matmul", "decode", "train", "memory", "length_mix", "translate_file")
-IMPLEMENTATIONS = ("ours", "marian", "ctranslate2")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -666,19 +665,15 @@ def subprocess_env() -> dict:
     return env
 
 
-def memory_in_subprocesses(jobs: list[dict], parallel: bool = True) -> list[dict]:
-    """Run `memory_probe(**job)` in fresh Python processes (started together when `parallel`), one per job."""
+def memory_in_subprocesses(jobs: list[dict]) -> list[dict]:
+    """Run `memory_probe(**job)` in fresh Python processes, started together, one per job."""
     code = "from modeling_seq2seq.benchmark import _memory_probe_main; _memory_probe_main()"
-    results, running = [], []
-    for job in jobs:
-        process = subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=subprocess_env())
-        running.append(process)
-        if not parallel:
-            results.append(_probe_result(process))
-    if parallel:
-        results = [_probe_result(p) for p in running]
-    return results
+    running = [
+        subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        for job in jobs
+    ]
+    return [_probe_result(process) for process in running]
 
 
 def _probe_result(process) -> dict:

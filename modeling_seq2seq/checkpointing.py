@@ -294,10 +294,6 @@ def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True, hash
     return None
 
 
-def read_manifest_step(folder: str | os.PathLike) -> int:
-    return int(json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))["step"])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Writing, listing, rotating
 # ----------------------------------------------------------------------------------------------------------

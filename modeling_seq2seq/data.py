@@ -794,15 +794,11 @@ class Seq2SeqCollator:
     (padded with -100, which the loss ignores). The model builds `decoder_input_ids` from `labels`.
     """
 
-    def __init__(self, pad_token_id: int = 0, label_pad_token_id: int = -100, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int = 0):
         self.pad_token_id = pad_token_id
-        self.label_pad_token_id = label_pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def _pad(self, seqs: list, value: int) -> torch.Tensor:
         width = max((len(s) for s in seqs), default=0)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = torch.full((len(seqs), width), value, dtype=torch.long)
         for i, s in enumerate(seqs):
             if len(s):
@@ -817,5 +813,5 @@ class Seq2SeqCollator:
         lengths = torch.tensor([len(s) for s in inputs])
         batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long()
         if "labels" in examples[0]:
-            batch["labels"] = self._pad([e["labels"] for e in examples], self.label_pad_token_id)
+            batch["labels"] = self._pad([e["labels"] for e in examples], -100)
         return batch

@@ -26,13 +26,10 @@ without a trained tokenizer (benchmarks, tests): the conversion only needs one t
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
@@ -154,7 +151,6 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     The tokenizer is read from `tokenizer_path`, else from the model folder (or its `tokenizer/` sub-folder). The
     tokenizer files are copied next to the CTranslate2 model so that the folder is self-contained.
     """
-    from . import Seq2SeqTransformerConfig  # noqa: F401  (registers the Auto classes)
     from .checkpointing import refuse_to_replace_inputs, replace_dir
     from .tokenization import load_tokenizer
     from .training import load_saved_model
@@ -190,21 +186,10 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     return str(output_dir)
 
 
-def ids_to_tokens(tokenizer, batch_ids) -> list[list[str]]:
-    """Token ids (a list of lists, or a 2D tensor with `attention_mask` already applied) -> CTranslate2 input."""
-    return [tokenizer.convert_ids_to_tokens(list(map(int, ids))) for ids in batch_ids]
-
-
-def tokens_to_ids(tokenizer, batch_tokens) -> list[list[int]]:
-    return [tokenizer.convert_tokens_to_ids(list(tokens)) for tokens in batch_tokens]
-
-
 __all__ = [
     "synthetic_tokenizer",
     "ctranslate2_spec",
     "convert_marian_to_ctranslate2",
     "export_to_ctranslate2",
     "export_saved_model",
-    "ids_to_tokens",
-    "tokens_to_ids",
 ]

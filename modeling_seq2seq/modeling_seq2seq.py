@@ -3,7 +3,8 @@
 Each class below is one idea of the paper, and its docstring names the section. The model is a native
 `transformers` model (config, outputs, cache, generation, save/load) and runs on transformers 5.x and 4.57:
 this file ships to the Hub with the weights, so it imports torch, transformers and the config only (and, in
-`generate`, decoding_seq2seq.py, the fast greedy/beam search that ships beside it).
+`generate`, decoding_seq2seq.py, the fast greedy/beam search, and in `translation_pipeline`, pipeline.py, both
+shipped beside it).
 """
 
 import contextvars
@@ -543,7 +544,6 @@ class DecoderLayer(SublayerMixin, GradientCheckpointingLayer):
         cache=None,
         output_attentions=False,
         is_causal=False,
-        use_cache=None,
     ):
         hidden_states, self_weights = self.sublayer(
             hidden_states,
@@ -581,7 +581,6 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EncoderLayer", "DecoderLayer"]
     _supports_sdpa = True
     _can_compile_fullgraph = True
-    _supports_cache_class = True  # 4.57 reads it; 5.x ignores it
 
     def __init__(self, config: Seq2SeqTransformerConfig, *inputs, **kwargs):
         # Values set after the config was made (`from_pretrained(path, encoder_attention_heads=5)` sets them with
@@ -784,7 +783,6 @@ class Decoder(nn.Module):
                 cache=cache,
                 output_attentions=output_attentions,
                 is_causal=is_causal,
-                use_cache=use_cache,
             )
             if output_attentions:
                 all_self_attentions += (self_weights,)
