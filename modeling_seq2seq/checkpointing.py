@@ -594,7 +594,7 @@ def _belongs_to_saved_model(name: str) -> bool:
 
 def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str) -> None:
     """Replacing the folder `output` deletes everything in it: refuse when an input would go with it (the output is
-    an input, or holds one)."""
+    an input, or holds one), or the working directory would (`--output .` with an overwrite flag)."""
     target = Path(output).resolve()
     for source in map(Path, inputs):
         source = source.resolve()
@@ -603,6 +603,12 @@ def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | o
                 f"{option} {str(output)!r} {'is' if source == target else 'holds'} the input {str(source)!r}: "
                 f"replacing it would delete that input; choose another {option}."
             )
+    working = Path.cwd().resolve()
+    if working == target or target in working.parents:
+        raise ValueError(
+            f"{option} {str(output)!r} {'is' if working == target else 'holds'} the working directory "
+            f"{str(working)!r}: replacing it would delete everything there; choose another {option}."
+        )
 
 
 # Config fields that do not change what the weights compute: averaging checkpoints that differ only there is fine.

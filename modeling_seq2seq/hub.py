@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .checkpointing import seal_folder
+from .checkpointing import refuse_to_replace_inputs, replace_dir, seal_folder
 from .pipeline import TASK
 from .tokenization import load_tokenizer, save_tokenizer
 
@@ -210,9 +210,9 @@ def build_hub_folder(
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved model: it has no config.json")
-    if out_dir == model_dir or model_dir in out_dir.parents or out_dir in model_dir.parents:
-        raise ValueError(f"the output folder {out_dir} and the model folder {model_dir} must not contain each other "
-                         "(the output folder is replaced as a whole)")
+    if model_dir in out_dir.parents:
+        raise ValueError(f"the output folder {out_dir} must not be inside the model folder {model_dir}")
+    refuse_to_replace_inputs(out_dir, [model_dir], "the output folder")  # it is replaced as a whole
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     template = Path(template) if template is not None else DEFAULT_TEMPLATE
@@ -269,24 +269,12 @@ def build_hub_folder(
         unexpected = [p.name for p in tmp.iterdir() if not p.is_file()]
         if unexpected:
             raise RuntimeError(f"the Hub folder should hold only files; found folders {unexpected}")
-        _replace_dir(tmp, out_dir)
+        seal_folder(tmp)  # mkdtemp made it private
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return names
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder `new` to `target`, replacing what was there. `target` is never a half-written
-    folder: it is the old folder, then (after two renames) the new one."""
-    seal_folder(new)  # mkdtemp made it private
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _generated_length(generation, max_positions: int) -> str:
@@ -383,6 +371,7 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
     """What the model dir tells about its training: a training config file, the trainer state and the run summary
     that `scripts/train.py` puts in eval_results.json (steps, time, stop reason, averaged checkpoints)."""
     recipe = {}
+    eval_results = eval_results or {}
     for name in TRAINING_FILES:
         path = model_dir / name
         if path.is_file():
@@ -392,16 +381,17 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
                 import yaml
 
                 settings = yaml.safe_load(path.read_text(encoding="utf-8"))
-            if isinstance(settings, dict):
-                recipe["settings"] = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))}
-                recipe["settings_file"] = name
             break
+    else:
+        name, settings = "eval_results.json", eval_results.get("training_config")  # what scripts/train.py records
+    if isinstance(settings, dict):
+        recipe["settings"] = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))}
+        recipe["settings_file"] = name
     state = _read_json(model_dir / "trainer_state.json")
     if isinstance(state, dict):
         for key in ("global_step", "epoch"):
             if state.get(key) is not None:
                 recipe[key] = state[key]
-    eval_results = eval_results or {}
     if "global_step" not in recipe and isinstance(eval_results.get("step"), int):
         recipe["global_step"] = eval_results["step"]
     if isinstance(eval_results.get("train_time_s"), (int, float)):
@@ -414,6 +404,7 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
 
 
 LANGUAGE_PAIR = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -421,12 +412,20 @@ def _dataset_info(eval_results: dict) -> dict:
     """How to name the training/test data: `display` (for the text), `id` (a Hub dataset id, or None for the built-in
     task and local files), `type` and `config` (for the model-index).
 
-    eval_results.json may say it explicitly (`dataset_name`, `dataset_config_name`); otherwise its `dataset` is what
-    `scripts/train.py` writes: "builtin-number-words", a local file, or "NAME" / "NAME/CONFIG" of a Hub dataset.
+    eval_results.json may say it explicitly (`dataset_name`, `dataset_config_name` for a Hub dataset, `train_file`
+    for local files, as `scripts/train.py` writes them); otherwise its `dataset` is "builtin-number-words", a local
+    file, or "NAME" / "NAME/CONFIG" of a Hub dataset, told apart by their shape.
     """
     name = eval_results.get("dataset_name")
     config = eval_results.get("dataset_config_name") or eval_results.get("dataset_config")
     description = eval_results.get("dataset")
+    local_file = eval_results.get("train_file")
+    if name is None and isinstance(description, str) and description and not local_file:
+        if description.startswith(("/", ".", "~")) or Path(description).suffix in LOCAL_SUFFIXES:
+            local_file = description
+    if isinstance(local_file, str) and local_file:
+        return {"display": f"local data (`{Path(local_file).name}`)", "id": None, "type": Path(local_file).name,
+                "config": None}
     if name is None and isinstance(description, str) and description:
         if description.startswith("builtin"):
             return {
@@ -446,7 +445,7 @@ def _dataset_info(eval_results: dict) -> dict:
         return {"display": None, "id": None, "type": None, "config": None}
     local = (
         not HUB_DATASET_ID.match(name)
-        or name.endswith((".json", ".jsonl", ".csv", ".tsv", ".txt"))
+        or name.endswith(LOCAL_SUFFIXES)
         or Path(name).expanduser().exists()
     )
     if local:
@@ -537,7 +536,7 @@ def render_model_card(
                 "max_length": _generated_length(generation, model.config.max_position_embeddings),
             },
             training=training or {},
-            example_input=_example_input(source_lang),
+            example_input=_example_input(source_lang, dataset["type"]),
         )
     except TemplateSyntaxError as error:
         raise ValueError(f"{template}, line {error.lineno}: not a valid model card template ({error.message}).") from error
@@ -570,7 +569,10 @@ def _architecture_rows(model) -> list[tuple[str, str]]:
     return rows
 
 
-def _example_input(source_lang: str | None) -> str:
+def _example_input(source_lang: str | None, dataset_type: str | None = None) -> str:
+    """A sentence the model can translate, for the card's code samples."""
+    if dataset_type and dataset_type.startswith("builtin"):
+        return "one thousand, two hundred and five"  # the built-in task knows number words only
     return {
         "en": "The house is small.",
         "de": "Das Haus ist klein.",

@@ -44,6 +44,10 @@ logger = logging.getLogger("modeling_seq2seq.training")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_FILE_NAME = "training_log.jsonl"
 EVAL_RESULTS_NAME = "eval_results.json"
+# The settings eval_results.json records (as "training_config"), for the model card: the recipe, not local paths.
+RECIPE_FIELDS = ("max_steps", "max_time_minutes", "max_tokens", "gradient_accumulation_steps", "lr_scale", "warmup_steps",
+                 "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "label_smoothing", "max_grad_norm",
+                 "mixed_precision", "max_source_length", "max_target_length", "average_checkpoints", "seed")
 CURVES_FILE_NAME = "training_curves.png"
 TOKENIZER_DIR_NAME = "tokenizer"
 TOKENIZER_STAGING_NAME = ckpt.TMP_PREFIX + TOKENIZER_DIR_NAME
@@ -1913,10 +1917,13 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "train_time_s": round(self.elapsed_before + time.monotonic() - self.start_time, 1),
             "dataset": data_description(config),
+            **({"dataset_name": config.dataset_name, "dataset_config_name": config.dataset_config_name}
+               if config.dataset_name else {"train_file": str(config.train_file)} if config.train_file else {}),
             "source_lang": config.source_lang,
             "target_lang": config.target_lang,
             "num_beams": config.num_beams,
             "averaged_checkpoints": averaged_from,
+            "training_config": {**{name: getattr(config, name) for name in RECIPE_FIELDS}, "processes": self.world_size},
         }
         if self.test_raw is None or len(self.test_raw) == 0:
             self.print("No test split: skipping the test evaluation.")

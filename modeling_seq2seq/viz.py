@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import textwrap
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "matplotlib is needed to draw the pictures; install the optional extra with\n"
@@ -53,8 +56,9 @@ def require_matplotlib():
 
 
 def _save(figure, path: Path) -> Path:
-    """Write the figure as a PNG, as a 256-colour palette image (Pillow, which matplotlib requires): plots have few
-    colours, and the files come out about three times smaller than matplotlib's RGBA ones."""
+    """Write the figure as a PNG without its alpha channel (Pillow, which matplotlib requires), as a palette image
+    where it has at most 256 colours. Pictures with more (antialiased lines, heatmaps) keep every colour: a palette
+    would band their colour scales."""
     from .checkpointing import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +71,10 @@ def _save(figure, path: Path) -> Path:
         return path
     palette = io.BytesIO()
     with Image.open(buffer) as image:
-        image.convert("RGB").quantize(colors=256, dither=Image.Dither.NONE).save(palette, format="PNG", optimize=True)
+        rgb = image.convert("RGB")
+        if rgb.getcolors(256) is not None:  # None: more colours than that
+            rgb = rgb.quantize(colors=256, dither=Image.Dither.NONE)  # exact: every colour has its palette entry
+        rgb.save(palette, format="PNG", optimize=True)
     atomic_write_bytes(path, palette.getvalue())
     return path
 
@@ -103,17 +110,17 @@ class AttentionMaps:
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
-    """A saved model (eager attention, eval mode) and its tokenizer, through the Auto classes; partly random weights
-    (missing from the file, or of other shapes) are refused, as everywhere else (`training.load_saved_model`)."""
-    from transformers import AutoTokenizer
-
-    from .training import load_saved_model
+    """A saved model (eager attention, eval mode) and its tokenizer, as the other tools load them; partly random
+    weights (missing from the file, or of other shapes) are refused, as everywhere else (`training.load_saved_model`)."""
+    from .tokenization import load_tokenizer
+    from .training import check_device, load_saved_model
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no saved model in {str(model_dir)!r} (config.json is missing)")
+    check_device(device)
+    tokenizer = load_tokenizer(model_dir)  # before the model: a folder without one fails at once, naming the file
     model = load_saved_model(model_dir, attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model.to(device).eval(), tokenizer
 
 
@@ -249,9 +256,11 @@ def attention_figure_inches(n_rows: int, n_columns: int, n_panels: int = 1) -> t
     return width * columns, height * rows + 0.6
 
 
-def _wrap(text: str, width_inches: float, font_size: float) -> str:
-    """Break a title into lines that fit the figure (a character is about 0.6 em wide)."""
-    return "\n".join(textwrap.wrap(text, max(20, int(width_inches * 72 / (0.6 * font_size)))))
+def _wrap(text: str, width_inches: float, font_size: float, max_lines: int = 3) -> str:
+    """Break a title into lines that fit the figure (a character is about 0.6 em wide), at most `max_lines`: the
+    tick labels show every token, and a long sentence in full would squeeze the heatmap out of the figure."""
+    width = max(20, int(width_inches * 72 / (0.6 * font_size)))
+    return "\n".join(textwrap.wrap(text, width, max_lines=max_lines, placeholder=" ..."))
 
 
 def _heatmap(axes, matrix: torch.Tensor, row_labels, column_labels, title: str, font_size: float):
@@ -460,21 +469,30 @@ def read_training_log(run: str | os.PathLike) -> TrainingLog:
         raise FileNotFoundError(
             f"no training log at {str(path)!r} (scripts/train.py writes {LOG_FILE_NAME} into its output_dir)"
         )
-    train, evals, test = {}, {}, None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a training log: not UTF-8 text ({error})") from error
+    train, evals, test, skipped = {}, {}, None, []
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash
-        kind = record.get("type")
-        if kind == "train" and "step" in record:
-            train[int(record["step"])] = record
-        elif kind == "eval" and "step" in record and not record.get("averaged"):
-            evals[int(record["step"])] = record
+            kind = record.get("type")
+            step = int(record["step"]) if kind in ("train", "eval") else None
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            skipped.append(number)  # a line torn by a crash, or not one of train.py's records
+            continue
+        if kind == "train":
+            train[step] = record
+        elif kind == "eval" and not record.get("averaged"):
+            evals[step] = record
         elif kind == "test":
             test = record
+    if skipped:
+        logger.warning("%s: skipped %d line(s) that are not training records (line %s%s)", path, len(skipped),
+                       skipped[0], " and later" if len(skipped) > 1 else "")
     log = TrainingLog(path=path, test=test)
     keys = {"train": ("loss", "lr", "tokens_per_s"), "eval": ("val_loss", "val_bleu", "val_chrf")}
     for name, records in (("train", train), ("eval", evals)):
@@ -529,7 +547,7 @@ def draw_training(run: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
     figure = Figure(figsize=TRAINING_FIGURE_INCHES, dpi=DPI, layout="constrained")
     loss, rate, bleu = figure.subplots(1, 3)
 
-    loss.plot(train["step"], train["loss"], label="training loss")
+    loss.plot(train["step"], train["loss"], "o" if len(train["step"]) == 1 else "-", label="training loss")
     if evals["step"]:
         loss.plot(evals["step"], evals["val_loss"], "o-", label="validation loss")
     loss.set_xlabel("step")

@@ -44,6 +44,12 @@ def parse_args(argv=None):
     repo = args.repo_id.split("/")
     if len(repo) != 2 or not all(repo):
         parser.error(f"--repo_id must look like USER/NAME, got {args.repo_id!r}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        parser.error(f"--repo_id {args.repo_id!r}: not a Hub repository name ({error})")
     return args
 
 

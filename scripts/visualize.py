@@ -64,6 +64,9 @@ def run(args) -> list:
     if args.command == "training":
         return viz.draw_training(args.run, args.out)
     viz.require_matplotlib()  # fail before loading a model
+    for name in ("source", "target"):
+        if getattr(args, name, None) is not None and not getattr(args, name).strip():
+            raise ValueError(f"--{name} is empty.")
     model, tokenizer = viz.load_model(args.model, args.device)
     if args.command == "attention":
         maps = viz.attention_maps(model, tokenizer, args.source, args.target)
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
     except viz.MatplotlibMissing as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing or unwritable path, a bad argument or file
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path in paths:

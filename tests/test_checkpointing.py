@@ -355,7 +355,7 @@ def test_average_checkpoints_script(tmp_path, capsys):
     assert f"error: {unreadable}: cannot read the weights" in capsys.readouterr().err
 
 
-def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, capsys):
+def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     folders = [write_fake_checkpoint(run, step, {"w": torch.full((2,), float(step))}) for step in (2, 4)]
     (run / "training_log.jsonl").write_text("{}\n")
@@ -368,7 +368,10 @@ def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, ca
         (run, ["--overwrite"], "holds the input"),  # the training folder itself, even when asked to overwrite
         (folders[1], ["--overwrite"], "is the input"),  # one of the averaged checkpoints
         (notes, [], "already exists and is not empty; pass --overwrite"),  # a folder of the user's
+        (".", ["--overwrite"], "is the working directory"),  # run from inside notes/
+        (tmp_path, ["--overwrite"], "holds the input"),
     ]:
+        monkeypatch.chdir(notes if output == "." else tmp_path)
         assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(output), *overwrite]) == 1
         assert message in capsys.readouterr().err
     for arguments, message in [(["--last", "0"], "--last must be at least 1"),

@@ -468,6 +468,10 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
         ({"dataset_name": "wmt16", "dataset_config_name": "ro-en"}, ("wmt16", "wmt16", "ro-en")),
         ({"dataset": "/data/pairs/train.jsonl"}, (None, "train.jsonl", None)),
         ({"dataset": "data/train.tsv"}, (None, "train.tsv", None)),
+        ({"dataset": "/data/train.jsonl"}, (None, "train.jsonl", None)),
+        ({"dataset": "corpora/wmt/train.jsonl"}, (None, "train.jsonl", None)),  # a local path, not NAME/CONFIG
+        # What train.py writes now: the local file said to be one, whatever its shape (a Moses prefix here).
+        ({"dataset": "corpora/wmt/train", "train_file": "corpora/wmt/train"}, (None, "train", None)),
         ({}, (None, None, None)),
     ],
 )
@@ -501,6 +505,7 @@ def test_model_card_from_the_training_scripts_eval_results(model_and_tokenizer_f
     metrics = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"bleu": 97.123, "chrf": 99.01, "exact_match": 0.996}
     assert "on the built-in English→German number-words task." in card.text
+    assert '"one thousand, two hundred and five"' in card.text and "The house is small." not in card.text
     assert "| Exact match | 99.60% |" in card.text and "| BLEU | 97.12 |" in card.text
     assert "(500 sentences), en → de, beam size 4:" in card.text
     assert "Trained for 1500 optimiser steps in 8.5 minutes (stopped by: max_steps)." in card.text
@@ -539,18 +544,32 @@ def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
     assert (out / "model.safetensors").read_bytes() == (hub_folder / "model.safetensors").read_bytes()
 
-    with pytest.raises(ValueError, match="must not contain each other"):
+    with pytest.raises(ValueError, match="must not be inside the model folder"):
         build_hub_folder(model_dir, model_dir / "hub")
     broken_template = tmp_path / "broken.md"
     broken_template.write_text("# {{ model_name }}\n\n{{ metrics | \n")
     with pytest.raises(ValueError, match=rf"{broken_template}, line \d+: not a valid model card template"):
         build_hub_folder(model_dir, tmp_path / "card", template=broken_template)
     # The other way round: replacing an output folder that holds the model folder would delete the model.
-    with pytest.raises(ValueError, match="must not contain each other"):
+    with pytest.raises(ValueError, match="holds the input"):
         build_hub_folder(model_dir, model_dir.parent, overwrite=True)
     assert (model_dir / "model.safetensors").is_file()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         build_hub_folder(tmp_path / "nowhere", tmp_path / "x")
+
+
+def test_overwrite_never_replaces_the_working_directory(model_dir, tmp_path, monkeypatch, capsys):
+    """`--dry_run . --overwrite` would replace the folder the user works in, whatever it holds."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(project / "src")
+    for out in (".", ".."):
+        status, captured = _run_main(
+            ["--model_dir", str(model_dir), "--repo_id", "someone/tiny", "--dry_run", out, "--overwrite"], capsys
+        )
+        assert status == 1 and "working directory" in captured.err and "Traceback" not in captured.err
+    assert sorted(p.name for p in project.rglob("*")) == ["notes.txt", "src"]
 
 
 def test_loads_and_generates_identically_where_the_package_cannot_be_imported(hub_folder, reference, tmp_path):
@@ -685,10 +704,12 @@ def test_upload_calls_create_repo_and_upload_folder_with_the_built_folder(model_
     assert "Uploaded: https://huggingface.co/someone/tiny/commit/0123" in captured.out
 
 
-def test_bad_repo_id_is_a_usage_error(model_dir, capsys):
+@pytest.mark.parametrize("repo_id, message", [("no-slash", "must look like USER/NAME"),
+                                               ("me/bad name!", "not a Hub repository name")])
+def test_bad_repo_id_is_a_usage_error(model_dir, capsys, repo_id, message):
     with pytest.raises(SystemExit) as exit_info:
-        _run_main(["--model_dir", str(model_dir), "--repo_id", "no-slash"], capsys)
-    assert exit_info.value.code == 2
+        _run_main(["--model_dir", str(model_dir), "--repo_id", repo_id, "--dry_run", "unused"], capsys)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -353,6 +353,38 @@ def test_short_run_lowers_validation_loss(short_run):
         assert {"val_loss", "val_bleu", "val_chrf", "val_exact_match", "val_ppl"} <= record.keys()
 
 
+def test_the_model_card_of_a_run_shows_its_settings(short_run, tmp_path):
+    from modeling_seq2seq.hub import build_hub_folder
+
+    build_hub_folder(short_run, tmp_path / "hub")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "Settings of this run (`eval_results.json`)" in card
+    assert "| `warmup_steps` | `20` |" in card and "| `max_steps` | `40` |" in card
+    assert "Trained for 40 optimiser steps" in card
+    assert "average of the last" not in card  # run_args averages no checkpoints
+
+
+def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path):
+    """The model card tells a local file from a Hub dataset by what train.py records, not by the path's shape."""
+    from modeling_seq2seq.data import builtin_task
+    from modeling_seq2seq.hub import _dataset_info
+
+    data = tmp_path / "corpora" / "numbers"  # NAME/CONFIG-shaped, as a Hub id would be
+    data.mkdir(parents=True)
+    task = builtin_task()
+    for split in ("train", "test"):
+        rows = task[split].select(range(200 if split == "train" else 8))
+        (data / f"{split}.en").write_text("".join(f"{s}\n" for s in rows["source"]))
+        (data / f"{split}.de").write_text("".join(f"{t}\n" for t in rows["target"]))
+    output_dir = tmp_path / "local"
+    args = run_args(assets, output_dir, max_steps=2, save_steps=0, train_file=str(data / "train"),
+                    test_file=str(data / "test"), source_lang="en", target_lang="de")
+    assert training.main(args) == 0
+    results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
+    assert results["train_file"] == str(data / "train") and "dataset_name" not in results
+    assert _dataset_info(results) == {"display": "local data (`train`)", "id": None, "type": "train", "config": None}
+
+
 def test_short_run_files_have_the_usual_permissions(short_run, unusual_permissions):
     """A saved run is readable like any other file (by the group and others, under the usual umask), checkpoints
     included, although safetensors writes private files."""
@@ -369,6 +401,10 @@ def test_short_run_logs_saves_and_reports(short_run):
     assert {"test_bleu", "test_chrf", "test_exact_match", "bleu_signature", "dataset", "source_lang", "target_lang"} <= results.keys()
     assert results["dataset"] == "builtin-number-words" and results["stop_reason"] == "max_steps" and results["step"] == 40
     assert results["bleu_signature"].startswith("nrefs:1")
+    recipe = results["training_config"]
+    assert (recipe["warmup_steps"], recipe["max_steps"], recipe["label_smoothing"], recipe["processes"]) == (20, 40, 0.1, 1)
+    assert not {"output_dir", "train_file", "tokenizer"} & recipe.keys()  # no local paths in a public model card
+    assert "train_file" not in results and "dataset_name" not in results  # the built-in task
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  training.CURVES_FILE_NAME):
         assert (short_run / name).is_file(), name

@@ -65,6 +65,24 @@ def check_png(path: Path, width: int, height: int):
     assert len(np.unique(pixels, axis=0)) > 20, f"{path.name} has hardly any colours"
 
 
+def test_saved_pictures_have_matplotlibs_own_pixels(tmp_path):
+    """Smaller files, never other colours: a heatmap's colour scale must not band."""
+    import io
+
+    from PIL import Image
+
+    Figure = viz.require_matplotlib()
+    heatmap, flat = Figure(figsize=(3, 2), dpi=viz.DPI), Figure(figsize=(3, 2), dpi=viz.DPI, facecolor="tab:blue")
+    heatmap.add_subplot(1, 1, 1).imshow(np.linspace(0, 1, 600).reshape(20, 30), cmap="viridis")
+    for figure, mode in ((heatmap, "RGB"), (flat, "P")):
+        reference = io.BytesIO()
+        figure.savefig(reference, dpi=viz.DPI, format="png")
+        path = viz._save(figure, tmp_path / f"{mode}.png")
+        with Image.open(path) as saved, Image.open(reference) as expected:
+            assert saved.mode == mode
+            assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+
 # --------------------------------------------------------------------------------------------------
 # Positional encoding
 
@@ -201,6 +219,19 @@ def test_training_command_without_a_log(visualize, capsys, tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_odd_log_lines_are_skipped_with_a_warning_naming_the_first(tmp_path, caplog):
+    log = tmp_path / viz.LOG_FILE_NAME
+    write_log(log, steps=100)
+    good = log.read_text().splitlines()[:2]  # two train records
+    log.write_text("\n".join([good[0], "5", '{"type": "train", "step": "abc"}', "garbage{", good[1], ""]))
+    with caplog.at_level("WARNING"):
+        assert viz.read_training_log(log).train["step"] == [50, 100]
+    assert f"{log}: skipped 3 line(s) that are not training records (line 2 and later)" in caplog.text
+    log.write_bytes(b'{"type": "train", "step": 1, "loss": 1.0}\n\xff\n')
+    with pytest.raises(ValueError, match=rf"{log} is not a training log: not UTF-8 text"):
+        viz.read_training_log(log)
+
+
 # --------------------------------------------------------------------------------------------------
 # Attention maps, on a small untrained model
 
@@ -309,6 +340,30 @@ def test_attention_needs_a_saved_model(visualize, capsys, tmp_path):
         assert visualize.main([*command, "--out", str(note)]) == 2
         assert f"--out {str(note)!r} is a file, not a folder" in capsys.readouterr().err
     assert note.read_text() == "mine"
+
+
+def test_bad_attention_arguments_get_one_line_naming_them(visualize, capsys, tmp_path, model_dir):
+    import shutil
+
+    cases = [
+        (["--device", "bogus"], "--device 'bogus': not a device name"),
+        (["--source", "  "], "--source is empty"),
+        (["--target", ""], "--target is empty"),
+        (["--out", "/dev/null/pictures"], "/dev/null/pictures"),  # a path that cannot be a folder
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device 'cuda': no CUDA device on this machine"))
+    for arguments, message in cases:
+        argv = {"--source": "one", "--out": str(tmp_path / "out"), **dict(zip(arguments[::2], arguments[1::2]))}
+        assert visualize.main(["attention", "--model", str(model_dir), *sum(argv.items(), ())]) == 2, arguments
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error, (arguments, error)
+    without = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, without)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (without / name).unlink(missing_ok=True)
+    assert visualize.main(["attention", "--model", str(without), "--source", "one", "--out", str(tmp_path / "o")]) == 2
+    assert f"tokenizer not found: {without / 'tokenizer.json'} is missing" in capsys.readouterr().err
 
 
 def test_attention_refuses_a_model_with_weights_missing(visualize, capsys, tmp_path, model_dir):
@@ -538,3 +593,9 @@ def test_trained_model_aligns_unit_words(trained_run, visualize, capsys, tmp_pat
     check_png(paths[0], round(width * viz.DPI), round(height * viz.DPI))
     log = viz.read_training_log(trained_run)
     assert log.train["step"][-1] == 250 and log.eval["step"] == [125, 250] and log.test is not None
+
+
+def test_long_titles_stop_at_three_lines():
+    title = viz._wrap("attention: " + "word " * 300, 8, 10)
+    assert title.count("\n") == 2 and title.endswith(" ...")
+    assert viz._wrap("a short title", 8, 10) == "a short title"
