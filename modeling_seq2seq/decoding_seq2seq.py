@@ -1,8 +1,9 @@
 """Fast greedy and beam search for `Seq2SeqTransformerForConditionalGeneration.generate` (Sections 3.2.3 and 6.1).
 
 The model's `forward` with a cache is what transformers' own generation loop runs; this file is the decode loop the
-model's `generate` uses instead for plain greedy and beam search, with the same outputs: the source is encoded
-once, each step runs the decoder for one new token per row, and the search follows transformers' rules exactly.
+model's `generate` uses instead for plain greedy and beam search, with the same outputs (in beam search, up to
+float32 rounding where two hypotheses nearly tie: see `generate`): the source is encoded once, each step runs the
+decoder for one new token per row, and the search follows transformers' rules exactly.
 `IncrementalDecoder` is that step, lean for CPUs, where it runs as TorchScript (`decode_step_layers`);
 `StaticIncrementalDecoder` is the same step with fixed shapes, which a GPU records once as a CUDA graph and replays.
 It ships to the Hub with the model (torch and transformers only).

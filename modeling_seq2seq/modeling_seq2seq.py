@@ -1133,11 +1133,14 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
 
         When the request is greedy or beam search (with length penalty, min/max length, single banned tokens and a
         forced final end-of-sentence) and asks for token ids only, the search runs on `IncrementalDecoder` and
-        returns exactly what transformers' own loop returns; on a CPU its step runs as TorchScript (compiled at the
-        first call in a process; `model.decode_with_torchscript = False` runs it op by op in Python, with the same
-        results). On a GPU it runs on `StaticIncrementalDecoder`, a
-        recorded step replayed as a CUDA graph: the same tokens in float32; in half precision its attention over a
-        masked fixed-size cache may round differently, as transformers' own static cache does
+        returns what transformers' own loop returns: greedy search exactly; beam search too, except where two
+        hypotheses' scores lie within float32 rounding of each other (~1e-6), as its logits differ from the loop's in
+        the last bits (the cross-attention keys and values are projected once per sentence rather than once per
+        beam, and a sentence's beams attend as one block of queries). On a CPU its step runs as TorchScript
+        (compiled at the first call in a process; `model.decode_with_torchscript = False` runs it op by op in
+        Python, with the same results). On a GPU it runs on `StaticIncrementalDecoder`, a
+        recorded step replayed as a CUDA graph: the same tokens in float32, near-ties apart; in half precision its
+        attention over a masked fixed-size cache may round differently, as transformers' own static cache does
         (`model.decode_with_cuda_graphs = False` keeps the step-by-step arithmetic). Anything else (sampling,
         scores, custom processors, stopping criteria, streamers, ...) goes to transformers' implementation unchanged.
         """
