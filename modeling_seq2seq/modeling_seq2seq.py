@@ -425,8 +425,11 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
 
     def split_heads(self, states: torch.Tensor, parts: int):
+        """(batch, length, parts x d_model) -> `parts` views of (batch, heads, length, head_dim). Split before the
+        heads are moved: the backward then stacks the parts' gradients straight into the projection's layout."""
         batch, length, _ = states.shape
-        return states.view(batch, length, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        split = states.view(batch, length, parts, self.num_heads, self.head_dim).unbind(2)
+        return tuple(part.transpose(1, 2) for part in split)
 
     def forward(
         self,
