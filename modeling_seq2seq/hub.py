@@ -212,7 +212,7 @@ def build_hub_folder(
         raise FileNotFoundError(f"{model_dir} is not a saved model: it has no config.json")
     if model_dir in out_dir.parents:
         raise ValueError(f"the output folder {out_dir} must not be inside the model folder {model_dir}")
-    refuse_to_replace_inputs(out_dir, [model_dir], "the output folder")  # it is replaced as a whole
+    refuse_to_replace_inputs(out_dir, [model_dir], "--dry_run")  # the output folder is replaced as a whole
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     template = Path(template) if template is not None else DEFAULT_TEMPLATE
@@ -372,21 +372,20 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
     that `scripts/train.py` puts in eval_results.json (steps, time, stop reason, averaged checkpoints)."""
     recipe = {}
     eval_results = eval_results or {}
-    for name in TRAINING_FILES:
-        path = model_dir / name
-        if path.is_file():
-            if name.endswith(".json"):
-                settings = _read_json(path)
-            else:
-                import yaml
+    sources = [(name, model_dir / name) for name in TRAINING_FILES if (model_dir / name).is_file()]
+    for name, path in [*sources, ("eval_results.json", None)]:  # the last: what scripts/train.py records
+        if path is None:
+            settings = eval_results.get("training_config")
+        elif name.endswith(".json"):
+            settings = _read_json(path)
+        else:
+            import yaml
 
-                settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+            settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(settings, dict):
+            recipe["settings"] = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))}
+            recipe["settings_file"] = name
             break
-    else:
-        name, settings = "eval_results.json", eval_results.get("training_config")  # what scripts/train.py records
-    if isinstance(settings, dict):
-        recipe["settings"] = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))}
-        recipe["settings_file"] = name
     state = _read_json(model_dir / "trainer_state.json")
     if isinstance(state, dict):
         for key in ("global_step", "epoch"):

@@ -47,7 +47,8 @@ EVAL_RESULTS_NAME = "eval_results.json"
 # The settings eval_results.json records (as "training_config"), for the model card: the recipe, not local paths.
 RECIPE_FIELDS = ("max_steps", "max_time_minutes", "max_tokens", "gradient_accumulation_steps", "lr_scale", "warmup_steps",
                  "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "label_smoothing", "max_grad_norm",
-                 "mixed_precision", "max_source_length", "max_target_length", "average_checkpoints", "seed")
+                 "mixed_precision", "max_source_length", "max_target_length", "max_train_samples", "average_checkpoints",
+                 "seed")
 CURVES_FILE_NAME = "training_curves.png"
 TOKENIZER_DIR_NAME = "tokenizer"
 TOKENIZER_STAGING_NAME = ckpt.TMP_PREFIX + TOKENIZER_DIR_NAME

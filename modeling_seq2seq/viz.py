@@ -480,8 +480,10 @@ def read_training_log(run: str | os.PathLike) -> TrainingLog:
         try:
             record = json.loads(line)
             kind = record.get("type")
-            step = int(record["step"]) if kind in ("train", "eval") else None
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        except (json.JSONDecodeError, AttributeError):
+            record, kind = None, None
+        step = record.get("step") if kind in ("train", "eval") else None
+        if record is None or (kind in ("train", "eval") and type(step) is not int):
             skipped.append(number)  # a line torn by a crash, or not one of train.py's records
             continue
         if kind == "train":

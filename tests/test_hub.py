@@ -468,7 +468,6 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
         ({"dataset_name": "wmt16", "dataset_config_name": "ro-en"}, ("wmt16", "wmt16", "ro-en")),
         ({"dataset": "/data/pairs/train.jsonl"}, (None, "train.jsonl", None)),
         ({"dataset": "data/train.tsv"}, (None, "train.tsv", None)),
-        ({"dataset": "/data/train.jsonl"}, (None, "train.jsonl", None)),
         ({"dataset": "corpora/wmt/train.jsonl"}, (None, "train.jsonl", None)),  # a local path, not NAME/CONFIG
         # What train.py writes now: the local file said to be one, whatever its shape (a Moses prefix here).
         ({"dataset": "corpora/wmt/train", "train_file": "corpora/wmt/train"}, (None, "train", None)),
@@ -755,3 +754,14 @@ def test_weights_that_do_not_fit_are_not_published(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"missing: \['model\.decoder\.layers\.0\.feed_forward\.fc1\.weight'\]"):
         build_hub_folder(damaged, tmp_path / "out", template=TEMPLATE)
     assert not (tmp_path / "out").exists()
+
+
+def test_training_recipe_falls_back_to_what_train_py_records(tmp_path):
+    from modeling_seq2seq.hub import _training_recipe
+
+    results = {"training_config": {"warmup_steps": 300, "label_smoothing": 0.0, "max_time_minutes": None}}
+    (tmp_path / "training_config.yaml").write_text("")  # present but empty: not a recipe
+    recipe = _training_recipe(tmp_path, results)
+    assert recipe["settings"] == {"warmup_steps": 300, "label_smoothing": 0.0} and recipe["settings_file"] == "eval_results.json"
+    (tmp_path / "training_config.yaml").write_text("warmup_steps: 4000\n")
+    assert _training_recipe(tmp_path, results)["settings"] == {"warmup_steps": 4000}

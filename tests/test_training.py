@@ -364,7 +364,7 @@ def test_the_model_card_of_a_run_shows_its_settings(short_run, tmp_path):
     assert "average of the last" not in card  # run_args averages no checkpoints
 
 
-def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path):
+def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path, monkeypatch):
     """The model card tells a local file from a Hub dataset by what train.py records, not by the path's shape."""
     from modeling_seq2seq.data import builtin_task
     from modeling_seq2seq.hub import _dataset_info
@@ -377,11 +377,12 @@ def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path):
         (data / f"{split}.en").write_text("".join(f"{s}\n" for s in rows["source"]))
         (data / f"{split}.de").write_text("".join(f"{t}\n" for t in rows["target"]))
     output_dir = tmp_path / "local"
-    args = run_args(assets, output_dir, max_steps=2, save_steps=0, train_file=str(data / "train"),
-                    test_file=str(data / "test"), source_lang="en", target_lang="de")
+    monkeypatch.chdir(tmp_path)  # a relative path, as a user types it
+    args = run_args(assets, output_dir, max_steps=2, save_steps=0, train_file="corpora/numbers/train",
+                    test_file="corpora/numbers/test", source_lang="en", target_lang="de")
     assert training.main(args) == 0
     results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
-    assert results["train_file"] == str(data / "train") and "dataset_name" not in results
+    assert results["train_file"] == "corpora/numbers/train" and "dataset_name" not in results
     assert _dataset_info(results) == {"display": "local data (`train`)", "id": None, "type": "train", "config": None}
 
 

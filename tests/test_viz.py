@@ -223,10 +223,12 @@ def test_odd_log_lines_are_skipped_with_a_warning_naming_the_first(tmp_path, cap
     log = tmp_path / viz.LOG_FILE_NAME
     write_log(log, steps=100)
     good = log.read_text().splitlines()[:2]  # two train records
-    log.write_text("\n".join([good[0], "5", '{"type": "train", "step": "abc"}', "garbage{", good[1], ""]))
+    odd = ["5", '{"type": "train", "step": "abc"}', '{"type": "eval", "step": Infinity}', '{"type": "train", "step": 2.7}',
+           "garbage{"]
+    log.write_text("\n".join([good[0], *odd, good[1], ""]))
     with caplog.at_level("WARNING"):
         assert viz.read_training_log(log).train["step"] == [50, 100]
-    assert f"{log}: skipped 3 line(s) that are not training records (line 2 and later)" in caplog.text
+    assert f"{log}: skipped 5 line(s) that are not training records (line 2 and later)" in caplog.text
     log.write_bytes(b'{"type": "train", "step": 1, "loss": 1.0}\n\xff\n')
     with pytest.raises(ValueError, match=rf"{log} is not a training log: not UTF-8 text"):
         viz.read_training_log(log)
