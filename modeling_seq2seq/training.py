@@ -1611,7 +1611,8 @@ class Trainer:
         if state.get("world_size", 1) != self.world_size:
             raise ckpt.CheckpointError(
                 f"{folder} was written by {state.get('world_size')} processes; resuming with {self.world_size} would "
-                "change the data order. Resume with the same number of processes."
+                "change the data order or the random streams (each process keeps its own). Resume with the same "
+                "number of processes."
             )
         load_full_weights(self.accelerator, self.model, ckpt.load_safetensors_folder(folder), str(folder))
         load_optimizer_state(self.accelerator, self.model, self.optimizer, ckpt.load_torch_state(folder / OPTIMIZER_NAME))
@@ -1693,7 +1694,8 @@ class Trainer:
         """One optimizer update over `gradient_accumulation_steps` micro-batches.
 
         The gradient is that of the mean loss over every target token of the update (all micro-batches and
-        processes), so one process with k micro-batches and k processes with one each compute the same update.
+        processes), so one process with k micro-batches and k processes with one each compute the same update: the
+        same to rounding without dropout; with dropout, the same in expectation, as each process draws its own masks.
         """
         accelerator, model = self.accelerator, self.model
         device = accelerator.device

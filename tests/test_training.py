@@ -1599,6 +1599,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
     assert_same_weights(two, one, atol=1e-5)
     assert json.loads((two / "checkpoint-8" / ckpt.TRAINER_STATE_NAME).read_text())["world_size"] == 2
     assert (two / "checkpoint-8" / "rng_state_1.pt").is_file()
+    # Resumed by one process (even with the same global batch): refused, naming why, and nothing written.
+    before = sorted(p.name for p in two.iterdir())
+    resumed = run_subprocess(run_args(assets, two, max_steps=10, gradient_accumulation_steps=2,
+                                      model_overrides=no_dropout, resume_from_checkpoint="latest"), env=cpu_only)
+    assert resumed.returncode != 0
+    assert "was written by 2 processes; resuming with 1" in resumed.stderr and "same number of processes" in resumed.stderr
+    assert sorted(p.name for p in two.iterdir()) == before
 
 
 @pytest.mark.slow
