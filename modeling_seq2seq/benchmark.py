@@ -125,6 +125,7 @@ class BenchmarkSettings:
     file_sentences: int | None = None  # override the sentence count of `translate_file`
     progress: bool = True
     compile_training: bool | None = None  # also time `ours+compile` (the loop's `compile: true`); None: on a GPU
+    training_shapes: tuple[tuple[int, int, int], ...] | None = None  # (batch, source, target); None: `train_shapes`
     isolate: bool = False  # each preset's decoding phases and its training phases in a fresh process each
     silence_timeout: float = 1800.0  # seconds a phase-group process may go without a record before it is killed
 
@@ -168,6 +169,8 @@ class BenchmarkSettings:
     def train_shapes(self) -> list[tuple[int, int, int]]:
         """(batch, source length, target length) of the fixed-shape training measurements. On a GPU also larger
         token batches, up to the paper's (Section 5.1: ~25,000 source and ~25,000 target tokens per batch)."""
+        if self.training_shapes:
+            return [tuple(shape) for shape in self.training_shapes]
         return [(16, 32, 32), (128, 64, 64), (200, 128, 128)] if self.is_cuda else [(16, 32, 32)]
 
     def decode_batches(self) -> list[int]:

@@ -15,6 +15,13 @@ import sys
 from modeling_seq2seq.benchmark import PHASES, BenchmarkSettings, format_table, run_benchmark, write_json
 
 
+def train_shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxSOURCExTARGET with positive numbers, e.g. 200x128x128")
+    return tuple(int(part) for part in parts)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
@@ -28,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="also time the training step under torch.compile (auto: on a GPU only)")
+    parser.add_argument("--train_shapes", nargs="+", type=train_shape, metavar="BxSxT",
+                        help="training batches to time, batch x source x target tokens (default: 16x32x32; on cuda "
+                             "also 128x64x64 and 200x128x128)")
     parser.add_argument("--in_process", action="store_true",
                         help="run every phase in this process (default: each preset's decoding phases and its "
                              "training phases in a fresh process each, as CTranslate2 always is)")
@@ -43,6 +53,7 @@ def main(argv=None) -> int:
         device=args.device, threads=args.threads, quick=args.quick, presets=tuple(args.presets) if args.presets else None,
         phases=tuple(args.phases), use_ctranslate2=not args.no_ctranslate2, seed=args.seed, repeats=args.repeats,
         compile_training={"auto": None, "on": True, "off": False}[args.compile], isolate=not args.in_process,
+        training_shapes=tuple(args.train_shapes) if args.train_shapes else None,
     )
     # With --json, the results so far are written after each measurement: a run cut short keeps what it measured.
     result = run_benchmark(settings, on_progress=(lambda partial: write_json(partial, args.json)) if args.json else None)

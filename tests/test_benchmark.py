@@ -123,6 +123,24 @@ def load_script():
     return script
 
 
+def test_train_shapes_choose_the_timed_batches_also_in_the_phase_process(tmp_path, capsys):
+    """`--train_shapes` reaches the training phase's own process (settings travel as JSON there) and sets the timed
+    batches; a shape that is not BATCHxSOURCExTARGET is a usage error naming the argument."""
+    out = tmp_path / "bench.json"
+    assert load_script().main(["--presets", "tiny", "--phases", "train", "--repeats", "1", "--no_ctranslate2",
+                               "--train_shapes", "2x6x5", "3X4x4", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    timed = {(r["implementation"], r["batch"], r["source_length"], r["target_length"])
+             for r in records if r["phase"] == "train"}
+    assert timed == {(name, *shape) for name in ("ours", "marian") for shape in ((2, 6, 5), (3, 4, 4))}
+    capsys.readouterr()
+    for bad in ("2x6", "0x6x6", "2x6xten"):
+        with pytest.raises(SystemExit) as exit_info:
+            load_script().main(["--train_shapes", bad])
+        assert exit_info.value.code == 2
+        assert f"--train_shapes: {bad!r} is not BATCHxSOURCExTARGET" in capsys.readouterr().err
+
+
 def test_a_run_cut_short_keeps_the_presets_it_finished_in_its_json(monkeypatch, tmp_path):
     """The JSON is written after each measurement (atomically): a run stopped in its second preset keeps the first."""
     real = benchmark.run_train
