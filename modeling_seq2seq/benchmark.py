@@ -1429,8 +1429,10 @@ def format_table(result: dict) -> str:
         + f"; wall time {machine.get('wall_seconds', '?')} s. Medians over repeats, implementations alternated; "
         "tok/s: train = source + target tokens, decode/translate = generated tokens.",
     ]
-    if machine["load_average_start"][0] > machine["threads"]:
-        footer.append("Warning: the machine was busy when the run started (load above the thread count): timings are noisy.")
+    # Busy: fewer idle CPUs than the run's threads (on 2 CPUs, a load above 2, as the run's own threads count there).
+    if machine["load_average_start"][0] > max(machine["threads"], machine["cpu_count"] - machine["threads"]):
+        footer.append("Warning: the machine was busy when the run started (fewer idle CPUs than the run's threads): "
+                      "timings are noisy.")
     footer += result.get("notes", [])
     footer += [f"FAILED: {failure}" for failure in result.get("failures", [])]
     return "\n".join(lines + footer)

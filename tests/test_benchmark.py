@@ -123,6 +123,16 @@ def load_script():
     return script
 
 
+@pytest.mark.parametrize("cpus, load, busy", [(2, 1.9, False), (2, 2.5, True), (16, 3.8, False), (16, 14.5, True)])
+def test_the_busy_warning_counts_the_idle_cpus(cpus, load, busy):
+    """The warning says the run's threads had to share CPUs: on 2 CPUs a load above 2, on a 16-CPU GPU host (where
+    the GPU tests had just left a load of 3.8, and 12 CPUs were idle) a load above 14."""
+    machine = dict(cpu_model="x", cpu_count=cpus, threads=2, device="cpu", torch_version="2", transformers_version="5",
+                   ctranslate2_version=None, load_average_start=[load, load, load])
+    table = format_table({"machine": machine, "records": [], "notes": [], "failures": []})
+    assert ("Warning: the machine was busy" in table) == busy
+
+
 def test_train_shapes_choose_the_timed_batches_also_in_the_phase_process(tmp_path, capsys):
     """`--train_shapes` reaches the training phase's own process (settings travel as JSON there) and sets the timed
     batches; a shape that is not BATCHxSOURCExTARGET is a usage error naming the argument."""
