@@ -11,7 +11,9 @@ POSITIONAL_ENCODING_LAYOUTS = ("split", "interleaved")
 
 
 class Seq2SeqTransformerConfig(PretrainedConfig):
-    r"""Hyper-parameters of the encoder-decoder Transformer; the defaults are the paper's base model (Table 3).
+    r"""Hyper-parameters of the encoder-decoder Transformer; the defaults are the paper's base model (Table 3), except
+    `label_smoothing` (0 here, so that `labels` give the plain cross-entropy that transformers' models return; 0.1
+    in Section 5.4, the presets' value) and `positional_encoding_layout` ("split", Marian/OPUS-MT's layout).
 
     Names follow `transformers`' encoder-decoder models (`MarianConfig`, `BartConfig`) so that generic code
     (caches, `hidden_size`, `num_attention_heads`, `num_hidden_layers`) finds what it looks for.
@@ -44,7 +46,7 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
     """
 
     model_type = "seq2seq_transformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache's output field in 5.x, and in 4.57
     attribute_map = {
         "hidden_size": "d_model",
         "num_attention_heads": "encoder_attention_heads",

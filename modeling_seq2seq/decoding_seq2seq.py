@@ -1,4 +1,4 @@
-"""Fast greedy and beam search for `Seq2SeqTransformerForConditionalGeneration.generate` (Sections 3.2.3 and 6.1).
+"""Fast greedy and beam search for `Seq2SeqTransformerForConditionalGeneration.generate` (Sections 3 and 6.1).
 
 The model's `forward` with a cache is what transformers' own generation loop runs; this file is the decode loop the
 model's `generate` uses instead for plain greedy and beam search, with the same outputs (in beam search, up to
@@ -50,8 +50,8 @@ class PackedDecodeWeights(dict):
 # `F.linear` (`FEW_ROWS_ON_MKL`): oneDNN's blocked kernel costs more per call (a base step's 36 layer products on a
 # 2-core Xeon: 4.3 ms with MKL at one row, 4.9 ms with oneDNN, 5.7 ms padded to 6 rows; at 4 rows and more oneDNN is
 # faster, 10.8 against 16.1 ms at 32), and nothing is padded (whole beam-4 searches of one sentence 1.07x faster
-# without). This file cannot tell which CPU it runs on (it ships as remote code, which opens no file), so it keeps
-# the AMD settings; the installed package sets Intel's where it finds an Intel CPU (`modeling_seq2seq.cpu`).
+# without). The values below are AMD's, as in modeling_seq2seq.py (its CPU kernels' section says why); the installed
+# package sets Intel's where it finds an Intel CPU (`modeling_seq2seq.cpu`).
 PADDED_ROWS = 6
 FEW_ROWS_ON_MKL = 0
 
@@ -165,7 +165,7 @@ def scripted_layer_norm(x: torch.Tensor, norm: ScriptedNorm) -> torch.Tensor:
 
 
 def add_sublayer_output(hidden: torch.Tensor, output: torch.Tensor, norm: ScriptedNorm, pre_norm: bool) -> torch.Tensor:
-    """Section 5.4's residual connection: LayerNorm(x + Sublayer(x)), or x + Sublayer(LayerNorm(x)) in pre-norm."""
+    """Section 3.1's residual connection: LayerNorm(x + Sublayer(x)), or x + Sublayer(LayerNorm(x)) in pre-norm."""
     return hidden + output if pre_norm else scripted_layer_norm(hidden + output, norm)
 
 
@@ -265,7 +265,7 @@ def scripted_activation(activation: nn.Module) -> str | None:
 
 
 class IncrementalDecoder:
-    """Section 3.2.3 at inference: the decoder run one token at a time for search, as lean as the paper's math.
+    """Section 3's auto-regressive decoder at inference, one token at a time for search, as lean as the paper's math.
 
     The source is encoded once. Each layer's cross-attention keys and values are projected once per sentence and
     shared by all its beams: the beams of a sentence act as that sentence's queries, so nothing is copied per
@@ -767,9 +767,10 @@ def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> to
 @torch.no_grad()
 def beam_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torch.Tensor:
     """Section 6.1's beam search with transformers' exact rules, so that outputs equal `GenerationMixin.generate`:
-    keep the 2 x beams best continuations; those among the top `beams` that end (end-of-sentence or length limit)
-    become finished hypotheses scored log-probability sum / length^length_penalty; a sentence is done when its
-    best running beam cannot beat its worst finished hypothesis (transformers' `early_stopping=False` rule)."""
+    keep the best max(2, 1 + number of end-of-sentence ids) x beams continuations; those among the top `beams`
+    that end (end-of-sentence or length limit) become finished hypotheses scored log-probability sum /
+    length^length_penalty; a sentence is done when its best running beam cannot beat its worst finished hypothesis
+    (transformers' `early_stopping=False` rule)."""
     beams, penalty, max_new = settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"]
     device = decoder.cross_keys_values[0][0].device
     eos = torch.tensor(settings["eos"], device=device)

@@ -1,10 +1,11 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), written out by hand.
 
-Each class below is one idea of the paper, and its docstring names the section. The model is a native
-`transformers` model (config, outputs, cache, generation, save/load) and runs on transformers 5.x and 4.57:
-this file ships to the Hub with the weights, so it imports torch, transformers and the config only (and, in
-`generate`, decoding_seq2seq.py, the fast greedy/beam search, and in `translation_pipeline`, pipeline.py, both
-shipped beside it).
+The file follows the paper: masks (Section 3.2.3); the paper's parts, one class per idea, each docstring naming its
+section; the stacks and models; the loss (Section 5.4); and last, the CPU kernels the parts use for speed, which
+compute the same function up to float rounding. The model is a native `transformers` model (config, outputs, cache,
+generation, save/load) and runs on transformers 5.x and 4.57: this file ships to the Hub with the weights, so it
+imports torch, transformers and the config only (and, in `generate`, decoding_seq2seq.py, the fast greedy/beam
+search, and in `translation_pipeline`, pipeline.py, both shipped beside it).
 """
 
 import contextvars
@@ -28,6 +29,11 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_seq2seq import Seq2SeqTransformerConfig
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Masks and argument checks (Section 3.2.3)
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -68,221 +74,61 @@ def causal_mask(query_length: int, past_length, dtype: torch.dtype, device: torc
     return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)[None, None]
 
 
-def onednn_linear_kernel():
-    """oneDNN's `linear(x, weight, bias, ...)` kernel, or None where torch lacks it or `torch.backends.mkldnn` is
-    disabled."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return None
-    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str):
+    """An id outside the vocabulary would index out of bounds deep inside the embedding; say which argument."""
+    # Skipped on CUDA (a device-to-host sync per call) and while compiling/exporting (data-dependent control flow).
+    if input_ids.numel() and not input_ids.is_cuda and not torch.compiler.is_compiling():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"`{name}` holds token id {high if high >= vocab_size else low}, outside [0, {vocab_size}).")
 
 
-def forward_is_watched(module: nn.Module) -> bool:
-    """Whether calling `module` does more than its class's `forward`: its own hooks, or a `forward` replaced on the
-    instance (accelerate's hooks, exporters, a user's patch)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
-                or hasattr(module, "_hf_hook"))
+def check_mask_shape(mask: torch.Tensor, expected, name: str):
+    if tuple(mask.shape) != tuple(expected):
+        raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected {tuple(expected)} (batch, length).")
 
 
-def is_plain_linear(module: nn.Module) -> bool:
-    """An `nn.Linear` that computes x W^T + b and nothing else, so that another kernel may compute its product:
-    not a subclass (adapters, quantized or parametrized layers), no hooks (its own, global ones, or a `forward`
-    replaced on the instance, as accelerate does), and a weight that is a plain tensor (not a DTensor)."""
-    hooks = nn.modules.module
-    return (
-        type(module) is nn.Linear
-        and "forward" not in vars(module)
-        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
-        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                 or hooks._global_backward_pre_hooks)
-        and type(module.weight.data) is torch.Tensor
-    )
+def static_cache_slots(cache) -> int | None:
+    """The number of key slots of a static self-attention cache (`cache_implementation="static"`), else None."""
+    layers = getattr(getattr(cache, "self_attention_cache", None), "layers", None)
+    return getattr(layers[0], "max_cache_len", None) if layers else None
 
 
-def matmul_under_bf16_precision(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right with `torch.backends.mkldnn.matmul.fp32_precision` set to "bf16" (process-wide, while it runs)."""
-    settings = torch.backends.mkldnn.matmul
-    previous = settings.fp32_precision
-    settings.fp32_precision = "bf16"
-    try:
-        return left @ right
-    finally:
-        settings.fp32_precision = previous
-
-
-def computes_in_float32(product) -> bool:
-    """Whether `product(left, right)` multiplies float32 matrices without rounding them to bfloat16 first. One operand
-    holds 1 + 2^-10 (exact in float32, 1 in bfloat16) and the other ones, then the other way round, so the sums are
-    exact in float32 and show either operand rounded. Both layouts that `OneDNNLinear.backward` uses are tried (a
-    transposed left operand for d/dW, a plain one for d/dx), at a small shape and at one as large as a training
-    step's (oneDNN picks its kernel by shape)."""
-    fine = 1 + 2**-10
-    for depth, rows, columns in ((37, 64, 48), (512, 256, 512)):
-        for left_value, right_value in ((fine, 1.0), (1.0, fine)):
-            left = torch.full((depth, rows), left_value)
-            if not (
-                torch.equal(product(left.t(), torch.full((depth, columns), right_value)),
-                            torch.full((rows, columns), depth * fine))
-                and torch.equal(product(left, torch.full((rows, columns), right_value)),
-                                torch.full((depth, columns), rows * fine))
-            ):
-                return False
-    return True
-
-
-onednn_matmul_probe = {}  # the probe's answer, once per process
-
-
-def onednn_matmul_keeps_float32() -> bool:
-    """Whether `onednn_matmul` may route float32 products to oneDNN's matmul primitive on this machine. torch sends
-    them there only under the "bf16" matmul precision, which allows oneDNN to round the inputs to bfloat16; it does
-    so on CPUs with a kernel for that (AMX) and computes in float32 elsewhere. `computes_in_float32` tells which; a
-    CPU with AMX is ruled out beforehand, since no probe can try every shape for which oneDNN may pick an AMX kernel."""
-    if "keeps_float32" not in onednn_matmul_probe:
-        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # a torch that cannot tell: assume AMX
-        try:
-            keeps = (
-                onednn_linear_kernel() is not None and not has_amx()
-                and computes_in_float32(matmul_under_bf16_precision)
+def static_cache_mask(attention_mask, batch, length, past_length, slots, dtype, device) -> torch.Tensor:
+    """The self-attention mask over all slots of a static cache: slots not yet written are future positions, which
+    the causal mask hides; a 2D padding mask (of the tokens so far, or of every slot) covers the rest."""
+    mask = causal_mask(length, past_length, dtype, device, key_length=slots)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] > slots:
+            raise ValueError(
+                f"`decoder_attention_mask` has shape {tuple(attention_mask.shape)}; with a static cache of {slots} "
+                f"positions it must be (batch={batch}, length <= {slots})."
             )
-        except (AttributeError, RuntimeError):  # a torch without the setting (< 2.9) or without oneDNN
-            keeps = False
-        onednn_matmul_probe["keeps_float32"] = keeps
-    return onednn_matmul_probe["keeps_float32"]
+        attention_mask = F.pad(attention_mask.to(dtype), (0, slots - attention_mask.shape[1]), value=1.0)
+        mask = mask + padding_mask(attention_mask, dtype)
+    return mask
 
 
-def onednn_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right for float32 CPU matrices on oneDNN's matmul primitive where `onednn_matmul_keeps_float32`, else
-    by `torch.mm` (MKL). The primitive reads a transposed operand in place; oneDNN's inner product (`OneDNNLinear`'s
-    forward kernel) copies it first. At the base preset's backward shapes it is ~10% faster than MKL on an AMD CPU,
-    where MKL has no AVX-512 kernels. While it runs, other threads' float32 products go to oneDNN too, which the probe
-    showed to compute in float32 as well (so does everything after it, should two threads' backward passes interleave
-    their save and restore and leave the setting at "bf16")."""
-    return matmul_under_bf16_precision(left, right) if onednn_matmul_keeps_float32() else left @ right
+def prepared_mask(mask: torch.Tensor, expected, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D (batch, 1 or heads, queries, keys) mask, used as given, as transformers' models do: boolean or integer
+    (true or 1 where attended) or additive (floating point). transformers' `generate` prepares one with a static
+    cache."""
+    batch, queries, keys = expected
+    if mask.shape[0] not in (1, batch) or mask.shape[2] != queries or mask.shape[3] != keys:
+        raise ValueError(
+            f"The 4D `decoder_attention_mask` has shape {tuple(mask.shape)}, expected ({batch}, 1 or heads, "
+            f"{queries}, {keys}) (batch, heads, queries, keys)."
+        )
+    if not mask.is_floating_point():  # boolean, or 1/0 integers: where to attend
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, torch.finfo(dtype).min)
+    return mask.to(dtype)
 
 
-class OneDNNLinear(torch.autograd.Function):
-    """rows W^T + b for float32 (rows, in_features) on a CPU, by oneDNN. On AMD CPUs oneDNN uses AVX-512 and the MKL
-    behind `F.linear` does not: at the base preset's training shapes oneDNN reaches about 1.25x MKL's FLOP/s for the
-    product, and its matmul primitive about 1.1x for d/dx and d/dW (`onednn_matmul`). Same results as `F.linear` up
-    to float rounding. A backward that builds a graph (double backward) uses plain differentiable products."""
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias):
-        ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, weight)
-        ctx.has_bias = bias is not None
-        return onednn_linear_kernel()(rows, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        rows, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():
-                grad_x = grad_rows @ weight
-            elif onednn_matmul_keeps_float32():
-                grad_x = onednn_matmul(grad_rows, weight)
-            else:
-                grad_x = onednn_linear_kernel()(grad_rows, weight.t(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_rows.t() @ rows if torch.is_grad_enabled() else onednn_matmul(grad_rows.t(), rows)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_x, grad_weight, grad_bias
-
-
-def lowbias32_(bits: torch.Tensor) -> torch.Tensor:
-    """C. Wellons' lowbias32 integer hash, in place on int32 values (read as uint32): every output bit depends on
-    every input bit. int32 products wrap modulo 2^32, as the hash needs, and `>>` is made logical by a mask."""
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B - 2**32), (16, None)):
-        bits.bitwise_xor_(bits.bitwise_right_shift(shift).bitwise_and_((1 << (32 - shift)) - 1))
-        if multiplier is not None:
-            bits.mul_(multiplier)
-    return bits
-
-
-def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """Section 5.4's dropout as a CPU mask: 1 / (1 - p) where an element is kept, 0 where it is dropped, each dropped
-    with probability p, independently.
-
-    torch's own CPU dropout draws one number per element from its Mersenne Twister, serially: ~7 ns an element,
-    3% of a base training step on 2 cores (32 masks of 16 x 32 x 512). This mask is a counter-based generator, as
-    CUDA's Philox dropout is: element i gets lowbias32(a i + b), with a (odd) and b drawn from torch's default
-    generator once per mask, so `torch.manual_seed` reproduces it and `torch.utils.checkpoint`'s recompute gets
-    the same mask. Vectorised int32 work: ~1 ns an element.
-
-    Each hash serves two elements, one 16-bit half each, where a multiple of 2^-16 is within 0.01% of both p and 1 - p
-    (for p = 0.1, 6554 / 2^16 = 0.100006; so for any p from 0.077 to 0.923). The hash is most of the work: halving it
-    takes a 16 x 32 x 512 mask from ~0.43 to ~0.29 ms on 2 cores (32 such masks a base training step). Other p get
-    one 32-bit number per element."""
-    count = math.prod(shape)
-    stride, offset = (torch.randint(-(2**31), 2**31 - 1, (2,)) | torch.tensor([1, 0])).tolist()
-    threshold = p * 2**16
-    halves = abs(round(threshold) - threshold) <= min(threshold, 2**16 - threshold) * 1e-4
-    bits = lowbias32_(torch.arange(-(-count // 2) if halves else count, dtype=torch.int32).mul_(stride).add_(offset))
-    if halves:  # the halves of a uniform 32-bit value are two independent uniform 16-bit values
-        keep = bits.view(torch.int16)[:count].ge_(round(threshold) - 2**15)
-    else:
-        keep = bits.ge_(round(p * 2**32) - 2**31)
-    return keep.to(dtype).mul_(1 / (1 - p)).view(shape)
-
-
-def uses_dropout_mask(x: torch.Tensor, p: float, training: bool) -> bool:
-    """Whether `apply_dropout` draws `dropout_mask` for x: CPU training in eager mode on a plain tensor (a compiler,
-    a tracer, vmap or a tensor subclass gets torch's dropout, which they know how to handle), within int32's
-    counter range."""
-    return (
-        training and 0 < p < 1 and type(x) is torch.Tensor and x.device.type == "cpu" and x.numel() < 2**31
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active())
-    )
-
-
-def apply_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout(x, p, training)`, with `dropout_mask` on CPUs."""
-    return x * dropout_mask(x.shape, p, x.dtype) if uses_dropout_mask(x, p, training) else F.dropout(x, p, training)
-
-
-def add_dropout(residual: torch.Tensor, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`residual + apply_dropout(x, p, training)` (Section 5.4, residual dropout), in one pass on CPUs."""
-    if uses_dropout_mask(x, p, training):
-        return torch.addcmul(residual, x, dropout_mask(x.shape, p, x.dtype))
-    return residual + F.dropout(x, p, training)
-
-
-# The decode loop's `linear(module, x)` while it encodes the source (`decoding_seq2seq.IncrementalDecoder`).
-search_linear = contextvars.ContextVar("search_linear", default=None)
-
-# Whether training products go to `OneDNNLinear`, which pays off where MKL lacks AVX-512 code (AMD CPUs). On an Intel
-# CPU, MKL has it, and a base training step with every product on MKL was 1.4 to 3.5% faster (a 2-core Xeon, three
-# alternating runs). This file cannot tell which CPU it runs on (it ships as remote code, which opens no file); the
-# installed package sets False where it finds an Intel CPU (`modeling_seq2seq.cpu`).
-ONEDNN_TRAINING_PRODUCTS = True
-
-
-def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, computed by `OneDNNLinear` when training (module in train mode, autograd recording) a plain
-    float32 `nn.Linear` on a CPU (where `ONEDNN_TRAINING_PRODUCTS`) with enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23
-    multiply-adds, or a weight of 2^20 values or more. Evaluation keeps `F.linear`, so that logits stay
-    bit-identical to MarianMTModel's, except inside our `generate`, whose search picks its own kernels
-    (`search_linear`, `decoding_seq2seq.DecodeStepLinear`)."""
-    if not (module.training and torch.is_grad_enabled() and ONEDNN_TRAINING_PRODUCTS and is_plain_linear(module)):
-        # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
-        search = None if module.training or torch.compiler.is_compiling() else search_linear.get()
-        return module(x) if search is None else search(module, x)
-    weight = module.weight
-    if (
-        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-        or not (x.requires_grad or weight.requires_grad)
-        or x.device.type != "cpu" or weight.device.type != "cpu"
-        or x.dtype != torch.float32 or weight.dtype != torch.float32
-        or (work := x.numel() // max(x.shape[-1], 1) * weight.numel()) == 0
-        or (work < 2**23 and weight.numel() < 2**20)
-        or torch.is_autocast_enabled("cpu")
-        or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0  # forward-mode AD: no rule here
-        or onednn_linear_kernel() is None
-    ):
-        return module(x)
-    rows = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, module.bias)
-    return rows.view(*x.shape[:-1], rows.shape[-1])  # a view outside the Function: in-place edits stay allowed
+# ------------------------------------------------------------------------------------------------------------------
+# The paper's parts: embeddings and positions (3.4, 3.5), attention (3.2), feed-forward (3.3), layers (3.1)
+# `linear`, `apply_dropout` and `add_dropout` are `module(x)`, `F.dropout` and a residual sum with dropout;
+# on CPUs they pick faster kernels (at the end of the file).
+# ------------------------------------------------------------------------------------------------------------------
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -301,8 +147,9 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def compute(self, positions: torch.Tensor) -> torch.Tensor:
         """Encodings of `positions` (float64), shape (len(positions), d_model), float32."""
-        frequencies = 10000 ** (torch.arange(0, self.d_model, 2, dtype=torch.float64, device=positions.device) / self.d_model)
-        angles = positions[:, None] / frequencies
+        dimension_pairs = torch.arange(0, self.d_model, 2, dtype=torch.float64, device=positions.device)
+        timescales = 10000 ** (dimension_pairs / self.d_model)  # wavelength / 2 pi ("from 2 pi to 10000 x 2 pi")
+        angles = positions[:, None] / timescales
         if self.layout == "interleaved":
             return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).float()
         return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
@@ -372,8 +219,10 @@ ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
 def registered_attention(implementation: str):
-    """A kernel registered with transformers (flash, flex, paged...). 5.x looks it up through `get_interface`, which
-    validates the name and is how `model.set_attn_implementation(...)` knows the model can switch; 4.57 indexes."""
+    """A kernel registered with transformers' `AttentionInterface.register` (the masks here are additive 4D floats, so
+    flash and flex attention, which need other masks, are not offered). 5.x looks it up through `get_interface`,
+    which validates the name and is how `model.set_attn_implementation(...)` knows the model can switch; 4.57
+    indexes."""
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
     return ALL_ATTENTION_FUNCTIONS[implementation]
@@ -472,7 +321,8 @@ class MultiHeadAttention(nn.Module):
 
 
 class PositionwiseFeedForward(nn.Module):
-    """Section 3.3, Equation 2: FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, the same at every position."""
+    """Section 3.3, Equation 2: FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, the same at every position (with the default
+    `activation_function="relu"`; `activation_dropout`, 0 by default, is not in the paper)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, activation_dropout: float):
         super().__init__()
@@ -568,12 +418,18 @@ class DecoderLayer(SublayerMixin, GradientCheckpointingLayer):
         return hidden_states, self_weights, cross_weights
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The models: stacks (Section 3.1) and transformers' classes
+# ------------------------------------------------------------------------------------------------------------------
+
+
 class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
     """Weights initialisation and the `transformers` plumbing shared by the models below.
 
     Initialisation (the paper does not state one): Xavier/Glorot-uniform linear layers with zero biases, as in
-    tensor2tensor and fairseq, and embeddings from N(0, d_model^-1/2) (`init_std`), so that embeddings scaled by
-    sqrt(d_model) start with unit variance and so do the logits of the tied output projection.
+    tensor2tensor and fairseq, and embeddings from a normal distribution with standard deviation d_model^-1/2
+    (`init_std`), so that embeddings scaled by sqrt(d_model) start with unit variance and so do the logits of the
+    tied output projection.
     """
 
     config_class = Seq2SeqTransformerConfig
@@ -805,56 +661,6 @@ class Decoder(nn.Module):
         return outputs if return_dict else outputs.to_tuple()
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str):
-    """An id outside the vocabulary would index out of bounds deep inside the embedding; say which argument."""
-    # Skipped on CUDA (a device-to-host sync per call) and while compiling/exporting (data-dependent control flow).
-    if input_ids.numel() and not input_ids.is_cuda and not torch.compiler.is_compiling():
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"`{name}` holds token id {high if high >= vocab_size else low}, outside [0, {vocab_size}).")
-
-
-def check_mask_shape(mask: torch.Tensor, expected, name: str):
-    if tuple(mask.shape) != tuple(expected):
-        raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected {tuple(expected)} (batch, length).")
-
-
-def static_cache_slots(cache) -> int | None:
-    """The number of key slots of a static self-attention cache (`cache_implementation="static"`), else None."""
-    layers = getattr(getattr(cache, "self_attention_cache", None), "layers", None)
-    return getattr(layers[0], "max_cache_len", None) if layers else None
-
-
-def static_cache_mask(attention_mask, batch, length, past_length, slots, dtype, device) -> torch.Tensor:
-    """The self-attention mask over all slots of a static cache: slots not yet written are future positions, which
-    the causal mask hides; a 2D padding mask (of the tokens so far, or of every slot) covers the rest."""
-    mask = causal_mask(length, past_length, dtype, device, key_length=slots)
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] > slots:
-            raise ValueError(
-                f"`decoder_attention_mask` has shape {tuple(attention_mask.shape)}; with a static cache of {slots} "
-                f"positions it must be (batch={batch}, length <= {slots})."
-            )
-        attention_mask = F.pad(attention_mask.to(dtype), (0, slots - attention_mask.shape[1]), value=1.0)
-        mask = mask + padding_mask(attention_mask, dtype)
-    return mask
-
-
-def prepared_mask(mask: torch.Tensor, expected, dtype: torch.dtype) -> torch.Tensor:
-    """A 4D (batch, 1 or heads, queries, keys) mask, used as given, as transformers' models do: boolean or integer
-    (true or 1 where attended) or additive (floating point). transformers' `generate` prepares one with a static
-    cache."""
-    batch, queries, keys = expected
-    if mask.shape[0] not in (1, batch) or mask.shape[2] != queries or mask.shape[3] != keys:
-        raise ValueError(
-            f"The 4D `decoder_attention_mask` has shape {tuple(mask.shape)}, expected ({batch}, 1 or heads, "
-            f"{queries}, {keys}) (batch, heads, queries, keys)."
-        )
-    if not mask.is_floating_point():  # boolean, or 1/0 integers: where to attend
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, torch.finfo(dtype).min)
-    return mask.to(dtype)
-
-
 class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
     """Section 3: the encoder-decoder, with one embedding matrix shared by source and target (Section 3.4)."""
 
@@ -940,6 +746,11 @@ class Seq2SeqTransformerModel(Seq2SeqTransformerPreTrainedModel):
             encoder_attentions=encoder_outputs.attentions,
         )
         return outputs if return_dict else outputs.to_tuple()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Section 5.4's label-smoothed loss, and the gradient of Section 3.4's shared matrix
+# ------------------------------------------------------------------------------------------------------------------
 
 
 class LabelSmoothedCrossEntropy(torch.autograd.Function):
@@ -1084,8 +895,10 @@ class TiedOutputProjection(torch.autograd.Function):
 class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedModel, GenerationMixin):
     """Section 3.4: the encoder-decoder plus the output projection to next-token logits (tied to the embeddings).
 
-    Generation defaults follow Section 6.1: beam search with beam size 4 and length penalty 0.6 (transformers'
-    penalty, the log-probability sum divided by length^0.6).
+    Generation defaults follow Section 6.1 where transformers can: beam search with beam size 4 and length penalty
+    0.6. Two differ: the penalty is transformers' (the log-probability sum divided by length^0.6, not GNMT's
+    ((5 + length) / 6)^0.6 that the paper cites), and the output stops at `max_position_embeddings` tokens (the
+    paper: input length + 50).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
@@ -1315,9 +1128,10 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         `project_scored_positions_only=True` (with `labels`; what our training loop passes) computes the output
         projection only at the positions whose label is not -100: `logits` is then (positions, vocab_size), those
         positions in order, and the loss is the same. (Its name has no "label" in it: transformers' Trainer takes
-        every `forward` argument named so for a label column, and would then find no labels in a batch.) Token batches of the benchmark's realistic length mix leave ~30% of the
-        label positions as padding, and the projection with its loss is about a quarter of a base training step. Not
-        under `torch.compile`, where the count of positions would be data-dependent: there all positions are computed."""
+        every `forward` argument named so for a label column, and would then find no labels in a batch.) Why: the
+        projection with its loss is about a quarter of a base training step, and token batches leave ~30% of the
+        label positions as padding. Not under `torch.compile`, where the count of positions would be data-dependent:
+        there all positions are computed."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             use_cache = False
@@ -1383,6 +1197,230 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             encoder_attentions=outputs.encoder_attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU kernels: oneDNN products and a counter-based dropout mask (measurements in docs/speed.md)
+#
+# The MKL behind `F.linear` runs AVX-512 code on Intel CPUs only; on AMD CPUs oneDNN's products are faster. This file
+# cannot tell which CPU it runs on (it ships as remote code, which opens no file), so its settings are AMD's; the
+# installed package sets Intel's where it finds an Intel CPU (`modeling_seq2seq.cpu`). So does decoding_seq2seq.py.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def onednn_linear_kernel():
+    """oneDNN's `linear(x, weight, bias, ...)` kernel, or None where torch lacks it or `torch.backends.mkldnn` is
+    disabled."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+def forward_is_watched(module: nn.Module) -> bool:
+    """Whether calling `module` does more than its class's `forward`: its own hooks, or a `forward` replaced on the
+    instance (accelerate's hooks, exporters, a user's patch)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+                or hasattr(module, "_hf_hook"))
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` that computes x W^T + b and nothing else, so that another kernel may compute its product:
+    not a subclass (adapters, quantized or parametrized layers), no hooks (its own, global ones, or a `forward`
+    replaced on the instance, as accelerate does), and a weight that is a plain tensor (not a DTensor)."""
+    hooks = nn.modules.module
+    return (
+        type(module) is nn.Linear
+        and "forward" not in vars(module)
+        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                 or hooks._global_backward_pre_hooks)
+        and type(module.weight.data) is torch.Tensor
+    )
+
+
+def matmul_under_bf16_precision(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right with `torch.backends.mkldnn.matmul.fp32_precision` set to "bf16" (process-wide, while it runs)."""
+    settings = torch.backends.mkldnn.matmul
+    previous = settings.fp32_precision
+    settings.fp32_precision = "bf16"
+    try:
+        return left @ right
+    finally:
+        settings.fp32_precision = previous
+
+
+def computes_in_float32(product) -> bool:
+    """Whether `product(left, right)` multiplies float32 matrices without rounding them to bfloat16 first. One operand
+    holds 1 + 2^-10 (exact in float32, 1 in bfloat16) and the other ones, then the other way round, so the sums are
+    exact in float32 and show either operand rounded. Both layouts that `OneDNNLinear.backward` uses are tried (a
+    transposed left operand for d/dW, a plain one for d/dx), at a small shape and at one as large as a training
+    step's (oneDNN picks its kernel by shape)."""
+    fine = 1 + 2**-10
+    for depth, rows, columns in ((37, 64, 48), (512, 256, 512)):
+        for left_value, right_value in ((fine, 1.0), (1.0, fine)):
+            left = torch.full((depth, rows), left_value)
+            if not (
+                torch.equal(product(left.t(), torch.full((depth, columns), right_value)),
+                            torch.full((rows, columns), depth * fine))
+                and torch.equal(product(left, torch.full((rows, columns), right_value)),
+                                torch.full((depth, columns), rows * fine))
+            ):
+                return False
+    return True
+
+
+onednn_matmul_probe = {}  # the probe's answer, once per process
+
+
+def onednn_matmul_keeps_float32() -> bool:
+    """Whether `onednn_matmul` may route float32 products to oneDNN's matmul primitive on this machine. torch sends
+    them there only under the "bf16" matmul precision, which allows oneDNN to round the inputs to bfloat16; it does
+    so on CPUs with a kernel for that (AMX) and computes in float32 elsewhere. `computes_in_float32` tells which; a
+    CPU with AMX is ruled out beforehand, since no probe can try every shape for which oneDNN may pick an AMX kernel."""
+    if "keeps_float32" not in onednn_matmul_probe:
+        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # a torch that cannot tell: assume AMX
+        try:
+            keeps = (
+                onednn_linear_kernel() is not None and not has_amx()
+                and computes_in_float32(matmul_under_bf16_precision)
+            )
+        except (AttributeError, RuntimeError):  # a torch without the setting (< 2.9) or without oneDNN
+            keeps = False
+        onednn_matmul_probe["keeps_float32"] = keeps
+    return onednn_matmul_probe["keeps_float32"]
+
+
+def onednn_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right for float32 CPU matrices on oneDNN's matmul primitive where `onednn_matmul_keeps_float32`, else
+    by `torch.mm` (MKL). The primitive reads a transposed operand in place; oneDNN's inner product (`OneDNNLinear`'s
+    forward kernel) copies it first. At the base preset's backward shapes it is ~10% faster than MKL on an AMD CPU,
+    where MKL has no AVX-512 kernels. While it runs, other threads' float32 products go to oneDNN too, which the probe
+    showed to compute in float32 as well (so does everything after it, should two threads' backward passes interleave
+    their save and restore and leave the setting at "bf16")."""
+    return matmul_under_bf16_precision(left, right) if onednn_matmul_keeps_float32() else left @ right
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """rows W^T + b for float32 (rows, in_features) on a CPU, by oneDNN. On AMD CPUs oneDNN uses AVX-512 and the MKL
+    behind `F.linear` does not: at the base preset's training shapes oneDNN reaches about 1.25x MKL's FLOP/s for the
+    product, and its matmul primitive about 1.1x for d/dx and d/dW (`onednn_matmul`). Same results as `F.linear` up
+    to float rounding. A backward that builds a graph (double backward) uses plain differentiable products."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias):
+        ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear_kernel()(rows, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        rows, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():
+                grad_x = grad_rows @ weight
+            elif onednn_matmul_keeps_float32():
+                grad_x = onednn_matmul(grad_rows, weight)
+            else:
+                grad_x = onednn_linear_kernel()(grad_rows, weight.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_rows.t() @ rows if torch.is_grad_enabled() else onednn_matmul(grad_rows.t(), rows)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def lowbias32_(bits: torch.Tensor) -> torch.Tensor:
+    """C. Wellons' lowbias32 integer hash, in place on int32 values (read as uint32): every output bit depends on
+    every input bit. int32 products wrap modulo 2^32, as the hash needs, and `>>` is made logical by a mask."""
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B - 2**32), (16, None)):
+        bits.bitwise_xor_(bits.bitwise_right_shift(shift).bitwise_and_((1 << (32 - shift)) - 1))
+        if multiplier is not None:
+            bits.mul_(multiplier)
+    return bits
+
+
+def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Section 5.4's dropout as a CPU mask: 1 / (1 - p) where an element is kept, 0 where it is dropped, each dropped
+    with probability p, independently.
+
+    torch's own CPU dropout draws one number per element from its Mersenne Twister, serially: ~7 ns an element,
+    3% of a base training step on 2 cores (32 masks of 16 x 32 x 512). This mask is a counter-based generator, as
+    CUDA's Philox dropout is: element i gets lowbias32(a i + b), with a (odd) and b drawn from torch's default
+    generator once per mask, so `torch.manual_seed` reproduces it and `torch.utils.checkpoint`'s recompute gets
+    the same mask. Vectorised int32 work: ~1 ns an element.
+
+    Each hash serves two elements, one 16-bit half each, where a multiple of 2^-16 is within 0.01% of both p and 1 - p
+    (for p = 0.1, 6554 / 2^16 = 0.100006; so for any p from 0.077 to 0.923). The hash is most of the work: halving it
+    takes a 16 x 32 x 512 mask from ~0.43 to ~0.29 ms on 2 cores (32 such masks a base training step). Other p get
+    one 32-bit number per element."""
+    count = math.prod(shape)
+    stride, offset = (torch.randint(-(2**31), 2**31 - 1, (2,)) | torch.tensor([1, 0])).tolist()
+    threshold = p * 2**16
+    halves = abs(round(threshold) - threshold) <= min(threshold, 2**16 - threshold) * 1e-4
+    bits = lowbias32_(torch.arange(-(-count // 2) if halves else count, dtype=torch.int32).mul_(stride).add_(offset))
+    if halves:  # the halves of a uniform 32-bit value are two independent uniform 16-bit values
+        keep = bits.view(torch.int16)[:count].ge_(round(threshold) - 2**15)
+    else:
+        keep = bits.ge_(round(p * 2**32) - 2**31)
+    return keep.to(dtype).mul_(1 / (1 - p)).view(shape)
+
+
+def uses_dropout_mask(x: torch.Tensor, p: float, training: bool) -> bool:
+    """Whether `apply_dropout` draws `dropout_mask` for x: CPU training in eager mode on a plain tensor (a compiler,
+    a tracer, vmap or a tensor subclass gets torch's dropout, which they know how to handle), within int32's
+    counter range."""
+    return (
+        training and 0 < p < 1 and type(x) is torch.Tensor and x.device.type == "cpu" and x.numel() < 2**31
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active())
+    )
+
+
+def apply_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout(x, p, training)`, with `dropout_mask` on CPUs."""
+    return x * dropout_mask(x.shape, p, x.dtype) if uses_dropout_mask(x, p, training) else F.dropout(x, p, training)
+
+
+def add_dropout(residual: torch.Tensor, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`residual + apply_dropout(x, p, training)` (Section 5.4, residual dropout), in one pass on CPUs."""
+    if uses_dropout_mask(x, p, training):
+        return torch.addcmul(residual, x, dropout_mask(x.shape, p, x.dtype))
+    return residual + F.dropout(x, p, training)
+
+
+# The decode loop's `linear(module, x)` while it encodes the source (`decoding_seq2seq.IncrementalDecoder`).
+search_linear = contextvars.ContextVar("search_linear", default=None)
+
+# Whether training products go to `OneDNNLinear` (AMD CPUs; the section's head says why). On an Intel CPU a base
+# training step with every product on MKL was 1.4 to 3.5% faster (a 2-core Xeon, three alternating runs).
+ONEDNN_TRAINING_PRODUCTS = True
+
+
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, computed by `OneDNNLinear` when training (module in train mode, autograd recording) a plain
+    float32 `nn.Linear` on a CPU (where `ONEDNN_TRAINING_PRODUCTS`) with enough work to pay for oneDNN's dearer
+    call (~10 us more than MKL's): 2^23 multiply-adds, or a weight of 2^20 values or more. Evaluation keeps
+    `F.linear`, so that logits stay bit-identical to MarianMTModel's, except inside our `generate`, whose search
+    picks its own kernels (`search_linear`, `decoding_seq2seq.DecodeStepLinear`)."""
+    if not (module.training and torch.is_grad_enabled() and ONEDNN_TRAINING_PRODUCTS and is_plain_linear(module)):
+        # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
+        search = None if module.training or torch.compiler.is_compiling() else search_linear.get()
+        return module(x) if search is None else search(module, x)
+    weight = module.weight
+    if (
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+        or not (x.requires_grad or weight.requires_grad)
+        or x.device.type != "cpu" or weight.device.type != "cpu"
+        or x.dtype != torch.float32 or weight.dtype != torch.float32
+        or (work := x.numel() // max(x.shape[-1], 1) * weight.numel()) == 0
+        or (work < 2**23 and weight.numel() < 2**20)
+        or torch.is_autocast_enabled("cpu")
+        or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0  # forward-mode AD: no rule here
+        or onednn_linear_kernel() is None
+    ):
+        return module(x)
+    rows = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, module.bias)
+    return rows.view(*x.shape[:-1], rows.shape[-1])  # a view outside the Function: in-place edits stay allowed
 
 
 __all__ = [
