@@ -240,3 +240,25 @@ def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_o
     assert "model.safetensors" in final_moves[:-3]
     assert json.loads((output_dir / script.FINAL_STATE_NAME).read_text()) == {"global_step": 12}
     assert not [p for p in output_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_trainer_predictions_leave_the_cache_out(tmp_path):
+    """`Trainer.prediction_step` returns the outputs not named in `config.keys_to_ignore_at_inference` as the
+    predictions; the cache a forward without labels returns is not one of them (5.x names its field `cache`)."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from modeling_seq2seq.convert import to_marian
+    from test_model import make_model, padded_batch
+
+    model = make_model().eval()
+    source, mask = padded_batch()
+    inputs = dict(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :5], use_cache=True)
+    assert "cache" in model(**inputs) or "past_key_values" in model(**inputs), "the forward returns a cache"
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    predictions = {}
+    for name, candidate in (("ours", model), ("marian", to_marian(model).eval())):
+        loss, predictions[name], labels = Seq2SeqTrainer(model=candidate, args=args).prediction_step(
+            candidate, inputs, prediction_loss_only=False)
+        assert loss is None and labels is None
+    assert all(isinstance(tensor, torch.Tensor) for tensor in predictions["ours"]), "no Cache among the predictions"
+    assert [t.shape for t in predictions["ours"]] == [t.shape for t in predictions["marian"]]  # logits, encoder states
