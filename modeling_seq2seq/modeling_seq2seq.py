@@ -52,14 +52,17 @@ def attention_dtype(hidden_states: torch.Tensor) -> torch.dtype:
     return hidden_states.dtype
 
 
+def additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask of blocked positions -> 0 where attended, the dtype's minimum where blocked (added to the scores).
+
+    The dtype's minimum rather than -inf: a row whose keys are all blocked then gets a uniform softmax, never NaN."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, torch.finfo(dtype).min)
+
+
 def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(batch, keys) 1/0 mask -> additive (batch, 1, 1, keys) mask: 0 where attended, the dtype's minimum where not.
-    Any value but 0 attends, as in transformers' own masks (a mask of 2s or a bool mask means the same as 1s).
-
-    The dtype's minimum rather than -inf: a row whose keys are all padding then gets a uniform softmax, never NaN.
-    """
-    masked = attention_mask[:, None, None, :] == 0
-    return torch.zeros(masked.shape, dtype=dtype, device=masked.device).masked_fill_(masked, torch.finfo(dtype).min)
+    Any value but 0 attends, as in transformers' own masks (a mask of 2s or a bool mask means the same as 1s)."""
+    return additive_mask(attention_mask[:, None, None, :] == 0, dtype)
 
 
 def causal_mask(query_length: int, past_length, dtype: torch.dtype, device: torch.device, key_length=None) -> torch.Tensor:
@@ -71,7 +74,7 @@ def causal_mask(query_length: int, past_length, dtype: torch.dtype, device: torc
     key_positions = torch.arange(past_length + query_length if key_length is None else key_length, device=device)
     query_positions = torch.arange(query_length, device=device) + past_length
     future = key_positions[None, :] > query_positions[:, None]
-    return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)[None, None]
+    return additive_mask(future, dtype)[None, None]
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str):
@@ -120,7 +123,7 @@ def prepared_mask(mask: torch.Tensor, expected, dtype: torch.dtype) -> torch.Ten
             f"{queries}, {keys}) (batch, heads, queries, keys)."
         )
     if not mask.is_floating_point():  # boolean, or 1/0 integers: where to attend
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, torch.finfo(dtype).min)
+        return additive_mask(mask == 0, dtype)
     return mask.to(dtype)
 
 
@@ -1090,7 +1093,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
     def gathers_tied_gradient(self) -> bool:
         """Whether this forward gathers the shared matrix's gradient in one buffer (`TiedGradient`): in eager
         float32 CPU training of the tied model, with a plain output projection."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        if capturing_a_graph():
             return False
         weight = self.lm_head.weight
         return (
@@ -1206,6 +1209,12 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
 # cannot tell which CPU it runs on (it ships as remote code, which opens no file), so its settings are AMD's; the
 # installed package sets Intel's where it finds an Intel CPU (`modeling_seq2seq.cpu`). So does decoding_seq2seq.py.
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def capturing_a_graph() -> bool:
+    """Whether a compiler, a tracer or a functorch transform (vmap, grad) is running: they get torch's own operations,
+    whose rules they know, instead of the kernels below."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
 
 
 def onednn_linear_kernel():
@@ -1372,7 +1381,7 @@ def uses_dropout_mask(x: torch.Tensor, p: float, training: bool) -> bool:
     counter range."""
     return (
         training and 0 < p < 1 and type(x) is torch.Tensor and x.device.type == "cpu" and x.numel() < 2**31
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active())
+        and not capturing_a_graph()
     )
 
 
@@ -1408,7 +1417,7 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return module(x) if search is None else search(module, x)
     weight = module.weight
     if (
-        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+        capturing_a_graph()
         or not (x.requires_grad or weight.requires_grad)
         or x.device.type != "cpu" or weight.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32
