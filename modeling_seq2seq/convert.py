@@ -97,7 +97,7 @@ def from_marian(marian: MarianMTModel) -> Seq2SeqTransformerForConditionalGenera
         output_bias=bool(bias.any()),
         init_std=mc.init_std,
     )
-    model = Seq2SeqTransformerForConditionalGeneration(config)
+    model = Seq2SeqTransformerForConditionalGeneration(config).to(marian.dtype)  # loading would round to float32
     theirs = marian.state_dict()
     state = {ours: theirs[name] for ours, name in layer_renames(config).items()}
     for ours, parts in fused_projections(config).items():
@@ -111,7 +111,7 @@ def from_marian(marian: MarianMTModel) -> Seq2SeqTransformerForConditionalGenera
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"Weight mapping from Marian is incomplete: missing {missing}, unexpected {unexpected}.")
     model.generation_config = GenerationConfig.from_dict(marian.generation_config.to_dict())
-    return model.to(marian.dtype).train(marian.training)
+    return model.train(marian.training)
 
 
 def to_marian(model: Seq2SeqTransformerForConditionalGeneration) -> MarianMTModel:
@@ -131,7 +131,7 @@ def to_marian(model: Seq2SeqTransformerForConditionalGeneration) -> MarianMTMode
         forced_eos_token_id=None,
         share_encoder_decoder_embeddings=True,
     )
-    marian = MarianMTModel(marian_config)
+    marian = MarianMTModel(marian_config).to(model.dtype)  # loading would round to float32
     ours = model.state_dict()
     state = {name: ours[o] for o, name in layer_renames(config).items() if o in ours}
     if "lm_head.weight" not in state:
@@ -149,7 +149,7 @@ def to_marian(model: Seq2SeqTransformerForConditionalGeneration) -> MarianMTMode
     if unexpected or [k for k in missing if "embed_positions" not in k]:
         raise RuntimeError(f"Weight mapping to Marian is incomplete: missing {missing}, unexpected {unexpected}.")
     marian.generation_config = GenerationConfig.from_dict(model.generation_config.to_dict())
-    return marian.to(model.dtype).train(model.training)
+    return marian.train(model.training)
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "source.spm", "vocab.json")

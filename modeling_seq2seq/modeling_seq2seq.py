@@ -38,6 +38,8 @@ from .configuration_seq2seq import Seq2SeqTransformerConfig
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
     """Teacher forcing: the decoder reads the target shifted one position right, starting from the start token."""
+    if pad_token_id is None:  # it replaces the shifted labels' -100s
+        raise ValueError("`labels` need `config.pad_token_id`, which is None: set it to the padding token's id.")
     shifted = labels.new_empty(labels.shape)
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
@@ -200,9 +202,10 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     """Section 3.2.1, Equation 1: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
 
     Inputs are (batch, heads, length, head_dim); returns the output as (batch, length, heads, head_dim) and the
-    attention weights as (batch, heads, queries, keys). The softmax runs in float32 for half-precision inputs.
+    attention weights as (batch, heads, queries, keys). The softmax runs in float32 for half-precision inputs (and
+    in float64 for float64 ones).
     """
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(torch.promote_types(query.dtype, torch.float32)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
     weights = F.softmax(scores, dim=-1).to(query.dtype)
@@ -1180,7 +1183,8 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         if labels is not None:
             labels = labels.to(logits.device)
             loss = LabelSmoothedCrossEntropy.apply(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), self.config.label_smoothing,
+                logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]),
+                labels.reshape(-1), self.config.label_smoothing,
             )
             num_items_in_batch = kwargs.get("num_items_in_batch")
             if num_items_in_batch is not None:

@@ -104,6 +104,42 @@ def test_logits_and_generation_match_marian(preset):
         ), settings
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_float64_model_computes_in_float64_as_marian_does(implementation):
+    """In float64 the two compute the same function to float64 rounding, through each attention and the loss; the
+    twin carries float64 weights exactly (weights off the float32 grid, so that rounding through float32 shows), and
+    `from_marian` carries them back exactly."""
+    ours = make_model().double()
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-3)
+    ours.set_attn_implementation(implementation)
+    marian = to_marian(ours).eval()
+    marian.set_attn_implementation(implementation)
+    assert all(p.dtype == torch.float64 for p in marian.parameters())
+    assert torch.equal(marian.model.shared.weight, ours.model.shared.weight)
+    back = from_marian(marian)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+    source, mask = padded_batch()
+    eager = implementation == "eager"  # the weights come from eager attention only
+    inputs = dict(input_ids=source, attention_mask=mask, labels=source[:, :7].contiguous(), output_attentions=eager)
+    with torch.no_grad():
+        out, reference = ours(**inputs), marian(**inputs)
+    assert out.loss.dtype == torch.float64
+    assert (out.logits - reference.logits).abs().max().item() < 1e-12
+    assert abs(out.loss.item() - reference.loss.item()) < 1e-12
+    if eager:
+        assert out.cross_attentions[-1].dtype == torch.float64
+        assert (out.cross_attentions[-1] - reference.cross_attentions[-1]).abs().max().item() < 1e-12
+
+
+def test_labels_without_a_padding_id_are_refused_naming_it():
+    model = make_model(pad_token_id=None)
+    source, mask = padded_batch()
+    with pytest.raises(ValueError, match=r"`labels` need `config.pad_token_id`, which is None"):
+        model(input_ids=source, attention_mask=mask, labels=source)
+
+
 def test_from_marian_round_trip_keeps_output_bias():
     """OPUS-MT checkpoints carry a logits bias: from_marian keeps it, and the ported model matches Marian."""
     marian = to_marian(make_model()).eval()
