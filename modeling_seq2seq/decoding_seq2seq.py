@@ -124,7 +124,7 @@ class DecodeStepLinear:
         """The (PADDED_ROWS, width) buffer that inputs of fewer rows are copied into."""
         buffer = self.padded.get(width)
         if buffer is None:
-            buffer = self.padded[width] = torch.zeros(PADDED_ROWS, width)
+            buffer = self.padded[width] = torch.zeros(PADDED_ROWS, width, dtype=torch.float32)  # whatever the default
         return buffer
 
     def __call__(self, module, x: torch.Tensor) -> torch.Tensor:

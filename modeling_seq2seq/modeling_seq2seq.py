@@ -47,9 +47,10 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
 
 
 def attention_dtype(hidden_states: torch.Tensor) -> torch.dtype:
-    """The dtype attention scores are computed in: the autocast dtype when autocast is on."""
+    """The dtype attention scores are computed in: the autocast dtype when autocast is on, except for float64, which
+    autocast leaves alone."""
     device_type = hidden_states.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and hidden_states.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return hidden_states.dtype
 
@@ -521,8 +522,9 @@ class Encoder(nn.Module):
         batch, length = inputs_embeds.shape[:2]
         if batch == 0 or length == 0:
             raise ValueError(f"The encoder got an empty batch: input shape {tuple(inputs_embeds.shape[:2])}.")
-        positions = self.embed_positions(length, 0, inputs_embeds.device)
-        hidden_states = apply_dropout(inputs_embeds + positions.to(inputs_embeds.dtype), config.dropout, self.training)
+        # In the model's dtype, as Marian's table is: `inputs_embeds` given in a lower precision are promoted.
+        positions = self.embed_positions(length, 0, inputs_embeds.device).to(self.embed_tokens.weight.dtype)
+        hidden_states = apply_dropout(inputs_embeds + positions, config.dropout, self.training)
 
         mask = None
         if attention_mask is not None:
@@ -608,8 +610,8 @@ class Decoder(nn.Module):
         past_length = cache.get_seq_length() if cache is not None else 0  # a 0-d tensor for a static cache
         key_slots = static_cache_slots(cache)
 
-        positions = self.embed_positions(length, past_length, inputs_embeds.device)
-        hidden_states = apply_dropout(inputs_embeds + positions.to(inputs_embeds.dtype), config.dropout, self.training)
+        positions = self.embed_positions(length, past_length, inputs_embeds.device).to(self.embed_tokens.weight.dtype)
+        hidden_states = apply_dropout(inputs_embeds + positions, config.dropout, self.training)  # as in the encoder
 
         dtype, device = attention_dtype(hidden_states), hidden_states.device
         self_mask, is_causal = None, False

@@ -133,6 +133,52 @@ def test_a_float64_model_computes_in_float64_as_marian_does(implementation):
         assert (out.cross_attentions[-1] - reference.cross_attentions[-1]).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_a_float64_model_under_cpu_autocast_stays_float64_as_marian_does(autocast_dtype):
+    """Autocast leaves float64 alone: the masks too (SDPA refused a bfloat16 mask beside float64 queries)."""
+    ours = make_model().double()
+    marian = to_marian(ours).eval()
+    source, mask = padded_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype):
+        logits = ours(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :5]).logits
+        reference = marian(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :5]).logits
+        settings = dict(attention_mask=mask, max_new_tokens=6)
+        for beams in (1, 3):
+            assert torch.equal(ours.generate(source, num_beams=beams, **settings),
+                               marian.generate(source, num_beams=beams, **settings))
+    assert logits.dtype == torch.float64 and (logits - reference).abs().max().item() < 1e-12
+
+
+def test_embeddings_given_in_a_lower_precision_are_promoted_as_marian_does():
+    ours = make_model().double()
+    marian = to_marian(ours).eval()
+    source, mask = padded_batch()
+    embeds = ours.get_input_embeddings()(source).float()  # scaled by sqrt(d_model), as the lookup scales
+    inputs = dict(inputs_embeds=embeds, attention_mask=mask)
+    scale = math.sqrt(ours.config.d_model)  # Marian's decoder scales `decoder_inputs_embeds` again (our docstring)
+    with torch.no_grad():
+        logits = ours(**inputs, decoder_inputs_embeds=embeds[:, :5]).logits
+        reference = marian(**inputs, decoder_inputs_embeds=embeds[:, :5] / scale).logits
+    # 1e-6: Marian's division and multiplication by the scale round in float32
+    assert logits.dtype == reference.dtype == torch.float64 and (logits - reference).abs().max().item() < 1e-6
+
+
+def test_fast_generate_of_a_float32_model_under_a_float64_default_dtype(monkeypatch):
+    """`torch.set_default_dtype(torch.float64)` before loading a float32 model: the search's padded rows (AMD's and
+    the Hub copy's setting, for weights of 2^18 values or more) are float32 too, and the tokens are transformers'."""
+    use_few_rows_settings(monkeypatch, "amd")
+    model = make_model(d_model=256, encoder_ffn_dim=1024, decoder_ffn_dim=1024, encoder_layers=1, decoder_layers=1)
+    source = torch.tensor([[5, 6, 7, 8, 2]])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for beams in (1, 4):
+            settings = dict(num_beams=beams, max_new_tokens=5)
+            assert torch.equal(model.generate(source, **settings), GenerationMixin.generate(model, source, **settings))
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_labels_without_a_padding_id_are_refused_naming_it():
     model = make_model(pad_token_id=None)
     source, mask = padded_batch()
