@@ -32,9 +32,9 @@ from .modeling_seq2seq import (
 
 
 class PackedDecodeWeights(dict):
-    """A model's copies of its decode weights in oneDNN's layout: id(linear layer) -> (weight, its version, a sample
-    of its values, the copy). Kept on the model, so they live and die with it; a copy or a pickle of the model starts
-    without them (oneDNN's opaque tensors can be neither copied nor saved)."""
+    """A model's copies of its decode weights in oneDNN's layout: id(linear layer) -> (weight, its storage and
+    version, a sample of its values, the copy). Kept on the model, so they live and die with it; a copy or a pickle
+    of the model starts without them (oneDNN's opaque tensors can be neither copied nor saved)."""
 
     def __deepcopy__(self, memo):
         return PackedDecodeWeights()
@@ -65,10 +65,12 @@ class DecodeStepLinear:
     that oneDNN's does on AMD CPUs (the output projection at one row: 7.5 ms vs 3.6 ms on 2 cores; CTranslate2 avoids
     MKL on non-Intel CPUs too), and oneDNN is faster still with the weights stored once in its blocked
     layout (the whole base decoder at 4 rows: 23 ms plain, 14 ms blocked). The blocked copies are kept per model
-    (its weights once more in memory). At the first use in a search each is checked against its layer:
-    same tensor, same version counter and same values at every 509th element (edits through `.data` leave the
-    version counter alone; 509 < 512 samples every row of 512 or more, and reads 1/32 of the cache lines), else
-    rebuilt. Up to `FEW_ROWS_ON_MKL` rows go to `F.linear`, and fewer than `PADDED_ROWS` rows are multiplied as
+    (its weights once more in memory; a search first drops those of layers the model no longer has, as after
+    `resize_token_embeddings`). At the first use in a search each is checked against its layer: same tensor, same
+    storage (assigning `.data`, as `vector_to_parameters` does, changes it), same version counter and same values at
+    every 509th element, else rebuilt. An edit in place through `.data` leaves the version counter alone, so only
+    the sample can see it: 509 < 512 samples every row of 512 or more (reading 1/32 of the cache lines), but not
+    every element. Up to `FEW_ROWS_ON_MKL` rows go to `F.linear`, and fewer than `PADDED_ROWS` rows are multiplied as
     that many (zeros below), by CPU (see those settings); only the input's rows come back, and each depends on its
     own input row only.
     Results equal `F.linear` up to float rounding. Matrices under 1 MB (2^18 floats) stay in cache, where a oneDNN
@@ -87,6 +89,9 @@ class DecodeStepLinear:
         self.cache = vars(model).get("_packed_decode_weights")
         if self.cache is None:
             self.cache = model._packed_decode_weights = PackedDecodeWeights()
+        layers = {id(module) for module in model.modules()}
+        for key in [key for key in self.cache if (key[-1] if isinstance(key, tuple) else key) not in layers]:
+            del self.cache[key]  # a replaced layer's copy (and the old weight it holds)
         self.chosen, self.padded = {}, {}
         self.mkl_rows = FEW_ROWS_ON_MKL
 
@@ -114,9 +119,9 @@ class DecodeStepLinear:
         changed (the check in the class docstring)."""
         weight = module.weight
         entry, sample = self.cache.get(key), weight.detach().reshape(-1)[::509]
-        same = entry is not None and entry[0] is weight and entry[1] == weight._version
+        same = entry is not None and entry[0] is weight and entry[1] == (weight.data_ptr(), weight._version)
         if not (same and torch.equal(entry[2], sample)):
-            entry = (weight, weight._version, sample.clone(), make(weight.detach()))
+            entry = (weight, (weight.data_ptr(), weight._version), sample.clone(), make(weight.detach()))
             self.cache[key] = entry
         return entry[3]
 

@@ -1253,15 +1253,22 @@ def is_plain_linear(module: nn.Module) -> bool:
     )
 
 
+# The setting found outside our products: each product restores it, not what it found, which may be another
+# thread's "bf16" (a save and restore per product, interleaved by two threads, could leave "bf16" for good).
+fp32_precision_outside = {}
+
+
 def matmul_under_bf16_precision(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left @ right with `torch.backends.mkldnn.matmul.fp32_precision` set to "bf16" (process-wide, while it runs)."""
     settings = torch.backends.mkldnn.matmul
-    previous = settings.fp32_precision
+    found = settings.fp32_precision
+    if found != "bf16":
+        fp32_precision_outside["value"] = found
     settings.fp32_precision = "bf16"
     try:
         return left @ right
     finally:
-        settings.fp32_precision = previous
+        settings.fp32_precision = fp32_precision_outside.get("value", found)
 
 
 def computes_in_float32(product) -> bool:
@@ -1310,8 +1317,8 @@ def onednn_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     by `torch.mm` (MKL). The primitive reads a transposed operand in place; oneDNN's inner product (`OneDNNLinear`'s
     forward kernel) copies it first. At the base preset's backward shapes it is ~10% faster than MKL on an AMD CPU,
     where MKL has no AVX-512 kernels. While it runs, other threads' float32 products go to oneDNN too, which the probe
-    showed to compute in float32 as well (so does everything after it, should two threads' backward passes interleave
-    their save and restore and leave the setting at "bf16")."""
+    showed to compute in float32 as well, and `torch.get_float32_matmul_precision()` raises in them (torch refuses to
+    read its legacy setting while the new one is "bf16")."""
     return matmul_under_bf16_precision(left, right) if onednn_matmul_keeps_float32() else left @ right
 
 

@@ -1,11 +1,14 @@
 """The core model: parity with transformers' MarianMTModel, the paper's properties, and transformers plumbing."""
 
 import copy
+import gc
 import itertools
 import json
 import math
 import pickle
+import threading
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -41,6 +44,7 @@ from modeling_seq2seq.modeling_seq2seq import (
     dropout_mask,
     linear,
     lowbias32_,
+    matmul_under_bf16_precision,
     onednn_linear_kernel,
     onednn_matmul,
     onednn_matmul_keeps_float32,
@@ -624,6 +628,55 @@ def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit
     layer = model.model.decoder.layers[0].self_attn
     layer.qkv_proj.weight = torch.nn.Parameter(torch.randn_like(layer.qkv_proj.weight))  # a new tensor
     check()
+    # `vector_to_parameters` assigns `.data` (new storage, same version counter): one output-projection row made to
+    # win, every element but the one the sample reads
+    with torch.no_grad():
+        states = model(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :1],
+                       output_hidden_states=True).decoder_hidden_states[-1][:, -1].mean(0)
+    token, width = 77, model.config.d_model
+    row = torch.nn.utils.parameters_to_vector([model.lm_head.weight]).detach().view(-1, width)
+    unsampled = torch.arange(width) != (-(token * width) % 509)
+    row[token, unsampled] = (states / states.norm() * 1e3)[unsampled]
+    torch.nn.utils.vector_to_parameters(row.reshape(-1), [model.lm_head.weight])
+    assert (GenerationMixin.generate(model, source, attention_mask=mask, max_new_tokens=3)[:, 1:] == token).any()
+    check()
+
+
+def test_a_search_drops_the_decode_weights_of_layers_the_model_no_longer_has():
+    """`resize_token_embeddings` of an untied model replaces its output projection: the old one's copy in oneDNN's
+    layout, and with it the old weight, are not kept."""
+    model = make_model(d_model=512, encoder_ffn_dim=512, decoder_ffn_dim=512, encoder_attention_heads=8,
+                       decoder_attention_heads=8, vocab_size=600, tie_word_embeddings=False)
+    source, mask = padded_batch(vocab=600)
+    model.generate(source, attention_mask=mask, max_new_tokens=3)
+    copies = len(model._packed_decode_weights)
+    old_weight = weakref.ref(model.lm_head.weight)
+    for size in (650, 700):
+        model.resize_token_embeddings(size, mean_resizing=False)
+        model.generate(source, attention_mask=mask, max_new_tokens=3)
+    gc.collect()
+    assert old_weight() is None and len(model._packed_decode_weights) == copies
+
+
+def test_the_bf16_matmul_setting_is_restored_when_threads_interleave():
+    """`matmul_under_bf16_precision` switches a process-wide setting: threads running such products at once leave it
+    as they found it (a save and restore per product could leave "bf16" for good)."""
+    settings = torch.backends.mkldnn.matmul
+    before = settings.fp32_precision
+    matrix = torch.randn(96, 96)
+    start = threading.Barrier(4)
+
+    def products():
+        start.wait()
+        for _ in range(400):
+            matmul_under_bf16_precision(matrix, matrix)
+
+    threads = [threading.Thread(target=products) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert settings.fp32_precision == before
 
 
 def test_generate_encodes_with_the_search_kernels_and_leaves_the_encoders_forward_as_it_was():
