@@ -456,11 +456,15 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`; where the code is saved too (`register_for_auto_class`), `auto_map` lists
-        the base model next to the saved class, so that `AutoModel` loads the folder with `trust_remote_code=True`."""
+        both models, whichever is saved, so that `AutoModel` and `AutoModelForSeq2SeqLM` load the folder with
+        `trust_remote_code=True` (as a MarianModel folder loads as MarianMTModel, its head tied to the embeddings)."""
         if self._auto_class is not None and type(self).__module__ == Seq2SeqTransformerModel.__module__:
             module = type(self).__module__.rsplit(".", 1)[-1]  # a user's subclass elsewhere ships no such file
-            self.config.auto_map = {"AutoModel": f"{module}.{Seq2SeqTransformerModel.__name__}",
-                                    **(getattr(self.config, "auto_map", None) or {})}
+            self.config.auto_map = {
+                "AutoModel": f"{module}.{Seq2SeqTransformerModel.__name__}",
+                "AutoModelForSeq2SeqLM": f"{module}.{Seq2SeqTransformerForConditionalGeneration.__name__}",
+                **(getattr(self.config, "auto_map", None) or {}),
+            }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):

@@ -363,6 +363,50 @@ def test_save_pretrained_ships_exactly_our_modeling_files(saved_folder):
     }
 
 
+BASE_MODEL_PROBE = """
+import sys
+class BlockPackage:
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_seq2seq" or name.startswith("modeling_seq2seq."):
+            raise ImportError("blocked")
+sys.meta_path.insert(0, BlockPackage())
+import torch
+from transformers import AutoModelForSeq2SeqLM
+model = AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+source = torch.tensor([[5, 6, 7, 2]])
+assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+print(type(model).__module__.startswith("transformers_modules."), model(input_ids=source, decoder_input_ids=source).logits.sum().item())
+"""
+
+
+def test_a_saved_base_model_loads_as_the_generation_model_without_the_package(tmp_path):
+    """A `Seq2SeqTransformerModel` folder lists both classes in `auto_map`, so that `AutoModelForSeq2SeqLM` loads it
+    with remote code, its head tied to the embeddings (as a MarianModel folder loads as MarianMTModel)."""
+    import subprocess
+    import sys
+
+    from modeling_seq2seq import Seq2SeqTransformerModel
+
+    torch.manual_seed(0)
+    config = Seq2SeqTransformerConfig(vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1,
+                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                      decoder_ffn_dim=32)
+    Seq2SeqTransformerModel(config).save_pretrained(tmp_path / "base")
+    auto_map = json.loads((tmp_path / "base" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForSeq2SeqLM"] == "modeling_seq2seq.Seq2SeqTransformerForConditionalGeneration"
+    expected = Seq2SeqTransformerForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    source = torch.tensor([[5, 6, 7, 2]])
+    with torch.no_grad():
+        expected_sum = expected(input_ids=source, decoder_input_ids=source).logits.sum().item()
+    (tmp_path / "probe.py").write_text(BASE_MODEL_PROBE)
+    environment = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-I", str(tmp_path / "probe.py"), str(tmp_path / "base")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    remote, logits_sum = done.stdout.split()[-2:]
+    assert remote == "True" and abs(float(logits_sum) - expected_sum) < 1e-4
+
+
 def test_shipped_code_does_only_maths(saved_folder):
     """No exec/eval/open, no os/subprocess/socket/urllib/requests, imports only torch, transformers, math, copy,
     typing, warnings, functools and the config, and nothing runs at import beyond defining things (pipeline.py
