@@ -416,8 +416,11 @@ def resolve_resume_checkpoint(resume_from: str | None, output_dir: str | os.Path
     return path
 
 
-def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, protect: Iterable[Path] = ()) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns the deleted folders.
+def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, protect: Iterable[Path] = (),
+                       superseded=lambda step: False) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, and before counting them those whose step is
+    `superseded` (an earlier run's last checkpoint, off the saving schedule, that a resumed run has passed); returns
+    the deleted folders.
 
     Only complete checkpoints count towards `keep_last`, so a torn newer folder never causes the removal of
     the last good one. Folders are renamed away before deletion so that a half-deleted folder never looks
@@ -426,9 +429,12 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, pro
     if keep_last is None or keep_last <= 0:
         return []
     protected = {Path(path).resolve() for path in protect}
-    complete = [path for _, path in list_checkpoints(output_dir) if verify_checkpoint(path, check_hashes=False) is None]
+    complete = [(step, path) for step, path in list_checkpoints(output_dir)
+                if verify_checkpoint(path, check_hashes=False) is None]
+    doomed = [path for step, path in complete if superseded(step)]
+    kept = [path for step, path in complete if not superseded(step)]
     deleted = []
-    for path in complete[: max(0, len(complete) - keep_last)]:
+    for path in doomed + kept[: max(0, len(kept) - keep_last)]:
         if path.resolve() in protected:
             continue
         trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
@@ -687,13 +693,15 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
     return output_dir
 
 
-def last_checkpoints(output_dir: str | os.PathLike, count: int) -> list[Path]:
-    """The newest `count` complete checkpoints of a training output folder, oldest first; a torn or corrupted one is
-    skipped with a warning that names it."""
+def last_checkpoints(output_dir: str | os.PathLike, count: int, skip=lambda step: False) -> list[Path]:
+    """The newest `count` complete checkpoints of a training output folder, oldest first, leaving out those whose step
+    is `skip`ped; a torn or corrupted one is skipped with a warning that names it."""
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}.")
     complete = []
-    for _, path in reversed(list_checkpoints(output_dir)):
+    for step, path in reversed(list_checkpoints(output_dir)):
+        if skip(step):
+            continue
         problem = verify_checkpoint(path)
         if problem is not None:
             logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)

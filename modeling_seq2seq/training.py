@@ -97,7 +97,8 @@ class TrainingConfig:
     test_file: typing.Optional[str] = _option(None, "local test file")
     source_lang: str = _option("en", "source language key/column")
     target_lang: str = _option("de", "target language key/column")
-    max_source_length: int = _option(256, "longer source sentences (in tokens) are dropped from training")
+    max_source_length: int = _option(256, "longer source sentences (in tokens) are dropped from training, and cut to "
+                                          "it (with a warning) when validating and testing")
     max_target_length: int = _option(256, "longer target sentences (in tokens) are dropped from training")
     max_train_samples: typing.Optional[int] = _option(None, "use only the first N training pairs")
     # optimisation (Section 5.3)
@@ -1504,7 +1505,11 @@ class Trainer:
         if filtered:
             self.print(f"Filtered {filtered} training pairs longer than {config.max_source_length}/{config.max_target_length} tokens.")
         if len(self.train_set) == 0:
-            raise ValueError("No training pairs left after tokenization and length filtering.")
+            raise ValueError(
+                f"No training pairs left: all {filtered} of the {len(raw['train'])} read are longer than max_source_length="
+                f"{config.max_source_length} or max_target_length={config.max_target_length} tokens (raise them, or "
+                f"max_train_samples={config.max_train_samples})." if filtered else "The training data holds no pairs."
+            )
         self.validation_raw = raw["validation"] if "validation" in raw else None
         self.test_raw = raw["test"] if "test" in raw else None
         self.validation_set = None
@@ -1576,7 +1581,8 @@ class Trainer:
             path = self._save_distributed(step, write_main, write_rank)
         self.last_saved_step = step
         if self.is_main:
-            for deleted in ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, protect=[path]):
+            for deleted in ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, protect=[path],
+                                                   superseded=lambda saved: saved < step and self.off_schedule(saved)):
                 logger.info("Deleted old checkpoint %s (save_total_limit=%s).", deleted, self.config.save_total_limit)
         accelerator.wait_for_everyone()
         return path
@@ -1789,7 +1795,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
                 window = {"loss": 0.0, "tokens": 0.0, "steps": 0, "start": time.monotonic()}
-            if config.eval_steps and self.step % config.eval_steps == 0 and self.step < config.max_steps:
+            if config.eval_steps and self.step % config.eval_steps == 0:  # before the save: a resumed run keeps it
                 self.record_eval()
                 window["start"] = time.monotonic()  # tokens/s measures training, not evaluation
             if config.save_steps and self.step % config.save_steps == 0:
@@ -1858,15 +1864,23 @@ class Trainer:
 
     # -- the end -------------------------------------------------------------------------------------------
 
+    def off_schedule(self, step: int) -> bool:
+        """Whether a checkpoint at `step` was saved off the `save_steps` schedule: a run's last one (finished, or out
+        of time), which a run never interrupted would not have had, were it resumed and continued."""
+        return not self.config.save_steps or step % self.config.save_steps != 0
+
     def finish(self, stop_reason: str) -> dict:
         config, accelerator = self.config, self.accelerator
-        if self.last_saved_step != self.step:
-            self.save_checkpoint()
+        # Evaluated before the checkpoint is saved, as in the loop: a run resumed from it keeps this validation.
         if self.last_eval_step != self.step:
             self.record_eval()
+        if self.last_saved_step != self.step:
+            self.save_checkpoint()
         averaged_from = []
         if config.average_checkpoints > 1:
-            averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints)
+            # An earlier run's last checkpoint, off the schedule, is not one a run never interrupted would average.
+            averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints,
+                                                  skip=lambda saved: saved < self.step and self.off_schedule(saved))
             weights = ckpt.average_state_dicts([ckpt.load_safetensors_folder(path) for path in averaged_from], averaged_from)
             load_full_weights(accelerator, self.model, weights, "averaged checkpoints")
             self.print(f"Averaged the weights of {len(averaged_from)} checkpoints: {', '.join(p.name for p in averaged_from)}.")

@@ -958,8 +958,8 @@ def test_averaging_skips_a_damaged_checkpoint_naming_it(reference_run, tmp_path,
 
 
 def test_resuming_a_finished_run_writes_no_record_twice(assets, tmp_path):
-    """The final validation (and the averaged model's) come after the last checkpoint: resuming from it runs them
-    again, and the log keeps exactly what the checkpoint had seen, so each record is there once."""
+    """The final validation comes before the last checkpoint, the averaged model's after it: resuming from it runs
+    the latter again, and the log keeps exactly what the checkpoint had seen, so each record is there once."""
     output_dir = tmp_path / "finished"
     args = run_args(assets, output_dir, max_steps=8, eval_steps=4, average_checkpoints=2)
     assert training.main(args) == 0
@@ -969,6 +969,30 @@ def test_resuming_a_finished_run_writes_no_record_twice(assets, tmp_path):
     summary = [(r["type"], r["step"], r.get("averaged", False)) for r in records]
     assert summary == [(r["type"], r["step"], r.get("averaged", False)) for r in first], summary
     assert [s for s in summary if s[0] == "eval"] == [("eval", 4, False), ("eval", 8, False), ("eval", 8, True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_steps", [6, 8])  # off and on the saving schedule
+def test_a_finished_run_continued_to_more_steps_ends_as_a_run_never_interrupted(assets, tmp_path, first_steps):
+    """Continued with a larger max_steps (or after a time-budget stop), a run keeps the validations it made, keeps
+    and averages the checkpoints a run never interrupted keeps and averages (not the first run's last one, off the
+    schedule), and ends with the same weights."""
+    settings = dict(max_steps=12, eval_steps=4, save_total_limit=3, average_checkpoints=3)
+    assert training.main(run_args(assets, tmp_path / "once", **settings)) == 0
+    continued = tmp_path / "continued"
+    assert training.main(run_args(assets, continued, **{**settings, "max_steps": first_steps})) == 0
+    assert training.main(run_args(assets, continued, **settings, resume_from_checkpoint="latest")) == 0
+
+    def evaluations(folder):
+        return [(r["step"], r.get("averaged", False)) for r in read_log(folder) if r["type"] == "eval"]
+
+    scheduled = [e for e in evaluations(continued) if e != (6, False)]  # the first run's last validation stays
+    assert scheduled == evaluations(tmp_path / "once") == [(4, False), (8, False), (12, False), (12, True)]
+    assert [p.name for _, p in ckpt.list_checkpoints(continued)] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    for folder in (continued, tmp_path / "once"):
+        averaged = json.loads((folder / "eval_results.json").read_text())["averaged_checkpoints"]
+        assert [Path(path).name for path in averaged] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    assert_same_weights(continued, tmp_path / "once", atol=0)
 
 
 def test_resuming_past_max_steps_says_that_nothing_is_trained(assets, reference_run, tmp_path, caplog):
@@ -1157,7 +1181,8 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     # run goes ahead in the same folder.
     stopped = tmp_path / "stopped_on_data"
     assert training.main(run_args(assets, stopped, max_steps=2, max_source_length=1, tokenizer=None, vocab_size=300)) == 1
-    assert "No training pairs left" in capsys.readouterr().err
+    assert ("No training pairs left: all 600 of the 600 read are longer than max_source_length=1 or "
+            "max_target_length=32 tokens") in capsys.readouterr().err
     assert not (stopped / training.TOKENIZER_DIR_NAME).exists()
     # ... nor one that stops before its first step (more batches per update than pairs).
     too_many = run_args(assets, stopped, max_steps=2, tokenizer=None, vocab_size=300, gradient_accumulation_steps=10**6)
