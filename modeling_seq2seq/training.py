@@ -1506,7 +1506,7 @@ class Trainer:
             self.print(f"Filtered {filtered} training pairs longer than {config.max_source_length}/{config.max_target_length} tokens.")
         if len(self.train_set) == 0:
             raise ValueError(
-                f"No training pairs left: all {filtered} of the {len(raw['train'])} read are longer than max_source_length="
+                f"No training pairs left: {filtered} of the {len(raw['train'])} read are longer than max_source_length="
                 f"{config.max_source_length} or max_target_length={config.max_target_length} tokens (raise them, or "
                 f"max_train_samples={config.max_train_samples})." if filtered else "The training data holds no pairs."
             )

@@ -1181,7 +1181,7 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     # run goes ahead in the same folder.
     stopped = tmp_path / "stopped_on_data"
     assert training.main(run_args(assets, stopped, max_steps=2, max_source_length=1, tokenizer=None, vocab_size=300)) == 1
-    assert ("No training pairs left: all 600 of the 600 read are longer than max_source_length=1 or "
+    assert ("No training pairs left: 600 of the 600 read are longer than max_source_length=1 or "
             "max_target_length=32 tokens") in capsys.readouterr().err
     assert not (stopped / training.TOKENIZER_DIR_NAME).exists()
     # ... nor one that stops before its first step (more batches per update than pairs).
