@@ -1582,7 +1582,7 @@ class Trainer:
         self.last_saved_step = step
         if self.is_main:
             for deleted in ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, protect=[path],
-                                                   superseded=lambda saved: saved < step and self.off_schedule(saved)):
+                                                   superseded=self.earlier_runs_last):
                 logger.info("Deleted old checkpoint %s (save_total_limit=%s).", deleted, self.config.save_total_limit)
         accelerator.wait_for_everyone()
         return path
@@ -1864,10 +1864,10 @@ class Trainer:
 
     # -- the end -------------------------------------------------------------------------------------------
 
-    def off_schedule(self, step: int) -> bool:
-        """Whether a checkpoint at `step` was saved off the `save_steps` schedule: a run's last one (finished, or out
-        of time), which a run never interrupted would not have had, were it resumed and continued."""
-        return not self.config.save_steps or step % self.config.save_steps != 0
+    def earlier_runs_last(self, saved: int) -> bool:
+        """Whether the checkpoint of step `saved` is an earlier run's last one (finished, or out of time), saved off
+        the `save_steps` schedule and before this step: a run never interrupted would not have it."""
+        return saved < self.step and (not self.config.save_steps or saved % self.config.save_steps != 0)
 
     def finish(self, stop_reason: str) -> dict:
         config, accelerator = self.config, self.accelerator
@@ -1878,9 +1878,8 @@ class Trainer:
             self.save_checkpoint()
         averaged_from = []
         if config.average_checkpoints > 1:
-            # An earlier run's last checkpoint, off the schedule, is not one a run never interrupted would average.
             averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints,
-                                                  skip=lambda saved: saved < self.step and self.off_schedule(saved))
+                                                  skip=self.earlier_runs_last)
             weights = ckpt.average_state_dicts([ckpt.load_safetensors_folder(path) for path in averaged_from], averaged_from)
             load_full_weights(accelerator, self.model, weights, "averaged checkpoints")
             self.print(f"Averaged the weights of {len(averaged_from)} checkpoints: {', '.join(p.name for p in averaged_from)}.")
