@@ -273,6 +273,11 @@ def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True, hash
     if not folder.is_dir():
         return "not a directory"
     if not manifest_path.is_file():
+        if not any(folder.iterdir()):
+            return "an empty directory"
+        if (folder / "config.json").is_file() and not any(map(is_training_state, os.listdir(folder))):
+            return (f"a saved model, not a training checkpoint (no {MANIFEST_NAME}, no optimizer state); to train on "
+                    "from its weights, fine-tune it: scripts/finetune_trainer.py --model FOLDER")
         return f"no {MANIFEST_NAME} (the write did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -525,8 +530,13 @@ def load_torch_state(path: str | os.PathLike):
         # torch's own text advises retrying with weights_only=False, which would run any code the file holds, or
         # allow-listing the class: keep only the reason (the refused class, or what a damaged file broke).
         text = str(error).strip()
-        refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text)
-        reason = refused.group(1) if refused else f"{type(error).__name__}: {(text.splitlines() or [''])[0]}"
+        refused = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Please use|Check the documentation|$)", text, re.DOTALL)
+        if refused and refused.group(1):
+            reason = " ".join(refused.group(1).split())
+        elif "weights_only" in text:  # torch's advice without a reason: nothing of it is worth keeping
+            reason = f"{type(error).__name__}"
+        else:
+            reason = f"{type(error).__name__}: {(text.splitlines() or [''])[0]}"
         raise CheckpointError(f"{path}: not a state file this package wrote, or damaged; it is loaded with "
                               f"weights_only=True only ({reason}).") from None
 
@@ -630,15 +640,19 @@ def check_same_architecture(folders: list[str | os.PathLike]) -> None:
     if repeated:
         raise CheckpointError(f"{repeated[0]!r} is given more than once: each checkpoint should count once.")
     configs = [read_json_object(Path(folder) / "config.json", "a JSON model config", CheckpointError) for folder in folders]
-    first = configs[0]
     for folder, config in zip(folders[1:], configs[1:]):
-        differ = sorted(key for key in set(first) | set(config)
-                        if key not in _NOT_ARCHITECTURE and first.get(key) != config.get(key))
+        differ = architecture_differences(config, configs[0])
         if differ:
             raise CheckpointError(
                 f"{str(folder)!r} and {str(folders[0])!r} describe different models in config.json ("
-                + ", ".join(f"{key}: {config.get(key)!r} against {first.get(key)!r}" for key in differ[:5])
+                + ", ".join(f"{key}: {config.get(key)!r} against {configs[0].get(key)!r}" for key in differ[:5])
                 + "): their weights cannot be averaged into one.")
+
+
+def architecture_differences(first: dict, second: dict) -> list[str]:
+    """The model config fields, training-only ones aside, where two config dicts differ."""
+    return [key for key in sorted(set(first) | set(second))
+            if key not in _NOT_ARCHITECTURE and first.get(key) != second.get(key)]
 
 
 def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False) -> Path:

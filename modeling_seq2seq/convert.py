@@ -8,11 +8,12 @@ our code.
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, MarianConfig, MarianMTModel
 
-from .checkpointing import seal_folder
+from .checkpointing import read_json_object, seal_folder
 from .tokenization import save_tokenizer
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
@@ -155,36 +156,60 @@ def to_marian(model: Seq2SeqTransformerForConditionalGeneration) -> MarianMTMode
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "source.spm", "vocab.json")
 
 
-def copy_tokenizer(source: str, destination: str) -> None:
-    """Save `source`'s tokenizer into `destination`, if it has one. A local folder without tokenizer files is left
-    alone: where sentencepiece is installed, AutoTokenizer would try a MarianTokenizer without its vocabulary."""
+def copy_tokenizer(source: str, destination: str, config) -> None:
+    """Save `source`'s tokenizer into `destination`, if it has one, once it is known to fit the model (`config`). A
+    local folder without tokenizer files is left alone: where sentencepiece is installed, AutoTokenizer would try a
+    MarianTokenizer without its vocabulary. Tokenizer files that do not load are an error, naming the folder, except
+    for want of sentencepiece (OPUS-MT's tokenizer), which leaves the converted model without one, with a note."""
+    from .training import check_tokenizer_matches
+
     if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES):
         print(f"note: {source} has no tokenizer files; none copied")
         return
     try:
-        save_tokenizer(AutoTokenizer.from_pretrained(source), destination)  # 4.57 loads what it writes too
-    except (OSError, ValueError, TypeError) as error:  # TypeError: a tokenizer class whose files are missing
-        print(f"note: no tokenizer copied from {source} ({type(error).__name__}: {error})")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:  # TypeError: a class without its files
+        if "sentencepiece" in str(error).lower():
+            print(f"note: no tokenizer copied from {source} ({type(error).__name__}: {error})")
+            return
+        raise ValueError(f"{source}: its tokenizer files do not load ({type(error).__name__}: {error}).") from error
+    check_tokenizer_matches(tokenizer, config, source)
+    save_tokenizer(tokenizer, destination)  # 4.57 loads what it writes too
 
 
 def load_for_conversion(model_class, source: str):
-    """`model_class.from_pretrained(source)`, refusing what would be converted as random weights: a folder of the
-    other format (transformers only warns, then initialises every weight afresh), or weights missing from the file
-    or of another shape than its config.json says."""
+    """`model_class.from_pretrained(source)`, refusing what would be converted as random or damaged weights: a folder
+    of the other format (transformers only warns, then initialises every weight afresh), weights missing from the
+    file, of another shape than its config.json says, left unused by it, or not finite. A local folder of ours gets
+    the checks every use of one makes (`training.load_saved_model`); a local Marian folder, its generation config
+    and weight types checked as those."""
     from transformers import PretrainedConfig
 
     from .hub import load_reporting_random_weights
+    from .training import check_generation_config, check_weight_dtypes, load_saved_model
 
-    if not os.path.isdir(source) and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
+    local = os.path.isdir(source)
+    if not local and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
         raise FileNotFoundError(f"--input {source!r}: no such model folder (a Hub id looks like 'owner/name').")
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+    config_file = os.path.join(source, "config.json")
+    if local and not os.path.isfile(config_file):
         raise FileNotFoundError(f"--input {source!r} has no config.json: it is not a saved model folder.")
-    config = PretrainedConfig.get_config_dict(source)[0]
+    config = read_json_object(config_file, "a JSON model config") if local else PretrainedConfig.get_config_dict(source)[0]
     expected = model_class.config_class.model_type
     if config.get("model_type") != expected:
         raise ValueError(f"{source}: its config.json says model_type {config.get('model_type')!r}, not {expected!r}: "
                          "it is not in the format this direction of conversion reads.")
-    model, missing, _, _ = load_reporting_random_weights(model_class, source)  # another shape raises there
+    if local and model_class is Seq2SeqTransformerForConditionalGeneration:
+        return load_saved_model(source)
+    if local:
+        check_generation_config(Path(source))
+        check_weight_dtypes(Path(source))
+    try:
+        model, missing, _, unused = load_reporting_random_weights(model_class, source)  # another shape raises there
+    except (RuntimeError, TypeError, ValueError) as error:
+        if source in str(error):
+            raise
+        raise ValueError(f"{config_file}: the model it describes cannot be built ({error}).") from error
     stored_once = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"} & set(missing)
     if stored_once and getattr(model.config, "share_encoder_decoder_embeddings", False) and (
             "model.shared.weight" not in missing):
@@ -196,6 +221,13 @@ def load_for_conversion(model_class, source: str):
     if missing:
         raise ValueError(f"{source}: weights missing from its files: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "refusing to convert partly random weights.")
+    if unused:
+        raise ValueError(f"{source}: its weights hold tensors the model its config.json describes has no place for "
+                         f"({', '.join(unused[:5])}): config.json and the weights do not belong together.")
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"{source}: the saved weights hold NaN or infinite values ({', '.join(broken[:5])}): damaged.")
     return model
 
 
@@ -216,7 +248,7 @@ def convert_folder(source: str, output_dir: str, to: str) -> None:
     staging = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(output) or ".")
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        copy_tokenizer(source, staging)
+        copy_tokenizer(source, staging, model.config)
         seal_folder(staging)
         if os.path.exists(output):
             os.rmdir(output)

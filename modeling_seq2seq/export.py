@@ -26,10 +26,15 @@ without a trained tokenizer (benchmarks, tests): the conversion only needs one t
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
@@ -70,6 +75,11 @@ def synthetic_tokenizer(vocab_size: int, pad_token_id: int = 0, bos_token_id: in
     return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **kwargs)
 
 
+# Positions the exported model has encodings for (at least; max_position_embeddings if more). CTranslate2 cuts a
+# source at `max_input_length` (1024 by default; 0 takes it whole) and stops at `max_decoding_length` (256).
+EXPORTED_POSITIONS = 4096
+
+
 def _loader_class():
     """`Seq2SeqMarianLoader`, defined lazily so that importing this module does not need ctranslate2."""
     from ctranslate2.converters.transformers import BartLoader, MarianMTLoader
@@ -78,9 +88,22 @@ def _loader_class():
         """CTranslate2's Marian loader without the OPUS-MT assumptions (zero-embedding start, trailing `<pad>`)."""
 
         def get_model_spec(self, model):
+            import numpy as np
+
             model.config.normalize_before = False  # post-LN
             model.config.normalize_embedding = False  # no LayerNorm on the embeddings
-            return BartLoader.get_model_spec(self, model)  # keeps every vocabulary row (no _remove_pad_weights)
+            spec = BartLoader.get_model_spec(self, model)  # keeps every vocabulary row (no _remove_pad_weights)
+            # The stock loader gives both stacks the encoder's head count.
+            spec.decoder.num_heads = np.dtype("int16").type(model.config.decoder_attention_heads)
+            return spec
+
+        def set_position_encodings(self, spec, module):
+            # Marian's table stops at max_position_embeddings, where our encoding (a formula) goes on; CTranslate2
+            # needs one row per position, and its own sinusoid is laid out otherwise.
+            from .modeling_seq2seq import SinusoidalPositionalEncoding
+
+            rows, d_model = max(module.weight.shape[0], EXPORTED_POSITIONS), module.weight.shape[1]
+            spec.encodings = SinusoidalPositionalEncoding(d_model, rows).compute(torch.arange(rows, dtype=torch.float64))
 
         def set_config(self, config, model, tokenizer):
             config.bos_token = tokenizer.bos_token or tokenizer.convert_ids_to_tokens(model.config.decoder_start_token_id)
@@ -134,14 +157,29 @@ def export_to_ctranslate2(model, tokenizer, output_dir: str | os.PathLike, quant
     """Our model (in memory) -> its Marian twin -> a CTranslate2 model in `output_dir`; returns the folder."""
     import copy
 
-    import torch
-
     from .convert import to_marian
+
+    check_end_tokens(model, tokenizer)
 
     source = model if model.dtype == torch.float32 else copy.deepcopy(model).float()  # leave the caller's model as is
     with torch.no_grad():
         marian = to_marian(source).eval()
     return convert_marian_to_ctranslate2(marian, tokenizer, output_dir, quantization=quantization, force=force)
+
+
+def check_end_tokens(model, tokenizer) -> None:
+    """CTranslate2's config holds one end-of-sentence token, the tokenizer's: refuse a model that does not end with
+    it, and warn where the model also ends with others (a search stopping at those needs `end_token=[...]`)."""
+    ends = set()
+    for setting in (model.config.eos_token_id, model.generation_config.eos_token_id):
+        ends.update(setting if isinstance(setting, list) else [] if setting is None else [setting])
+    if ends and tokenizer.eos_token_id not in ends:
+        raise ValueError(f"the model ends sentences with token ids {sorted(ends)}, its tokenizer with "
+                         f"{tokenizer.eos_token_id} ({tokenizer.eos_token!r}): the two do not belong together.")
+    if len(ends) > 1:
+        tokens = tokenizer.convert_ids_to_tokens(sorted(ends))
+        logger.warning("The model ends sentences with any of %s; the CTranslate2 model stops at %r only, unless "
+                       "translate_batch(..., end_token=%r) is passed.", tokens, tokenizer.eos_token, tokens)
 
 
 def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, quantization: str | None = None,
@@ -153,7 +191,7 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     """
     from .checkpointing import refuse_to_replace_inputs, replace_dir
     from .tokenization import load_tokenizer
-    from .training import load_saved_model
+    from .training import check_tokenizer_matches, load_saved_model
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -174,6 +212,7 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
         raise FileExistsError(f"{output_dir} already exists (pass force=True / --force to replace it)")
     tokenizer = load_tokenizer(tokenizer_dir)
     model = load_saved_model(model_dir).eval()
+    check_tokenizer_matches(tokenizer, model.config, tokenizer_dir)
     # Convert into a temporary sibling and move it in, so a failed conversion leaves no half-written folder.
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))

@@ -219,11 +219,12 @@ def build_hub_folder(
     if not template.is_file():
         raise FileNotFoundError(f"model card template {template} not found; pass --template PATH")
 
-    from .training import load_saved_model  # the same checks as translating with it: type, config, weights that fit
+    # The same checks as translating with it: type, config, generation config, weights that fit, tokenizer.
+    from .training import check_tokenizer_matches, load_saved_model
 
     model = load_saved_model(model_dir).eval()
     tokenizer = load_tokenizer(model_dir)
-    _check_tokenizer_matches(tokenizer, model.config)
+    check_tokenizer_matches(tokenizer, model.config, model_dir)
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     eval_results = _read_json(model_dir / "eval_results.json")
@@ -294,15 +295,6 @@ def _declare_model_inputs(path: Path) -> None:
     if config.get("model_input_names") != ["input_ids", "attention_mask"]:
         config["model_input_names"] = ["input_ids", "attention_mask"]
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _check_tokenizer_matches(tokenizer, config) -> None:
-    for name in ("pad_token_id", "eos_token_id"):
-        ours, theirs = getattr(tokenizer, name), getattr(config, name)
-        if theirs is not None and ours != theirs:
-            raise ValueError(f"the tokenizer's {name}={ours} differs from the model config's {name}={theirs}")
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}")
 
 
 def _check_saved_weights(model, folder: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .checkpointing import move_files_into
+from .checkpointing import move_files_into, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +247,18 @@ def _class_without_tokenizer_json(folder: Path) -> str | None:
     return named if isinstance(named, str) and named not in ("PreTrainedTokenizerFast", "TokenizersBackend") else None
 
 
+def check_tokenizer_config(file: Path) -> None:
+    """The tokenizer_config.json beside a tokenizer.json: there (it names the special tokens, without which the
+    tokenizer neither pads nor ends a sentence), a JSON object, and with a numeric length limit."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: it names the tokenizer's special tokens (padding, end of "
+                                "sentence). Pass the tokenizer.json file itself to use this package's default ones.")
+    settings = read_json_object(file, "a JSON tokenizer config")
+    limit = settings.get("model_max_length")
+    if limit is not None and (type(limit) not in (int, float) or not limit > 0):
+        raise ValueError(f"{file}: 'model_max_length' must be a number above 0, got {limit!r}.")
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved by `save_tokenizer` (a folder, or a bare `tokenizer.json` file), or one whose config
     names a transformers class that keeps its vocabulary elsewhere (OPUS-MT's MarianTokenizer), through that class."""
@@ -273,6 +285,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         raise ValueError(f"tokenizer file {json_file} is corrupt or not a tokenizers JSON file: {e}") from e
     if folder is None:
         return wrap_tokenizer(backend)
+    check_tokenizer_config(folder / "tokenizer_config.json")
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     except Exception as e:

@@ -515,15 +515,18 @@ def capture_rng_state() -> tuple[dict, dict]:
     return json_state, tensor_state
 
 
-def restore_rng_state(json_state: dict, tensor_state: dict) -> None:
-    python = json_state["python"]
-    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
-    state = json_state["numpy"]
-    np.random.set_state((state["name"], np.array(state["keys"], dtype=np.uint32), state["pos"], state["has_gauss"],
-                         state["cached_gaussian"]))
-    torch.set_rng_state(tensor_state["torch"])
-    if "cuda" in tensor_state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensor_state["cuda"])
+def restore_rng_state(json_state: dict | None = None, tensor_state: dict | None = None) -> None:
+    """Restore what `capture_rng_state` captured (either part alone, when the other is None)."""
+    if json_state is not None:
+        python = json_state["python"]
+        random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+        state = json_state["numpy"]
+        np.random.set_state((state["name"], np.array(state["keys"], dtype=np.uint32), state["pos"],
+                             state["has_gauss"], state["cached_gaussian"]))
+    if tensor_state is not None:
+        torch.set_rng_state(tensor_state["torch"])
+        if "cuda" in tensor_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensor_state["cuda"])
 
 
 class preserved_rng:
@@ -687,6 +690,8 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
         Seq2SeqTransformerConfig.from_dict(settings)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{config_file}: {error}") from error
+    check_generation_config(Path(path))
+    check_weight_dtypes(Path(path))
     if (Path(path) / ckpt.MANIFEST_NAME).is_file() and (
         problem := ckpt.verify_checkpoint(path, hash_training_state=False)
     ) is not None:
@@ -711,6 +716,23 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
     if broken:
         raise ValueError(f"{path}: the saved weights hold NaN or infinite values ({', '.join(broken[:5])}): damaged.")
     return model
+
+
+def check_weight_dtypes(folder: Path) -> None:
+    """Every tensor of the folder's safetensors files is floating-point (the model has no other): an integer tensor
+    for a weight would be cast, and loaded as whole numbers (zeros for initialised weights), without a word."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*" + ckpt.WEIGHT_FILE_SUFFIX)):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                wrong = [f"{name} ({dtype})" for name in weights.keys()
+                         if not (dtype := weights.get_slice(name).get_dtype()).startswith(("F", "BF"))]
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file}: cannot read the weights ({error}); the file is damaged or incomplete.") from error
+        if wrong:
+            raise ValueError(f"{file}: weights must be floating-point, and {', '.join(wrong[:5])} are not: damaged, "
+                             "or not written for this model.")
 
 
 def split_lines(text: str) -> list[str]:
@@ -839,16 +861,26 @@ def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None,
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"No saved model in {str(path)!r} (config.json is missing).")
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    check_generation_config(path)
     model = load_saved_model(path, torch_dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     tokenizer = load_tokenizer(path)
     check_special_tokens(tokenizer, str(path))
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"{path}: its tokenizer has {len(tokenizer)} tokens, but the model only {model.config.vocab_size} "
-                         "(config.json's vocab_size): the two do not belong together.")
+    check_tokenizer_matches(tokenizer, model.config, path)
     return model, tokenizer
+
+
+def check_tokenizer_matches(tokenizer, config, where) -> None:
+    """The tokenizer pads and ends sentences with the ids the model was trained with, and fits its vocabulary: a
+    tokenizer with two tokens swapped translates, silently, into nonsense."""
+    for name in ("pad_token_id", "eos_token_id"):
+        ours, theirs = getattr(tokenizer, name), getattr(config, name)
+        if theirs is not None and ours not in (theirs if isinstance(theirs, list) else [theirs]):
+            raise ValueError(f"{where}: the tokenizer's {name} is {ours}, config.json's {theirs}: the tokenizer and the "
+                             "model do not belong together.")
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"{where}: its tokenizer has {len(tokenizer)} tokens, but the model only {config.vocab_size} "
+                         "(config.json's vocab_size): the two do not belong together.")
 
 
 def check_special_tokens(tokenizer, where: str, needed=("pad_token", "eos_token"),
@@ -1268,6 +1300,53 @@ def check_own_checkpoint(folder: Path) -> None:
     if type(state["step"]) is not int or state["step"] < 0 or not isinstance(state["sampler"], dict):
         raise ckpt.CheckpointError(f"{file}: 'step' must be a whole number >= 0 and 'sampler' an object, got "
                                    f"{state['step']!r} and {type(state['sampler']).__name__}.")
+    # Checked before anything is restored: a bad value found later would come after the log was cut to the step.
+    fields = {**{key: (state.get(key), int) for key in RESUMED_COUNTS},
+              **{f"sampler.{key}": (state["sampler"].get(key), int) for key in ("epoch", "batches_consumed")},
+              "elapsed_s": (state.get("elapsed_s"), (int, float))}
+    for key, (value, kinds) in fields.items():
+        if type(value) not in ((kinds,) if isinstance(kinds, type) else kinds) or not 0 <= value < math.inf:
+            what = "a whole number" if kinds is int else "a number"
+            raise ckpt.CheckpointError(f"{file}: {key!r} must be {what} >= 0, got {value!r}.")
+
+
+# The counters of trainer_state.json that a resumed run continues from.
+RESUMED_COUNTS = ("skipped_steps", "consecutive_bad_steps", "tokens_seen")
+
+
+@contextlib.contextmanager
+def restoring(file: Path, what: str):
+    """Name the file when restoring `what` from it fails: a damaged file, or one another program wrote, fails in
+    torch or the scheduler with a message that names neither."""
+    try:
+        yield
+    except ckpt.CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        raise ckpt.CheckpointError(f"{file}: cannot restore {what} from it ({type(error).__name__}: {error}).") from error
+
+
+def check_optimizer_state(state, optimizer, model, file: Path) -> None:
+    """The saved optimizer state fits this model's parameters, group by group and tensor by tensor. torch checks
+    only the number of parameters per group, and a moment of another shape would reach the fused Adam kernel, which
+    reads and writes past it."""
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)
+            and all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in state["param_groups"])):
+        raise ckpt.CheckpointError(f"{file}: not an optimizer state (an object with 'state' and 'param_groups').")
+    saved_sizes = [len(group["params"]) for group in state["param_groups"]]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise ckpt.CheckpointError(f"{file}: its parameter groups hold {saved_sizes} parameters, this model's "
+                                   f"{sizes}: another model or optimizer wrote it.")
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
+        for index, parameter in zip(saved_group["params"], group["params"]):
+            for key, value in (state["state"].get(index) or {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and (
+                        value.shape != parameter.shape or not value.is_floating_point()):
+                    raise ckpt.CheckpointError(
+                        f"{file}: {key!r} of {names.get(id(parameter), f'parameter {index}')} is {value.dtype} "
+                        f"{tuple(value.shape)}; the parameter is {tuple(parameter.shape)}.")
 
 
 # What a run trains on: resuming with other values would continue the data order, and the model, on other data.
@@ -1294,6 +1373,21 @@ def check_same_data(folder: Path, config) -> None:
         raise ckpt.CheckpointError(f"{folder} was trained on other data ({'; '.join(changed)}). Resume with the data "
                                    "settings the run was started with; to go on from its weights on other data, "
                                    f"fine-tune it: scripts/finetune_trainer.py --model {folder}.")
+
+
+def check_same_model(folder: Path, config) -> None:
+    """Refuse to resume `folder` into a model its config.json does not describe: weights of the same shapes can
+    still mean another model (another activation, positional layout or embedding scale), and a run would go on
+    training them as that model, then average its checkpoints with the earlier ones."""
+    with restoring(folder / "config.json", "the model's config"):
+        saved = type(config).from_dict(ckpt.read_json_object(folder / "config.json", "a JSON model config",
+                                                             ckpt.CheckpointError)).to_dict()
+    now = config.to_dict()
+    differ = ckpt.architecture_differences(saved, now)
+    if differ:
+        detail = "; ".join(f"{key}: {saved.get(key)!r} there, {now.get(key)!r} now" for key in differ)
+        raise ckpt.CheckpointError(f"{folder} holds another model than this run builds (config.json: {detail}). "
+                                   "Resume with the model settings (model_config, model_overrides) it was started with.")
 
 
 class Trainer:
@@ -1620,24 +1714,36 @@ class Trainer:
                 "change the data order or the random streams (each process keeps its own). Resume with the same "
                 "number of processes."
             )
+        model = self.accelerator.unwrap_model(self.model)
+        check_same_model(folder, model.config)
         load_full_weights(self.accelerator, self.model, ckpt.load_safetensors_folder(folder), str(folder))
-        load_optimizer_state(self.accelerator, self.model, self.optimizer, ckpt.load_torch_state(folder / OPTIMIZER_NAME))
+        optimizer_file = folder / OPTIMIZER_NAME
+        optimizer_state = ckpt.load_torch_state(optimizer_file)
+        if not _is_fsdp(self.accelerator):  # FSDP's full state is keyed by names, and checked by torch
+            check_optimizer_state(optimizer_state, self.optimizer, model, optimizer_file)
+        with restoring(optimizer_file, "the optimizer's state"):
+            load_optimizer_state(self.accelerator, self.model, self.optimizer, optimizer_state)
         configured = [dict(vars(schedule)) for schedule in self.scheduler.lr_lambdas]
-        self.scheduler.load_state_dict(ckpt.load_torch_state(folder / SCHEDULER_NAME))
-        keep_configured_schedule(self.scheduler, configured, folder)
+        with restoring(folder / SCHEDULER_NAME, "the learning-rate schedule"):
+            self.scheduler.load_state_dict(ckpt.load_torch_state(folder / SCHEDULER_NAME))
+            keep_configured_schedule(self.scheduler, configured, folder)
         self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.skipped_steps = state["skipped_steps"]
-        self.consecutive_bad_steps = state["consecutive_bad_steps"]
-        self.tokens_seen = state["tokens_seen"]
+        with restoring(folder / ckpt.TRAINER_STATE_NAME, "the data position"):
+            self.sampler.load_state_dict(state["sampler"])
+        self.skipped_steps, self.consecutive_bad_steps, self.tokens_seen = (state[key] for key in RESUMED_COUNTS)
         self.elapsed_before = state["elapsed_s"]
         self.last_saved_step = self.step
         self.last_eval_step, self.resumed_log_records = state.get("last_eval_step"), state.get("log_records")
         if state.get("grad_scaler") and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-        rng_json = folder / f"rng_state_{self.rank}.json"
-        restore_rng_state(ckpt.read_json_object(rng_json, "random-number generator states", ckpt.CheckpointError),
-                          ckpt.load_torch_state(folder / f"rng_state_{self.rank}.pt"))
+            with restoring(folder / ckpt.TRAINER_STATE_NAME, "the gradient scaler"):
+                self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        rng_json, rng_tensors = folder / f"rng_state_{self.rank}.json", folder / f"rng_state_{self.rank}.pt"
+        json_state = ckpt.read_json_object(rng_json, "random-number generator states", ckpt.CheckpointError)
+        tensor_state = ckpt.load_torch_state(rng_tensors)
+        with restoring(rng_json, "Python's and NumPy's random states"):
+            restore_rng_state(json_state=json_state)
+        with restoring(rng_tensors, "torch's random states"):
+            restore_rng_state(tensor_state=tensor_state)
         self.print(f"Resumed from {folder} at step {self.step} (epoch {self.sampler.epoch}, "
                    f"{state['sampler']['batches_consumed']} batches into it).")
 
@@ -1880,6 +1986,7 @@ class Trainer:
         if config.average_checkpoints > 1:
             averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints,
                                                   skip=self.earlier_runs_last)
+            ckpt.check_same_architecture(averaged_from)
             weights = ckpt.average_state_dicts([ckpt.load_safetensors_folder(path) for path in averaged_from], averaged_from)
             load_full_weights(accelerator, self.model, weights, "averaged checkpoints")
             self.print(f"Averaged the weights of {len(averaged_from)} checkpoints: {', '.join(p.name for p in averaged_from)}.")

@@ -18,7 +18,12 @@ The output folder holds the CTranslate2 model and a copy of the tokenizer. Trans
 translations then equal ours token for token, and so do beam translations in which no hypothesis ends before the
 length limit. Where some do, the two beam searches may choose differently: CTranslate2 stops once its best beam has
 ended, while transformers' search (`early_stopping=False`, ours and Marian's) goes on while a longer hypothesis could
-still score higher.
+still score higher. Other differences, all CTranslate2's own rules: it cuts a source at `max_input_length` tokens
+(1024 by default; pass 0 to take it whole, up to the exported model's 4,096 positions, or max_position_embeddings if
+more) and stops at `max_decoding_length` (256 by default; ours stops at max_position_embeddings); its
+`repetition_penalty` and `no_repeat_ngram_size` do not count the start token `<s>`, and its `min_decoding_length`
+and `no_repeat_ngram_size` mask tokens before the softmax (scores renormalised); a source of `</s>` alone gives
+an empty translation. A model that ends sentences with several token ids needs `end_token=[...]` (a warning says so).
 
 Needs `pip install ctranslate2` (the `bench` extra).
 """

@@ -83,9 +83,8 @@ def finetune(args):
     from modeling_seq2seq import checkpointing as ckpt
     from modeling_seq2seq.training import bleu_tokenizer, load_model_and_tokenizer, translation_metrics
 
-    resume = args.resume_from_checkpoint
-    if resume == "latest":  # None (a warning said why) when there is no complete checkpoint: start from scratch
-        resume = ckpt.resolve_resume_checkpoint("latest", args.output_dir)
+    # A verified folder; with "latest", None (a warning said why) when there is no complete checkpoint: from scratch.
+    resume = ckpt.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir(args, resume)
     # Left by a killed final save, or by an earlier run's checkpoints being deleted (--overwrite_output_dir).
     for stale in [*Path(args.output_dir).glob(f"{FINAL_STAGING_PREFIX}*"),
@@ -319,9 +318,11 @@ def main(argv=None) -> int:
         parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
     if args.validation_file and not args.train_file:
         parser.error("--validation_file needs --train_file (the built-in task brings its own validation split)")
+    from modeling_seq2seq.checkpointing import CheckpointError
+
     try:
         trainer, metrics = finetune(args)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if metrics:

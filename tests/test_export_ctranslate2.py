@@ -189,3 +189,71 @@ def test_stock_marian_loader_cannot_convert_our_model(saved_model, tmp_path):
 
     with pytest.raises(ValueError, match="vocabulary"):
         Stock().convert(str(tmp_path / "stock"))
+
+
+def ct2_log_probs(translator, tokenizer, source_ids, target_ids, **options):
+    source, target = tokenizer.convert_ids_to_tokens(source_ids), tokenizer.convert_ids_to_tokens(target_ids)
+    return torch.tensor(translator.score_batch([source], [target], **options)[0].log_probs, dtype=torch.float64)
+
+
+def our_log_probs(model, source_ids, target_ids):
+    decoder = torch.tensor([[model.config.decoder_start_token_id] + target_ids])
+    with torch.no_grad():
+        log_probs = model(input_ids=torch.tensor([source_ids]), decoder_input_ids=decoder).logits[0].log_softmax(-1)
+    return log_probs[torch.arange(len(target_ids) + 1), target_ids + [2]].double()
+
+
+def test_decoder_heads_and_positions_past_the_table_are_exported(tmp_path):
+    """Unequal encoder and decoder head counts (the stock loader gives the decoder the encoder's), and a source
+    longer than max_position_embeddings (ours computes its encodings; Marian's table, which CTranslate2 got, stopped
+    there): the same log-probabilities as ours."""
+    from modeling_seq2seq import Seq2SeqTransformerConfig
+    from modeling_seq2seq.export import EXPORTED_POSITIONS, export_to_ctranslate2
+
+    torch.manual_seed(0)
+    config = Seq2SeqTransformerConfig(vocab_size=64, d_model=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                                      encoder_attention_heads=2, decoder_attention_heads=8, encoder_ffn_dim=128,
+                                      decoder_ffn_dim=128, max_position_embeddings=32)
+    model = Seq2SeqTransformerForConditionalGeneration(config).eval()
+    tokenizer = synthetic_tokenizer(64)
+    translator = ctranslate2.Translator(export_to_ctranslate2(model, tokenizer, tmp_path / "ct2"), device="cpu",
+                                        intra_threads=1)
+    generator = torch.Generator().manual_seed(1)
+    for length in (5, 200):
+        source = torch.randint(4, 64, (length,), generator=generator).tolist() + [2]
+        target = torch.randint(4, 64, (6,), generator=generator).tolist()
+        torch.testing.assert_close(ct2_log_probs(translator, tokenizer, source, target, max_input_length=0),
+                                   our_log_probs(model, source, target), rtol=0, atol=1e-4)
+    with pytest.raises(RuntimeError, match=f"No position encodings are defined for positions >= {EXPORTED_POSITIONS}"):
+        translator.score_batch([["t5"] * (EXPORTED_POSITIONS + 1)], [["t6"]], max_input_length=0)
+
+
+def test_a_model_ending_with_another_token_than_its_tokenizer_is_not_exported(tmp_path, caplog):
+    """CTranslate2's config holds one end token, the tokenizer's: a model that ends with another is refused, and one
+    that also ends with others is exported with a warning naming `end_token`, which then gives our translation."""
+    from modeling_seq2seq import Seq2SeqTransformerConfig
+    from modeling_seq2seq.export import export_to_ctranslate2
+
+    torch.manual_seed(0)
+    config = Seq2SeqTransformerConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, dropout=0.0,
+                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, output_bias=True, eos_token_id=[2, 7])
+    model = Seq2SeqTransformerForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias[7] = 6.0
+    model.generation_config.eos_token_id = [2, 7]
+    tokenizer = synthetic_tokenizer(64)
+    with caplog.at_level("WARNING"):
+        folder = export_to_ctranslate2(model, tokenizer, tmp_path / "ct2")
+    assert "stops at '</s>' only, unless translate_batch(..., end_token=['</s>', 't7'])" in caplog.text
+    expected = model.generate(torch.tensor([[5, 9, 17, 2]]), max_new_tokens=8, num_beams=1).tolist()[0]
+    assert expected == [1, 7]
+    result = ctranslate2.Translator(folder, device="cpu", intra_threads=1).translate_batch(
+        [["t5", "t9", "t17", "</s>"]], beam_size=1, max_decoding_length=8, min_decoding_length=0,
+        end_token=["</s>", "t7"], return_end_token=True)
+    assert tokenizer.convert_tokens_to_ids(result[0].hypotheses[0]) == [7]
+
+    model.config.eos_token_id = model.generation_config.eos_token_id = 7
+    with pytest.raises(ValueError, match=r"ends sentences with token ids \[7\], its tokenizer with 2 \('</s>'\)"):
+        export_to_ctranslate2(model, tokenizer, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

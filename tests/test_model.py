@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import pickle
+import shutil
 import threading
 import warnings
 import weakref
@@ -52,7 +53,7 @@ from modeling_seq2seq.modeling_seq2seq import (
     tied_gradient,
 )
 from modeling_seq2seq.presets import load_preset
-from modeling_seq2seq.tokenization import save_tokenizer, train_tokenizer
+from modeling_seq2seq.tokenization import load_tokenizer, save_tokenizer, train_tokenizer
 
 VOCAB = 64
 
@@ -1595,7 +1596,7 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     import runpy
 
     convert = runpy.run_path("scripts/convert_marian.py")["main"]
-    model = make_model()
+    model = make_model(vocab_size=300)  # the tokenizer's size (a smaller model is refused)
     model.save_pretrained(tmp_path / "ours")
     save_tokenizer(train_tokenizer(["one two three"] * 10, vocab_size=300), tmp_path / "ours")
     assert convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "marian")]) == 0
@@ -1617,11 +1618,43 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     model.save_pretrained(partial)
     weights = load_file(str(partial / "model.safetensors"))
     save_file({k: v for k, v in weights.items() if ".decoder." not in k}, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    # A Marian folder damaged in the ways every loader of ours refuses, and its tokenizer: the conversion refuses them
+    # too, naming the file, where it used to convert them (or fail with a bare AttributeError or torch's error).
+    marian_weights = load_file(str(tmp_path / "marian" / "model.safetensors"))
+    marian_config = json.loads((tmp_path / "marian" / "config.json").read_text())
+    damaged = {}
+    for name, change in [("listed", "config"), ("nan", "weights"), ("extra", "weights"), ("negative", "config"),
+                         ("bad_tokenizer", "tokenizer"), ("big_tokenizer", "tokenizer")]:
+        folder = damaged[name] = tmp_path / f"marian_{name}"
+        shutil.copytree(tmp_path / "marian", folder)
+    (damaged["listed"] / "config.json").write_text("[1, 2, 3]")
+    (damaged["negative"] / "config.json").write_text(json.dumps({**marian_config, "d_model": -128}))
+    first = sorted(marian_weights)[0]
+    save_file({**marian_weights, first: torch.full_like(marian_weights[first], float("nan"))},
+              str(damaged["nan"] / "model.safetensors"), metadata={"format": "pt"})
+    save_file({**marian_weights, "model.extra.weight": torch.zeros(2)}, str(damaged["extra"] / "model.safetensors"),
+              metadata={"format": "pt"})
+    (damaged["bad_tokenizer"] / "tokenizer.json").write_text("{")
+    big = load_tokenizer(tmp_path / "marian")
+    big.add_tokens([f"extra{i}" for i in range(model.config.vocab_size)])
+    save_tokenizer(big, damaged["big_tokenizer"])
+    for name, message in [
+        ("listed", f"{damaged['listed'] / 'config.json'}: expected a JSON object (a JSON model config), got list"),
+        ("nan", f"{damaged['nan']}: the saved weights hold NaN or infinite values"),
+        ("extra", "model.extra.weight): config.json and the weights do not belong together"),
+        ("negative", f"{damaged['negative'] / 'config.json'}: the model it describes cannot be built"),
+        ("bad_tokenizer", f"{damaged['bad_tokenizer']}: its tokenizer files do not load"),
+        ("big_tokenizer", f"{damaged['big_tokenizer']}: its tokenizer has {len(big)} tokens, but the model only"),
+    ]:
+        assert convert(["--to", "ours", "--input", str(damaged[name]), "--output_dir", str(tmp_path / "x")]) == 1
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error, (name, error)
     for args, message in [
         (["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")], "not empty"),
         (["--to", "marian", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "x")],
          "its config.json says model_type 'marian', not 'seq2seq_transformer'"),
-        (["--to", "marian", "--input", str(partial), "--output_dir", str(tmp_path / "x")], "weights missing from its files"),
+        (["--to", "marian", "--input", str(partial), "--output_dir", str(tmp_path / "x")],
+         "refusing to run partly random weights"),
         (["--to", "marian", "--input", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "x")], "no such model folder"),
         (["--to", "marian", "--input", str(tmp_path), "--output_dir", str(tmp_path / "x")], "has no config.json"),
         (["--to", "marian", "--input", str(partial), "--output_dir", str(tmp_path / "no" / "x")],

@@ -113,7 +113,7 @@ def test_pairs_over_the_length_limits_are_left_out_not_cut(saved_model, number_p
     assert [tokenizer.decode(labels, skip_special_tokens=True) for labels in validation["labels"]] == references
 
 
-def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path, caplog):
+def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path, caplog, capsys):
     """--save_steps writes the Trainer's checkpoints; --resume_from_checkpoint continues one to the weights of the
     run that was never stopped; `latest` skips a torn checkpoint."""
     from safetensors.torch import load_file
@@ -193,6 +193,17 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
     (ours / ckpt.TRAINER_STATE_NAME).write_text(json.dumps({"step": 12, "sampler": {}}))
     with pytest.raises(ValueError, match="has no whole-number 'global_step': not a Seq2SeqTrainer checkpoint"):
         script.checkpoint_step(ours)
+    # A checkpoint given by its path is verified as `latest` verifies one: a damaged file is named before the Trainer
+    # unpickles it; a saved model is no checkpoint.
+    damaged = tmp_path / "damaged" / "checkpoint-6"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-6", damaged)
+    (damaged / "optimizer.pt").write_bytes(b"x" * 500)
+    for folder, reason in [(damaged, "optimizer.pt has 500 bytes, the manifest says"),
+                           (saved_model, "a saved model, not a training checkpoint")]:
+        assert script.main(["--model", str(saved_model), "--output_dir", str(tmp_path / "from-damaged"), "--train_file",
+                            str(number_pairs[0]), "--use_cpu", "--quiet", "--resume_from_checkpoint", str(folder)]) == 1
+        error = capsys.readouterr().err
+        assert f"Cannot resume from {str(folder)!r}: {reason}" in error and "Traceback" not in error, error
 
 
 def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_old_one(tmp_path):

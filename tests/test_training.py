@@ -922,26 +922,62 @@ def test_torn_newest_checkpoint_is_skipped_on_resume(assets, reference_run, tmp_
     assert_same_weights(output_dir, reference_run)
 
 
+def torch_bytes(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def edited_state(path, edit) -> bytes:
+    state = torch.load(path, weights_only=True) if path.suffix == ".pt" else json.loads(path.read_text())
+    edit(state)
+    return torch_bytes(state) if path.suffix == ".pt" else json.dumps(state).encode()
+
+
+def first_moment_of_seven(state):
+    state["state"][0]["exp_avg"] = torch.zeros(7)
+
+
 @pytest.mark.parametrize("file, content, message", [
     ("trainer_state.json", b'{"step": 8,', "not readable as this training loop's state"),
     ("trainer_state.json", b'{"step": "8", "sampler": {}}', "'step' must be a whole number"),
+    ("trainer_state.json", lambda path: edited_state(path, lambda state: state.pop("skipped_steps")),
+     "'skipped_steps' must be a whole number >= 0, got None"),
+    ("trainer_state.json", lambda path: edited_state(path, lambda state: state.update(tokens_seen="many")),
+     "'tokens_seen' must be a whole number >= 0, got 'many'"),
+    ("trainer_state.json", lambda path: edited_state(path, lambda state: state.update(sampler={})),
+     "'sampler.epoch' must be a whole number >= 0, got None"),
     ("rng_state_0.json", b"[1, 2]", "expected a JSON object (random-number generator states)"),
+    ("rng_state_0.json", b"{}", "cannot restore Python's and NumPy's random states from it (KeyError: 'python')"),
+    ("rng_state_0.pt", torch_bytes({"torch": torch.zeros(3, dtype=torch.uint8)}), "cannot restore torch's random states"),
     ("optimizer.pt", b"not a torch file" * 8, "not a state file this package wrote, or damaged"),
+    ("optimizer.pt", bytes(range(256)) * 2, "not a state file this package wrote, or damaged"),  # torch: "Re-running..."
+    ("optimizer.pt", torch_bytes([1, 2]), "not an optimizer state"),
+    ("optimizer.pt", lambda path: edited_state(path, lambda state: state["param_groups"][0]["params"].pop()),
+     "its parameter groups hold [%d] parameters, this model's [%d]"),
+    ("optimizer.pt", lambda path: edited_state(path, first_moment_of_seven), "'exp_avg' of model."),
+    ("scheduler.pt", torch_bytes({"foo": 1}), "cannot restore the learning-rate schedule from it (KeyError"),
 ])
 def test_a_hand_edited_checkpoint_file_is_named_and_the_checkpoint_kept(assets, reference_run, tmp_path, capsys,
                                                                         file, content, message):
-    """Edited behind our back, with a manifest written again to match: resuming names the file, and changes nothing."""
+    """Edited behind our back, with a manifest written again to match: resuming names the file, and changes nothing
+    (a wrong-shaped Adam moment would reach the fused Adam kernel, which writes past it). The run's log stays."""
     import shutil
 
     checkpoint = tmp_path / "edited"
     shutil.copytree(reference_run / "checkpoint-8", checkpoint)
+    if callable(content):
+        content = content(checkpoint / file)
+    if "%d" in message:
+        count = len(torch.load(reference_run / "checkpoint-8" / file, weights_only=True)["param_groups"][0]["params"])
+        message = message % (count - 1, count)
     (checkpoint / file).write_bytes(content)
     ckpt.write_manifest(checkpoint, 8)
     before = {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
     assert training.main(run_args(assets, tmp_path / "out", resume_from_checkpoint=str(checkpoint))) == 1
     error = capsys.readouterr().err
     assert str(checkpoint / file) in error and message in error, error
-    assert "Traceback" not in error and "weights_only=False" not in error
+    assert "Traceback" not in error and "weights_only=False" not in error and "Resumed from" not in error
     assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
 
 
@@ -1009,9 +1045,19 @@ def test_resume_with_another_model_size_names_the_checkpoint_and_the_weight(asse
     args = run_args(assets, tmp_path / "wider", resume_from_checkpoint=str(checkpoint), model_overrides={"d_model": 48})
     assert training.main(args) == 1
     error = capsys.readouterr().err
-    assert re.search(rf"{re.escape(str(checkpoint))}: weights do not fit the model: \S+ is \(\d+(, \d+)?,?\) there and "
-                     r"\(\d+(, \d+)?,?\) here \(the model settings, model_config or model_overrides, differ", error), error
+    assert (f"{checkpoint} holds another model than this run builds (config.json: d_model: {TINY_MODEL['d_model']} "
+            "there, 48 now). Resume with the model settings (model_config, model_overrides)") in error, error
+    # Weights of the same shapes, another model: it would be trained as that model, and averaged with the earlier.
+    args = run_args(assets, tmp_path / "gelu", resume_from_checkpoint=str(checkpoint),
+                    model_overrides={"activation_function": "gelu", "scale_embedding": False})
+    assert training.main(args) == 1
+    error = capsys.readouterr().err
+    assert "(config.json: activation_function: 'relu' there, 'gelu' now; scale_embedding: True there, False now)" in error
+    assert not (tmp_path / "gelu" / "model.safetensors").exists()
     assert sorted(p.name for p in reference_run.iterdir()) == before
+    # A file of the wrong shape still names the weight (load_weights, behind the config check).
+    with pytest.raises(ckpt.CheckpointError, match=r"src: weights do not fit the model: w is \(3,\) there and \(2,\) here"):
+        training.load_weights(torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(2))}), {"w": torch.zeros(3)}, "src")
 
 
 def test_resuming_with_other_data_settings_names_them(assets, reference_run, tmp_path, capsys, monkeypatch, caplog):
@@ -1272,8 +1318,24 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
     tokenizer = load_tokenizer(reference_run)
     tokenizer.add_tokens([f"extra{i}" for i in range(config["vocab_size"])])
     save_tokenizer(tokenizer, foreign)
+    other_pad = variant("other_pad")
+    (other_pad / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "pad_token": "<unk>"}))
+    long_text = variant("long_text")
+    (long_text / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": "long"}))
+    no_tokenizer_config = variant("no_tokenizer_config")
+    (no_tokenizer_config / "tokenizer_config.json").unlink()
+    integers = variant("integers")
+    weights = load_file(str(integers / "model.safetensors"))
+    first = sorted(weights)[0]
+    save_file({**weights, first: weights[first].long()}, str(integers / "model.safetensors"))
     for folder, message in [
         (bart, f"{bart / 'config.json'} says model_type 'bart', not 'seq2seq_transformer'"),
+        (other_pad, f"{other_pad}: the tokenizer's pad_token_id is 3, config.json's 0: the tokenizer and the model do "
+                    "not belong together"),
+        (long_text, f"{long_text / 'tokenizer_config.json'}: 'model_max_length' must be a number above 0, got 'long'"),
+        (no_tokenizer_config, f"{no_tokenizer_config / 'tokenizer_config.json'} is missing: it names the tokenizer's "
+                              "special tokens"),
+        (integers, f"{integers / 'model.safetensors'}: weights must be floating-point, and {first} (I64) are not"),
         (heads, f"{heads / 'config.json'}: Seq2SeqTransformerConfig.encoder_attention_heads=7 is invalid: expected a "
                 "divisor of d_model"),
         (not_json, f"{not_json / 'generation_config.json'}: not readable as JSON generation settings"),
@@ -1285,8 +1347,19 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
         (no_eos, f"{no_eos}: the tokenizer has no eos_token"),
         (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens, but the model only {config['vocab_size']}"),
     ]:
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
             training.load_model_and_tokenizer(folder, device="cpu")
+    # The export and the Hub folder load it the same way (the tokenizer after the model).
+    from modeling_seq2seq.export import export_saved_model
+    from modeling_seq2seq.hub import build_hub_folder
+
+    for folder, message in [(not_json, "not readable as JSON generation settings"), (integers, "(I64) are not"),
+                            (other_pad, "the tokenizer's pad_token_id is 3, config.json's 0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            export_saved_model(folder, tmp_path / "ct2")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_hub_folder(folder, tmp_path / "hub")
+        assert not (tmp_path / "ct2").exists() and not (tmp_path / "hub").exists()
 
 
 def test_loading_a_checkpoint_for_inference_hashes_what_it_reads_only(reference_run, tmp_path, monkeypatch):
