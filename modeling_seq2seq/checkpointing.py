@@ -548,12 +548,32 @@ def load_torch_state(path: str | os.PathLike):
 WEIGHT_FILE_SUFFIX = ".safetensors"
 
 
+SHARD_INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_files(folder: str | os.PathLike, error: type[Exception] = CheckpointError) -> list[Path]:
+    """The safetensors files of a saved model folder: the shards its index lists (each must be there), or, without
+    an index, every `*.safetensors` file."""
+    folder = Path(folder)
+    index = folder / SHARD_INDEX_NAME
+    if not index.is_file():
+        return sorted(folder.glob("*" + WEIGHT_FILE_SUFFIX))
+    weight_map = read_json_object(index, "a JSON index of weight shards", error).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise error(f"{index}: 'weight_map' must be an object mapping tensor names to shard files.")
+    shards = sorted(set(weight_map.values()))
+    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    if missing:
+        raise error(f"{index} lists the shard {missing[0]}, which is missing from {folder}.")
+    return [folder / shard for shard in shards]
+
+
 def load_safetensors_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of the `*.safetensors` files of a saved model folder (sharded or not)."""
+    """All tensors of the safetensors files of a saved model folder (sharded or not)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(Path(folder).glob("*" + WEIGHT_FILE_SUFFIX))
+    files = weight_files(folder)
     if not files:
         raise CheckpointError(f"No *.safetensors weights in {str(folder)!r}.")
     tensors: dict[str, torch.Tensor] = {}
@@ -684,6 +704,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             if problem is not None:
                 raise CheckpointError(f"Cannot average {str(folder)!r}: {problem}.")
     check_same_architecture(checkpoints)
+    check_same_files(checkpoints, TOKENIZER_FILE_NAMES)
     averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints], checkpoints)
     output_dir = Path(output_dir)
     staging = output_dir.with_name(f"{TMP_PREFIX}{output_dir.name}-{os.getpid()}")
@@ -700,11 +721,43 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             json.dumps({"checkpoints": [str(Path(c)) for c in checkpoints]}, indent=2) + "\n", encoding="utf-8"
         )
         seal_folder(staging)
+        check_loads(staging, last)
         replace_dir(staging, output_dir)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(f"Could not write averaged model {str(output_dir)!r}: {error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_same_files(folders: list[str | os.PathLike], names: Iterable[str]) -> None:
+    """The folders hold the same `names` files (or all lack them): an average takes the last one's, which must then
+    be every input's (the same tokenizer)."""
+    for name in names:
+        contents = [(Path(folder) / name).read_bytes() if (Path(folder) / name).is_file() else None for folder in folders]
+        for folder, content in zip(folders[1:], contents[1:]):
+            if content != contents[0]:
+                raise CheckpointError(f"{Path(folder) / name} differs from {Path(folders[0]) / name}: the checkpoints "
+                                      "were not trained with the same tokenizer, and their average has no one tokenizer.")
+
+
+def check_loads(staging: Path, source: Path) -> None:
+    """The averaged folder loads as every script loads a model folder (its config, generation config and tokenizer
+    are `source`'s); otherwise the reason, naming `source`, and nothing is written."""
+    from .tokenization import load_tokenizer
+    from .training import check_special_tokens, check_tokenizer_matches, load_saved_model
+
+    try:
+        model = load_saved_model(staging)
+        if any((source / name).is_file() for name in TOKENIZER_FILE_NAMES):
+            tokenizer = load_tokenizer(staging)
+            check_special_tokens(tokenizer, str(staging))
+            check_tokenizer_matches(tokenizer, model.config, staging)
+    except (ValueError, OSError) as error:
+        raise CheckpointError(f"The average would not load, so it was not written ({str(error).replace(str(staging), str(source))}).") from error
 
 
 def last_checkpoints(output_dir: str | os.PathLike, count: int, skip=lambda step: False) -> list[Path]:

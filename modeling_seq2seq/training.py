@@ -719,11 +719,12 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
 
 
 def check_weight_dtypes(folder: Path) -> None:
-    """Every tensor of the folder's safetensors files is floating-point (the model has no other): an integer tensor
-    for a weight would be cast, and loaded as whole numbers (zeros for initialised weights), without a word."""
+    """Every tensor of the folder's safetensors files (the shards its index lists) is floating-point (the model has
+    no other): an integer tensor for a weight would be cast, and loaded as whole numbers (zeros for initialised
+    weights), without a word."""
     from safetensors import SafetensorError, safe_open
 
-    for file in sorted(folder.glob("*" + ckpt.WEIGHT_FILE_SUFFIX)):
+    for file in ckpt.weight_files(folder, ValueError):  # a shard index that is damaged, or lists a missing shard
         try:
             with safe_open(str(file), framework="pt") as weights:
                 wrong = [f"{name} ({dtype})" for name in weights.keys()

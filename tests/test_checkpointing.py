@@ -17,6 +17,13 @@ from safetensors.torch import load_file, save_file
 from modeling_seq2seq import checkpointing as ckpt
 
 
+@pytest.fixture(autouse=True)
+def fake_checkpoints_average_unloaded(monkeypatch):
+    """The fake checkpoints here hold no model, so their averages are not loaded as models before being written;
+    tests/test_training.py averages real checkpoints, where that check runs."""
+    monkeypatch.setattr(ckpt, "check_loads", lambda staging, source: None)
+
+
 def write_fake_checkpoint(output_dir, step, weights=None, extra=b"state"):
     """A checkpoint with a safetensors file and an opaque state file, written the real (atomic) way."""
     weights = weights if weights is not None else {"w": torch.full((3, 2), float(step)), "b": torch.arange(4)}
@@ -442,3 +449,26 @@ def test_a_kill_while_setting_checkpoints_aside_leaves_the_newest_for_latest(tmp
     assert ckpt.find_latest_checkpoint(tmp_path) == paths[2]
     assert ckpt.remove_stale_staging(tmp_path) == [tmp_path / f"{ckpt.REPLACED_PREFIX}checkpoint-4-{os.getpid()}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-8"]
+
+
+def test_a_sharded_folder_is_read_by_its_index(tmp_path):
+    """The shards the index lists, each of which must be there (a missing one was reported as other tensors), and an
+    index that is not JSON is named (it was a bare "Expecting value")."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(2)}, str(folder / "model-00002-of-00002.safetensors"))
+    index = folder / ckpt.SHARD_INDEX_NAME
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    assert sorted(ckpt.load_safetensors_folder(folder)) == ["a", "b"]
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{index} lists the shard model-00002-of-00002.safetensors, "
+                                                             f"which is missing from {folder}")):
+        ckpt.load_safetensors_folder(folder)
+    for content, message in [('{"weight_map": ', "not readable as a JSON index of weight shards"),
+                             ("[]", "expected a JSON object (a JSON index of weight shards), got list"),
+                             ('{"weight_map": [1]}', "'weight_map' must be an object mapping tensor names to shard files")]:
+        index.write_text(content)
+        with pytest.raises(ValueError, match=re.escape(f"{index}: {message}")):
+            ckpt.weight_files(folder, ValueError)

@@ -1328,8 +1328,11 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
     weights = load_file(str(integers / "model.safetensors"))
     first = sorted(weights)[0]
     save_file({**weights, first: weights[first].long()}, str(integers / "model.safetensors"))
+    torn_index = variant("torn_index")
+    (torn_index / ckpt.SHARD_INDEX_NAME).write_text('{"weight_map": ')
     for folder, message in [
         (bart, f"{bart / 'config.json'} says model_type 'bart', not 'seq2seq_transformer'"),
+        (torn_index, f"{torn_index / ckpt.SHARD_INDEX_NAME}: not readable as a JSON index of weight shards"),
         (other_pad, f"{other_pad}: the tokenizer's pad_token_id is 3, config.json's 0: the tokenizer and the model do "
                     "not belong together"),
         (long_text, f"{long_text / 'tokenizer_config.json'}: 'model_max_length' must be a number above 0, got 'long'"),
@@ -1581,6 +1584,45 @@ def test_average_checkpoints_at_the_end(assets, tmp_path):
     assert_same_weights(averaged, output_dir, atol=0)
     model, tokenizer = training.load_model_and_tokenizer(averaged, device="cpu")
     assert len(training.translate_texts(model, tokenizer, ["seven"], num_beams=1)) == 1
+
+
+def test_an_average_that_would_not_load_is_not_written(reference_run, tmp_path):
+    """The average takes the last input's config, generation config and tokenizer: one that does not load (an
+    invalid dropout, which the architecture check leaves aside; a damaged generation config), or tokenizers that
+    differ between the inputs (one of them left without its tokenizer.json), used to give a folder no script loads."""
+    import shutil
+
+    from modeling_seq2seq.tokenization import load_tokenizer, save_tokenizer
+
+    def inputs(name, edit):
+        first, last = tmp_path / name / "checkpoint-8", tmp_path / name / "checkpoint-12"
+        for step, folder in ((8, first), (12, last)):
+            shutil.copytree(reference_run / f"checkpoint-{step}", folder)
+            (folder / ckpt.MANIFEST_NAME).unlink()
+        edit(last)
+        return [first, last]
+
+    def dropout(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "dropout": 2.0}))
+
+    def other_tokenizer(folder):
+        tokenizer = load_tokenizer(folder)
+        tokenizer.add_tokens(["extra"])
+        save_tokenizer(tokenizer, folder)
+
+    for name, edit, message in [
+        ("dropout", dropout, "The average would not load, so it was not written ({last}/config.json: "),
+        ("generation", lambda folder: (folder / "generation_config.json").write_text("[]"),
+         "The average would not load, so it was not written ({last}/generation_config.json: expected a JSON object"),
+        ("tokenizer", other_tokenizer, "{last}/tokenizer.json differs from {first}/tokenizer.json: the checkpoints were "
+                                       "not trained with the same tokenizer"),
+        ("no_tokenizer", lambda folder: (folder / "tokenizer.json").unlink(), "{last}/tokenizer.json differs from"),
+    ]:
+        first, last = inputs(name, edit)
+        with pytest.raises(ckpt.CheckpointError, match=re.escape(message.format(first=first, last=last))):
+            ckpt.average_checkpoints([first, last], tmp_path / "averaged")
+        assert not (tmp_path / "averaged").exists() and not list(tmp_path.glob(f"{ckpt.TMP_PREFIX}*"))
 
 
 def test_bf16_mixed_precision_on_cpu(assets, tmp_path):
