@@ -157,13 +157,28 @@ def _pair_from_record(record, source_lang: str, target_lang: str, where: str) ->
     )
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list) -> dict:
+    """A JSON object whose keys are each given once: `json` would keep the last of two silently."""
+    keys = [key for key, _ in pairs]
+    for index, key in enumerate(keys):
+        if key in keys[:index]:
+            raise DuplicateKey(key)
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path, source_lang: str, target_lang: str) -> Iterator[tuple[int, str, str]]:
     for lineno, line in _iter_lines(path):
         if not line.strip():
             continue  # blank lines (a trailing newline, say) carry no record
         where = f"{path}, line {lineno}"
-        try:
-            record = json.loads(line.rstrip("\r\n"))  # a column past the line's end, not column 1 of the next
+        try:  # a column past the line's end, not column 1 of the next
+            record = json.loads(line.rstrip("\r\n"), object_pairs_hook=_object_without_duplicates)
+        except DuplicateKey as e:
+            raise DataFileError(f"{where}: the key {str(e)!r} is given twice") from None
         except json.JSONDecodeError as e:
             raise DataFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
@@ -180,7 +195,7 @@ def _read_json_array(path: Path, source_lang: str, target_lang: str) -> Iterator
         )
     lines = [line for _, line in _iter_lines(path)]  # validates UTF-8 / NUL / line length with line numbers
     text = "".join(lines)
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_object_without_duplicates)
     pos, line_at, lineno = text.index("[") + 1, 0, 1
 
     def line_of(p: int) -> int:
@@ -204,6 +219,8 @@ def _read_json_array(path: Path, source_lang: str, target_lang: str) -> Iterator
         where = f"{path}, line {line_of(pos)} (array item {item})"
         try:
             record, pos = decoder.raw_decode(text, pos)
+        except DuplicateKey as e:
+            raise DataFileError(f"{where}: the key {str(e)!r} is given twice") from None
         except json.JSONDecodeError as e:
             raise DataFileError(f"{path}, line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:

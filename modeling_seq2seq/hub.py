@@ -351,12 +351,16 @@ def load_reporting_random_weights(model_class, path, **kwargs):
 
 
 def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where there is no such file."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}.")
+    return value
 
 
 def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
@@ -373,7 +377,10 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
         else:
             import yaml
 
-            settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+            try:
+                settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path}: not readable as YAML ({error}).") from error
         if isinstance(settings, dict):
             recipe["settings"] = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))}
             recipe["settings_file"] = name
@@ -531,6 +538,8 @@ def render_model_card(
         )
     except TemplateSyntaxError as error:
         raise ValueError(f"{template}, line {error.lineno}: not a valid model card template ({error.message}).") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{template}: the model card template is not UTF-8 text ({error}).") from error
     except TemplateError as error:
         raise ValueError(f"{template}: the model card template failed to render ({error}).") from error
     return str(card)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import ctypes
 import dataclasses
@@ -304,8 +305,9 @@ def validate_config(config: TrainingConfig, sources: dict[str, str] | None = Non
     return config
 
 
-def load_yaml_config(path: str | os.PathLike) -> dict:
-    """Read a YAML recipe; unknown keys and values of the wrong type raise ValueError naming file and key."""
+def load_yaml_config(path: str | os.PathLike, lines: dict | None = None) -> dict:
+    """Read a YAML recipe; unknown keys and values of the wrong type raise ValueError naming file, line and key.
+    `lines`, when given, receives each setting's line number."""
     import yaml
 
     path = Path(path)
@@ -322,7 +324,11 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
             for index, (key_node, _) in enumerate(node.value):
                 if keys[index] in keys[:index]:
                     raise ValueError(f"{path}, line {key_node.start_mark.line + 1}: '{keys[index]}' is given twice.")
+                with contextlib.suppress(TypeError):  # the top level's keys come first; nested ones keep those
+                    key_lines.setdefault(keys[index], key_node.start_mark.line + 1)
             return super().construct_mapping(node, deep)
+
+    key_lines = {} if lines is None else lines
 
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
@@ -343,8 +349,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = (f" Did you mean '{close[0]}'?" if close else
                     " (YAML reads an unquoted no, yes, off or on as false or true: quote it.)" if isinstance(key, bool) else "")
-            raise ValueError(f"{path}: unknown setting '{key}'.{hint}")
-        values[key] = _check_value(key, value, str(path))
+            raise ValueError(f"{path}, line {key_lines[key]}: unknown setting '{key}'.{hint}")
+        values[key] = _check_value(key, value, f"{path}, line {key_lines[key]}")
     return values
 
 
@@ -413,8 +419,9 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
         print(f"No --config and no data given: using the default recipe {DEFAULT_RECIPE} (the built-in task).")
     values, sources = {}, {}
     if config_path:
-        for key, value in load_yaml_config(config_path).items():
-            values[key], sources[key] = value, str(config_path)
+        lines = {}
+        for key, value in load_yaml_config(config_path, lines).items():
+            values[key], sources[key] = value, f"{config_path}, line {lines[key]}"
     for key, value in args.items():
         values[key] = _check_value(key, value, f"flag --{key}")
         sources[key] = f"flag --{key}"
@@ -759,6 +766,8 @@ def read_text_lines(path: str | os.PathLike, option: str | None = None) -> list[
             data = Path(path).read_bytes()
         except OSError as error:
             raise ValueError(f"{name}: cannot be read ({error.strerror or error}).") from error
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # before UTF-32's, which begins with UTF-16's
+        raise ValueError(f"{name}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8.")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     for option in ("max_samples", "num_beams", "batch_size"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option} must be positive")
+    if args.test_file and (args.source_file or args.reference_file):
+        parser.error("--test_file or --source_file/--reference_file: one test set, not both")
 
     try:
         check_device(args.device)

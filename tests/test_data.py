@@ -221,6 +221,14 @@ def test_malformed_json_line(tmp_path):
     check_error(g, r"line 2\b", f"at column {len(unclosed)}\\)")
 
 
+def test_a_key_given_twice_is_named_by_file_and_line(tmp_path):
+    """json keeps the last of two values silently (a duplicated CSV column or YAML key is refused already)."""
+    f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:1]) + '{"en": "a", "de": "b", "en": "c"}\n')
+    check_error(f, r"line 2\b", "the key 'en' is given twice")
+    g = write(tmp_path / "b.json", '[\n  {"en": "a", "de": "b"},\n  {"translation": {"de": "d", "en": "c", "de": "e"}}\n]\n')
+    check_error(g, r"line 3\b", r"array item 2", "the key 'de' is given twice")
+
+
 def test_a_lone_surrogate_escape_is_named_by_file_and_line(tmp_path):
     """JSON can spell half of an emoji ("\\ud83d"), which is no text: Arrow would fail without saying where."""
     f = write(tmp_path / "a.jsonl", jsonl(PAIRS[:2]) + '{"translation": {"en": "Nice \\ud83d", "de": "Sch\\u00f6n"}}\n')

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import os
 import subprocess
 import sys
@@ -765,3 +766,23 @@ def test_training_recipe_falls_back_to_what_train_py_records(tmp_path):
     assert recipe["settings"] == {"warmup_steps": 300, "label_smoothing": 0.0} and recipe["settings_file"] == "eval_results.json"
     (tmp_path / "training_config.yaml").write_text("warmup_steps: 4000\n")
     assert _training_recipe(tmp_path, results)["settings"] == {"warmup_steps": 4000}
+
+
+def test_damaged_card_inputs_are_named(model_dir, tmp_path):
+    """eval_results.json that is no object, a recipe that is no YAML and a template that is no UTF-8 text: each named
+    (an AttributeError, a bare yaml ReaderError and a codec error before)."""
+    import shutil
+
+    from modeling_seq2seq.hub import build_hub_folder
+
+    for name, content, message in [("eval_results.json", b"[1, 2]", "expected a JSON object, got list"),
+                                   ("training_config.yaml", b"a: [\n", "not readable as YAML"),
+                                   ("template.md", b"\xca\xfe card", "the model card template is not UTF-8 text")]:
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        (folder / name).write_bytes(content)
+        template = folder / name if name == "template.md" else TEMPLATE
+        with pytest.raises(ValueError, match=re.escape(f"{folder / name}")) as raised:
+            build_hub_folder(folder, tmp_path / "out", template=template)
+        assert message in str(raised.value)
+        assert not (tmp_path / "out").exists()

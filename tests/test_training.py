@@ -244,15 +244,19 @@ def test_the_gradient_norm_on_a_cpu_equals_a_float64_recomputation(monkeypatch):
 def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
     bad_key = tmp_path / "bad_key.yaml"
     bad_key.write_text("max_step: 10\n")
-    with pytest.raises(ValueError, match=r"bad_key\.yaml: unknown setting 'max_step'. Did you mean 'max_steps'"):
+    late = tmp_path / "late.yaml"
+    late.write_text("# the paper's recipe\nseed: 1\nmodel_overrides: {max_tokens: 3}\n\nmax_tokens: lots\n")
+    with pytest.raises(ValueError, match=r"late\.yaml, line 5: 'max_tokens' must be an integer, got 'lots'"):
+        load_yaml_config(late)
+    with pytest.raises(ValueError, match=r"bad_key\.yaml, line 1: unknown setting 'max_step'. Did you mean 'max_steps'"):
         load_yaml_config(bad_key)
     bad_type = tmp_path / "bad_type.yaml"
     bad_type.write_text("max_tokens: lots\n")
-    with pytest.raises(ValueError, match=r"bad_type\.yaml: 'max_tokens' must be an integer, got 'lots'"):
+    with pytest.raises(ValueError, match=r"bad_type\.yaml, line 1: 'max_tokens' must be an integer, got 'lots'"):
         parse_config(["--config", str(bad_type)])
     bad_value = tmp_path / "bad_value.yaml"
     bad_value.write_text("warmup_steps: 0\n")
-    with pytest.raises(ValueError, match=r"bad_value\.yaml: 'warmup_steps' must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"bad_value\.yaml, line 1: 'warmup_steps' must be a positive integer, got 0"):
         parse_config(["--config", str(bad_value)])
     with pytest.raises(ValueError, match=r"flag --label_smoothing: 'label_smoothing' must be a number in \[0, 1\)"):
         parse_config(["--label_smoothing", "1.5"])
@@ -299,7 +303,7 @@ def test_yaml_and_flag_errors_name_the_file_and_key(tmp_path):
                           ("on: 3\n", r"unknown setting 'True'. \(YAML reads an unquoted no, yes, off or on"),
                           ("dataset_config_name: de-en\n", r"'dataset_config_name' must be given only with dataset_name")]:
         yaml11.write_text(text)
-        with pytest.raises(ValueError, match=rf"yaml11\.yaml: {message}"):
+        with pytest.raises(ValueError, match=rf"yaml11\.yaml, line 1: {message}"):
             parse_config(["--config", str(yaml11)])
     with pytest.raises(ValueError, match=r"flag --seed: 'seed' must be a whole number from 0 to 2\*\*31 - 1, got -1"):
         parse_config(["--seed", "-1"])
@@ -717,6 +721,14 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     assert "no sentences to evaluate" in capsys.readouterr().err
     assert evaluate.main(["--model", str(short_run), "--source_file", str(broken), "--reference_file", str(source)]) == 1
     assert f"--source_file {broken}, line 2: not UTF-8 text" in capsys.readouterr().err
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("one\ntwo\n", encoding="utf-16")
+    assert evaluate.main(["--model", str(short_run), "--source_file", str(utf16), "--reference_file", str(source)]) == 1
+    assert f"--source_file {utf16}: UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the --test_file was left unread, without a word
+        evaluate.main(["--model", str(short_run), "--test_file", str(source), "--source_file", str(source),
+                       "--reference_file", str(source)])
+    assert "--test_file or --source_file/--reference_file: one test set, not both" in capsys.readouterr().err
     # A pair with an empty side is skipped with a warning (as in the data files), not translated and scored.
     sources, references = tmp_path / "src.txt", tmp_path / "ref.txt"
     sources.write_text("one\n\ntwo\nthree\n")
