@@ -247,9 +247,10 @@ def _class_without_tokenizer_json(folder: Path) -> str | None:
     return named if isinstance(named, str) and named not in ("PreTrainedTokenizerFast", "TokenizersBackend") else None
 
 
-def check_tokenizer_config(file: Path) -> None:
+def check_tokenizer_config(file: Path, backend: Tokenizer) -> None:
     """The tokenizer_config.json beside a tokenizer.json: there (it names the special tokens, without which the
-    tokenizer neither pads nor ends a sentence), a JSON object, and with a numeric length limit."""
+    tokenizer neither pads nor ends a sentence), a JSON object, with a numeric length limit, and naming special
+    tokens of the vocabulary (transformers would add one it lacks as a new token, past the model's embeddings)."""
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: it names the tokenizer's special tokens (padding, end of "
                                 "sentence). Pass the tokenizer.json file itself to use this package's default ones.")
@@ -257,6 +258,11 @@ def check_tokenizer_config(file: Path) -> None:
     limit = settings.get("model_max_length")
     if limit is not None and (type(limit) not in (int, float) or not limit > 0):
         raise ValueError(f"{file}: 'model_max_length' must be a number above 0, got {limit!r}.")
+    for name in ("pad_token", "bos_token", "eos_token", "unk_token"):
+        token = settings.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and backend.token_to_id(token) is None:
+            raise ValueError(f"{file}: its {name} {token!r} is not in the vocabulary of {file.with_name('tokenizer.json')}.")
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -285,7 +291,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         raise ValueError(f"tokenizer file {json_file} is corrupt or not a tokenizers JSON file: {e}") from e
     if folder is None:
         return wrap_tokenizer(backend)
-    check_tokenizer_config(folder / "tokenizer_config.json")
+    check_tokenizer_config(folder / "tokenizer_config.json", backend)
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     except Exception as e:

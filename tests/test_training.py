@@ -1332,6 +1332,8 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
     save_tokenizer(tokenizer, foreign)
     other_pad = variant("other_pad")
     (other_pad / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "pad_token": "<unk>"}))
+    unknown_pad = variant("unknown_pad")
+    (unknown_pad / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "pad_token": "<nonexistent>"}))
     long_text = variant("long_text")
     (long_text / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": "long"}))
     no_tokenizer_config = variant("no_tokenizer_config")
@@ -1348,6 +1350,8 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
         (other_pad, f"{other_pad}: the tokenizer's pad_token_id is 3, config.json's 0: the tokenizer and the model do "
                     "not belong together"),
         (long_text, f"{long_text / 'tokenizer_config.json'}: 'model_max_length' must be a number above 0, got 'long'"),
+        (unknown_pad, f"{unknown_pad / 'tokenizer_config.json'}: its pad_token '<nonexistent>' is not in the vocabulary "
+                      f"of {unknown_pad / 'tokenizer.json'}"),
         (no_tokenizer_config, f"{no_tokenizer_config / 'tokenizer_config.json'} is missing: it names the tokenizer's "
                               "special tokens"),
         (integers, f"{integers / 'model.safetensors'}: weights must be floating-point, and {first} (I64) are not"),
