@@ -35,7 +35,7 @@ MANIFEST_FORMAT = 1
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's and rotation's trash names
+_TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's trash names
 # What a killed run of ours can leave in its output folder: checkpoint and final-model staging folders, trashed
 # checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, a dash, 8 random characters).
 REPLACED_PREFIX = ".replaced-"  # an earlier run's checkpoint set aside for deletion (never restored)
@@ -442,7 +442,9 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int | None, pro
     for path in doomed + kept[: max(0, len(kept) - keep_last)]:
         if path.resolve() in protected:
             continue
-        trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
+        # A name that nothing restores (a replacement's trash is restored): a kill between the rename and the delete
+        # must not bring the folder back, past the limit; the next start deletes it.
+        trash = path.with_name(f"{REPLACED_PREFIX}{path.name}-{os.getpid()}")
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
         deleted.append(path)
@@ -465,8 +467,8 @@ def set_aside(checkpoints: Iterable[Path]) -> list[Path]:
 
 
 def restore_interrupted_replacements(output_dir: str | os.PathLike) -> list[Path]:
-    """Put back a checkpoint that a kill between `replace_dir`'s two renames (or rotation's rename and delete) left
-    under a trash name only: its complete new version from staging if there is one, else the complete trashed one."""
+    """Put back a checkpoint that a kill between `replace_dir`'s two renames left under a trash name only: its
+    complete new version from staging if there is one, else the complete trashed one."""
     output_dir = Path(output_dir)
     restored = []
     if not output_dir.is_dir():

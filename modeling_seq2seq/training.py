@@ -1061,11 +1061,13 @@ class JsonlLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
         self.records = 0  # in the file; a checkpoint saves the count, so that resume keeps exactly those
+        self.kept = None  # the lines `truncate_after` keeps, written when the first new record is
 
     def truncate_after(self, step: int, records: int | None = None) -> None:
         """On resume, keep the first `records` records (what the checkpoint had seen: later ones are written again),
         or, for checkpoints that lack the count, the records up to the checkpoint's step; a line torn by a crash
-        goes either way."""
+        goes either way. The file is cut when the first new record comes: a resumed run stopped before that leaves
+        the log as it was."""
         if not self.enabled:
             return
         kept = []
@@ -1078,12 +1080,14 @@ class JsonlLog:
                 break
             if records is not None or (record.get("step", 0) <= step and record.get("type") not in ("test", "end")):
                 kept.append(line)
-        ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        self.records = len(kept)
+        self.kept, self.records = kept, len(kept)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self.kept is not None:
+            ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in self.kept))
+            self.kept = None
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
@@ -2026,7 +2030,12 @@ class Trainer:
                 unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
                 save_tokenizer(self.tokenizer, staging)
                 ckpt.seal_folder(staging)
-                # Weights first and config.json (what makes a folder a model) last.
+                # An earlier model's config.json (what makes a folder a model) and results go first, config.json comes
+                # last: a kill while the files move in leaves a folder that loads as no model (resuming saves it
+                # again), never new weights under the old config.
+                for earlier in ("config.json", EVAL_RESULTS_NAME):
+                    (self.output_dir / earlier).unlink(missing_ok=True)
+                ckpt.fsync_dir(self.output_dir)
                 files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", p.name))
                 for source in files:
                     if source.is_file():

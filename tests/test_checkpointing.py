@@ -180,6 +180,19 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert ckpt.rotate_checkpoints(tmp_path, keep_last=None) == []
 
 
+def test_a_rotation_killed_before_its_delete_is_not_undone(tmp_path, monkeypatch):
+    """Rotation renames a folder away, then deletes it: killed in between, the next start deletes it (it used to
+    restore it, as a replacement's trash, and the run kept one checkpoint more than its limit for good)."""
+    for step in (1, 2, 3):
+        write_fake_checkpoint(tmp_path, step)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *args, **kwargs: None)  # killed before the delete
+    assert [p.name for p in ckpt.rotate_checkpoints(tmp_path, keep_last=2)] == ["checkpoint-1"]
+    monkeypatch.undo()
+    assert ckpt.restore_interrupted_replacements(tmp_path) == []
+    ckpt.remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
 def test_probe_writable_reports_the_directory(tmp_path):
     ckpt.probe_writable(tmp_path / "new" / "nested")
     assert (tmp_path / "new" / "nested").is_dir()

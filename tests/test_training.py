@@ -1484,6 +1484,49 @@ def test_sigkill_at_a_random_moment_then_resume(assets, reference_run, tmp_path)
     assert_same_weights(output_dir, reference_run)
 
 
+def test_a_continued_run_killed_before_its_first_record_keeps_the_log(assets, reference_run, tmp_path, monkeypatch):
+    """Continuing a finished run cuts the log back to its last checkpoint (the later records are written again); cut
+    at the start, a kill before any new record lost the finished run's final validation and test records."""
+    import shutil
+
+    output_dir = tmp_path / "continued"
+    shutil.copytree(reference_run, output_dir)
+    before = (output_dir / training.LOG_FILE_NAME).read_text()
+    assert '"type": "test"' in before
+    monkeypatch.setattr(training.Trainer, "train_steps", lambda self, stream, progress: (_ for _ in ()).throw(SystemExit(137)))
+    with pytest.raises(SystemExit):
+        training.main(run_args(assets, output_dir, max_steps=16, resume_from_checkpoint="latest"))
+    assert (output_dir / training.LOG_FILE_NAME).read_text() == before
+
+
+def test_a_final_save_killed_part_way_leaves_no_model_that_mixes_two(assets, reference_run, tmp_path, monkeypatch):
+    """The final model's files move in one by one over the earlier model's, config.json last. Killed after the new
+    weights were in, the earlier config.json (and results) stayed beside them: a model that loaded, and translated
+    nonsense where the two differ. The earlier config goes first now: the folder loads as no model until resuming
+    saves it again."""
+    import shutil
+
+    output_dir = tmp_path / "continued"
+    shutil.copytree(reference_run, output_dir)
+    real_replace = os.replace
+
+    def killed_after_the_weights(source, target):
+        real_replace(source, target)
+        if Path(target) == output_dir / "model.safetensors":
+            raise SystemExit(137)
+
+    monkeypatch.setattr(training.os, "replace", killed_after_the_weights)
+    with pytest.raises(SystemExit):
+        training.main(run_args(assets, output_dir, max_steps=16, resume_from_checkpoint="latest"))
+    monkeypatch.undo()
+    assert not (output_dir / "config.json").exists() and not (output_dir / training.EVAL_RESULTS_NAME).exists()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        training.load_model_and_tokenizer(output_dir, device="cpu")
+    assert training.main(run_args(assets, output_dir, max_steps=16, resume_from_checkpoint="latest")) == 0
+    assert_same_weights(output_dir, output_dir / "checkpoint-16", atol=0)
+    training.load_model_and_tokenizer(output_dir, device="cpu")
+
+
 def test_a_run_chooses_its_device_afresh_after_a_cpu_only_accelerator(assets, tmp_path, monkeypatch):
     """Accelerate keeps its device choice process-wide: an earlier `Accelerator(cpu=True)` in the process (a notebook
     cell, a Trainer with `use_cpu`) would keep a later run off the GPU unless the run forgets it."""
