@@ -13,6 +13,7 @@ RNG states of `random`/`numpy`, and `torch.save` files of tensors and plain cont
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -96,10 +98,53 @@ def seal_folder(folder: str | os.PathLike) -> None:
             fsync_file(path)
 
 
+def staging_beside(final: str | os.PathLike) -> Path:
+    """A fresh empty folder beside `final` (the same file system, so that it renames into place), named after it and
+    this process: `remove_abandoned_staging` deletes it at a later start if a kill left it behind."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(final)
+    staging = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):  # another user's process; a number no process has
+        return False
+    return False
+
+
+def remove_abandoned_staging(final: str | os.PathLike) -> list[Path]:
+    """Delete what a killed process of ours left beside `final` while writing it (`staging_beside`'s folders,
+    `atomic_write_bytes`'s files): names after `final` and a process that no longer runs."""
+    final = Path(final)
+    pattern = re.compile(rf"^{re.escape(TMP_PREFIX + final.name)}-(\d+)(-[a-z0-9_]{{8}})?$")
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or entry.is_symlink() or not _process_is_gone(int(match.group(1))):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see either the old or the new content, never a partial one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + "-", dir=path.parent)
+    remove_abandoned_staging(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-{os.getpid()}-", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
@@ -325,10 +370,34 @@ def create_staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return staging
 
 
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the system or
+    the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    current_directory, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(current_directory, os.fsencode(first), current_directory, os.fsencode(second), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
 def replace_dir(staging: Path, final: Path) -> None:
-    """Rename the complete folder `staging` to `final`. An existing folder at `final` is moved aside first and
-    deleted only once the new one is in place: at every moment one of the two is complete under its name or the
-    trash name, and a failing rename puts the existing folder back."""
+    """Rename the complete folder `staging` to `final`. An existing folder at `final` is swapped with it in one step
+    where the system can (`exchange_paths`), then deleted, so that `final` is never missing; elsewhere it is moved
+    aside first and deleted only once the new one is in place: at every moment one of the two is complete under its
+    name or the trash name, and a failing rename puts the existing folder back."""
+    if final.is_dir() and not final.is_symlink() and exchange_paths(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # the earlier folder, now under the staging name
+        fsync_dir(final.parent)
+        return
     displaced = None
     if final.exists():
         displaced = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}")
@@ -708,12 +777,9 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
     check_same_architecture(checkpoints)
     check_same_files(checkpoints, TOKENIZER_FILE_NAMES)
     averaged = average_state_dicts([load_safetensors_folder(folder) for folder in checkpoints], checkpoints)
-    output_dir = Path(output_dir)
-    staging = output_dir.with_name(f"{TMP_PREFIX}{output_dir.name}-{os.getpid()}")
+    output_dir, staging = Path(output_dir), None
     try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging = staging_beside(output_dir)
         last = Path(checkpoints[-1])
         for source in last.iterdir():
             if source.is_file() and _belongs_to_saved_model(source.name):
@@ -728,7 +794,8 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
     except OSError as error:
         raise CheckpointError(f"Could not write averaged model {str(output_dir)!r}: {error}") from error
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

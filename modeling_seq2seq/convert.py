@@ -7,13 +7,12 @@ our code.
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, MarianConfig, MarianMTModel
 
-from .checkpointing import read_json_object, seal_folder
+from .checkpointing import read_json_object, seal_folder, staging_beside
 from .tokenization import save_tokenizer
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
@@ -245,7 +244,7 @@ def convert_folder(source: str, output_dir: str, to: str) -> None:
     output = os.path.abspath(output_dir)
     if os.path.exists(output) and os.listdir(output):
         raise FileExistsError(f"{output} exists and is not empty; choose a new --output_dir.")
-    staging = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(output) or ".")
+    staging = str(staging_beside(output))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         copy_tokenizer(source, staging, model.config)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -189,7 +188,7 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     The tokenizer is read from `tokenizer_path`, else from the model folder (or its `tokenizer/` sub-folder). The
     tokenizer files are copied next to the CTranslate2 model so that the folder is self-contained.
     """
-    from .checkpointing import refuse_to_replace_inputs, replace_dir
+    from .checkpointing import refuse_to_replace_inputs, replace_dir, staging_beside
     from .tokenization import load_tokenizer
     from .training import check_tokenizer_matches, load_saved_model
 
@@ -214,8 +213,7 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     model = load_saved_model(model_dir).eval()
     check_tokenizer_matches(tokenizer, model.config, tokenizer_dir)
     # Convert into a temporary sibling and move it in, so a failed conversion leaves no half-written folder.
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    staging = staging_beside(output_dir)
     try:
         export_to_ctranslate2(model, tokenizer, staging / "model", quantization=quantization, force=True)
         tokenizer.save_pretrained(staging / "model")

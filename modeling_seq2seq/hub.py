@@ -34,13 +34,12 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
 
-from .checkpointing import refuse_to_replace_inputs, replace_dir, seal_folder
+from .checkpointing import refuse_to_replace_inputs, replace_dir, seal_folder, staging_beside
 from .pipeline import TASK
 from .tokenization import load_tokenizer, save_tokenizer
 
@@ -246,8 +245,7 @@ def build_hub_folder(
         }
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = staging_beside(out_dir)
     try:
         model.save_pretrained(tmp)  # with the code: the modeling files, and pipeline.py, which they import
         save_tokenizer(tokenizer, tmp)
@@ -270,7 +268,7 @@ def build_hub_folder(
         unexpected = [p.name for p in tmp.iterdir() if not p.is_file()]
         if unexpected:
             raise RuntimeError(f"the Hub folder should hold only files; found folders {unexpected}")
-        seal_folder(tmp)  # mkdtemp made it private
+        seal_folder(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

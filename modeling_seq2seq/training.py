@@ -2212,6 +2212,24 @@ def stop_signals_raise():
         _pending_stop.clear()
 
 
+def stoppable(main):
+    """A script's `main` that SIGTERM and Ctrl-C stop as exceptions, so that its clean-up runs (SIGTERM used to end it
+    where it stood, leaving its staging behind), ending with one line and the conventional exit code."""
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            with stop_signals_raise():
+                return main(argv)
+        except (KeyboardInterrupt, Terminated) as stop:
+            interrupted = isinstance(stop, KeyboardInterrupt)
+            print(f"{'Interrupted' if interrupted else 'Terminated'}: no output is left half-written (an earlier one is "
+                  "as it was, or complete if the new one was already in place).", file=sys.stderr)
+            return 130 if interrupted else 128 + signal.SIGTERM
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point of `scripts/train.py`; returns the process exit code."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)

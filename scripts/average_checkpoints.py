@@ -16,8 +16,10 @@ import argparse
 from pathlib import Path
 
 from modeling_seq2seq.checkpointing import CheckpointError, average_checkpoints, last_checkpoints
+from modeling_seq2seq.training import stoppable
 
 
+@stoppable
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)

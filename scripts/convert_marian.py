@@ -12,8 +12,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_seq2seq.convert import convert_folder  # noqa: E402
+from modeling_seq2seq.training import stoppable  # noqa: E402
 
 
+@stoppable
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--to", choices=["ours", "marian"], required=True, help="the format to convert into")

@@ -25,6 +25,7 @@ from modeling_seq2seq.training import (
     finite_float,
     load_model_and_tokenizer,
     read_text_lines,
+    stoppable,
     translate_texts,
     translation_metrics,
     write_output_file,
@@ -62,6 +63,7 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool, tuple[list[i
     return list(split["source"]), list(split["target"]), BUILTIN_DATASET, True, None
 
 
+@stoppable
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder")

@@ -33,8 +33,10 @@ import os
 import sys
 
 from modeling_seq2seq.export import QUANTIZATIONS
+from modeling_seq2seq.training import stoppable
 
 
+@stoppable
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="a folder written by save_pretrained (scripts/train.py's output)")

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from modeling_seq2seq.training import stoppable
+
 REPO_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
 
 
@@ -53,6 +55,7 @@ def parse_args(argv=None):
     return args
 
 
+@stoppable
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

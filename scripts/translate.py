@@ -23,11 +23,13 @@ from modeling_seq2seq.training import (
     finite_float,
     load_model_and_tokenizer,
     read_text_lines,
+    stoppable,
     translate_texts,
     write_output_file,
 )
 
 
+@stoppable
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder (from scripts/train.py)")

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,7 @@ def replace_then_die(source, target):
         os.kill(os.getpid(), signal.SIGKILL)
     rename(source, target)
 ckpt.os.replace = replace_then_die
+ckpt.exchange_paths = lambda first, second: False  # the two renames of systems without an atomic exchange
 def write(folder):
     (folder / "optimizer.pt").write_bytes(b"new" * 100)
 ckpt.write_checkpoint({str(tmp_path)!r}, 5, write)
@@ -237,6 +239,7 @@ def test_replace_dir_keeps_one_complete_folder_whatever_interrupts_it(tmp_path, 
 
     final = staged("final", "earlier")
     real_replace = os.replace
+    monkeypatch.setattr(ckpt, "exchange_paths", lambda first, second: False)  # the two renames (not Linux's swap)
 
     def failing(source, target):
         if Path(source).name == "new":
@@ -268,6 +271,30 @@ def test_replace_dir_keeps_one_complete_folder_whatever_interrupts_it(tmp_path, 
         assert (target / "model.safetensors").read_text() == in_the_way and not target.is_symlink()
     assert (final / "model.safetensors").read_text() == "newer", "the link's target is not touched"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "final", "link"]
+
+
+def test_replace_dir_swaps_the_folders_in_one_step_where_the_system_can(tmp_path, monkeypatch):
+    """On Linux the earlier folder and the new one trade places atomically, then the earlier is deleted: `final` is
+    never missing (between two renames a kill left a user's earlier output under a hidden name only). Killed before
+    the delete, the earlier folder is left under the staging name, for the next start to delete."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2's RENAME_EXCHANGE is Linux's")
+    final, staging = tmp_path / "final", tmp_path / ".tmp-final"
+    for folder, text in ((final, "earlier"), (staging, "newer")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(text)
+    renames = []
+    monkeypatch.setattr(os, "replace", lambda *paths: renames.append(paths))
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *args, **kwargs: None)  # killed before the delete
+    ckpt.replace_dir(staging, final)
+    assert renames == []  # one exchange, no rename that leaves `final` missing
+    assert (final / "model.safetensors").read_text() == "newer"
+    assert (staging / "model.safetensors").read_text() == "earlier"
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        ckpt.exchange_paths(tmp_path / "nowhere", final)
 
 
 def test_atomic_write_json_replaces_whole_file(tmp_path):
@@ -485,3 +512,32 @@ def test_a_sharded_folder_is_read_by_its_index(tmp_path):
         index.write_text(content)
         with pytest.raises(ValueError, match=re.escape(f"{index}: {message}")):
             ckpt.weight_files(folder, ValueError)
+
+
+def test_what_a_killed_writer_left_beside_its_output_goes_at_the_next_start(tmp_path):
+    """The staging of a process that no longer runs (SIGKILL leaves it) is deleted when the output is next written;
+    a running process's is not touched."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(finished.stdout)
+    left = [tmp_path / f".tmp-avg-{gone}", tmp_path / f".tmp-out.txt-{gone}-abcd1234"]
+    left[0].mkdir()
+    (left[0] / "model.safetensors").write_text("x")
+    left[1].write_text("partial")
+    running = tmp_path / f".tmp-avg-{os.getpid()}"
+    running.mkdir()
+    other = tmp_path / f".tmp-average-{gone}"  # another output's
+    other.mkdir()
+    assert ckpt.remove_abandoned_staging(tmp_path / "avg") == [left[0]]
+    ckpt.atomic_write_text(tmp_path / "out.txt", "done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "out.txt"])
+
+
+def test_sigterm_stops_a_script_with_its_clean_up(tmp_path, capsys, monkeypatch):
+    """SIGTERM used to end the tools where they stood, leaving their staging folder; it stops them as Ctrl-C does."""
+    folders = [write_fake_checkpoint(tmp_path / "run", step, {"w": torch.full((2,), float(step))}) for step in (2, 4)]
+    script = load_script("average_checkpoints")
+    monkeypatch.setattr(ckpt, "seal_folder", lambda folder: os.kill(os.getpid(), signal.SIGTERM))
+    assert script.main(["--checkpoints", *map(str, folders), "--output", str(tmp_path / "avg")]) == 143
+    assert "Terminated: no output is left half-written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -299,7 +299,7 @@ def reference(model_dir):
 def test_folder_holds_exactly_the_expected_files(hub_folder, unusual_permissions):
     assert sorted(p.name for p in hub_folder.iterdir()) == EXPECTED_FILES
     assert all(p.is_file() and not p.is_symlink() for p in hub_folder.iterdir())
-    assert unusual_permissions(hub_folder.parent) == []  # the folder was made by mkdtemp, the weights by safetensors
+    assert unusual_permissions(hub_folder.parent) == []  # the weights were written by safetensors (private files)
     # No leftovers of the atomic build beside it.
     assert [p.name for p in hub_folder.parent.iterdir()] == ["repo"]
 

@@ -1605,7 +1605,7 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
         config = json.loads((tmp_path / folder / "tokenizer_config.json").read_text())
         assert config["tokenizer_class"] == "PreTrainedTokenizerFast", folder
     back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "back").eval()
-    # the converted folders, made by mkdtemp, and their files (ours/ is save_pretrained's own)
+    # the converted folders and their files (ours/ is save_pretrained's own)
     assert [path for path in unusual_permissions(tmp_path) if not path.startswith("ours")] == []
     source, mask = padded_batch()
     with torch.no_grad():
