@@ -125,18 +125,25 @@ def remove_abandoned_staging(final: str | os.PathLike) -> list[Path]:
     `atomic_write_bytes`'s files): names after `final` and a process that no longer runs."""
     final = Path(final)
     pattern = re.compile(rf"^{re.escape(TMP_PREFIX + final.name)}-(\d+)(-[a-z0-9_]{{8}})?$")
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    for entry in final.parent.iterdir():
+
+    def abandoned(entry: Path) -> bool:
         match = pattern.match(entry.name)
-        if match is None or entry.is_symlink() or not _process_is_gone(int(match.group(1))):
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
+        return match is not None and not entry.is_symlink() and _process_is_gone(int(match.group(1)))
+
+    return remove_entries(final.parent, abandoned)
+
+
+def remove_entries(directory: Path, doomed: Callable[[Path], bool]) -> list[Path]:
+    """Delete the folders and files of `directory` that are `doomed`; returns them."""
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if doomed(entry):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
     return removed
 
 
@@ -568,17 +575,7 @@ def is_stale_staging(entry: Path) -> bool:
 def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary folders and files left by a run of ours killed while writing (call
     `restore_interrupted_replacements` first, and only once the folder is known to be a run's)."""
-    output_dir = Path(output_dir)
-    removed = []
-    if output_dir.is_dir():
-        for entry in output_dir.iterdir():
-            if is_stale_staging(entry):
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry)
-    return removed
+    return remove_entries(Path(output_dir), is_stale_staging)
 
 
 # ----------------------------------------------------------------------------------------------------------
