@@ -1355,7 +1355,10 @@ def check_optimizer_state(state, optimizer, model, file: Path) -> None:
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
         for index, parameter in zip(saved_group["params"], group["params"]):
-            for key, value in (state["state"].get(index) or {}).items():
+            entry = state["state"].get(index, {})
+            if not isinstance(entry, dict):
+                raise ckpt.CheckpointError(f"{file}: the state of parameter {index} is not an object.")
+            for key, value in entry.items():
                 if torch.is_tensor(value) and value.dim() > 0 and (
                         value.shape != parameter.shape or not value.is_floating_point()):
                     raise ckpt.CheckpointError(
