@@ -747,7 +747,9 @@ def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> to
     """Pick the most likely token at each step; a finished sentence is padded (transformers' greedy semantics)."""
     device = decoder.cross_keys_values[0][0].device
     eos = torch.tensor(settings["eos"], device=device)
-    output = torch.full((batch, settings["max_new_tokens"] + 1), settings["pad"], dtype=torch.long, device=device)
+    limit = settings["max_new_tokens"] + 1
+    # Grown as the sentences go on: a generous limit, far past where they end, costs no memory up front.
+    output = torch.full((batch, min(limit, 64)), settings["pad"], dtype=torch.long, device=device)
     output[:, 0] = settings["start"]
     active, tokens, length = torch.arange(batch, device=device), output[:, 0], 1
     screen = GreedyScreen.for_decoder(decoder)
@@ -756,6 +758,9 @@ def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> to
             tokens = screen(tokens, step, settings)
         else:
             tokens = suppress_tokens(decoder.step(tokens), step, settings).argmax(dim=-1)
+        if step + 1 == output.shape[1]:
+            more = min(output.shape[1], limit - output.shape[1])
+            output = torch.cat([output, output.new_full((batch, more), settings["pad"])], dim=1)
         output[active, step + 1] = tokens
         length = step + 2
         ended = torch.isin(tokens, eos)

@@ -2110,3 +2110,19 @@ def test_fast_generate_equals_transformers_generate(seed, decoder):
             ours = model.generate(source, attention_mask=mask, **settings)
         reference = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
         assert torch.equal(ours, reference), settings
+
+
+def test_greedy_search_with_a_generous_length_limit_allocates_as_it_goes():
+    """The fast greedy search allocated its output for `max_new_tokens` at once (8 TB for 10^12, where transformers'
+    loop and Marian stop at the end of the sentence); it grows now, past its first sizes too, with transformers'
+    tokens."""
+    model = make_model(1, output_bias=True)
+    source, mask = padded_batch(seed=3, batch=2)
+    with torch.no_grad():
+        model.lm_head.bias[2] = 6.0  # the end of the sentence comes first
+    assert model.generate(source, attention_mask=mask, num_beams=1, max_new_tokens=10**12).shape == (2, 2)
+    with torch.no_grad():
+        model.lm_head.bias[2] = -30.0  # never: the limit ends the search, past two of the buffer's sizes
+    for settings in (dict(max_new_tokens=150), dict(max_new_tokens=150, min_new_tokens=3)):
+        expected = GenerationMixin.generate(model, source, attention_mask=mask, num_beams=1, **settings)
+        assert torch.equal(model.generate(source, attention_mask=mask, num_beams=1, **settings), expected)
