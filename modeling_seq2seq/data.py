@@ -428,19 +428,13 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
             )
 
         def extract(batch):
-            pairs = batch["translation"]
-            return {
-                "source": [(p or {}).get(source_lang) or "" for p in pairs],
-                "target": [(p or {}).get(target_lang) or "" for p in pairs],
-            }
+            pairs = [p or {} for p in batch["translation"]]
+            return {"source": [p.get(source_lang) for p in pairs], "target": [p.get(target_lang) for p in pairs]}
 
     elif source_lang in columns and target_lang in columns:
 
         def extract(batch):
-            return {
-                "source": [s or "" for s in batch[source_lang]],
-                "target": [t or "" for t in batch[target_lang]],
-            }
+            return {"source": batch[source_lang], "target": batch[target_lang]}
 
     else:
         raise DataFileError(
@@ -451,7 +445,8 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
         keep = {"source": [], "target": []}
         bad = []
         for i, s, t in zip(indices, *extract(batch).values()):
-            s, t = s.strip(), t.strip()
+            row = f"{where}, row {i}"  # a number or a list where text belongs: named, as in data files
+            s, t = _text_value(s, source_lang, row).strip(), _text_value(t, target_lang, row).strip()
             if s and t:
                 keep["source"].append(s)
                 keep["target"].append(t)

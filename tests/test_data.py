@@ -371,6 +371,26 @@ def test_hub_column_layout_and_split_alias(monkeypatch):
         load_parallel_data(dataset_name="some/corpus")
 
 
+def test_a_dataset_with_values_that_are_no_text_is_named_by_split_and_row(monkeypatch):
+    """A number where a sentence belongs failed inside `datasets.map` ('int' object has no attribute 'strip'), and a
+    0 was taken as an empty side; named now as the data files name it."""
+    import datasets
+
+    for rows, message in [
+        ({"en": ["a", "b", "c"], "de": ["x", "y", "z"], "id": [1, 2, 3]}, None),
+        ({"en": ["a", "b", "c"], "de": [0, 1, 2]}, "split 'train', row 0: the 'de' value must be a string, got int 0"),
+        ({"translation": [{"en": 4, "de": "x"}, {"en": 5, "de": "y"}]},
+         "split 'train', row 0: the 'en' value must be a string, got int 4"),
+    ]:
+        raw = DatasetDict({"train": Dataset.from_dict(rows)})
+        monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: raw)
+        if message is None:
+            assert rows_of(load_parallel_data(dataset_name="./local")["train"]) == [("a", "x"), ("b", "y"), ("c", "z")]
+            continue
+        with pytest.raises(DataFileError, match=re.escape(f"dataset './local', {message}")):
+            load_parallel_data(dataset_name="./local")
+
+
 def test_a_dataset_that_cannot_be_loaded_is_named_by_its_flags(monkeypatch, tmp_path):
     """Offline, a misspelt name or a builder without data files: datasets raises from deep inside, with no word of
     which flag asked for it."""
