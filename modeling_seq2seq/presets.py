@@ -12,9 +12,10 @@ BOOKKEEPING_FIELDS = {"model_type", "architectures", "transformers_version", "au
 
 
 def preset_path(name_or_path: str | Path) -> Path:
-    """`"tiny"`, `"transformer-base"` or a path to a JSON file -> the file."""
+    """`"tiny"`, `"transformer-base"` or a path to a JSON file -> the file. A bare name is a preset's unless a file
+    of that name exists (a folder named like a preset, a run's output say, does not hide the preset)."""
     path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
+    if path.suffix == ".json" or path.is_file() or len(path.parts) > 1:
         return path
     stem = str(name_or_path) if str(name_or_path).startswith("transformer-") else f"transformer-{name_or_path}"
     return PRESET_DIR / f"{stem}.json"

@@ -26,7 +26,7 @@ from modeling_seq2seq.modeling_seq2seq import (
     eager_attention,
     padding_mask,
 )
-from modeling_seq2seq.presets import load_preset
+from modeling_seq2seq.presets import PRESET_DIR, load_preset
 
 VOCAB = 64
 
@@ -182,6 +182,15 @@ def test_missing_preset_lists_the_builtin_ones(tmp_path):
         load_preset(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match=r"transformer-huge\.json \(built-in presets: " + re.escape(available)):
         load_preset("huge")
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """A run's output folder `tiny/` in the working directory made `--model_config tiny` "No model preset at tiny"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "transformer-base").mkdir()
+    assert load_preset("tiny").d_model == load_preset(PRESET_DIR / "transformer-tiny.json").d_model
+    assert load_preset("transformer-base").d_model == 512
 
 
 def test_a_saved_config_json_is_accepted_as_a_preset(tmp_path):
