@@ -24,6 +24,7 @@ import glob
 import json
 import logging
 import random
+import struct
 import sys
 from pathlib import Path
 
@@ -39,9 +40,12 @@ CATALOG_PATTERNS = ("/usr/share/locale/{lang}/LC_MESSAGES/*.mo", "/usr/share/loc
 def read_catalog(path: str) -> list[tuple[str, str]]:
     """The (English, translated) pairs of one .mo file: singular messages only, without context-qualified ones."""
     with open(path, "rb") as file:
-        catalog = gettext.GNUTranslations(file)._catalog
+        try:
+            catalog = gettext.GNUTranslations(file)._catalog
+        except struct.error as error:  # a file shorter than its header or index says
+            raise ValueError(f"not a complete .mo catalog ({error})") from None
     return [(source, target) for source, target in catalog.items()
-            if isinstance(source, str) and source and target and "\x04" not in source and "\x00" not in source]
+            if isinstance(source, str) and source and target and "\x04" not in source + target and "\x00" not in source + target]
 
 
 def keep(source: str, target: str, min_words: int, max_words: int) -> bool:
@@ -84,6 +88,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.held_out < 1 or not 1 <= args.min_words <= args.max_words:
         parser.error("--held_out must be positive, and 1 <= --min_words <= --max_words")
+    if not args.source_lang.strip() or not args.target_lang.strip() or args.source_lang == args.target_lang:
+        parser.error("--source_lang and --target_lang must be two different, non-empty codes (each names a side of a pair)")
     output_dir = Path(args.output_dir)
     outputs = [output_dir / f"{split}.jsonl" for split in SPLITS]
     if output_dir.exists() and not output_dir.is_dir():
@@ -107,15 +113,19 @@ def main(argv=None) -> int:
         return 1
     held = args.held_out
     splits = {"test": pairs[:held], "validation": pairs[held:2 * held], "train": pairs[2 * held:]}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # The earlier splits go first: a stop while writing then leaves a split missing (an error when read), never a
-    # new training split beside an old test split that overlaps it.
-    for path in outputs:
-        path.unlink(missing_ok=True)
-    for split, path in zip(SPLITS, outputs):
-        atomic_write_text(path, "".join(
-            json.dumps({"translation": {args.source_lang: source, args.target_lang: target}}, ensure_ascii=False) + "\n"
-            for source, target in splits[split]))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # The earlier splits go first: a stop while writing then leaves a split missing (an error when read), never
+        # a new training split beside an old test split that overlaps it.
+        for path in outputs:
+            path.unlink(missing_ok=True)
+        for split, path in zip(SPLITS, outputs):
+            atomic_write_text(path, "".join(
+                json.dumps({"translation": {args.source_lang: source, args.target_lang: target}}, ensure_ascii=False)
+                + "\n" for source, target in splits[split]))
+    except OSError as error:
+        print(f"error: --output_dir {output_dir}: {error}", file=sys.stderr)
+        return 1
     print(f"{len(pairs)} pairs from {len(files)} catalogs: {len(splits['train'])} train, {held} validation, {held} test "
           f"in {output_dir}.")
     return 0

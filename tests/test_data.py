@@ -734,3 +734,19 @@ def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path
     assert "--catalogs: no such file: " in capsys.readouterr().err
     assert script.main(args[:-1] + ["6", "--overwrite"]) == 1
     assert "4 catalogs gave 12 usable pairs, too few for 2 x --held_out 6" in capsys.readouterr().err
+    # A catalog shorter than its header says (empty, cut in its index) is skipped by name, as other damaged ones
+    # (it raised struct.error and ended the run); equal or empty language codes and an output under a file are named.
+    (tmp_path / "empty.mo").write_bytes(b"")
+    (tmp_path / "cut.mo").write_bytes((tmp_path / "one.mo").read_bytes()[:40])
+    with caplog.at_level("WARNING"):
+        assert script.main(["--catalogs", str(tmp_path / "one.mo"), str(tmp_path / "empty.mo"), str(tmp_path / "cut.mo"),
+                            "--output_dir", str(tmp_path / "damaged"), "--held_out", "2"]) == 0
+    for name in ("empty.mo", "cut.mo"):
+        assert f"Skipped {tmp_path / name}: not a complete .mo catalog" in caplog.text
+    for languages in (["--source_lang", "de"], ["--source_lang", " "]):
+        with pytest.raises(SystemExit):
+            script.main(args + ["--overwrite", *languages])
+        assert "--source_lang and --target_lang must be two different, non-empty codes" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("mine")
+    assert script.main(args[:-4] + ["--output_dir", str(tmp_path / "afile" / "x"), "--held_out", "2"]) == 1
+    assert f"error: --output_dir {tmp_path / 'afile' / 'x'}: " in capsys.readouterr().err
