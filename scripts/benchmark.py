@@ -49,6 +49,17 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
+    # Before minutes of measuring: a JSON path that cannot be written, or a preset that does not exist.
+    from modeling_seq2seq.presets import load_preset
+    from modeling_seq2seq.training import check_device, check_output_file
+
+    try:
+        check_device(args.device)
+        check_output_file(args.json, "--json")
+        for preset in args.presets or ():
+            load_preset(preset)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     settings = BenchmarkSettings(
         device=args.device, threads=args.threads, quick=args.quick, presets=tuple(args.presets) if args.presets else None,
         phases=tuple(args.phases), use_ctranslate2=not args.no_ctranslate2, seed=args.seed, repeats=args.repeats,
