@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from modeling_seq2seq.checkpointing import CheckpointError, probe_writable
 from modeling_seq2seq.tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, train_tokenizer_from_data
 
 
@@ -44,6 +45,11 @@ def main(argv=None):
         print(f"error: --output_dir {args.output_dir} is not empty ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): "
               "a new vocabulary would replace the files of a model or tokenizer there. Choose another --output_dir, or "
               "pass --overwrite.", file=sys.stderr)
+        return 1
+    try:  # a folder that cannot be made or written (under a file, read-only) fails now, not after the training
+        probe_writable(output_dir)
+    except CheckpointError as error:
+        print(f"error: --output_dir: {error}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -366,6 +366,11 @@ def test_train_tokenizer_script(tmp_path):
     (users / "tokenizer_config.json").write_text('{"mine": true}')
     assert module.main(["--train_file", str(data), "--vocab_size", "300", "--output_dir", str(users)]) == 1
     assert (users / "tokenizer_config.json").read_text() == '{"mine": true}' and len(list(users.iterdir())) == 1
+    # A folder that cannot be made fails before the training too (it failed after it).
+    trained = []
+    module.train_tokenizer_from_data = lambda *args, **kwargs: trained.append(args)
+    assert module.main(["--train_file", str(data), "--vocab_size", "300", "--output_dir", str(data / "sub")]) == 1
+    assert trained == []
     for bad in (["--vocab_size", str(2**40)], ["--vocab_size", "100"], ["--dataset_config_name", "de-en"],
                 ["--output_dir", str(data)]):
         with pytest.raises(SystemExit):
