@@ -455,6 +455,10 @@ def _number(value):
         return float("nan")
 
 
+# A step past this is no training run's (a damaged line): the schedule curve would take its memory and time.
+MAX_LOG_STEP = 10**9
+
+
 def read_training_log(run: str | os.PathLike) -> TrainingLog:
     """Read a run's JSONL log (`run` is the run's output folder or the .jsonl file itself).
 
@@ -483,7 +487,7 @@ def read_training_log(run: str | os.PathLike) -> TrainingLog:
         except (json.JSONDecodeError, AttributeError):
             record, kind = None, None
         step = record.get("step") if kind in ("train", "eval") else None
-        if record is None or (kind in ("train", "eval") and type(step) is not int):
+        if record is None or (kind in ("train", "eval") and (type(step) is not int or not 0 <= step <= MAX_LOG_STEP)):
             skipped.append(number)  # a line torn by a crash, or not one of train.py's records
             continue
         if kind == "train":
@@ -535,7 +539,8 @@ def learning_rate_schedule(run: str | os.PathLike, last_step: int):
             warmup, scale = int(config["warmup_steps"]), float(config["lr_scale"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        steps = list(range(1, max(last_step, 1) + 1))
+        # At most ~2,000 points: the curve looks the same, and a long run's costs no more to draw.
+        steps = list(range(1, max(last_step, 1) + 1, max(1, last_step // 2000)))
         rates = [inverse_sqrt_lr(step, d_model, warmup, scale) for step in steps]
         return steps, rates, f"schedule: d_model={d_model}, warmup_steps={warmup}, lr_scale={scale:g}"
     return None

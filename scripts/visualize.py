@@ -56,17 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_POSITIONS = 20_000  # --length: its similarity map is length x length floats
+
+
 def run(args) -> list:
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any work
         raise ValueError(f"--out {args.out!r} is a file, not a folder.")
     if args.command == "positions":
+        if args.length > MAX_POSITIONS:
+            raise ValueError(f"--length must be at most {MAX_POSITIONS}, got {args.length}.")
         return viz.draw_positions(args.d_model, args.length, args.out, args.layout, args.dims)
     if args.command == "training":
         return viz.draw_training(args.run, args.out)
     viz.require_matplotlib()  # fail before loading a model
     for name in ("source", "target"):
-        if getattr(args, name, None) is not None and not getattr(args, name).strip():
+        text = getattr(args, name, None)
+        if text is not None and not text.strip():
             raise ValueError(f"--{name} is empty.")
+        try:  # bytes the terminal's encoding did not decode reach Python as lone surrogates
+            None if text is None else text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"--{name} is not UTF-8 text (set the terminal to UTF-8, or type it again).") from None
     model, tokenizer = viz.load_model(args.model, args.device)
     if args.command == "attention":
         maps = viz.attention_maps(model, tokenizer, args.source, args.target)

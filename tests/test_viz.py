@@ -213,6 +213,22 @@ def test_learning_rate_schedule_from_the_newest_checkpoint(tmp_path):
         assert rates[step - 1] == pytest.approx(logged)
 
 
+def test_a_long_schedule_is_drawn_from_at_most_about_2000_points(tmp_path):
+    write_log(tmp_path / viz.LOG_FILE_NAME, steps=1000, warmup=200, d_model=128)
+    folder = tmp_path / "checkpoint-1000"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 1000, "config": {"warmup_steps": 200, "lr_scale": 2.0}}))
+    (folder / "config.json").write_text(json.dumps({"d_model": 128}))
+    steps, rates, _ = viz.learning_rate_schedule(tmp_path, 10**7)
+    assert 2000 <= len(steps) <= 2001 and steps[0] == 1 and steps[-1] > 10**7 - 5000
+
+
+def test_positions_length_is_bounded(visualize, capsys, tmp_path):
+    """Its similarity map is length x length: 10^6 positions asked the allocator for 4 TB."""
+    assert visualize.main(["positions", "--length", "1000000", "--out", str(tmp_path)]) == 2
+    assert "--length must be at most 20000, got 1000000" in capsys.readouterr().err
+
+
 def test_training_command_without_a_log(visualize, capsys, tmp_path):
     assert visualize.main(["training", "--run", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "training_log.jsonl" in capsys.readouterr().err
@@ -223,12 +239,14 @@ def test_odd_log_lines_are_skipped_with_a_warning_naming_the_first(tmp_path, cap
     log = tmp_path / viz.LOG_FILE_NAME
     write_log(log, steps=100)
     good = log.read_text().splitlines()[:2]  # two train records
+    # Steps no run reaches (10^400 raised OverflowError, 3x10^9 a MemoryError drawing the schedule), or below 0.
     odd = ["5", '{"type": "train", "step": "abc"}', '{"type": "eval", "step": Infinity}', '{"type": "train", "step": 2.7}',
-           "garbage{"]
+           "garbage{", '{"type": "train", "step": 1' + "0" * 400 + "}", '{"type": "train", "step": 3000000000}',
+           '{"type": "eval", "step": -4}']
     log.write_text("\n".join([good[0], *odd, good[1], ""]))
     with caplog.at_level("WARNING"):
         assert viz.read_training_log(log).train["step"] == [50, 100]
-    assert f"{log}: skipped 5 line(s) that are not training records (line 2 and later)" in caplog.text
+    assert f"{log}: skipped 8 line(s) that are not training records (line 2 and later)" in caplog.text
     log.write_bytes(b'{"type": "train", "step": 1, "loss": 1.0}\n\xff\n')
     with pytest.raises(ValueError, match=rf"{log} is not a training log: not UTF-8 text"):
         viz.read_training_log(log)
@@ -351,6 +369,7 @@ def test_bad_attention_arguments_get_one_line_naming_them(visualize, capsys, tmp
         (["--device", "bogus"], "--device 'bogus': not a device name"),
         (["--source", "  "], "--source is empty"),
         (["--target", ""], "--target is empty"),
+        (["--source", "caf\udce9"], "--source is not UTF-8 text"),  # a Latin-1 byte, as Python decodes argv
         (["--out", "/dev/null/pictures"], "/dev/null/pictures"),  # a path that cannot be a folder
     ]
     if not torch.cuda.is_available():
