@@ -569,7 +569,7 @@ def load_raw_data(config: TrainingConfig):
             target_lang=config.target_lang,
         )
     if "train" not in raw:
-        raise ValueError("The training data has no 'train' split.")
+        raise ValueError(f"{data_description(config)} has no 'train' split (its splits: {', '.join(raw) or 'none'}).")
     if config.max_train_samples is not None and len(raw["train"]) > config.max_train_samples:
         from datasets import DatasetDict
 

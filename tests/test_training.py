@@ -1882,3 +1882,13 @@ def test_keep_freed_memory_reuses_big_buffers_without_page_faults():
     pages_per_step = 64 * 2**20 // 4096
     assert not default_applied and default_faults > 10 * pages_per_step  # a fresh mmap every step
     assert kept_applied and kept_faults < pages_per_step
+
+
+def test_a_dataset_without_a_training_split_names_itself_and_its_splits(monkeypatch):
+    import datasets
+    from datasets import Dataset, DatasetDict
+
+    raw = DatasetDict({"validation": Dataset.from_dict({"en": ["a"], "de": ["b"]})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: raw)
+    with pytest.raises(ValueError, match=re.escape("./only_validation has no 'train' split (its splits: validation).")):
+        training.load_raw_data(training.TrainingConfig(dataset_name="./only_validation"))
