@@ -170,6 +170,12 @@ def replace_earlier_checkpoints(output_dir) -> None:
     PartialState().wait_for_everyone()
 
 
+# What the final save writes into --output_dir besides weights and code (the Trainer's and the tokenizer's files).
+SAVED_FILE_NAMES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "training_args.bin", "trainer_state.json", "all_results.json",
+                    "train_results.json", "eval_results.json", FINAL_STATE_NAME}
+
+
 def check_output_dir(args, resume) -> None:
     """The final save writes a whole model into --output_dir: never into the --model folder it starts from, nor, for a
     new run, over a saved model or a user's files (resuming continues the run whose checkpoints are there)."""
@@ -184,6 +190,12 @@ def check_output_dir(args, resume) -> None:
         raise ValueError(f"--model {args.model!r} is a checkpoint folder inside --output_dir {args.output_dir!r}: this "
                          "run's checkpoints would overwrite or rotate it away. Copy it elsewhere first, or choose "
                          "another --output_dir.")
+    for option in ("train_file", "validation_file"):  # a data file named like one the final save writes there
+        data = Path(getattr(args, option) or "")
+        if getattr(args, option) and data.resolve().parent == output_dir.resolve() and (
+                data.name in SAVED_FILE_NAMES or data.suffix in (".safetensors", ".py")):
+            raise ValueError(f"--{option} {str(data)!r} lies in --output_dir under a name the fine-tuned model's save "
+                             "writes: it would be overwritten. Move it, or choose another --output_dir.")
     if resume is not None or args.overwrite_output_dir or not output_dir.is_dir():
         return
     held = sorted(entry.name for entry in output_dir.iterdir()

@@ -181,6 +181,12 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
                                                str(tmp_path / "whole"), "--overwrite_output_dir"])
     with pytest.raises(ValueError, match="is a checkpoint folder inside --output_dir"):
         script.check_output_dir(inside, None)
+    # Nor over a data file it reads, named like a file the save writes (config.json, overwritten by the model's).
+    data_there = script.build_parser().parse_args(["--model", str(saved_model), "--output_dir", str(tmp_path / "od"),
+                                                   "--train_file", str(tmp_path / "od" / "config.json"),
+                                                   "--overwrite_output_dir"])
+    with pytest.raises(ValueError, match="--train_file .*config.json' lies in --output_dir under a name the fine-tuned"):
+        script.check_output_dir(data_there, None)
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
     # The two loops' checkpoints share our manifest, not their state: each names the other's (once a raw KeyError or
     # TypeError from deep inside).
