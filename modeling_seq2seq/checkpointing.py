@@ -115,7 +115,7 @@ def _process_is_gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, OverflowError, OSError):  # another user's process; a number no process has
+    except (OverflowError, OSError):  # another user's process (PermissionError); a number no process has
         return False
     return False
 
@@ -813,15 +813,13 @@ def check_same_files(folders: list[str | os.PathLike], names: Iterable[str]) -> 
 def check_loads(staging: Path, source: Path) -> None:
     """The averaged folder loads as every script loads a model folder (its config, generation config and tokenizer
     are `source`'s); otherwise the reason, naming `source`, and nothing is written."""
-    from .tokenization import load_tokenizer
-    from .training import check_special_tokens, check_tokenizer_matches, load_saved_model
+    from .training import load_model_and_tokenizer, load_saved_model
 
     try:
-        model = load_saved_model(staging)
         if any((source / name).is_file() for name in TOKENIZER_FILE_NAMES):
-            tokenizer = load_tokenizer(staging)
-            check_special_tokens(tokenizer, str(staging))
-            check_tokenizer_matches(tokenizer, model.config, staging)
+            load_model_and_tokenizer(staging, device="cpu")
+        else:  # model folders without a tokenizer average too
+            load_saved_model(staging)
     except (ValueError, OSError) as error:
         raise CheckpointError(f"The average would not load, so it was not written ({str(error).replace(str(staging), str(source))}).") from error
 

@@ -185,7 +185,7 @@ def load_for_conversion(model_class, source: str):
     from transformers import PretrainedConfig
 
     from .hub import load_reporting_random_weights
-    from .training import check_generation_config, check_weight_dtypes, load_saved_model
+    from .training import check_generation_config, check_weight_dtypes, load_saved_model, refuse_unused_or_broken_weights
 
     local = os.path.isdir(source)
     if not local and (source.startswith(("/", ".", "~")) or source.count("/") != 1):
@@ -220,13 +220,7 @@ def load_for_conversion(model_class, source: str):
     if missing:
         raise ValueError(f"{source}: weights missing from its files: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "refusing to convert partly random weights.")
-    if unused:
-        raise ValueError(f"{source}: its weights hold tensors the model its config.json describes has no place for "
-                         f"({', '.join(unused[:5])}): config.json and the weights do not belong together.")
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if broken:
-        raise ValueError(f"{source}: the saved weights hold NaN or infinite values ({', '.join(broken[:5])}): damaged.")
+    refuse_unused_or_broken_weights(source, model, unused)
     return model
 
 

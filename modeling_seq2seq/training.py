@@ -714,7 +714,14 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
             f"{' ...' if len(missing) > 5 else ''}, wrong shape: {mismatched[:5] or 'none'}); refusing to run partly "
             "random weights."
         )
-    if unused:  # config.json describes less than the weights hold (fewer layers, say): the model would be cut short
+    refuse_unused_or_broken_weights(path, model, unused)
+    return model
+
+
+def refuse_unused_or_broken_weights(path, model, unused: list[str]) -> None:
+    """A loaded model whose files held tensors it has no place for (config.json describes less than the weights hold,
+    fewer layers say: the model would be cut short), or whose weights are not finite, is refused, naming `path`."""
+    if unused:
         raise ValueError(f"{path}: the weights file holds tensors the model its config.json describes has no place for "
                          f"({', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}); config.json and the weights do "
                          "not belong together.")
@@ -722,7 +729,6 @@ def load_saved_model(path: str | os.PathLike, dtype: torch.dtype | None = None, 
               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if broken:
         raise ValueError(f"{path}: the saved weights hold NaN or infinite values ({', '.join(broken[:5])}): damaged.")
-    return model
 
 
 def check_weight_dtypes(folder: Path) -> None:

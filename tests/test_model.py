@@ -1641,7 +1641,7 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     for name, message in [
         ("listed", f"{damaged['listed'] / 'config.json'}: expected a JSON object (a JSON model config), got list"),
         ("nan", f"{damaged['nan']}: the saved weights hold NaN or infinite values"),
-        ("extra", "model.extra.weight): config.json and the weights do not belong together"),
+        ("extra", "model.extra.weight); config.json and the weights do not belong together"),
         ("negative", f"{damaged['negative'] / 'config.json'}: the model it describes cannot be built"),
         ("bad_tokenizer", f"{damaged['bad_tokenizer']}: its tokenizer files do not load"),
         ("big_tokenizer", f"{damaged['big_tokenizer']}: its tokenizer has {len(big)} tokens, but the model only"),
