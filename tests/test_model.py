@@ -1,5 +1,6 @@
 """The core model: parity with transformers' MarianMTModel, the paper's properties, and transformers plumbing."""
 
+import collections
 import copy
 import gc
 import itertools
@@ -2126,3 +2127,217 @@ def test_greedy_search_with_a_generous_length_limit_allocates_as_it_goes():
     for settings in (dict(max_new_tokens=150), dict(max_new_tokens=150, min_new_tokens=3)):
         expected = GenerationMixin.generate(model, source, attention_mask=mask, num_beams=1, **settings)
         assert torch.equal(model.generate(source, attention_mask=mask, num_beams=1, **settings), expected)
+
+
+# --- Found by mutation testing: behaviour no other test pins down ---------------------------------------------------
+
+
+def nn_transformer_with_our_weights(model):
+    """torch.nn.Transformer (pre-norm, `norm_first=True`, with its final encoder and decoder norms) holding `model`'s
+    weights, in float64: an independent reference for `layer_norm_position="pre"`, which MarianMTModel cannot give."""
+    config = model.config
+    reference = torch.nn.Transformer(
+        config.d_model, config.encoder_attention_heads, config.encoder_layers, config.decoder_layers,
+        config.encoder_ffn_dim, dropout=0.0, layer_norm_eps=config.layer_norm_eps, batch_first=True, norm_first=True,
+    ).double().eval()
+
+    def copy_linear(weight_and_bias, *sources):
+        weight, bias = weight_and_bias
+        weight.copy_(torch.cat([s.weight for s in sources]))
+        bias.copy_(torch.cat([s.bias for s in sources]))
+
+    with torch.no_grad():
+        for ours, theirs in zip(model.model.encoder.layers, reference.encoder.layers):
+            copy_linear((theirs.self_attn.in_proj_weight, theirs.self_attn.in_proj_bias), ours.self_attn.qkv_proj)
+            copy_linear((theirs.self_attn.out_proj.weight, theirs.self_attn.out_proj.bias), ours.self_attn.out_proj)
+            copy_linear((theirs.linear1.weight, theirs.linear1.bias), ours.feed_forward.fc1)
+            copy_linear((theirs.linear2.weight, theirs.linear2.bias), ours.feed_forward.fc2)
+            copy_linear((theirs.norm1.weight, theirs.norm1.bias), ours.self_attn_layer_norm)
+            copy_linear((theirs.norm2.weight, theirs.norm2.bias), ours.final_layer_norm)
+        for ours, theirs in zip(model.model.decoder.layers, reference.decoder.layers):
+            copy_linear((theirs.self_attn.in_proj_weight, theirs.self_attn.in_proj_bias), ours.self_attn.qkv_proj)
+            copy_linear((theirs.self_attn.out_proj.weight, theirs.self_attn.out_proj.bias), ours.self_attn.out_proj)
+            copy_linear((theirs.multihead_attn.in_proj_weight, theirs.multihead_attn.in_proj_bias),
+                        ours.cross_attn.q_proj, ours.cross_attn.kv_proj)
+            copy_linear((theirs.multihead_attn.out_proj.weight, theirs.multihead_attn.out_proj.bias), ours.cross_attn.out_proj)
+            copy_linear((theirs.linear1.weight, theirs.linear1.bias), ours.feed_forward.fc1)
+            copy_linear((theirs.linear2.weight, theirs.linear2.bias), ours.feed_forward.fc2)
+            copy_linear((theirs.norm1.weight, theirs.norm1.bias), ours.self_attn_layer_norm)
+            copy_linear((theirs.norm2.weight, theirs.norm2.bias), ours.cross_attn_layer_norm)
+            copy_linear((theirs.norm3.weight, theirs.norm3.bias), ours.final_layer_norm)
+        copy_linear((reference.encoder.norm.weight, reference.encoder.norm.bias), model.model.encoder.layer_norm)
+        copy_linear((reference.decoder.norm.weight, reference.decoder.norm.bias), model.model.decoder.layer_norm)
+    return reference
+
+
+def test_pre_norm_logits_equal_torch_nn_transformer_with_the_same_weights():
+    """Pre-norm (x + Sublayer(LayerNorm(x)), then a final LayerNorm on each stack) against torch's own pre-norm
+    Transformer in float64; the embeddings (scaled by sqrt(d_model)) and Section 3.5's sinusoids computed here."""
+    model = make_model(layer_norm_position="pre", output_bias=True)
+    reference = nn_transformer_with_our_weights(model)
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 7))
+    d_model, weight = model.config.d_model, model.lm_head.weight.detach().double()
+
+    def embed(ids):  # split layout: all sines, then all cosines
+        angles = torch.arange(ids.shape[1], dtype=torch.float64)[:, None] / 10000 ** (
+            torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+        return weight[ids] * math.sqrt(d_model) + torch.cat([angles.sin(), angles.cos()], -1)
+
+    with torch.no_grad():
+        ours = model(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits.double()
+        hidden = reference(embed(source), embed(target), src_key_padding_mask=mask == 0, memory_key_padding_mask=mask == 0,
+                           tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64))
+        expected = hidden @ weight.T + model.lm_head.bias.double()
+    assert (ours - expected).abs().max() < 1e-4
+
+
+def test_training_draws_dropout_where_the_paper_and_the_config_say():
+    """Section 5.4: dropout on each sub-layer's output and on the embedding sums of both stacks; `attention_dropout`
+    on the attention weights and `activation_dropout` after the feed-forward activation. Counted by the masks drawn
+    (eager attention draws its weights' mask here; SDPA gets the probability), none in evaluation."""
+    drawn, sdpa_p = [], []
+    draw = modeling_seq2seq.dropout_mask
+    sdpa = F.scaled_dot_product_attention
+
+    def spy_draw(shape, p, dtype):
+        drawn.append((tuple(shape), p))
+        return draw(shape, p, dtype)
+
+    def spy_sdpa(*args, dropout_p=0.0, **kwargs):
+        sdpa_p.append(dropout_p)
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
+    source, mask = padded_batch()
+    labels = torch.randint(4, VOCAB, (4, 6))
+    (batch, source_length), target_length, d_model, heads, ffn = source.shape, 6, 32, 4, 64
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_seq2seq, "dropout_mask", spy_draw)
+        patch.setattr(F, "scaled_dot_product_attention", spy_sdpa)
+        for implementation in ("eager", "sdpa"):
+            model = make_model(dropout=0.1, attention_dropout=0.2, activation_dropout=0.3).train()
+            model.config._attn_implementation = implementation
+            drawn.clear(), sdpa_p.clear()
+            model(input_ids=source, attention_mask=mask, labels=labels).loss.backward()
+            expected = {
+                ((batch, source_length, d_model), 0.1): 1 + 2 * 2,  # embeddings, 2 sub-layers x 2 encoder layers
+                ((batch, target_length, d_model), 0.1): 1 + 3 * 2,  # embeddings, 3 sub-layers x 2 decoder layers
+                ((batch, source_length, ffn), 0.3): 2,
+                ((batch, target_length, ffn), 0.3): 2,
+            }
+            if implementation == "eager":
+                expected.update({((batch, heads, source_length, source_length), 0.2): 2,
+                                 ((batch, heads, target_length, target_length), 0.2): 2,
+                                 ((batch, heads, target_length, source_length), 0.2): 2})
+            else:
+                assert sdpa_p == [0.2] * 6
+            assert collections.Counter(drawn) == expected, implementation
+            drawn.clear(), sdpa_p.clear()
+            with torch.no_grad():
+                model.eval()(input_ids=source, attention_mask=mask, labels=labels)
+            assert drawn == [] and set(sdpa_p) <= {0.0}
+
+
+def test_sampling_is_transformers_sampling():
+    """`do_sample=True` with otherwise plain settings is not a greedy or beam search: transformers' sampling runs,
+    drawing the same tokens from the same seed (and not the greedy tokens)."""
+    model = make_model()
+    source, mask = padded_batch()
+    for settings in (dict(num_beams=1), dict(num_beams=3)):
+        settings.update(do_sample=True, max_new_tokens=8)
+        assert model.fast_search_settings(source, None, dict(settings, attention_mask=mask)) is None
+        torch.manual_seed(0)
+        ours = model.generate(source, attention_mask=mask, **settings)
+        torch.manual_seed(0)
+        theirs = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+        assert torch.equal(ours, theirs), settings
+        searched = model.generate(source, attention_mask=mask, **{**settings, "do_sample": False})
+        assert ours.shape != searched.shape or not torch.equal(ours, searched), settings
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_gradients_where_the_matmul_primitive_may_not_be_used(bias, onednn_training, monkeypatch):
+    """On CPUs with AMX (the GPU machine's Xeon) or torch < 2.9 `onednn_matmul_keeps_float32` is False and d/dx takes
+    oneDNN's inner product with the transposed weight: that branch, against a float64 recomputation, whatever this
+    machine is. A square weight too, where a transposition error keeps the shapes."""
+    monkeypatch.setattr(modeling_seq2seq, "onednn_matmul_probe", {"keeps_float32": False})
+    torch.manual_seed(0)
+    for out_features in (1536, 1024):
+        module = torch.nn.Linear(1024, out_features, bias=bias)
+        x = torch.randn(4, 40, 1024, requires_grad=True)
+        output = linear(module, x)
+        assert ran_on_onednn(output)
+        upstream = torch.randn(output.shape)
+        output.backward(upstream)
+        reference_module = copy.deepcopy(module).double()
+        reference_x = x.detach().double().requires_grad_()
+        reference_module(reference_x).backward(upstream.double())
+        assert torch.allclose(x.grad.double(), reference_x.grad, atol=1e-4)
+        assert torch.allclose(module.weight.grad.double(), reference_module.weight.grad, atol=1e-3)
+
+
+def test_beam_search_stops_at_the_step_transformers_stops():
+    """The fast beam search ends a sentence when transformers' `early_stopping=False` heuristic does (the best running
+    score over length^penalty cannot beat the worst finished hypothesis): it runs as many decode steps as
+    transformers' loop runs forwards. Tokens alone rarely show a late stop (the extra steps seldom find better)."""
+    mismatches = []
+    for seed in range(6):
+        model = make_model(seed, output_bias=True)
+        with torch.no_grad():
+            model.lm_head.bias[2] = 1.0 + 0.5 * (seed % 3)  # sentences end well before the length limit
+        for case in range(3):
+            source, mask = padded_batch(seed=3 * seed + case, batch=1, length=7)
+            for penalty in (0.6, 1.0, 2.0, -0.5):
+                settings = dict(num_beams=3, length_penalty=penalty, max_new_tokens=12)
+                steps, forwards = [], []
+                step = decoding_seq2seq.IncrementalDecoder.step
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(decoding_seq2seq.IncrementalDecoder, "step",
+                                  lambda self, *args, **kwargs: steps.append(1) or step(self, *args, **kwargs))
+                    ours = model.generate(source, attention_mask=mask, **settings)
+                handle = model.register_forward_hook(lambda *args: forwards.append(1))
+                try:
+                    theirs = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+                finally:
+                    handle.remove()
+                if len(steps) != len(forwards) or not torch.equal(ours, theirs):
+                    mismatches.append((seed, case, penalty, len(steps), len(forwards)))
+    assert not mismatches
+
+
+@pytest.mark.parametrize("cpu", FEW_ROWS_SETTINGS)
+def test_the_scripted_step_leaves_few_rows_to_f_linear_as_decode_step_linear_does(cpu, monkeypatch):
+    """`scripted_linear` (the TorchScript step's products) picks the kernel `DecodeStepLinear` picks: up to
+    `FEW_ROWS_ON_MKL` rows by F.linear, bit for bit (on Intel CPUs, where MKL is the faster), more by oneDNN."""
+    mkl_rows, _ = use_few_rows_settings(monkeypatch, cpu)
+    model = wide_model()
+    linear = DecodeStepLinear(model, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    for module in (model.lm_head, model.model.decoder.layers[0].feed_forward.fc1):
+        packed, bias = linear.weights(module)
+        scripted = (module.weight, module.bias, packed, linear.padding(module.in_features), linear.mkl_rows)
+        for rows in (1, 2, 3, 6, 32):
+            x = torch.randn(rows, module.in_features) * 10
+            output = decoding_seq2seq.scripted_linear(x, scripted)
+            assert torch.equal(output, linear(module, x)), (rows, cpu)
+            if rows <= mkl_rows:
+                assert torch.equal(output, F.linear(x, module.weight, module.bias)), (rows, cpu)
+
+
+def test_a_decoder_mask_of_the_new_tokens_only_attends_to_the_cached_ones():
+    """With a cache, a `decoder_attention_mask` covering only the new tokens (as some callers pass it) leaves every
+    cached token attended: the same logits as the full forward, and as MarianMTModel given the full mask."""
+    model = make_model()
+    marian = to_marian(model).eval()
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 8))
+    with torch.no_grad():
+        full = model(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        assert torch.allclose(full, marian(input_ids=source, attention_mask=mask, decoder_input_ids=target,
+                                           decoder_attention_mask=torch.ones_like(target)).logits, atol=1e-5)
+        encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=mask)
+        prefix = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=target[:, :5], use_cache=True)
+        new = target[:, 5:]
+        out = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=new, cache=prefix.cache,
+                    decoder_attention_mask=torch.ones_like(new), use_cache=True)
+    assert (out.logits - full[:, 5:]).abs().max().item() < 1e-5
