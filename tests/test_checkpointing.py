@@ -541,3 +541,94 @@ def test_sigterm_stops_a_script_with_its_clean_up(tmp_path, capsys, monkeypatch)
     assert "Terminated: no output is left half-written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_atomic_write_never_touches_the_file_a_reader_has_open(tmp_path, monkeypatch):
+    """A reader that opened the old file reads it whole after the write (a new file renamed over it, not the old one
+    truncated and rewritten), and a write that fails part-way leaves the old content."""
+    target = tmp_path / "eval_results.json"
+    ckpt.atomic_write_json(target, {"old": 1})
+    old_inode = target.stat().st_ino
+    with open(target, "rb") as reader:
+        ckpt.atomic_write_json(target, {"new": 2})
+        assert json.loads(reader.read()) == {"old": 1}
+    assert json.loads(target.read_text()) == {"new": 2} and target.stat().st_ino != old_inode
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        ckpt.atomic_write_json(target, {"newer": 3})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"new": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval_results.json"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names the fsynced files through /proc/self/fd")
+def test_files_are_fsynced_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """Durability: atomic_write_bytes fsyncs its new content before the rename, and a checkpoint's every file is
+    fsynced before the staging folder takes the checkpoint's name (otherwise a power cut can leave a complete-looking
+    name over empty or partial files)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, target, *args, **kwargs):
+        events.append(("replace", str(Path(source).resolve()), str(Path(target).resolve())))
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = (tmp_path / "file.json").resolve()
+    ckpt.atomic_write_bytes(target, b"{}")
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target)]
+    assert len(renames) == 1
+    source = events[renames[0]][1]
+    assert ("fsync", source) in events[: renames[0]], events
+
+    events.clear()
+    folder = write_fake_checkpoint(tmp_path / "run", 7).resolve()
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(folder)]
+    assert len(renames) == 1, events
+    staging = Path(events[renames[0]][1])
+    synced = {e[1] for e in events[: renames[0]] if e[0] == "fsync"}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert str(staging / path.relative_to(folder)) in synced, (path.name, events)
+
+
+def test_average_checkpoints_script_averages_the_last_five_by_default(tmp_path, capsys):
+    for step in range(1, 8):
+        write_fake_checkpoint(tmp_path / "run", step, {"w": torch.full((2,), float(step))})
+    script = load_script("average_checkpoints")
+    assert script.main(["--input_dir", str(tmp_path / "run"), "--output", str(tmp_path / "avg")]) == 0
+    assert torch.equal(load_file(str(tmp_path / "avg" / "model.safetensors"))["w"], torch.full((2,), 5.0))  # 3..7
+    assert json.loads((tmp_path / "avg" / "averaged_from.json").read_text())["checkpoints"] == [
+        str(tmp_path / "run" / f"checkpoint-{step}") for step in range(3, 8)]
+
+
+def test_integer_tensors_that_differ_are_refused_not_taken_from_one_checkpoint(tmp_path):
+    """A non-float tensor (ids, a step counter) has no mean: equal in every input it is copied, else the average is
+    refused, naming it; never silently the first's or the last's."""
+    a = write_fake_checkpoint(tmp_path / "a", 1, {"w": torch.zeros(2), "ids": torch.arange(3)})
+    b = write_fake_checkpoint(tmp_path / "b", 2, {"w": torch.ones(2), "ids": torch.arange(3) + 1})
+    for order in ([a, b], [b, a]):
+        with pytest.raises(ValueError, match="Non-float tensor ids differs across checkpoints"):
+            ckpt.average_state_dicts([ckpt.load_safetensors_folder(folder) for folder in order])
+        with pytest.raises(ValueError, match="Non-float tensor ids differs across checkpoints"):
+            ckpt.average_checkpoints(order, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rotation_first_deletes_superseded_checkpoints_then_keeps_the_newest(tmp_path):
+    """An earlier run's last checkpoint, off the saving schedule (step 6 of save_steps=4), that a continued run has passed
+    is deleted before the newest `keep_last` are counted, so the kept ones are those a run never interrupted keeps."""
+    for step in (4, 6, 8, 12):
+        write_fake_checkpoint(tmp_path, step)
+    deleted = ckpt.rotate_checkpoints(tmp_path, keep_last=3, superseded=lambda step: step == 6)
+    assert [p.name for p in deleted] == ["checkpoint-6"]
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]

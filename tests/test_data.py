@@ -750,3 +750,57 @@ def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path
     (tmp_path / "afile").write_text("mine")
     assert script.main(args[:-4] + ["--output_dir", str(tmp_path / "afile" / "x"), "--held_out", "2"]) == 1
     assert f"error: --output_dir {tmp_path / 'afile' / 'x'}: " in capsys.readouterr().err
+
+
+def test_shuffled_batches_come_in_random_length_order():
+    """Section 5.1 batches sentences of similar length; the batch order must still be shuffled, or every epoch would run
+    from the shortest batches to the longest (and with one bucket, the same curriculum each epoch)."""
+    src, tgt = random_lengths(400, seed=7)
+    for epoch in range(3):
+        sampler = TokenBatchSampler(src, tgt, max_tokens=200, seed=1)
+        sampler.set_epoch(epoch)
+        maxima = [max(src[i] for i in b) for b in sampler]
+        assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+        firsts = maxima[: len(maxima) // 4]
+        assert max(firsts) > np.median(maxima)  # long batches early on too, not only at the end
+
+
+def test_a_resumed_sampler_records_its_position_for_the_next_resume():
+    """Resume, consume more, save again, resume again: the third sampler continues where the second stopped (the saved
+    position counts the batches yielded before the first resume too), and the epoch comes out whole."""
+    src, tgt = random_lengths(500, seed=8)
+    full = TokenBatchSampler(src, tgt, max_tokens=200, seed=2)
+    epoch = list(full)
+    first = TokenBatchSampler(src, tgt, max_tokens=200, seed=2)
+    it = iter(first)
+    seen = [next(it) for _ in range(3)]
+    second = TokenBatchSampler(src, tgt, max_tokens=200, seed=2)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert second.state_dict()["batches_consumed"] == 3  # saved again before it yields anything
+    it = iter(second)
+    seen += [next(it) for _ in range(4)]
+    state = json.loads(json.dumps(second.state_dict()))
+    assert state["batches_consumed"] == 7 and state["epoch"] == 0
+    third = TokenBatchSampler(src, tgt, max_tokens=200, seed=2)
+    third.load_state_dict(state)
+    assert seen + list(third) == epoch
+
+
+def test_batches_group_similar_target_lengths_too():
+    """Sources of one length and targets of many: the bucket sort breaks the tie by target length, so the target side
+    is packed without much padding either (the budget counts both sides' padding)."""
+    rng = np.random.default_rng(4)
+    src, tgt = np.full(600, 5), rng.integers(1, 41, 600)
+    batches = list(TokenBatchSampler(src, tgt, max_tokens=400, seed=0))
+    check_epoch(batches, src, tgt, 400, n=600)
+    padded = sum(len(b) * max(tgt[i] for i in b) for b in batches)
+    assert tgt.sum() / padded > 0.9
+
+
+def test_tsv_fields_that_start_with_a_quote_are_read_as_written(tmp_path):
+    """A TSV sentence may begin with a quotation mark (dialogue: "Hi," he said.); TSV has no quoting, so the field is
+    the text as written, quotes included, and a line never swallows the next one."""
+    pairs = [('"Hi," he said.', '„Hallo", sagte er.'), ('"Run!"', '"Lauf!"'), ("plain", "schlicht"),
+             ('"unclosed', 'offen"')]
+    ds = read_parallel_file(write(tmp_path / "q.tsv", "en\tde\n" + "".join(f"{s}\t{t}\n" for s, t in pairs)))
+    assert rows_of(ds) == pairs

@@ -158,3 +158,15 @@ def test_module_imports_are_parseable_by_evaluate():
     imports = get_imports(str(METRIC_PATH))
     assert sorted(name for kind, name, *_ in imports if kind == "library") == ["datasets", "evaluate", "sacrebleu"]
     assert all(kind == "library" for kind, *_ in imports)  # nothing to fetch or copy beside the file
+
+
+def test_lowercase_reaches_chrf_too(metric):
+    """Hypotheses that differ from the references in case only: with lowercase=True both BLEU and chrF are perfect, as
+    sacrebleu's own lowercased metrics give them."""
+    hypotheses = ["".join(c.upper() if c.isascii() else c for c in text) for text in REFS_1]  # "ß".upper() is "SS"
+    result = metric.compute(predictions=hypotheses, references=REFS_1, lowercase=True)
+    assert result["bleu"] == pytest.approx(100.0) and result["chrf"] == pytest.approx(100.0)
+    assert result["chrf"] == pytest.approx(sacrebleu.CHRF(lowercase=True).corpus_score(hypotheses, [REFS_1]).score, abs=1e-12)
+    assert "case:lc" in result["signature"]["chrf"] and "case:lc" in result["signature"]["bleu"]
+    cased = metric.compute(predictions=hypotheses, references=REFS_1)
+    assert cased["chrf"] < 50 and cased["bleu"] < 50

@@ -1892,3 +1892,137 @@ def test_a_dataset_without_a_training_split_names_itself_and_its_splits(monkeypa
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: raw)
     with pytest.raises(ValueError, match=re.escape("./only_validation has no 'train' split (its splits: validation).")):
         training.load_raw_data(training.TrainingConfig(dataset_name="./only_validation"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loss the loop optimises and reports, against float64 recomputations (mutation-testing gaps)
+
+
+def _example(generator, source_length, target_length, vocab=64):
+    """Random ids (no special tokens) ending with eos, as tokenize_pairs makes them."""
+    source = torch.randint(4, vocab, (source_length,), generator=generator).tolist()[:-1] + [2]
+    target = torch.randint(4, vocab, (target_length,), generator=generator).tolist()[:-1] + [2]
+    return {"input_ids": source, "labels": target}
+
+
+def test_an_accumulated_update_is_the_gradient_of_the_mean_loss_over_every_target_token():
+    """Micro-batches of very different target-token counts: the update is that of one batch holding them all (the mean
+    over every target token, Section 5.1's token batches), not the mean of per-micro-batch means, and the logged loss
+    is that token mean too."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from modeling_seq2seq.data import Seq2SeqCollator
+    from test_model import make_model
+
+    generator = torch.Generator().manual_seed(0)
+    micro = [[_example(generator, 5, 2)],
+             [_example(generator, 7, 9), _example(generator, 4, 6), _example(generator, 6, 8)]]
+    collator = Seq2SeqCollator(pad_token_id=0)
+    model, reference = make_model(dropout=0.0).train(), make_model(dropout=0.0).train()  # the same weights
+    whole = collator(micro[0] + micro[1])
+    loss = reference(**whole).loss  # the mean over all 1 + 3 examples' target tokens
+    loss.backward()
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        trainer = object.__new__(training.Trainer)
+        trainer.accelerator = Accelerator(cpu=True)
+        trainer.model = trainer.step_model = model
+        trainer.world_size = 1
+        trainer.config = TrainingConfig(gradient_accumulation_steps=2, max_grad_norm=None)
+        trainer.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+        trainer.step = trainer.skipped_steps = trainer.consecutive_bad_steps = 0
+        before = [p.detach().clone() for p in model.parameters()]
+        result = trainer.train_step([collator(m) for m in micro])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result["status"] == "ok" and result["target_tokens"] == 2 + 9 + 6 + 8
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), start, r in zip(model.named_parameters(), before, reference.parameters()):
+        torch.testing.assert_close(start - p.detach(), r.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_validation_loss_is_token_weighted_in_eval_mode_and_leaves_the_mode_as_it_was():
+    """Several batches of different target-token counts, and dropout that would change every number in train mode:
+    the loss and NLL are sums over every target token (float64, one example at a time, eval mode) over the count."""
+    from datasets import Dataset
+
+    from modeling_seq2seq.data import Seq2SeqCollator
+    from test_model import make_model
+
+    generator = torch.Generator().manual_seed(1)
+    examples = [_example(generator, s, t) for s, t in ((3, 2), (9, 12), (4, 3), (12, 14), (5, 5), (2, 9))]
+    dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]})
+    collator = Seq2SeqCollator(pad_token_id=0)
+    model = make_model(dropout=0.5, label_smoothing=0.1).train()
+    results = [training.validation_loss(model, dataset, collator, max_tokens=16) for _ in range(2)]
+    assert model.training
+    model.eval()
+    loss_sum = nll_sum = tokens = 0.0
+    with torch.no_grad():
+        for example in examples:
+            batch = collator([example])
+            logits = model(**batch).logits.double().flatten(0, 1)
+            labels = batch["labels"].flatten()
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1, reduction="sum").item()
+            nll_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            tokens += len(example["labels"])
+    for result in results:
+        assert result["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+        assert result["nll"] == pytest.approx(nll_sum / tokens, rel=1e-5)
+        assert result["ppl"] == pytest.approx(math.exp(nll_sum / tokens), rel=1e-5)
+
+
+def test_the_endless_stream_moves_to_the_next_epochs_order():
+    """After the last batch of an epoch the loop goes on with the next epoch's batches (another shuffle), every example
+    once per epoch."""
+    from datasets import Dataset
+
+    from modeling_seq2seq.data import Seq2SeqCollator, TokenBatchSampler, token_lengths
+
+    generator = torch.Generator().manual_seed(2)
+    examples = [_example(generator, 2 + i % 7, 2 + (3 * i) % 5) for i in range(40)]
+    trainer = object.__new__(training.Trainer)
+    trainer.train_set = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples],
+                                           "labels": [e["labels"] for e in examples]})
+    trainer.collator = Seq2SeqCollator(pad_token_id=0)
+    trainer.sampler = TokenBatchSampler(*token_lengths(trainer.train_set), max_tokens=24, shuffle=True, seed=5)
+    expected = [trainer.sampler.global_batches(epoch) for epoch in range(3)]
+    assert expected[0] != expected[1] != expected[2]
+    stream = trainer.micro_batches()
+    for epoch in range(3):
+        for indices in expected[epoch]:
+            batch = next(stream)
+            assert torch.equal(batch["labels"], collate_rows(trainer, indices)["labels"])
+        assert trainer.sampler.epoch == epoch
+    next(stream)
+    assert trainer.sampler.epoch == 3
+
+
+def collate_rows(trainer, indices):
+    return trainer.collator([{"input_ids": trainer.train_set[i]["input_ids"], "labels": trainer.train_set[i]["labels"]}
+                             for i in indices])
+
+
+def test_the_test_bleu_follows_the_target_language_and_effective_order_of_the_builtin_task(short_run, assets, tmp_path):
+    """The built-in task's one-word German targets are scored with effective order (else perfect output scores 0); a
+    Chinese target is scored with sacrebleu's zh tokenizer, as `sacrebleu -l en-zh` would, not 13a."""
+    results = json.loads((short_run / training.EVAL_RESULTS_NAME).read_text())
+    assert "|eff:yes|tok:13a|" in results["bleu_signature"], results["bleu_signature"]
+    from modeling_seq2seq.data import builtin_task
+
+    data = tmp_path / "data"
+    data.mkdir()
+    task = builtin_task()
+    for split in ("train", "test"):
+        rows = task[split].select(range(100 if split == "train" else 4))
+        (data / f"{split}.en").write_text("".join(f"{s}\n" for s in rows["source"]))
+        (data / f"{split}.zh").write_text("".join(f"{t}\n" for t in rows["target"]))
+    output_dir = tmp_path / "zh"
+    args = run_args(assets, output_dir, max_steps=1, save_steps=0, train_file=str(data / "train"),
+                    test_file=str(data / "test"), source_lang="en", target_lang="zh")
+    assert training.main(args) == 0
+    signature = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())["bleu_signature"]
+    assert "|eff:no|tok:zh|" in signature, signature
