@@ -20,8 +20,9 @@ Output format (the one of the old `translation` pipeline, so that code written f
   removed, so the ids do not depend on the batch the input was in.
 
 Generation parameters (`num_beams`, `max_new_tokens`, `length_penalty`, `do_sample`, a `generation_config`, ...) are
-passed to `model.generate()` unchanged, either at construction (they then apply to every call) or per call (they win);
-the model's `generation_config.json` supplies the rest. The pipeline adds no defaults of its own, so its output is
+passed to `model.generate()` unchanged, either at construction (they then apply to every call) or per call (they win,
+key by key; a call's `generation_config` replaces all the construction's settings); the model's
+`generation_config.json` supplies the rest. The pipeline adds no defaults of its own, so its output is
 exactly `tokenizer.batch_decode(model.generate(**tokenizer(texts), **kwargs), skip_special_tokens=True)`.
 `batch_size=N` pads and runs N inputs per `generate()` call. `src_lang` and `tgt_lang` are taken and unused, as 4.x's
 translation pipeline did for a tokenizer without language codes.
@@ -99,7 +100,11 @@ class Seq2SeqTranslationPipeline(Pipeline):
 
         forward_params = {}
         if generate_kwargs is not None or kwargs:
-            forward_params["generate_kwargs"] = {**(generate_kwargs or {}), **kwargs}
+            call = {**(generate_kwargs or {}), **kwargs}
+            # transformers' Pipeline merges a call's parameters with the construction's one level deep: without the
+            # construction's generate kwargs here, a call passing any would drop them all.
+            at_construction = getattr(self, "_forward_params", {}).get("generate_kwargs", {})
+            forward_params["generate_kwargs"] = call if "generation_config" in call else {**at_construction, **call}
 
         postprocess_params = {}
         if return_tensors and return_text:

@@ -129,6 +129,25 @@ def test_int8_export_runs(saved_model, tmp_path):
     assert len(translated) == len(lengths) and all(0 < len(row) <= NEW_TOKENS for row in translated)
 
 
+
+def test_export_script_passes_quantization_and_force_on(saved_model, tmp_path, capsys):
+    """--quantization reaches the converter (int8 weights: a much smaller model.bin, though the float32 position table
+    stays as it is), and --force replaces an earlier export, where without it the script refuses."""
+    import runpy
+
+    _, folder = saved_model
+    main = runpy.run_path(str(REPO / "scripts" / "export_ctranslate2.py"))["main"]
+    assert main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "f32")]) == 0
+    assert main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "i8"), "--quantization", "int8"]) == 0
+    float32_size = (tmp_path / "f32" / "model.bin").stat().st_size
+    assert (tmp_path / "i8" / "model.bin").stat().st_size < 0.75 * float32_size
+    capsys.readouterr()
+    assert main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "i8")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["--model_dir", str(folder), "--output_dir", str(tmp_path / "i8"), "--force"]) == 0
+    assert (tmp_path / "i8" / "model.bin").stat().st_size == float32_size  # replaced by a float32 export
+
+
 def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_path, monkeypatch):
     model, _ = saved_model
     bare = tmp_path / "bare"

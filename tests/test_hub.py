@@ -786,3 +786,21 @@ def test_damaged_card_inputs_are_named(model_dir, tmp_path):
             build_hub_folder(folder, tmp_path / "out", template=template)
         assert message in str(raised.value)
         assert not (tmp_path / "out").exists()
+
+
+def test_weights_written_otherwise_than_the_model_holds_are_not_published(model_dir, tmp_path, monkeypatch):
+    """The folder's safetensors file is read back and compared with the model: a weight written wrong (a faulty
+    save, a dtype rounding) stops the build, naming it."""
+    import transformers.modeling_utils
+    from modeling_seq2seq.hub import build_hub_folder
+
+    save = transformers.modeling_utils.safe_save_file
+
+    def save_one_weight_wrong(tensors, *args, **kwargs):
+        name = "model.encoder.layers.0.feed_forward.fc1.weight"
+        return save({**tensors, name: tensors[name] + 1e-3}, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_one_weight_wrong)
+    with pytest.raises(RuntimeError, match=r"saved model\.encoder\.layers\.0\.feed_forward\.fc1\.weight differs"):
+        build_hub_folder(model_dir, tmp_path / "out", template=TEMPLATE)
+    assert not (tmp_path / "out").exists()

@@ -1582,6 +1582,35 @@ def test_presets_match_the_paper_sizes():
     assert base.encoder_layers == base.decoder_layers == big.encoder_layers == 6
 
 
+
+# Table 3 of the paper: (N, d_model, d_ff, h, P_drop, eps_ls) of the base and big models.
+TABLE_3 = {"base": (6, 512, 2048, 8, 0.1, 0.1), "big": (6, 1024, 4096, 16, 0.3, 0.1)}
+
+
+def test_presets_are_table_3_in_both_stacks_and_the_default_config_is_the_base_model():
+    """Every number of Table 3, in the encoder and the decoder (the parameter count above cannot see a head count
+    or a label smoothing); the config's defaults are the base model's, label smoothing aside (0, documented)."""
+    for name, (layers, d_model, d_ff, heads, dropout, smoothing) in TABLE_3.items():
+        c = load_preset(name)
+        assert (c.encoder_layers, c.decoder_layers, c.d_model) == (layers, layers, d_model), name
+        assert (c.encoder_ffn_dim, c.decoder_ffn_dim) == (d_ff, d_ff), name
+        assert (c.encoder_attention_heads, c.decoder_attention_heads) == (heads, heads), name
+        assert (c.dropout, c.label_smoothing) == (dropout, smoothing), name
+    layers, d_model, d_ff, heads, dropout, _ = TABLE_3["base"]
+    c = Seq2SeqTransformerConfig()
+    assert (c.encoder_layers, c.decoder_layers, c.d_model, c.encoder_ffn_dim, c.decoder_ffn_dim,
+            c.encoder_attention_heads, c.decoder_attention_heads, c.dropout) == (
+        layers, layers, d_model, d_ff, d_ff, heads, heads, dropout)
+    assert c.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("field", ["pad_token_id", "bos_token_id", "decoder_start_token_id", "eos_token_id"])
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused(field):
+    with pytest.raises(ValueError, match=rf"{field}={VOCAB}"):
+        tiny_config(**{field: VOCAB})
+    tiny_config(**{field: VOCAB - 1})  # the last id is fine
+
+
 def test_preset_file_with_unknown_field_is_rejected(tmp_path):
     path = tmp_path / "preset.json"
     path.write_text('{"d_model": 64, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "n_layerz": 3}')
@@ -2129,7 +2158,7 @@ def test_greedy_search_with_a_generous_length_limit_allocates_as_it_goes():
         assert torch.equal(model.generate(source, attention_mask=mask, num_beams=1, **settings), expected)
 
 
-# --- Found by mutation testing: behaviour no other test pins down ---------------------------------------------------
+# --- Behaviour no other test pins down (a mutation review) ---------------------------------------------------------
 
 
 def nn_transformer_with_our_weights(model):

@@ -203,3 +203,50 @@ def test_from_a_hub_folder_with_trust_remote_code(model_dir, translator, tmp_pat
     # The folder declares the task; running its code needs consent.
     with pytest.raises(ValueError, match="trust_remote_code"):
         pipeline(TASK, model=str(folder))
+
+
+# --- Behaviours no test above could fail on (a mutation review) ----------------------------------
+
+
+def test_return_text_false_gives_the_token_ids(translator):
+    """`return_text=False` asks for the ids, as `return_tensors=True` does; `return_tensors=False` for the text."""
+    assert translator(TEXTS, return_text=False, **GREEDY) == translator(TEXTS, return_tensors=True, **GREEDY)
+    assert translator(TEXTS[0], return_tensors=False, **GREEDY) == translator(TEXTS[0], **GREEDY)
+
+
+def test_padding_is_taken_off_after_an_end_at_the_first_step_and_after_a_generation_configs_ends(
+        translator, model_and_tokenizer):
+    """A sequence that ends at its first generated token, and ends and padding given by a `generation_config`
+    (not loose keywords): batched ids equal each input's own `generate()` ids."""
+    import copy
+
+    model, tokenizer = model_and_tokenizer
+    first = generate_one(model, tokenizer, TEXTS[0], **GREEDY)[1]
+    assert first != 2
+    config = copy.deepcopy(model.generation_config)
+    config.update(num_beams=1, max_new_tokens=12, eos_token_id=[2, first], pad_token_id=5)
+    for options in (dict(eos_token_id=[2, first], **GREEDY), dict(generation_config=config)):
+        expected = [generate_one(model, tokenizer, t, **options) for t in TEXTS]
+        assert expected[0] == [1, first] and max(len(ids) for ids in expected) > 2, expected
+        for batch_size in (1, 4):
+            records = translator(TEXTS, return_tensors=True, batch_size=batch_size, **options)
+            assert [r["translation_token_ids"] for r in records] == expected, (options, batch_size)
+
+
+def test_generate_kwargs_from_construction_still_apply_when_the_call_passes_others(model_and_tokenizer):
+    """The module docstring: kwargs given at construction "apply to every call", the call's "win" (key by key; a loose
+    keyword over the same key in `generate_kwargs`). transformers' Pipeline alone would drop the construction's
+    generate kwargs as soon as a call passes one."""
+    model, tokenizer = model_and_tokenizer
+    short = pipeline(TASK, model=model, tokenizer=tokenizer, max_new_tokens=2)
+    for call in (dict(num_beams=1), dict(generate_kwargs={"num_beams": 1})):
+        ids = short(TEXTS[0], return_tensors=True, **call)[0]["translation_token_ids"]
+        assert ids == generate_one(model, tokenizer, TEXTS[0], num_beams=1, max_new_tokens=2), call
+    ids = short(TEXTS[0], return_tensors=True, generate_kwargs={"max_new_tokens": 3}, max_new_tokens=5, num_beams=1)
+    assert ids[0]["translation_token_ids"] == generate_one(model, tokenizer, TEXTS[0], num_beams=1, max_new_tokens=5)
+    assert short(TEXTS[0], return_tensors=True)[0]["translation_token_ids"] == generate_one(
+        model, tokenizer, TEXTS[0], max_new_tokens=2)
+    config = transformers.GenerationConfig.from_model_config(model.config)  # a whole set of settings: it wins
+    config.update(num_beams=1, max_new_tokens=4, decoder_start_token_id=1, eos_token_id=2, pad_token_id=0)
+    ids = short(TEXTS[0], return_tensors=True, generation_config=config, num_beams=2)[0]["translation_token_ids"]
+    assert ids == generate_one(model, tokenizer, TEXTS[0], generation_config=config, num_beams=2)

@@ -254,6 +254,17 @@ def test_load_errors_name_the_path(tmp_path):
         load_tokenizer(corrupt)
 
 
+
+@pytest.mark.parametrize("limit", [0, -5])
+def test_a_length_limit_that_is_not_above_zero_is_refused(tok, tmp_path, limit):
+    """model_max_length 0 would truncate every input to nothing."""
+    save_tokenizer(tok, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": limit}))
+    with pytest.raises(ValueError, match=rf"'model_max_length' must be a number above 0, got {limit}"):
+        load_tokenizer(tmp_path)
+
+
 def test_text_that_spells_a_byte_token_stays_text():
     """BPE learned the piece "<0x41>" from text that often holds it (a hex dump, a log) and the vocabulary gave it the
     byte token's id, so the text decoded as "A". Such pieces, and those built on them, are no longer learned."""

@@ -767,6 +767,76 @@ def test_evaluate_script_reports_bleu_with_signature(short_run, tmp_path, capsys
     assert "error: --tokenize: BLEU tokenizer 'moses' is not one of sacrebleu's" in capsys.readouterr().err
 
 
+
+# What the scripts compute, against independent references.
+
+
+def test_evaluate_scores_are_sacrebleus_on_the_predictions_it_writes(short_run, tmp_path):
+    """BLEU and chrF of evaluate.py equal sacrebleu's own on (hypotheses = the predictions written, references), for
+    the pairs --max_samples keeps; a skipped pair before the cut keeps its (empty) line; --effective_order reaches
+    BLEU."""
+    import sacrebleu
+
+    evaluate = load_script("evaluate")
+    sources = ["one", "", "twenty-one", "three hundred", "forty-two", "seven"]
+    references = ["eins eins eins eins", "", "einundzwanzig und so weiter", "dreihundert drei drei", "zweiundvierzig",
+                  "sieben"]
+    (tmp_path / "src.en").write_text("".join(line + "\n" for line in sources))
+    (tmp_path / "ref.de").write_text("".join(line + "\n" for line in references))
+    for flag, bleu in (("--no-effective_order", sacrebleu.metrics.BLEU()),
+                       ("--effective_order", sacrebleu.metrics.BLEU(effective_order=True))):
+        assert evaluate.main(["--model", str(short_run), "--source_file", str(tmp_path / "src.en"), "--reference_file",
+                              str(tmp_path / "ref.de"), "--max_samples", "3", "--num_beams", "1", flag,
+                              "--output_json", str(tmp_path / "s.json"), "--predictions_file", str(tmp_path / "p.txt")]) == 0
+        lines = (tmp_path / "p.txt").read_text().split("\n")[:-1]
+        assert len(lines) == 4 and lines[1] == "", lines  # up to the third kept pair's line; line 2 was skipped
+        hypotheses, kept = [lines[i] for i in (0, 2, 3)], [references[i] for i in (0, 2, 3)]
+        scores = json.loads((tmp_path / "s.json").read_text())
+        assert scores["samples"] == 3
+        assert scores["bleu"] == pytest.approx(bleu.corpus_score(hypotheses, [kept]).score)
+        assert scores["chrf"] == pytest.approx(sacrebleu.metrics.CHRF().corpus_score(hypotheses, [kept]).score)
+        assert ("eff:yes" if flag == "--effective_order" else "eff:no") in scores["bleu_signature"]
+        # The test's own power: hypotheses and references swapped would score otherwise.
+        assert sacrebleu.metrics.CHRF().corpus_score(kept, [hypotheses]).score != pytest.approx(scores["chrf"])
+
+
+def test_translate_texts_keeps_each_translation_with_its_source_in_a_batch(short_run):
+    """Sorted by length into one batch of several, the translations come back in the input order: each equals the
+    source's own generate() under the same length limit."""
+    model, tokenizer = training.load_model_and_tokenizer(short_run, device="cpu")
+    lines = ["one", "nine thousand, nine hundred and ninety-nine", "twenty-one", "three hundred", "forty-two",
+             "seven hundred and seven"]
+    longest = max(len(tokenizer(line)["input_ids"]) for line in lines)
+    expected = []
+    with torch.no_grad():
+        for line in lines:
+            ids = model.generate(**tokenizer([line], return_tensors="pt"), num_beams=1, max_length=longest + 51)
+            expected.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+    assert len(set(expected)) > 2, expected  # different translations, so that an order mix-up shows
+    assert training.translate_texts(model, tokenizer, lines, batch_size=len(lines), num_beams=1) == expected
+
+
+def test_translate_texts_gives_generate_truncated_sources_ending_with_eos_and_the_length_penalty(short_run,
+                                                                                                monkeypatch):
+    """A truncated source is what the tokenizer's own truncation makes (the end-of-sentence kept last); a length
+    penalty applies whenever the search is a beam search, also one the generation config asks for."""
+    model, tokenizer = training.load_model_and_tokenizer(short_run, device="cpu")
+    model.generation_config.num_beams = 4
+    calls, generate = [], model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    text = "three " * 30
+    training.translate_texts(model, tokenizer, [text], max_source_length=8, length_penalty=0.6)
+    expected = tokenizer(text, truncation=True, max_length=8)["input_ids"]
+    assert len(expected) == 8 and expected[-1] == tokenizer.eos_token_id
+    assert calls[0]["input_ids"][0].tolist() == expected
+    assert calls[0]["length_penalty"] == 0.6
+
+
 # --------------------------------------------------------------------------------------------------------
 # Resume, crashes and faults
 
@@ -1895,7 +1965,7 @@ def test_a_dataset_without_a_training_split_names_itself_and_its_splits(monkeypa
 
 
 # --------------------------------------------------------------------------------------------------------
-# The loss the loop optimises and reports, against float64 recomputations (mutation-testing gaps)
+# The loss the loop optimises and reports, against float64 recomputations
 
 
 def _example(generator, source_length, target_length, vocab=64):
