@@ -418,3 +418,109 @@ def test_ctranslate2_runs_in_a_process_of_its_own_with_the_same_translations(tmp
     with pytest.raises(RuntimeError, match="CTranslate2 process ended"):
         dead.translate_batch(source)
     assert dead.process.returncode is not None
+
+
+def test_a_record_is_the_median_of_its_repeats_and_tokens_per_second_divides_by_it():
+    """Reference: statistics.median (an even count: the mean of the middle two; neither the minimum nor the mean)."""
+    import statistics
+
+    run = benchmark.Run(BenchmarkSettings(progress=False))
+    seconds = [3.0, 1.0, 2.5, 10.0]
+    record = run.add("ours", "tiny", "train", 2, seconds, 1000, extra_field=7)
+    assert record["median_seconds"] == statistics.median(seconds) == 2.75
+    assert record["min_seconds"] == 1.0 and record["repeats"] == 4 and record["seconds"] == seconds
+    assert record["tokens_per_second"] == pytest.approx(1000 / 2.75) and record["tokens"] == 1000
+    assert (record["implementation"], record["preset"], record["phase"], record["batch"]) == ("ours", "tiny", "train", 2)
+    assert record["extra_field"] == 7 and run.records == [record]
+
+
+def test_the_mfu_divides_by_the_highest_peak_measured_so_far(monkeypatch):
+    peaks = iter([300e9, 200e9, 400e9])
+    monkeypatch.setattr(benchmark, "matmul_peak", lambda device, sizes, repeats: {
+        "flops_per_second": next(peaks), "per_size": {}, "per_kernel": {}, "dtype": "float32"})
+    run = benchmark.Run(BenchmarkSettings(progress=False))
+    seen = []
+    for _ in range(3):
+        benchmark.run_matmul(run, "tiny")
+        seen.append(run.peak_flops)
+    assert seen == [300e9, 300e9, 400e9]
+
+
+def test_train_records_count_source_and_target_tokens_and_the_mfu_is_the_analytic_flops_over_the_median(monkeypatch):
+    import statistics
+
+    from modeling_seq2seq.presets import load_preset
+
+    config = load_preset("tiny", vocab_size=500)
+    monkeypatch.setattr(BenchmarkSettings, "train_shapes", lambda self: [(3, 10, 7)])
+    run = benchmark.Run(BenchmarkSettings(progress=False, repeats=3))
+    run.peak_flops = 1e12
+    seen = []
+    steps = {"ours": lambda batch: seen.append(batch), "marian": lambda batch: None}
+    monkeypatch.setattr(benchmark, "alternate", lambda calls, repeats, device: {
+        name: [0.3, 0.1, 0.2] for name in calls})  # median 0.2 (min 0.1, mean 0.2; a 4th would part them)
+    benchmark.run_train(run, "tiny", run.settings.plan("tiny"), steps, config)
+    assert seen[0]["input_ids"].shape == (3, 10) and seen[0]["labels"].shape == (3, 7)
+    for record in run.records:
+        assert record["tokens"] == 3 * (10 + 7)
+        median = statistics.median(record["seconds"])
+        assert median == 0.2 and record["seconds"] == [0.3, 0.1, 0.2]
+        flops = 3 * (  # by hand from the docstring's shapes: d=D, f=F, V, B=3, S=10, T=7
+            config.encoder_layers * (2 * 3 * 10 * (4 * config.d_model**2 + 2 * config.d_model * config.encoder_ffn_dim)
+                                     + 4 * 3 * 10 * 10 * config.d_model)
+            + config.decoder_layers * (2 * 3 * 7 * (6 * config.d_model**2 + 2 * config.d_model * config.decoder_ffn_dim)
+                                       + 2 * 3 * 10 * 2 * config.d_model**2 + 4 * 3 * 7 * 7 * config.d_model
+                                       + 4 * 3 * 7 * 10 * config.d_model)
+            + 2 * 3 * 7 * config.d_model * 500)
+        assert record["flops"] == flops
+        assert record["achieved_flops_per_second"] == pytest.approx(flops / 0.2)
+        assert record["mfu"] == pytest.approx(flops / 0.2 / 1e12)
+
+
+def test_the_length_mix_counts_real_tokens_only_and_token_batches_pad_less():
+    """tokens/s of the length mix counts the tokens that are not padding (in the batches the step got); the
+    `ours+token_batches` step gets the sampler's length-sorted batches, which pad less than the random ones."""
+    run = benchmark.Run(BenchmarkSettings(progress=False, repeats=1))
+    handed = {"ours": [], "marian": []}
+    steps = {name: (lambda batch, name=name: handed[name].append(batch)) for name in handed}
+    benchmark.run_length_mix(run, "tiny", {"length_mix_sentences": 96, "length_mix": 1}, steps, pad_token_id=0, vocab=100)
+    records = {r["implementation"]: r for r in run.records}
+    assert set(records) == {"ours+token_batches", "ours+padded", "marian+padded"}
+
+    def real(batches):
+        return sum(int((b["input_ids"] != 0).sum()) + int((b["labels"] != -100).sum()) for b in batches)
+
+    warm_up = 2
+    token_batches = handed["ours"][warm_up * 2:][: records["ours+token_batches"]["batches"]]
+    padded = handed["marian"][warm_up:]
+    assert real(token_batches) == real(padded) == records["marian+padded"]["tokens"]
+    for record in records.values():
+        assert record["tokens"] == real(padded)
+        assert record["tokens_per_second"] == pytest.approx(record["tokens"] / record["median_seconds"])
+    slots = sum(b["input_ids"].numel() + b["labels"].numel() for b in padded)
+    assert records["marian+padded"]["padding_fraction"] == pytest.approx(1 - real(padded) / slots)
+    assert records["ours+token_batches"]["padding_fraction"] < 0.75 * records["ours+padded"]["padding_fraction"]
+    assert all(len(b["input_ids"]) == 16 for b in padded[:-1])
+
+
+def test_ctranslate2s_token_check_compares_it_with_marian(monkeypatch):
+    """The pre-timing parity check of CTranslate2: its tokens against Marian's (not against its own); and tokens/s
+    counts the generated tokens (batch x 32, whatever the beam)."""
+    if not benchmark.ctranslate2_available():
+        pytest.skip("ctranslate2 is not installed")
+    real = benchmark.decode_ctranslate2
+
+    def wrong(*args):
+        rows = real(*args)
+        rows[0][4] = rows[0][4] + 1 if rows[0][4] < 200 else 5
+        return rows
+
+    monkeypatch.setattr(benchmark, "decode_ctranslate2", wrong)
+    monkeypatch.setattr(BenchmarkSettings, "decode_batches", lambda self: [1])
+    result = run_benchmark(BenchmarkSettings(presets=("tiny",), phases=("decode",), repeats=1, progress=False))
+    decoded = [r for r in result["records"] if r["phase"].startswith("decode")]
+    assert {r["implementation"] for r in decoded} == {"ours", "marian", "ctranslate2"}
+    for r in decoded:
+        assert r["tokens"] == 1 * 32
+        assert r["token_check"]["match"] is (r["implementation"] != "ctranslate2"), r
+    assert all(r["token_check"]["mismatched_tokens"] == 1 for r in decoded if r["implementation"] == "ctranslate2")

@@ -2370,3 +2370,17 @@ def test_a_decoder_mask_of_the_new_tokens_only_attends_to_the_cached_ones():
         out = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=new, cache=prefix.cache,
                     decoder_attention_mask=torch.ones_like(new), use_cache=True)
     assert (out.logits - full[:, 5:]).abs().max().item() < 1e-5
+
+
+def test_attention_masks_are_built_in_the_autocast_dtype():
+    """Under autocast the attention scores are in the autocast dtype (bf16 on a GPU in training), and so must the
+    additive masks be, or every score is promoted to float32 (and SDPA's fused kernels get a float32 mask); float64
+    stays float64, as autocast leaves it alone."""
+    from modeling_seq2seq.modeling_seq2seq import attention_dtype, padding_mask
+
+    x = torch.zeros(1, 3, 8)
+    assert attention_dtype(x) == torch.float32
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert attention_dtype(x) == dtype and attention_dtype(x.double()) == torch.float64
+            assert padding_mask(torch.tensor([[1, 1, 0]]), attention_dtype(x)).dtype == dtype

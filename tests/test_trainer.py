@@ -279,3 +279,78 @@ def test_trainer_predictions_leave_the_cache_out(tmp_path):
         assert loss is None and labels is None
     assert all(isinstance(tensor, torch.Tensor) for tensor in predictions["ours"]), "no Cache among the predictions"
     assert [t.shape for t in predictions["ours"]] == [t.shape for t in predictions["marian"]]  # logits, encoder states
+
+
+def test_the_trainer_gets_the_papers_adam_schedule_and_label_smoothed_loss(saved_model, number_pairs, tmp_path):
+    """What finetune hands the stock Trainer: Adam(0.9, 0.98, 1e-9) (Section 5.3), transformers' inverse-square-root
+    schedule (linear warm-up, then lr * sqrt(warmup / step)), and a loss with the model's label smoothing over the
+    labelled tokens only (the collator pads labels with -100). References: the closed-form schedule and
+    F.cross_entropy(..., label_smoothing=, ignore_index=-100)."""
+    import math
+
+    script = load_script("finetune_trainer")
+    args = script.build_parser().parse_args([
+        "--model", str(saved_model), "--output_dir", str(tmp_path / "o"), "--train_file", str(number_pairs[0]),
+        "--max_steps", "8", "--learning_rate", "1e-3", "--warmup_steps", "4", "--batch_size", "4",
+        "--logging_steps", "1", "--use_cpu", "--quiet"])
+    trainer, _ = script.finetune(args)
+    group = trainer.optimizer.param_groups[0]
+    assert tuple(group["betas"]) == (0.9, 0.98) and group["eps"] == 1e-9 and group["weight_decay"] == 0.0
+    logged = [(entry["step"], entry["learning_rate"]) for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert [step for step, _ in logged] == list(range(1, 9))
+    for step, lr in logged:  # the rate of update `step` is the schedule at step - 1
+        expected = 1e-3 * ((step - 1) / 4 if step - 1 < 4 else math.sqrt(4 / (step - 1)))
+        assert lr == pytest.approx(expected, rel=1e-6), (step, lr)
+
+    model = trainer.model.eval()
+    assert model.config.label_smoothing == 0.1
+    examples = [trainer.train_dataset[i] for i in range(6)]
+    assert len({len(e["labels"]) for e in examples}) > 1, "labels of different lengths: the batch has padding"
+    batch = trainer.data_collator(examples)
+    width = batch["labels"].shape[1]
+    expected_labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples])
+    assert torch.equal(batch["labels"], expected_labels)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), expected_labels.flatten(),
+                                                  ignore_index=-100, label_smoothing=0.1)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_compute_metrics_scores_aligned_decoded_pairs_as_sacrebleu_does(saved_model, number_pairs, tmp_path):
+    """The Trainer hands compute_metrics generated ids padded with -100 across eval batches and labels with -100:
+    both decode without them, prediction i is scored against reference i, and BLEU/chrF are sacrebleu's own (BLEU
+    without effective order for a --train_file run, hypotheses first)."""
+    import numpy as np
+    import sacrebleu
+    from transformers import EvalPrediction
+
+    script = load_script("finetune_trainer")
+    args = script.build_parser().parse_args([
+        "--model", str(saved_model), "--output_dir", str(tmp_path / "o"), "--train_file", str(number_pairs[0]),
+        "--validation_file", str(number_pairs[1]), "--max_eval_samples", "2", "--max_steps", "1",
+        "--eval_steps", "100", "--batch_size", "4", "--num_beams", "2", "--use_cpu", "--quiet"])
+    trainer, _ = script.finetune(args)
+    assert trainer.args.generation_num_beams == 2
+    tokenizer = trainer.processing_class
+    predictions = ["achtundzwanzig und vierzig", "zweihundert", "neun und neunzig"]  # no 4-grams at all
+    references = ["achtundzwanzig und vierzig drei", "zweihundert vier", "neun und neunzig"]
+
+    def padded(texts, pad):
+        rows = [tokenizer(text_target=t)["input_ids"] for t in texts]
+        width = max(map(len, rows)) + 2
+        return np.array([row + [pad] * (width - len(row)) for row in rows])
+
+    start = np.full((3, 1), tokenizer.pad_token_id)  # generate's outputs begin with the start token
+    got = trainer.compute_metrics(EvalPrediction(predictions=np.concatenate([start, padded(predictions, -100)], 1),
+                                                 label_ids=padded(references, -100)))
+    bleu = sacrebleu.metrics.BLEU(tokenize="13a").corpus_score(predictions, [references]).score
+    chrf = sacrebleu.metrics.CHRF().corpus_score(predictions, [references]).score
+    assert got == {"bleu": pytest.approx(bleu), "chrf": pytest.approx(chrf), "exact_match": pytest.approx(1 / 3)}
+    # the check can fail: effective order, or hypotheses and references swapped, score otherwise
+    assert bleu == 0.0 != sacrebleu.metrics.BLEU(tokenize="13a", effective_order=True).corpus_score(
+        predictions, [references]).score
+    assert sacrebleu.metrics.CHRF().corpus_score(references, [predictions]).score != pytest.approx(chrf)
+    same = trainer.compute_metrics(EvalPrediction(predictions=padded(references, -100), label_ids=padded(references, -100)))
+    assert same["exact_match"] == 1.0 and same["bleu"] == pytest.approx(100.0)

@@ -2096,3 +2096,66 @@ def test_the_test_bleu_follows_the_target_language_and_effective_order_of_the_bu
     assert training.main(args) == 0
     signature = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())["bleu_signature"]
     assert "|eff:no|tok:zh|" in signature, signature
+
+
+def test_bf16_mixed_precision_runs_the_step_under_bf16_autocast_and_skips_an_infinite_gradient(assets, tmp_path,
+                                                                                                 monkeypatch):
+    """`mixed_precision: bf16` reaches the step (the model's products, the logits among them, are bfloat16: CPU
+    autocast as accelerate sets it up), and bf16 has no loss scaler: a finite loss with an infinite gradient is
+    a bad step, skipped without touching the weights (only fp16's scaler skips such steps itself)."""
+    seen = []
+
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    real = training.compute_loss
+    hooked = set()
+
+    def compute_loss(model, batch):  # the output projection's dtype: bf16 products (accelerate returns fp32 outputs)
+        lm_head = getattr(model, "module", model).lm_head
+        if id(lm_head) not in hooked:
+            hooked.add(id(lm_head))
+            lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        loss = real(model, batch)
+        return InfiniteGradient.apply(loss) if len(seen) == 2 else loss
+
+    monkeypatch.setattr(training, "compute_loss", compute_loss)
+    output_dir = tmp_path / "bf16"
+    assert training.main(run_args(assets, output_dir, max_steps=3, mixed_precision="bf16")) == 0
+    assert seen and set(seen) == {torch.bfloat16}, seen
+    skipped = [r for r in read_log(output_dir) if r["type"] == "skipped"]
+    assert [(r["step"], r["consecutive"]) for r in skipped] == [(1, 1)]
+    assert all(torch.isfinite(t).all() for t in weights(output_dir).values())
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_global_token_mean_and_seed_each_process_differently(assets, tmp_path):
+    """2 processes x 1 micro-batch log what 1 process x 2 micro-batches logs: the loss as the mean over every target
+    token of the update (gathered from both processes), and the same gradient norm (the all-reduced gradient is the
+    one of that mean, not of one process's half). Each process seeds its generators differently (dropout masks):
+    their Python and numpy states in the checkpoint differ (no training step draws from them, so only the seed can)."""
+    no_dropout = {"dropout": 0.0}
+    cpu_only = {**SUBPROCESS_ENV, "CUDA_VISIBLE_DEVICES": ""}
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    done = run_subprocess(run_args(assets, one, max_steps=4, logging_steps=1, gradient_accumulation_steps=2,
+                                   model_overrides=no_dropout), env=cpu_only)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py")]
+    result = subprocess.run(launch + run_args(assets, two, max_steps=4, logging_steps=1, save_steps=4,
+                                              model_overrides=no_dropout),
+                            capture_output=True, text=True, timeout=400, env=cpu_only)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [[(r["loss"], r["grad_norm"]) for r in read_log(folder) if r["type"] == "train"] for folder in (one, two)]
+    assert len(logged[0]) == len(logged[1]) == 4
+    for (loss_one, norm_one), (loss_two, norm_two) in zip(*logged):
+        assert loss_two == pytest.approx(loss_one, rel=1e-5) and norm_two == pytest.approx(norm_one, rel=1e-4)
+    states = [json.loads((two / "checkpoint-4" / f"rng_state_{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0]["python"] != states[1]["python"] and states[0]["numpy"] != states[1]["numpy"]

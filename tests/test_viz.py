@@ -620,3 +620,39 @@ def test_long_titles_stop_at_three_lines():
     title = viz._wrap("attention: " + "word " * 300, 8, 10)
     assert title.count("\n") == 2 and title.endswith(" ...")
     assert viz._wrap("a short title", 8, 10) == "a short title"
+
+
+def test_each_panel_draws_its_layer_and_head_with_targets_as_rows_and_sources_as_columns(loaded, tmp_path, monkeypatch):
+    """What matplotlib is handed, panel by panel: the image array (rows x columns, not its transpose), the tick labels
+    and the weights of the layer and head the title names; the mean panels average the right axes. The reference is
+    the AttentionMaps tensors (the model's output_attentions, tested above)."""
+    model, tokenizer = loaded
+    maps = viz.attention_maps(model, tokenizer, SOURCE, TARGET)
+    drawn = []
+    real = viz._heatmap
+
+    def recording(axes, matrix, row_labels, column_labels, title, font_size):
+        image = real(axes, matrix, row_labels, column_labels, title, font_size)
+        drawn.append((title, np.asarray(image.get_array()), [t.get_text() for t in axes.get_yticklabels()],
+                      [t.get_text() for t in axes.get_xticklabels()]))
+        return image
+
+    monkeypatch.setattr(viz, "_heatmap", recording)
+    viz.draw_attention(maps, tmp_path, self_attention=True)
+    kinds = [(maps.cross, maps.target_tokens, maps.source_tokens),
+             (maps.encoder_self, maps.source_tokens, maps.source_tokens),
+             (maps.decoder_self, maps.target_tokens, maps.decoder_input_tokens)]
+    assert maps.decoder_input_tokens != maps.target_tokens and len(maps.source_tokens) != len(maps.target_tokens)
+    expected = []
+    for weights, rows, columns in kinds:
+        layers, heads = weights.shape[:2]
+        expected.append((weights.mean(dim=(0, 1)), rows, columns))
+        for layer in range(layers):
+            expected += [(weights[layer, head], rows, columns) for head in range(heads)]
+            expected.append((weights[layer].mean(dim=0), rows, columns))
+    assert len(drawn) == len(expected)
+    assert not torch.allclose(maps.cross[0], maps.cross[1]), "the layers differ: a wrong layer would show"
+    for (title, array, row_labels, column_labels), (matrix, rows, columns) in zip(drawn, expected):
+        assert array.shape == tuple(matrix.shape), title
+        np.testing.assert_allclose(array, matrix.numpy(), rtol=0, atol=1e-7, err_msg=title)
+        assert (row_labels, column_labels) == (list(rows), list(columns)), title
