@@ -2159,3 +2159,25 @@ def test_two_processes_log_the_global_token_mean_and_seed_each_process_different
         assert loss_two == pytest.approx(loss_one, rel=1e-5) and norm_two == pytest.approx(norm_one, rel=1e-4)
     states = [json.loads((two / "checkpoint-4" / f"rng_state_{rank}.json").read_text()) for rank in (0, 1)]
     assert states[0]["python"] != states[1]["python"] and states[0]["numpy"] != states[1]["numpy"]
+
+
+def test_only_the_main_process_writes_a_checkpoints_shared_files(tmp_path):
+    """Every process writes its own random state into the staging folder; the shared files (weights, optimizer,
+    trainer state) and the rename into place are the main process's alone. Two processes writing them would race
+    (their bytes are equal, so the two-process runs above cannot tell)."""
+    class Accelerator:  # one of several processes, without the collectives
+        device = torch.device("cpu")
+
+        def wait_for_everyone(self):
+            pass
+
+        def reduce(self, tensor, reduction):
+            return tensor
+
+    trainer = object.__new__(training.Trainer)
+    trainer.accelerator, trainer.output_dir = Accelerator(), tmp_path
+    for is_main, step in ((False, 3), (True, 4)):
+        trainer.is_main, writes = is_main, []
+        trainer._save_distributed(step, lambda staging: writes.append("shared"), lambda staging: writes.append("own"))
+        assert writes == (["shared", "own"] if is_main else ["own"])
+        assert ckpt.checkpoint_path(tmp_path, step).is_dir() is is_main
