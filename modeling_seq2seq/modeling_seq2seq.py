@@ -606,11 +606,12 @@ class Decoder(nn.Module):
                 f"Batch sizes differ: {batch} decoder sequences but {encoder_hidden_states.shape[0]} encoder outputs."
             )
         if self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.layers):
-            use_cache = False  # the backward's replay would write the cache again; without gradients there is none
+            # The backward's replay would write the cache again (transformers' checkpointed layers drop it); without
+            # gradients there is no replay.
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        if not use_cache:
-            cache = None
+        # A cache passed with use_cache=False is still read and extended, as in MarianMTModel.
         past_length = cache.get_seq_length() if cache is not None else 0  # a 0-d tensor for a static cache
         key_slots = static_cache_slots(cache)
 

@@ -216,6 +216,8 @@ PROBE = textwrap.dedent(
     result["tokenizer_class"] = type(tokenizer).__name__
     output_weight, input_weight = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     result["lm_head_tied"] = output_weight.data_ptr() == input_weight.data_ptr()
+    result["token_ids"] = {key: getattr(model.config, key, None)
+                           for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")}
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
     result["input_ids"] = encoded["input_ids"].tolist()
     with torch.no_grad():

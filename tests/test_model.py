@@ -2384,3 +2384,247 @@ def test_attention_masks_are_built_in_the_autocast_dtype():
         with torch.autocast("cpu", dtype=dtype):
             assert attention_dtype(x) == dtype and attention_dtype(x.double()) == torch.float64
             assert padding_mask(torch.tensor([[1, 1, 0]]), attention_dtype(x)).dtype == dtype
+
+
+# --- transformers plumbing, against MarianMTModel and transformers' own conventions ------------------------------
+
+
+def test_config_attribute_map_reads_as_marians_with_asymmetric_stacks():
+    """`num_hidden_layers` / `num_attention_heads` / `hidden_size` mean what MarianConfig's do (the encoder's), and
+    transformers' per-stack view (`get_text_config`) gives each stack its own; the common tests use equal stacks, so
+    only different sizes tell the two apart."""
+    from transformers import MarianConfig
+
+    sizes = dict(d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=2)
+    ours, marian = tiny_config(**sizes), MarianConfig(**sizes)
+    for name in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
+        assert getattr(ours, name) == getattr(marian, name), name
+    for decoder in (True, False):
+        ours_text = ours.get_text_config(decoder=decoder, encoder=not decoder)
+        marian_text = marian.get_text_config(decoder=decoder, encoder=not decoder)
+        for name in ("num_hidden_layers", "num_attention_heads"):
+            assert getattr(ours_text, name) == getattr(marian_text, name), (decoder, name)
+    ours.num_hidden_layers = 5  # the map also writes
+    assert ours.encoder_layers == 5 and ours.decoder_layers == 2
+
+
+def test_embeddings_are_initialised_with_init_std():
+    """`init_std` sets the embedding's standard deviation (default d_model^-0.5); the statistic of 64 x 512 draws is
+    within a few percent of it."""
+    for init_std, expected in ((None, 512**-0.5), (0.02, 0.02)):
+        model = make_model(d_model=512, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1, decoder_layers=1,
+                           init_std=init_std)
+        std = model.get_input_embeddings().weight.detach().double().std().item()
+        assert abs(std / expected - 1) < 0.05, (init_std, std)
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_hidden_states_and_attentions_equal_marians_one_by_one(return_dict):
+    """Every returned hidden state and attention map, in transformers' order (embeddings first; self- vs
+    cross-attention kept apart), equals MarianMTModel's with the same weights; and `return_dict=False` gives Marian's
+    tuple, element by element. Encoder and decoder lengths differ, so swapped maps would not even match in shape."""
+    model = make_model(dropout=0.0, encoder_layers=3, decoder_layers=2)
+    model.config._attn_implementation = "eager"
+    marian = to_marian(model).eval()
+    marian.config._attn_implementation = "eager"
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    kwargs = dict(input_ids=source, attention_mask=mask, decoder_input_ids=target, output_hidden_states=True,
+                  output_attentions=True, use_cache=False, return_dict=return_dict)
+    with torch.no_grad():
+        ours, theirs = model(**kwargs), marian(**kwargs)
+    if return_dict:
+        fields = ("logits", "decoder_hidden_states", "decoder_attentions", "cross_attentions",
+                  "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions")
+        ours, theirs = [getattr(ours, f) for f in fields], [getattr(theirs, f) for f in fields]
+    assert len(ours) == len(theirs)
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+        assert len(a) == len(b), index
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"output {index}: {m}")
+
+
+def test_the_last_hidden_state_returned_is_the_normalised_one_with_pre_norm():
+    """transformers' convention (BART/mBART with a final LayerNorm): `hidden_states[-1]` is the stack's output, after
+    its final LayerNorm, i.e. `last_hidden_state`; and `hidden_states[0]` is the embeddings plus positions."""
+    model = make_model(layer_norm_position="pre", dropout=0.0)
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    with torch.no_grad():
+        out = model.model(input_ids=source, attention_mask=mask, decoder_input_ids=target, output_hidden_states=True)
+    assert torch.equal(out.encoder_hidden_states[-1], out.encoder_last_hidden_state)
+    assert torch.equal(out.decoder_hidden_states[-1], out.last_hidden_state)
+    positions = SinusoidalPositionalEncoding(32, 64, "split")
+    torch.testing.assert_close(out.encoder_hidden_states[0], model.get_input_embeddings()(source) + positions(11, 0, source.device))
+    torch.testing.assert_close(out.decoder_hidden_states[0], model.get_input_embeddings()(target) + positions(6, 0, source.device))
+
+
+def count_sdpa_calls(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    return calls
+
+
+def test_the_attention_implementation_chosen_is_the_one_that_runs(tmp_path, monkeypatch):
+    """`attn_implementation` decides the kernel, as in transformers' models: "sdpa" runs every attention through
+    `F.scaled_dot_product_attention` (3 per decoder layer pair, encoder self, decoder self and cross), "eager" never
+    does, and `output_attentions=True` falls back to eager (SDPA returns no weights)."""
+    make_model().save_pretrained(tmp_path)
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    calls = count_sdpa_calls(monkeypatch)
+    for implementation, expected in (("sdpa", 2 + 2 * 2), ("eager", 0)):
+        model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        for switched in (False, True):
+            if switched:  # transformers' generic switch, after loading
+                model.set_attn_implementation("eager" if implementation == "sdpa" else "sdpa")
+                expected = 6 - expected
+            calls.clear()
+            with torch.no_grad():
+                model(input_ids=source, attention_mask=mask, decoder_input_ids=target)
+            assert len(calls) == expected, (implementation, switched)
+            calls.clear()
+            with torch.no_grad():
+                out = model(input_ids=source, attention_mask=mask, decoder_input_ids=target, output_attentions=True)
+            assert not calls and len(out.cross_attentions) == 2
+
+
+def test_use_cache_false_returns_no_cache_and_true_returns_marians():
+    """As MarianMTModel: `use_cache=False` returns no cache; `use_cache=True` returns one whose self-attention part
+    holds the decoder's keys and values for each layer, and whose cross-attention part the encoder's."""
+    model = make_model(dropout=0.0)
+    marian = to_marian(model).eval()
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    with torch.no_grad():
+        for use_cache in (False, True):
+            ours = model(input_ids=source, attention_mask=mask, decoder_input_ids=target, use_cache=use_cache)
+            theirs = marian(input_ids=source, attention_mask=mask, decoder_input_ids=target, use_cache=use_cache)
+            if not use_cache:
+                assert ours.cache is None and getattr(theirs, "cache", getattr(theirs, "past_key_values", None)) is None
+                continue
+            cache = ours.cache
+            assert isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 6
+            for layer in range(2):
+                assert cache.self_attention_cache.layers[layer].keys.shape == (4, 4, 6, 8)
+                assert cache.cross_attention_cache.layers[layer].keys.shape == (4, 4, 11, 8)
+
+
+def test_gradient_checkpointing_recomputes_every_layer_in_training_only(monkeypatch):
+    """transformers' convention (`GradientCheckpointingLayer`): with checkpointing on, every encoder and decoder layer
+    runs its forward again in the backward (its sub-modules are called twice); in evaluation (no backward to replay, even with gradients enabled) each
+    runs once and the cache is kept, as MarianMTModel keeps it."""
+    model = make_model(dropout=0.0)
+    marian = to_marian(model)
+    calls = collections.Counter()
+    layers = [*model.model.encoder.layers, *model.model.decoder.layers]
+    for index, layer in enumerate(layers):
+        # On a sub-module: transformers checkpoints the layer's `forward`, so the layer's own hooks run once.
+        layer.feed_forward.register_forward_pre_hook(lambda module, args, index=index: calls.update([index]))
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    for m in (model, marian):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model(input_ids=source, attention_mask=mask, labels=target).loss.backward()
+    assert all(calls[i] == 2 for i in range(len(layers))), calls
+    # Training with checkpointing keeps no cache, even when asked for one: Marian returns none either.
+    marian.train()
+    out = model(input_ids=source, attention_mask=mask, decoder_input_ids=target, use_cache=True)
+    reference = marian(input_ids=source, attention_mask=mask, decoder_input_ids=target, use_cache=True)
+    assert out.cache is None and getattr(reference, "cache", getattr(reference, "past_key_values", None)) is None
+    calls.clear()
+    model.eval()
+    marian.eval()
+    out = model(input_ids=source, attention_mask=mask, decoder_input_ids=target, use_cache=True)
+    assert all(calls[i] == 1 for i in range(len(layers))), calls
+    reference = marian(input_ids=source, attention_mask=mask, decoder_input_ids=target, use_cache=True)
+    assert (out.cache is None) == (getattr(reference, "cache", getattr(reference, "past_key_values", None)) is None)
+    assert out.cache is not None
+
+
+@pytest.mark.parametrize("level", ["model", "lm"])
+def test_set_input_embeddings_reaches_both_stacks_as_in_marian(level):
+    """`set_input_embeddings(new)` on either class makes `new` the embedding of the source and of the target, as on
+    MarianMTModel (shared embeddings); the forward then reads it, on both sides."""
+    model = make_model()
+    marian = to_marian(model)
+    target_model = model if level == "lm" else model.model
+    new = modeling_seq2seq.ScaledWordEmbedding(VOCAB, 32, math.sqrt(32), 0)
+    torch.nn.init.normal_(new.weight)
+    target_model.set_input_embeddings(new)
+    (marian if level == "lm" else marian.model).set_input_embeddings(torch.nn.Embedding(VOCAB, 32, 0))
+    assert model.get_input_embeddings() is new
+    assert model.get_encoder().embed_tokens is new and model.get_decoder().embed_tokens is new
+    assert marian.get_encoder().embed_tokens is marian.get_decoder().embed_tokens  # the reference's convention
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    with torch.no_grad():
+        out = model.model(input_ids=source, attention_mask=mask, decoder_input_ids=target, output_hidden_states=True)
+    positions = SinusoidalPositionalEncoding(32, 64, "split")
+    torch.testing.assert_close(out.encoder_hidden_states[0], new(source) + positions(11, 0, source.device))
+    torch.testing.assert_close(out.decoder_hidden_states[0], new(target) + positions(6, 0, source.device))
+
+
+def test_the_stacks_tuples_and_tuple_encoder_outputs_are_marians():
+    """`return_dict=False` on the encoder and decoder alone gives Marian's tuples in Marian's order, and encoder
+    outputs passed back as a tuple (`encoder_outputs=encoder(..., return_dict=False)`) come back in the model's output
+    as Marian returns them."""
+    model = make_model(dropout=0.0, encoder_layers=3, decoder_layers=2)
+    model.config._attn_implementation = "eager"
+    marian = to_marian(model).eval()
+    marian.config._attn_implementation = "eager"
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 6))
+    flags = dict(output_hidden_states=True, output_attentions=True, return_dict=False)
+
+    def assert_same(a, b, what):
+        a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+        assert len(a) == len(b), what
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+    with torch.no_grad():
+        ours = model.get_encoder()(input_ids=source, attention_mask=mask, **flags)
+        theirs = marian.get_encoder()(input_ids=source, attention_mask=mask, **flags)
+        assert len(ours) == len(theirs) == 3
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"encoder output {index}")
+        decoder_kwargs = dict(input_ids=target, encoder_hidden_states=ours[0], encoder_attention_mask=mask,
+                              use_cache=False, **flags)
+        ours_decoder, theirs_decoder = model.get_decoder()(**decoder_kwargs), marian.get_decoder()(**decoder_kwargs)
+        assert len(ours_decoder) == len(theirs_decoder)
+        for index, (a, b) in enumerate(zip(ours_decoder, theirs_decoder)):
+            assert_same(a, b, f"decoder output {index}")
+        kwargs = dict(attention_mask=mask, decoder_input_ids=target, use_cache=False)
+        ours_full = model(encoder_outputs=ours, **kwargs)
+        theirs_full = marian(encoder_outputs=theirs, **kwargs)
+        for field in ("encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions"):
+            assert_same(getattr(ours_full, field), getattr(theirs_full, field), field)
+
+
+def test_a_cache_passed_with_use_cache_false_is_still_read_as_marian_reads_it():
+    """A step on a given cache with `use_cache=False` attends to the cached tokens (the full forward's logits at
+    those positions), and extends the cache, as MarianMTModel does."""
+    from modeling_seq2seq.modeling_seq2seq import CACHE_FIELD
+
+    model = make_model(dropout=0.0)
+    marian = to_marian(model).eval()
+    source, mask = padded_batch()
+    target = torch.randint(4, VOCAB, (4, 8))
+    with torch.no_grad():
+        full = model(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        for implementation in (model, marian):
+            prefix = implementation(input_ids=source, attention_mask=mask, decoder_input_ids=target[:, :5], use_cache=True)
+            cache = getattr(prefix, CACHE_FIELD)
+            step = implementation(input_ids=source, attention_mask=mask, decoder_input_ids=target[:, 5:],
+                                  use_cache=False, **{CACHE_FIELD: cache})
+            assert (step.logits - full[:, 5:]).abs().max() < 1e-5, type(implementation).__name__
+            assert cache.get_seq_length() == 8

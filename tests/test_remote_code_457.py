@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -148,6 +149,9 @@ def test_folder_loads_and_generates_identically_on_457(venv_457, shared, tmp_pat
     assert probe["model_module"].startswith("transformers_modules.")
     assert probe["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert probe["lm_head_tied"] is True
+    # 4.57's PretrainedConfig sets the token ids it is not handed to None: the config passes each on.
+    saved = json.loads((folder / "config.json").read_text())
+    assert probe["token_ids"] == {key: saved[key] for key in probe["token_ids"]}
     assert probe["import_events"] == []
     helpers.assert_matches_reference(probe, reference)
     assert probe["decode_step_scripted"] is True
