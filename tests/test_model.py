@@ -2418,17 +2418,23 @@ def test_embeddings_are_initialised_with_init_std():
         assert abs(std / expected - 1) < 0.05, (init_std, std)
 
 
-@pytest.mark.parametrize("return_dict", [True, False])
-def test_hidden_states_and_attentions_equal_marians_one_by_one(return_dict):
-    """Every returned hidden state and attention map, in transformers' order (embeddings first; self- vs
-    cross-attention kept apart), equals MarianMTModel's with the same weights; and `return_dict=False` gives Marian's
-    tuple, element by element. Encoder and decoder lengths differ, so swapped maps would not even match in shape."""
+def eager_pair_with_unequal_stacks():
+    """Ours and its Marian twin with eager attention (which returns the maps), 3 encoder and 2 decoder layers, and a
+    batch whose source and target lengths differ: (model, marian, source, mask, target)."""
     model = make_model(dropout=0.0, encoder_layers=3, decoder_layers=2)
     model.config._attn_implementation = "eager"
     marian = to_marian(model).eval()
     marian.config._attn_implementation = "eager"
     source, mask = padded_batch()
-    target = torch.randint(4, VOCAB, (4, 6))
+    return model, marian, source, mask, torch.randint(4, VOCAB, (4, 6))
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_hidden_states_and_attentions_equal_marians_one_by_one(return_dict):
+    """Every returned hidden state and attention map, in transformers' order (embeddings first; self- vs
+    cross-attention kept apart), equals MarianMTModel's with the same weights; and `return_dict=False` gives Marian's
+    tuple, element by element. Encoder and decoder lengths differ, so swapped maps would not even match in shape."""
+    model, marian, source, mask, target = eager_pair_with_unequal_stacks()
     kwargs = dict(input_ids=source, attention_mask=mask, decoder_input_ids=target, output_hidden_states=True,
                   output_attentions=True, use_cache=False, return_dict=return_dict)
     with torch.no_grad():
@@ -2577,12 +2583,7 @@ def test_the_stacks_tuples_and_tuple_encoder_outputs_are_marians():
     """`return_dict=False` on the encoder and decoder alone gives Marian's tuples in Marian's order, and encoder
     outputs passed back as a tuple (`encoder_outputs=encoder(..., return_dict=False)`) come back in the model's output
     as Marian returns them."""
-    model = make_model(dropout=0.0, encoder_layers=3, decoder_layers=2)
-    model.config._attn_implementation = "eager"
-    marian = to_marian(model).eval()
-    marian.config._attn_implementation = "eager"
-    source, mask = padded_batch()
-    target = torch.randint(4, VOCAB, (4, 6))
+    model, marian, source, mask, target = eager_pair_with_unequal_stacks()
     flags = dict(output_hidden_states=True, output_attentions=True, return_dict=False)
 
     def assert_same(a, b, what):

@@ -370,16 +370,10 @@ def test_the_model_card_of_a_run_shows_its_settings(short_run, tmp_path):
 
 def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path, monkeypatch):
     """The model card tells a local file from a Hub dataset by what train.py records, not by the path's shape."""
-    from modeling_seq2seq.data import builtin_task
     from modeling_seq2seq.hub import _dataset_info
 
     data = tmp_path / "corpora" / "numbers"  # NAME/CONFIG-shaped, as a Hub id would be
-    data.mkdir(parents=True)
-    task = builtin_task()
-    for split in ("train", "test"):
-        rows = task[split].select(range(200 if split == "train" else 8))
-        (data / f"{split}.en").write_text("".join(f"{s}\n" for s in rows["source"]))
-        (data / f"{split}.de").write_text("".join(f"{t}\n" for t in rows["target"]))
+    write_builtin_task_as_line_files(data, "de", train=200, test=8)
     output_dir = tmp_path / "local"
     monkeypatch.chdir(tmp_path)  # a relative path, as a user types it
     args = run_args(assets, output_dir, max_steps=2, save_steps=0, train_file="corpora/numbers/train",
@@ -2081,15 +2075,9 @@ def test_the_test_bleu_follows_the_target_language_and_effective_order_of_the_bu
     Chinese target is scored with sacrebleu's zh tokenizer, as `sacrebleu -l en-zh` would, not 13a."""
     results = json.loads((short_run / training.EVAL_RESULTS_NAME).read_text())
     assert "|eff:yes|tok:13a|" in results["bleu_signature"], results["bleu_signature"]
-    from modeling_seq2seq.data import builtin_task
 
     data = tmp_path / "data"
-    data.mkdir()
-    task = builtin_task()
-    for split in ("train", "test"):
-        rows = task[split].select(range(100 if split == "train" else 4))
-        (data / f"{split}.en").write_text("".join(f"{s}\n" for s in rows["source"]))
-        (data / f"{split}.zh").write_text("".join(f"{t}\n" for t in rows["target"]))
+    write_builtin_task_as_line_files(data, "zh", train=100, test=4)
     output_dir = tmp_path / "zh"
     args = run_args(assets, output_dir, max_steps=1, save_steps=0, train_file=str(data / "train"),
                     test_file=str(data / "test"), source_lang="en", target_lang="zh")
@@ -2181,3 +2169,15 @@ def test_only_the_main_process_writes_a_checkpoints_shared_files(tmp_path):
         trainer._save_distributed(step, lambda staging: writes.append("shared"), lambda staging: writes.append("own"))
         assert writes == (["shared", "own"] if is_main else ["own"])
         assert ckpt.checkpoint_path(tmp_path, step).is_dir() is is_main
+
+
+def write_builtin_task_as_line_files(folder: Path, target_lang: str, train: int, test: int) -> None:
+    """The first rows of the built-in task's splits as Moses-style line files: FOLDER/{train,test}.{en,TARGET_LANG}."""
+    from modeling_seq2seq.data import builtin_task
+
+    folder.mkdir(parents=True)
+    task = builtin_task()
+    for split, count in (("train", train), ("test", test)):
+        rows = task[split].select(range(count))
+        (folder / f"{split}.en").write_text("".join(f"{s}\n" for s in rows["source"]))
+        (folder / f"{split}.{target_lang}").write_text("".join(f"{t}\n" for t in rows["target"]))
