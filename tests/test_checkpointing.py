@@ -532,6 +532,21 @@ def test_what_a_killed_writer_left_beside_its_output_goes_at_the_next_start(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "out.txt"])
 
 
+def test_staging_of_a_process_we_may_not_signal_is_kept(tmp_path, monkeypatch):
+    """A pid that answers os.kill(pid, 0) with PermissionError is another user's live process (a shared output
+    folder): its staging is not ours to delete. Only a pid no process has (ProcessLookupError) counts as gone."""
+    staging = tmp_path / ".tmp-avg-4242"
+    staging.mkdir()
+
+    def kill(pid, signal_number):
+        assert (pid, signal_number) == (4242, 0)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(ckpt.os, "kill", kill)
+    assert ckpt.remove_abandoned_staging(tmp_path / "avg") == []
+    assert staging.is_dir()
+
+
 def test_sigterm_stops_a_script_with_its_clean_up(tmp_path, capsys, monkeypatch):
     """SIGTERM used to end the tools where they stood, leaving their staging folder; it stops them as Ctrl-C does."""
     folders = [write_fake_checkpoint(tmp_path / "run", step, {"w": torch.full((2,), float(step))}) for step in (2, 4)]

@@ -1014,6 +1014,17 @@ def first_moment_of_seven(state):
     state["state"][0]["exp_avg"] = torch.zeros(7)
 
 
+def first_moment_one_column_wider(state):
+    """Right first dimension, wrong second: a check of one dimension only would let it reach the fused kernel."""
+    moment = state["state"][0]["exp_avg"]
+    assert moment.dim() == 2
+    state["state"][0]["exp_avg"] = torch.zeros(moment.shape[0], moment.shape[1] + 1)
+
+
+def first_moment_as_integers(state):
+    state["state"][0]["exp_avg"] = state["state"][0]["exp_avg"].to(torch.int64)
+
+
 @pytest.mark.parametrize("file, content, message", [
     ("trainer_state.json", b'{"step": 8,', "not readable as this training loop's state"),
     ("trainer_state.json", b'{"step": "8", "sampler": {}}', "'step' must be a whole number"),
@@ -1032,6 +1043,12 @@ def first_moment_of_seven(state):
     ("optimizer.pt", lambda path: edited_state(path, lambda state: state["param_groups"][0]["params"].pop()),
      "its parameter groups hold [%d] parameters, this model's [%d]"),
     ("optimizer.pt", lambda path: edited_state(path, first_moment_of_seven), "'exp_avg' of model."),
+    ("optimizer.pt", lambda path: edited_state(path, first_moment_one_column_wider), "'exp_avg' of model."),
+    ("optimizer.pt", lambda path: edited_state(path, first_moment_as_integers), "'exp_avg' of model."),
+    ("trainer_state.json", lambda path: edited_state(path, lambda state: state.update(step=-1)),
+     "'step' must be a whole number >= 0"),
+    ("trainer_state.json", lambda path: edited_state(path, lambda state: state.update(elapsed_s=math.inf)),
+     "'elapsed_s' must be a number >= 0, got inf"),
     ("scheduler.pt", torch_bytes({"foo": 1}), "cannot restore the learning-rate schedule from it (KeyError"),
 ])
 def test_a_hand_edited_checkpoint_file_is_named_and_the_checkpoint_kept(assets, reference_run, tmp_path, capsys,
@@ -1055,6 +1072,22 @@ def test_a_hand_edited_checkpoint_file_is_named_and_the_checkpoint_kept(assets, 
     assert str(checkpoint / file) in error and message in error, error
     assert "Traceback" not in error and "weights_only=False" not in error and "Resumed from" not in error
     assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("saved_world_size", [2, 0])
+def test_a_checkpoint_of_another_number_of_processes_is_refused(assets, reference_run, tmp_path, capsys,
+                                                                saved_world_size):
+    """Written by more (or, edited, fewer) processes than resume it: the data order and the random streams would
+    change. Refused, naming the checkpoint, before anything is restored."""
+    checkpoint = tmp_path / "other-world"
+    shutil.copytree(reference_run / "checkpoint-8", checkpoint)
+    state_file = checkpoint / ckpt.TRAINER_STATE_NAME
+    state_file.write_bytes(edited_state(state_file, lambda state: state.update(world_size=saved_world_size)))
+    ckpt.write_manifest(checkpoint, 8)
+    assert training.main(run_args(assets, tmp_path / "out", resume_from_checkpoint=str(checkpoint))) == 1
+    error = capsys.readouterr().err
+    assert f"{checkpoint} was written by {saved_world_size} processes; resuming with 1" in error, error
+    assert "Resumed from" not in error
 
 
 def test_averaging_skips_a_damaged_checkpoint_naming_it(reference_run, tmp_path, caplog):
@@ -1201,12 +1234,13 @@ def test_resume_follows_a_changed_learning_rate_schedule_and_says_so(assets, tmp
     output_dir = tmp_path / "rescaled"
     assert training.main(run_args(assets, output_dir, max_steps=6, logging_steps=1)) == 0  # checkpoint-6 at the end
     with caplog.at_level("WARNING"):
-        assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest", lr_scale=6.0, logging_steps=1)) == 0
-    assert "learning-rate schedule changed (scale 2.0 -> 6.0)" in caplog.text
+        assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest", lr_scale=6.0, warmup_steps=20,
+                                      logging_steps=1)) == 0
+    assert "learning-rate schedule changed (warmup_steps 10 -> 20, scale 2.0 -> 6.0)" in caplog.text
     logged = {r["step"]: r["lr"] for r in read_log(output_dir) if r["type"] == "train"}
-    d_model, warmup = TINY_MODEL["d_model"], 10  # run_args' warmup_steps
+    d_model = TINY_MODEL["d_model"]
     for step in range(1, 13):  # update k uses the schedule at k; from the first update after the checkpoint, the new one
-        scale = 2.0 if step <= 6 else 6.0
+        warmup, scale = (10, 2.0) if step <= 6 else (20, 6.0)  # run_args' warmup_steps, then the resumed run's
         assert logged[step] == pytest.approx(inverse_sqrt_lr(step, d_model, warmup, scale), rel=1e-6), step
 
 
@@ -1354,6 +1388,19 @@ def test_partly_random_or_damaged_weights_are_refused_by_name(reference_run, tmp
     (flipped / ckpt.MANIFEST_NAME).unlink()
     with pytest.raises(ValueError, match=re.escape(f"{flipped}: the saved weights hold NaN or infinite values")):
         training.load_model_and_tokenizer(flipped, device="cpu")
+    # An infinite weight, not only a NaN.
+    last = sorted(full)[-1]
+    save_file({**full, last: torch.full_like(full[last], math.inf)}, str(flipped / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"{flipped}: the saved weights hold NaN or infinite values ({last}")):
+        training.load_model_and_tokenizer(flipped, device="cpu")
+    # Half-precision weights (bfloat16, float16) are floating-point: they load.
+    half_folder = tmp_path / "half"
+    shutil.copytree(reference_run, half_folder, ignore=shutil.ignore_patterns("checkpoint-*", ckpt.MANIFEST_NAME))
+    for half in (torch.bfloat16, torch.float16):
+        save_file({name: tensor.to(half) for name, tensor in full.items()}, str(half_folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        model, _ = training.load_model_and_tokenizer(half_folder, device="cpu")
+        assert torch.equal(model.state_dict()[last].float(), full[last].to(half).float())
     translate = load_script("translate")
     source = tmp_path / "in.txt"
     source.write_text("one\n")
@@ -1382,12 +1429,14 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
     settings = json.loads((reference_run / "generation_config.json").read_text())
     (no_beams / "generation_config.json").write_text(json.dumps({**settings, "num_beams": 0}))
     generation_cases = {"start": {"decoder_start_token_id": config["vocab_size"]}, "text": {"length_penalty": "0.6"},
-                        "cold": {"do_sample": True, "temperature": 0.0}}
+                        "cold": {"do_sample": True, "temperature": 0.0}, "negative": {"pad_token_id": -1}}
     for name, change in generation_cases.items():
         (variant(name) / "generation_config.json").write_text(json.dumps({**settings, **change}))
     no_eos = variant("no_eos")
     tokenizer_config = json.loads((no_eos / "tokenizer_config.json").read_text())
     (no_eos / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "eos_token": None}))
+    other_eos = variant("other_eos")
+    (other_eos / "config.json").write_text(json.dumps({**config, "eos_token_id": config["vocab_size"] - 1}))
     heads = variant("heads")
     (heads / "config.json").write_text(json.dumps({**config, "encoder_attention_heads": 7}))
     foreign = variant("foreign")
@@ -1427,6 +1476,10 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
         (tmp_path / "text", f"{tmp_path / 'text' / 'generation_config.json'}: 'length_penalty' must be a finite number, "
                             "got '0.6'"),
         (tmp_path / "cold", "sampling ('do_sample': true) needs a 'temperature' above 0, got 0.0"),
+        (tmp_path / "negative", f"'pad_token_id' must be a token id from 0 to {config['vocab_size'] - 1} (or a list of "
+                                "them), got -1"),
+        (other_eos, f"{other_eos}: the tokenizer's eos_token_id is {config['eos_token_id']}, config.json's "
+                    f"{config['vocab_size'] - 1}: the tokenizer and the model do not belong together"),
         (no_eos, f"{no_eos}: the tokenizer has no eos_token"),
         (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens, but the model only {config['vocab_size']}"),
     ]:
