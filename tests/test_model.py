@@ -38,10 +38,12 @@ from modeling_seq2seq.decoding_seq2seq import (
     suppress_tokens,
 )
 from modeling_seq2seq.modeling_seq2seq import (
+    CACHE_FIELD,
     LabelSmoothedCrossEntropy,
     SinusoidalPositionalEncoding,
     add_dropout,
     apply_dropout,
+    attention_dtype,
     computes_in_float32,
     dropout_mask,
     linear,
@@ -50,6 +52,7 @@ from modeling_seq2seq.modeling_seq2seq import (
     onednn_linear_kernel,
     onednn_matmul,
     onednn_matmul_keeps_float32,
+    padding_mask,
     search_linear,
     tied_gradient,
 )
@@ -2376,8 +2379,6 @@ def test_attention_masks_are_built_in_the_autocast_dtype():
     """Under autocast the attention scores are in the autocast dtype (bf16 on a GPU in training), and so must the
     additive masks be, or every score is promoted to float32 (and SDPA's fused kernels get a float32 mask); float64
     stays float64, as autocast leaves it alone."""
-    from modeling_seq2seq.modeling_seq2seq import attention_dtype, padding_mask
-
     x = torch.zeros(1, 3, 8)
     assert attention_dtype(x) == torch.float32
     for dtype in (torch.bfloat16, torch.float16):
@@ -2516,11 +2517,15 @@ def test_use_cache_false_returns_no_cache_and_true_returns_marians():
             if not use_cache:
                 assert ours.cache is None and getattr(theirs, "cache", getattr(theirs, "past_key_values", None)) is None
                 continue
-            cache = ours.cache
+            cache, marians = ours.cache, getattr(theirs, CACHE_FIELD)
             assert isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 6
             for layer in range(2):
                 assert cache.self_attention_cache.layers[layer].keys.shape == (4, 4, 6, 8)
                 assert cache.cross_attention_cache.layers[layer].keys.shape == (4, 4, 11, 8)
+                for part in ("self_attention_cache", "cross_attention_cache"):
+                    ours_layer, marians_layer = (getattr(c, part).layers[layer] for c in (cache, marians))
+                    assert torch.allclose(ours_layer.keys, marians_layer.keys, atol=1e-5), (part, layer)
+                    assert torch.allclose(ours_layer.values, marians_layer.values, atol=1e-5), (part, layer)
 
 
 def test_gradient_checkpointing_recomputes_every_layer_in_training_only(monkeypatch):
@@ -2614,8 +2619,6 @@ def test_the_stacks_tuples_and_tuple_encoder_outputs_are_marians():
 def test_a_cache_passed_with_use_cache_false_is_still_read_as_marian_reads_it():
     """A step on a given cache with `use_cache=False` attends to the cached tokens (the full forward's logits at
     those positions), and extends the cache, as MarianMTModel does."""
-    from modeling_seq2seq.modeling_seq2seq import CACHE_FIELD
-
     model = make_model(dropout=0.0)
     marian = to_marian(model).eval()
     source, mask = padded_batch()
