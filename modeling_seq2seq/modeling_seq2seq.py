@@ -199,7 +199,7 @@ class ScaledWordEmbedding(nn.Embedding):
         return TiedLookup.apply(input_ids, self.weight, tied, self.padding_idx) * self.embed_scale
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Section 3.2.1, Equation 1: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
 
     Inputs are (batch, heads, length, head_dim); returns the output as (batch, length, heads, head_dim) and the
@@ -222,7 +222,7 @@ def sdpa_attention(module, query, key, value, attention_mask, scaling, dropout=0
     return output.transpose(1, 2), None
 
 
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention}
 
 
 def registered_attention(implementation: str):
@@ -231,7 +231,7 @@ def registered_attention(implementation: str):
     which validates the name and is how `model.set_attn_implementation(...)` knows the model can switch; 4.57
     indexes."""
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 

@@ -23,7 +23,7 @@ from modeling_seq2seq.modeling_seq2seq import (
     SinusoidalPositionalEncoding,
     attention_dtype,
     causal_mask,
-    eager_attention,
+    eager_attention_forward,
     padding_mask,
 )
 from modeling_seq2seq.presets import PRESET_DIR, load_preset
@@ -388,7 +388,7 @@ def test_a_row_with_every_key_masked_gives_no_nan(dtype):
     query = torch.randn(1, 2, 3, 4).to(dtype) * 30
     key, value = torch.randn(1, 2, 5, 4).to(dtype) * 30, torch.randn(1, 2, 5, 4).to(dtype)
     mask = padding_mask(torch.zeros(1, 5), dtype) + causal_mask(3, 2, dtype, torch.device("cpu"))
-    output, weights = eager_attention(torch.nn.Module().eval(), query, key, value, mask, scaling=0.5)
+    output, weights = eager_attention_forward(torch.nn.Module().eval(), query, key, value, mask, scaling=0.5)
     assert torch.isfinite(output).all() and torch.isfinite(weights).all()
     assert torch.allclose(weights.float().sum(-1), torch.ones(1, 2, 3), atol=1e-2)
     sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.5)
