@@ -9,11 +9,13 @@ layout, tied or untied output projection, output bias, embedding scaling, activa
 - cache invariance: incremental decoding with the cache equals the full forward, and generate with and without
   the cache gives the same ids;
 - our fast `generate` (greedy and beam search) returns exactly what transformers' stock
-  `GenerationMixin.generate(model, ...)` returns, and the fast path is really taken.
+  `GenerationMixin.generate(model, ...)` returns (or, where float32 cannot break a tie, a sequence as long and as
+  likely in float64), and the fast path is really taken.
 
 The examples are derandomized (the same on every run and in CI) and sized so the file runs in about a minute.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -195,7 +197,34 @@ def check_fast_generate_equals_transformers_generate(data):
     assert model.fast_search_settings(source, None, dict(search, attention_mask=mask)) is not None, search
     ours = quiet_generate(model.generate, source, attention_mask=mask, **search)
     stock = quiet_generate(transformers.GenerationMixin.generate, model, source, attention_mask=mask, **search)
-    assert ours.shape == stock.shape and torch.equal(ours, stock), (search, ours.tolist(), stock.tolist())
+    assert ours.shape == stock.shape, (search, ours.tolist(), stock.tolist())
+    if not torch.equal(ours, stock):
+        assert_float32_ties(model, source, mask, ours, stock, search)
+
+
+def assert_float32_ties(model, source, mask, ours, stock, search):
+    """Where the searches return different sequences, each pair must be a tie that float32 cannot break: the same
+    length, and float64 log-probabilities within 1e-6 of each other. (Hypothesis 6.0.0 draws, for the seeded test
+    below, two continuations 7e-12 apart, which ours and transformers' loop order differently.) A wrong search returns
+    sequences whose scores differ far more."""
+    model64 = copy.deepcopy(model).double()
+    per_source = ours.shape[0] // source.shape[0]
+    for row in range(ours.shape[0]):
+        if torch.equal(ours[row], stock[row]):
+            continue
+        index = row // per_source
+        scores = []
+        for sequence in (ours[row], stock[row]):
+            ends = (sequence[1:] == EOS).nonzero()
+            length = int(ends[0]) + 1 if len(ends) else sequence.shape[0] - 1
+            tokens = sequence[: length + 1]
+            with torch.no_grad():
+                logits = model64(input_ids=source[index : index + 1], attention_mask=mask[index : index + 1],
+                                 decoder_input_ids=tokens[None, :-1]).logits
+            scores.append((length, logits.log_softmax(-1)[0, torch.arange(length), tokens[1:]].sum().item()))
+        (length, score), (stock_length, stock_score) = scores
+        assert length == stock_length and abs(score - stock_score) <= 1e-6 * max(1.0, abs(score)), (
+            search, ours.tolist(), stock.tolist(), scores)
 
 
 @settings(max_examples=100, **COMMON)
