@@ -814,7 +814,8 @@ def test_weights_written_otherwise_than_the_model_holds_are_not_published(model_
 def test_the_shipped_config_refuses_the_transformers_releases_that_run_the_model_wrongly(version, refused):
     """The Hub's copy of configuration_seq2seq.py runs under whatever transformers a user has, past the package's
     version floor: 5.0 to 5.3 give other tokens with a static cache and (5.3) leave a loaded model's output projection
-    on the meta device (seen in venvs of each release, sixteenth session). A config made under one of them is refused, by name."""
+    on the meta device (seen in venvs of each release, sixteenth session). A config made under one of them is
+    refused, by name."""
     from modeling_seq2seq.configuration_seq2seq import refuse_broken_transformers
 
     if refused:

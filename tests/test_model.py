@@ -837,7 +837,8 @@ def test_generate_in_training_mode_with_gradient_checkpointing_keeps_the_cache()
     for step, (a, b) in enumerate(zip(ours.logits, theirs.logits)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
     with torch.no_grad():
-        assert model(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :2], use_cache=True)[CACHE_FIELD] is not None
+        out = model(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :2], use_cache=True)
+        assert getattr(out, CACHE_FIELD) is not None
 
 
 def test_beam_search_leaves_the_logits_a_hook_keeps_alone():
@@ -2370,8 +2371,8 @@ def test_a_decoder_mask_of_the_new_tokens_only_attends_to_the_cached_ones():
         encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=mask)
         prefix = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=target[:, :5], use_cache=True)
         new = target[:, 5:]
-        out = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=new, cache=getattr(prefix, CACHE_FIELD),
-                    decoder_attention_mask=torch.ones_like(new), use_cache=True)
+        out = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=new,
+                    cache=getattr(prefix, CACHE_FIELD), decoder_attention_mask=torch.ones_like(new), use_cache=True)
     assert (out.logits - full[:, 5:]).abs().max().item() < 1e-5
 
 
