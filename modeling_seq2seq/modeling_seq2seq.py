@@ -3,9 +3,9 @@
 The file follows the paper: masks (Section 3.2.3); the paper's parts, one class per idea, each docstring naming its
 section; the stacks and models; the loss (Section 5.4); and last, the CPU kernels the parts use for speed, which
 compute the same function up to float rounding. The model is a native `transformers` model (config, outputs, cache,
-generation, save/load) and runs on transformers 5.x and 4.57: this file ships to the Hub with the weights, so it
-imports torch, transformers and the config only (and, in `generate`, decoding_seq2seq.py, the fast greedy/beam
-search, and in `translation_pipeline`, pipeline.py, both shipped beside it).
+generation, save/load) and runs on transformers 4.57 and 5.4 onwards (the project's docs/compatibility.md): this file
+ships to the Hub with the weights, so it imports torch, transformers and the config only (and, in `generate`,
+decoding_seq2seq.py, the fast greedy/beam search, and in `translation_pipeline`, pipeline.py, both shipped beside it).
 """
 
 import contextvars
@@ -240,7 +240,7 @@ def transformers_major_version() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-# transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; forwards accept both.
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; forwards accept both.
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
 
 
