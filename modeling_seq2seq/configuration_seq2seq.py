@@ -8,13 +8,14 @@ from transformers import PretrainedConfig
 
 
 def refuse_broken_transformers(version: str) -> None:
-    """Refuse the transformers releases that run this model wrongly without an error. The Hub loads this file into
-    whatever transformers a user has, so the package's own version floor (5.15) does not guard that path: 5.0 to 5.3
-    give other tokens with a static cache, and 5.3 leaves a loaded model's output projection untied on the meta
-    device. 4.57 and 5.4 onwards run it (5.10 to 5.14's Trainer miscounts its label tokens; docs/compatibility.md).
-    Checked when a config is made (every load makes one), since shipped code runs nothing at import."""
+    """Refuse the transformers releases that cannot run this model, or run it wrongly without an error. The Hub loads
+    this file into whatever transformers a user has, so the package's own version floor (5.15) does not guard that
+    path: before 4.57 the shipped decoding file does not import (`SiLUActivation`); 5.0 to 5.3 give other tokens
+    with a static cache, and 5.3 leaves a loaded model's output projection untied on the meta device. 4.57 and 5.4
+    onwards run it (5.10 to 5.14's Trainer miscounts its label tokens; docs/compatibility.md). Checked when a config
+    is made (every load makes one), since shipped code runs nothing at import."""
     major, minor = (int(part) for part in version.split(".")[:2])
-    if major == 5 and minor < 4:
+    if (major, minor) < (4, 57) or (major == 5 and minor < 4):
         raise ImportError(f"Seq2SeqTransformer models need transformers 4.57 or 5.4 and later (5.15 and later to train "
                           f"with its Trainer); transformers {version} is installed: pip install -U transformers")
 

@@ -808,14 +808,14 @@ def test_weights_written_otherwise_than_the_model_holds_are_not_published(model_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("version, refused", [("4.57.6", False), ("5.0.0", True), ("5.3.0", True), ("5.0.0rc1", True),
-                                              ("5.4.0", False), ("5.15.1", False), ("5.24.0", False),
-                                              ("6.0.0.dev0", False)])
+@pytest.mark.parametrize("version, refused", [("3.5.1", True), ("4.56.2", True), ("4.57.0", False), ("4.57.6", False),
+                                              ("5.0.0", True), ("5.3.0", True), ("5.0.0rc1", True), ("5.4.0", False),
+                                              ("5.15.1", False), ("5.24.0", False), ("6.0.0.dev0", False)])
 def test_the_shipped_config_refuses_the_transformers_releases_that_run_the_model_wrongly(version, refused):
     """The Hub's copy of configuration_seq2seq.py runs under whatever transformers a user has, past the package's
-    version floor: 5.0 to 5.3 give other tokens with a static cache and (5.3) leave a loaded model's output projection
-    on the meta device (seen in venvs of each release, sixteenth session). A config made under one of them is
-    refused, by name."""
+    version floor: before 4.57 the shipped decoding file does not import, 5.0 to 5.3 give other tokens with a static
+    cache and (5.3) leave a loaded model's output projection on the meta device (seen in venvs of each release,
+    sixteenth session). A config made under one of them is refused, by name."""
     from modeling_seq2seq.configuration_seq2seq import refuse_broken_transformers
 
     if refused:
