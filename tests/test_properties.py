@@ -206,7 +206,7 @@ def assert_float32_ties(model, source, mask, ours, stock, search):
     """Where the searches return different sequences, each pair must be a tie that float32 cannot break: the same
     length, and float64 log-probabilities within 1e-6 of each other. (Hypothesis 6.0.0 draws, for the seeded test
     below, two continuations 7e-12 apart, which ours and transformers' loop order differently.) A wrong search returns
-    sequences whose scores differ far more."""
+    sequences whose scores differ far more; what follows the end of sentence must still be the same padding."""
     model64 = copy.deepcopy(model).double()
     per_source = ours.shape[0] // source.shape[0]
     for row in range(ours.shape[0]):
@@ -225,6 +225,7 @@ def assert_float32_ties(model, source, mask, ours, stock, search):
         (length, score), (stock_length, stock_score) = scores
         assert length == stock_length and abs(score - stock_score) <= 1e-6 * max(1.0, abs(score)), (
             search, ours.tolist(), stock.tolist(), scores)
+        assert torch.equal(ours[row, length + 1 :], stock[row, length + 1 :]), (search, ours.tolist(), stock.tolist())
 
 
 @settings(max_examples=100, **COMMON)
