@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from .checkpointing import move_files_into, read_json_object
 
@@ -247,6 +248,18 @@ def _class_without_tokenizer_json(folder: Path) -> str | None:
     return named if isinstance(named, str) and named not in ("PreTrainedTokenizerFast", "TokenizersBackend") else None
 
 
+def missing_vocabulary_files(folder: Path, class_name: str) -> str:
+    """For an error message: which of the files that transformers' `class_name` reads its vocabulary from `folder`
+    lacks (transformers' own error for a missing one can be "expected str, bytes or os.PathLike object, not
+    NoneType")."""
+    names = [name for name in getattr(tokenizer_class_from_name(class_name), "vocab_files_names", {}).values()
+             if name != "tokenizer_config.json"]
+    missing = [name for name in names if not (folder / name).exists()]
+    if not missing:
+        return ""
+    return f" ({class_name} reads its vocabulary from {', '.join(names)}; {folder} lacks {', '.join(missing)})"
+
+
 def check_tokenizer_config(file: Path, backend: Tokenizer) -> None:
     """The tokenizer_config.json beside a tokenizer.json: there (it names the special tokens, without which the
     tokenizer neither pads nor ends a sentence), a JSON object, with a numeric length limit, and naming special
@@ -281,7 +294,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             try:
                 return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
             except Exception as e:
-                raise ValueError(f"could not load the {named} saved in {path}: {e}") from e
+                lacking = missing_vocabulary_files(path, named)
+                raise ValueError(f"could not load the {named} saved in {path}: {e}{lacking}") from e
         if not json_file.is_file():
             found = sorted(p.name for p in path.iterdir())
             raise FileNotFoundError(f"tokenizer not found: {json_file} is missing (the folder holds {found})")

@@ -313,6 +313,19 @@ def test_an_opus_mt_sentencepiece_tokenizer_loads_and_saves_as_its_own_class(tmp
         assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["tokenizer_class"] == "MarianTokenizer"
 
 
+def test_an_opus_mt_folder_without_its_sentencepiece_file_names_the_file(tmp_path):
+    """transformers' MarianTokenizer without its source.spm fails with "expected str, bytes or os.PathLike object,
+    not NoneType"; the loader's message names the folder and the file it lacks."""
+    sentencepiece_marian_tokenizer(tmp_path).save_pretrained(tmp_path / "opus")
+    (tmp_path / "opus" / "source.spm").unlink()
+    with pytest.raises(ValueError) as error:
+        load_tokenizer(tmp_path / "opus")
+    message = str(error.value)
+    assert f"could not load the MarianTokenizer saved in {tmp_path / 'opus'}" in message
+    lacks = message.split(" lacks ")[1].rstrip(")").split(", ")
+    assert "source.spm" in lacks and "target.spm" not in lacks and "vocab.json" not in lacks
+
+
 def test_a_converted_opus_mt_folder_translates_with_our_scripts_as_marian_does(tmp_path):
     """The OPUS-MT path end to end: a tiny MarianMTModel with a SentencePiece MarianTokenizer (random weights, a
     vocabulary trained here) converted by convert_marian.py, then translated by translate.py: the same text as the
