@@ -401,6 +401,20 @@ def test_a_dataset_that_cannot_be_loaded_is_named_by_its_flags(monkeypatch, tmp_
         load_parallel_data(dataset_name=str(tmp_path / "nowhere"), dataset_config_name="de-en")
 
 
+def test_a_folder_saved_with_save_to_disk_loads_as_a_dataset_dict_and_a_bare_dataset_is_refused_clearly(tmp_path):
+    """A DatasetDict saved with save_to_disk loads by its folder; a bare Dataset has no split names, and datasets'
+    own advice ("Please use `load_from_disk`") is not one a train.py user can take."""
+    dataset = Dataset.from_dict({"translation": [{"en": "one", "de": "eins"}, {"en": "two", "de": "zwei"}]})
+    DatasetDict({"train": dataset}).save_to_disk(tmp_path / "dict")
+    loaded = load_parallel_data(dataset_name=str(tmp_path / "dict"))
+    assert rows_of(loaded["train"]) == [("one", "eins"), ("two", "zwei")]
+    dataset.save_to_disk(tmp_path / "bare")
+    message = (f"--dataset_name '{tmp_path / 'bare'}': the folder holds one Dataset saved with save_to_disk, which has "
+               "no split names; save it as a DatasetDict instead")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_parallel_data(dataset_name=str(tmp_path / "bare"))
+
+
 # ------------------------------------------------------------------------------------------------
 # tokenisation
 
