@@ -521,7 +521,7 @@ def load_parallel_data(
             # message says which, ours says where it came from.
             where = f"--dataset_name {dataset_name!r}" + (f" --dataset_config_name {dataset_config_name!r}"
                                                         if dataset_config_name else "")
-            if (Path(dataset_name) / "state.json").is_file():  # datasets' advice, load_from_disk, is not ours to take
+            if (Path(dataset_name) / "state.json").is_file():  # datasets' advice (load_from_disk) is no flag of ours
                 raise ValueError(f"{where}: the folder holds one Dataset saved with save_to_disk, which has no split "
                                  "names; save it as a DatasetDict instead, e.g. DatasetDict({'train': dataset})"
                                  ".save_to_disk(folder)") from error

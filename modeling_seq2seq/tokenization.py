@@ -252,8 +252,11 @@ def missing_vocabulary_files(folder: Path, class_name: str) -> str:
     """For an error message: which of the files that transformers' `class_name` reads its vocabulary from `folder`
     lacks (transformers' own error for a missing one can be "expected str, bytes or os.PathLike object, not
     NoneType")."""
-    names = [name for name in getattr(tokenizer_class_from_name(class_name), "vocab_files_names", {}).values()
-             if name != "tokenizer_config.json"]
+    try:
+        files = getattr(tokenizer_class_from_name(class_name), "vocab_files_names", {})
+    except Exception:  # a class transformers cannot import here: the message goes without the list
+        return ""
+    names = [name for name in files.values() if name != "tokenizer_config.json"]
     missing = [name for name in names if not (folder / name).exists()]
     if not missing:
         return ""
