@@ -30,7 +30,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from .checkpointing import move_files_into, read_json_object
 
@@ -252,9 +251,11 @@ def missing_vocabulary_files(folder: Path, class_name: str) -> str:
     """For an error message: which of the files that transformers' `class_name` reads its vocabulary from `folder`
     lacks (transformers' own error for a missing one can be "expected str, bytes or os.PathLike object, not
     NoneType")."""
-    try:
+    try:  # transformers' own lookup by name, from a module it may move: the message then goes without the list
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
         files = getattr(tokenizer_class_from_name(class_name), "vocab_files_names", {})
-    except Exception:  # a class transformers cannot import here: the message goes without the list
+    except Exception:
         return ""
     names = [name for name in files.values() if name != "tokenizer_config.json"]
     missing = [name for name in names if not (folder / name).exists()]
