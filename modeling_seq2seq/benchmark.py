@@ -28,6 +28,10 @@ repeats:
   the mean padded size of the padded batches, so both loaders hand the model batches of the same average size);
   `ours+padded` / `marian+padded`: what a `Seq2SeqTrainer` user gets (random order, 16 sentences per batch, padded
   to the longest). Same sentences, one pass each, batches collated beforehand.
+- `forward`: one evaluation forward without gradients (`model(input_ids, attention_mask, labels)` under
+  `torch.no_grad()`, eval mode: logits and loss, as a `Seq2SeqTrainer` evaluation computes them) on the training
+  shapes' batches, in the decoding dtype. The logits of ours and Marian are compared first (`logits_max_abs_diff`;
+  more than 1e-3 in float32 is a failure); tokens/s counts source + target tokens.
 - `decode_greedy` / `decode_beam4`: `generate` on batch 1 and 8 (GPU: also 32) of ~32-token sources, exactly 32 new
   tokens (`min_new_tokens = max_new_tokens = 32`; CTranslate2: `min/max_decoding_length = 32`), length penalty 0.6
   for beam search. Before timing, every implementation decodes the inputs once (this is also the warm-up) and the
@@ -54,7 +58,7 @@ On Linux the process keeps freed memory for reuse, as our training loop does (`t
 applies to every implementation alike.
 
 With `isolate` (the script's default; `--in_process` turns it off), each preset's decoding phases (`decode`,
-`translate_file`) and its training phases (`train`, `length_mix`) run in a fresh Python process each, which sends
+`translate_file`, `forward`) and its training phases (`train`, `length_mix`) run in a fresh Python process each, which sends
 its records back as it measures them. Ours and Marian then start every group from a new process, as CTranslate2
 always does, and no measurement depends on what an earlier phase left behind (heap, threads, compiled code). The
 parent measures the matmul peak at the start and hands it to the training processes, which measure it again.
@@ -101,7 +105,7 @@ LENGTH_PENALTY = 0.6
 PADDED_BATCH_SIZE = 16  # Seq2SeqTrainer's per_device_train_batch_size, scaled to a 2-core CPU
 TRANSLATE_BATCH_SIZE = 64  # scripts/translate.py's default --batch_size
 ADAM_BETAS, ADAM_EPS = (0.9, 0.98), 1e-9
-PHASES = ("matmul", "decode", "train", "memory", "length_mix", "translate_file")
+PHASES = ("matmul", "forward", "decode", "train", "memory", "length_mix", "translate_file")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,17 +152,17 @@ class BenchmarkSettings:
         """Repeat counts and workload sizes for one preset (chosen to keep the full CPU run near 5 minutes)."""
         large = preset != "tiny"
         if self.quick:
-            plan = dict(train=3, decode=3, length_mix=1, file=1, file_fast=1, length_mix_sentences=64, file_sentences=24)
+            plan = dict(train=3, forward=3, decode=3, length_mix=1, file=1, file_fast=1, length_mix_sentences=64, file_sentences=24)
         elif self.is_cuda:  # Marian's per-sentence loop takes ~0.3 s a sentence on a GPU: 32 sentences
-            plan = dict(train=10, decode=5, length_mix=3, file=1, file_fast=3, length_mix_sentences=2048,
+            plan = dict(train=10, forward=10, decode=5, length_mix=3, file=1, file_fast=3, length_mix_sentences=2048,
                         file_sentences=32)
         elif large:
-            plan = dict(train=5, decode=5, length_mix=1, file=1, file_fast=3, length_mix_sentences=192, file_sentences=32)
+            plan = dict(train=5, forward=7, decode=5, length_mix=1, file=1, file_fast=3, length_mix_sentences=192, file_sentences=32)
         else:
-            plan = dict(train=7, decode=5, length_mix=3, file=2, file_fast=3, length_mix_sentences=384,
+            plan = dict(train=7, forward=7, decode=5, length_mix=3, file=2, file_fast=3, length_mix_sentences=384,
                         file_sentences=128)
         if self.repeats is not None:
-            plan.update(train=self.repeats, decode=self.repeats, length_mix=self.repeats, file=self.repeats,
+            plan.update(train=self.repeats, forward=self.repeats, decode=self.repeats, length_mix=self.repeats, file=self.repeats,
                         file_fast=self.repeats)
         if self.length_mix_sentences is not None:
             plan["length_mix_sentences"] = self.length_mix_sentences
@@ -967,6 +971,33 @@ def run_train(run: Run, preset: str, plan: dict, steps: dict, config) -> None:
                     mfu=achieved / run.peak_flops if run.peak_flops else None)
 
 
+def run_forward(run: Run, preset: str, plan: dict, ours, marian) -> None:
+    """One evaluation forward without gradients, ours against Marian, after a check that their logits agree."""
+    settings, device = run.settings, run.settings.device
+    models = {"ours": ours, "marian": marian}
+    for batch, source_length, target_length in settings.train_shapes():
+        data = to_device(train_batch(ours.config.vocab_size, batch, source_length, target_length,
+                                     seed=settings.seed + 3), device)
+
+        def forward(model):
+            with torch.no_grad():
+                return model(**data)
+
+        run.log(f"{preset} forward {batch}x{source_length}+{batch}x{target_length}: logits check")
+        logits = {name: forward(model).logits.float() for name, model in models.items()}  # also the warm-up
+        difference = (logits["ours"] - logits["marian"]).abs().max().item()
+        del logits
+        if settings.dtype == torch.float32 and not difference <= 1e-3:
+            run.failures.append(f"{preset} forward: ours' logits differ from Marian's by up to {difference:.3g}")
+        run.log(f"{preset} forward: timing x{plan['forward']}")
+        times = alternate({name: (lambda m=model: forward(m)) for name, model in models.items()}, plan["forward"],
+                          device)
+        for name in models:
+            run.add(name, preset, "forward", batch, times[name], batch * (source_length + target_length),
+                    source_length=source_length, target_length=target_length,
+                    dtype=str(settings.dtype).replace("torch.", ""), logits_max_abs_diff=difference)
+
+
 def run_length_mix(run: Run, preset: str, plan: dict, steps: dict, pad_token_id: int, vocab: int) -> None:
     from .data import Seq2SeqCollator, TokenBatchSampler
 
@@ -1087,7 +1118,8 @@ def run_memory(run: Run) -> None:
 
 
 def run_decoding_phases(run: Run, preset: str, phases: set[str]) -> None:
-    """`decode` and `translate_file` for one preset, on one pair of models (and its CTranslate2 conversion)."""
+    """`forward`, `decode` and `translate_file` for one preset, on one pair of models in eval mode (and its
+    CTranslate2 conversion)."""
     from .export import synthetic_tokenizer
 
     settings = run.settings
@@ -1111,6 +1143,9 @@ def run_decoding_phases(run: Run, preset: str, phases: set[str]) -> None:
                 float32_checks = float32_token_checks(run, preset, ours, marian)
         ours.to(settings.dtype)
         marian.to(settings.dtype)
+        if "forward" in phases:
+            with run.guard(f"{preset} forward"):
+                run_forward(run, preset, plan, ours, marian)
         if "decode" in phases:
             with run.guard(f"{preset} decode"):
                 run_decode(run, preset, plan, ours, marian, translator, tokenizer, float32_checks)
@@ -1143,7 +1178,10 @@ def run_training_phases(run: Run, preset: str, phases: set[str]) -> None:
 
 
 # A preset's phases in the order they run, each group on models of its own.
-PHASE_GROUPS = ((run_decoding_phases, ("decode", "translate_file")), (run_training_phases, ("train", "length_mix")))
+PHASE_GROUPS = (
+    (run_decoding_phases, ("forward", "decode", "translate_file")),
+    (run_training_phases, ("train", "length_mix")),
+)
 
 
 def set_up_process(settings: BenchmarkSettings) -> list[str]:
@@ -1360,6 +1398,13 @@ def result_rows(result: dict) -> list[list[str]]:
                     if compiled.get("mfu") is not None else "ours: torch.compile, Marian eager"
                 rows.append(["  same, ours compiled", preset, shape, _rate(compiled), _rate(marian), "-",
                              _ratio(compiled, marian), "-", note])
+        elif phase == "forward":
+            ours, marian = group.get("ours"), group.get("marian")
+            r = ours or marian
+            rows.append([f"forward, no grad ({r['dtype']})", preset,
+                         f"{r['batch']}x{r['source_length']} + {r['batch']}x{r['target_length']} tok", _rate(ours),
+                         _rate(marian), "-", _ratio(ours, marian), "-",
+                         f"eval mode, logits + loss; logits max |ours - Marian| {r['logits_max_abs_diff']:.1e}"])
         elif phase == "train_memory":
             ours, marian = group.get("ours"), group.get("marian")
 

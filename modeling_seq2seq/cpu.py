@@ -26,8 +26,8 @@ def mkl_runs_avx512(vendor: str) -> bool:
 
 
 def use_mkl_where_it_is_fast() -> None:
-    """The shipped files' settings for a CPU where MKL runs its AVX-512 code: training products stay with `F.linear`
-    (`modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS`), and a decode step multiplies up to 2 rows with it and pads none
+    """The shipped files' settings for a CPU where MKL runs its AVX-512 code: products stay with `F.linear`
+    (`modeling_seq2seq.ONEDNN_PRODUCTS`), and a decode step multiplies up to 2 rows with it and pads none
     (`decoding_seq2seq.FEW_ROWS_ON_MKL`, `PADDED_ROWS`); those say why."""
-    modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS = False
+    modeling_seq2seq.ONEDNN_PRODUCTS = False
     decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS = 2, 0

@@ -882,12 +882,12 @@ class TiedLookup(torch.autograd.Function):
 
 class TiedOutputProjection(torch.autograd.Function):
     """Section 3.4's output projection, logits = h W^T + b, where W is also the embedding matrix, whose d/dW is
-    gathered by `TiedGradient`. Products as `linear` computes them: oneDNN's where `ONEDNN_TRAINING_PRODUCTS`, else
+    gathered by `TiedGradient`. Products as `linear` computes them: oneDNN's where `ONEDNN_PRODUCTS`, else
     MKL's."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, tied):
-        ctx.tied, ctx.onednn = tied, ONEDNN_TRAINING_PRODUCTS and onednn_linear_kernel() is not None
+        ctx.tied, ctx.onednn = tied, ONEDNN_PRODUCTS and onednn_linear_kernel() is not None
         if ctx.onednn:
             return OneDNNLinear.forward(ctx, rows, weight, bias)
         ctx.save_for_backward(rows, weight)
@@ -1418,25 +1418,28 @@ def add_dropout(residual: torch.Tensor, x: torch.Tensor, p: float, training: boo
 # The decode loop's `linear(module, x)` while it encodes the source (`decoding_seq2seq.IncrementalDecoder`).
 search_linear = contextvars.ContextVar("search_linear", default=None)
 
-# Whether training products go to `OneDNNLinear` (AMD CPUs; the section's head says why). On an Intel CPU a base
-# training step with every product on MKL was 1.4 to 3.5% faster (a 2-core Xeon, three alternating runs).
-ONEDNN_TRAINING_PRODUCTS = True
+# Whether float32 products go to oneDNN (AMD CPUs; the section's head says why): `OneDNNLinear` where autograd
+# records, oneDNN's kernel alone where it does not. On an Intel CPU a base training step with every product on MKL
+# was 1.4 to 3.5% faster (a 2-core Xeon, three alternating runs), and MKL gives MarianMTModel's logits bit for bit.
+ONEDNN_PRODUCTS = True
 
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, computed by `OneDNNLinear` when training (module in train mode, autograd recording) a plain
-    float32 `nn.Linear` on a CPU (where `ONEDNN_TRAINING_PRODUCTS`) with enough work to pay for oneDNN's dearer
-    call (~10 us more than MKL's): 2^23 multiply-adds, or a weight of 2^20 values or more. Evaluation keeps
-    `F.linear`, so that logits stay bit-identical to MarianMTModel's, except inside our `generate`, whose search
-    picks its own kernels (`search_linear`, `decoding_seq2seq.DecodeStepLinear`)."""
-    if not (module.training and torch.is_grad_enabled() and ONEDNN_TRAINING_PRODUCTS and is_plain_linear(module)):
-        # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
-        search = None if module.training or torch.compiler.is_compiling() else search_linear.get()
-        return module(x) if search is None else search(module, x)
+    """`module(x)`, with oneDNN computing the product of a plain float32 `nn.Linear` on a CPU where `ONEDNN_PRODUCTS`
+    and the product has enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23 multiply-adds, or
+    a weight of 2^20 values or more. When training, `OneDNNLinear` (with its backward); in evaluation, the kernel
+    alone: at the base preset on 2 AMD cores a forward without gradients takes 1.15 to 1.4x less time than with
+    `F.linear` (MarianMTModel's), and its logits equal Marian's up to float rounding (~1e-5) rather than bit for bit.
+    Inside our `generate` the search picks its own kernels (`search_linear`, `decoding_seq2seq.DecodeStepLinear`)."""
+    # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
+    search = None if module.training or torch.compiler.is_compiling() else search_linear.get()
+    if search is not None:
+        return search(module, x)
+    if not (ONEDNN_PRODUCTS and is_plain_linear(module)):
+        return module(x)
     weight = module.weight
     if (
         capturing_a_graph()
-        or not (x.requires_grad or weight.requires_grad)
         or x.device.type != "cpu" or weight.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32
         or (work := x.numel() // max(x.shape[-1], 1) * weight.numel()) == 0
@@ -1446,7 +1449,11 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or onednn_linear_kernel() is None
     ):
         return module(x)
-    rows = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, module.bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        rows = OneDNNLinear.apply(rows, weight, module.bias)
+    else:
+        rows = onednn_linear_kernel()(rows, weight, module.bias, "none", [], "")
     return rows.view(*x.shape[:-1], rows.shape[-1])  # a view outside the Function: in-place edits stay allowed
 
 

@@ -36,8 +36,8 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
     records = result["records"]
     assert all(RECORD_FIELDS <= set(r) for r in records)
     phases = {r["phase"] for r in records}
-    assert phases == {"matmul_peak", "train", "train_memory", "train_length_mix", "decode_greedy", "decode_beam4",
-                      "translate_file"}
+    assert phases == {"matmul_peak", "forward", "train", "train_memory", "train_length_mix", "decode_greedy",
+                      "decode_beam4", "translate_file"}
     assert {r["preset"] for r in records if r["preset"]} == {"tiny"}
     with_ct2 = result["settings"]["ctranslate2"]
     for phase in ("decode_greedy", "decode_beam4"):
@@ -48,6 +48,9 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
                 assert r["median_seconds"] > 0 and r["tokens_per_second"] > 0 and r["tokens"] == batch * 32
                 assert "match" in r["token_check"]
             assert 0 < found["ours"]["decoder_products_seconds"]
+    forward = {r["implementation"]: r for r in records if r["phase"] == "forward"}
+    assert set(forward) == {"ours", "marian"} and all(0 <= r["logits_max_abs_diff"] <= 1e-3 for r in forward.values())
+    assert all(r["tokens"] == 16 * (32 + 32) for r in forward.values())
     train = {r["implementation"]: r for r in records if r["phase"] == "train"}
     assert set(train) == {"ours", "marian"} and all(0 < r["mfu"] for r in train.values())
     assert {r["implementation"] for r in records if r["phase"] == "train_length_mix"} == {
@@ -60,7 +63,30 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
         assert r["output_check"]["match"] and r["output_check"]["same_sentences"] == r["output_check"]["sentences"] > 0
     table = done.stdout
     assert "ours/Marian" in table and "ours/CT2" in table and "decode beam4" in table and "Machine:" in table
+    assert "forward, no grad (float32)" in table
     assert table.count("the step's float32 matrix products alone") == 4
+
+
+def test_the_forward_phase_fails_where_our_logits_are_not_marians(monkeypatch):
+    """The evaluation forward is timed only after the two models' logits are compared: ours with one weight off
+    is a failure, and the table shows the difference."""
+    real = benchmark.build_pair
+
+    def skewed(*args, **kwargs):
+        ours, marian = real(*args, **kwargs)
+        with torch.no_grad():
+            ours.model.decoder.layers[-1].final_layer_norm.bias.add_(0.5)
+        return ours, marian
+
+    settings = BenchmarkSettings(presets=("tiny",), phases=("forward",), repeats=1, progress=False,
+                                 use_ctranslate2=False)
+    assert run_benchmark(settings)["failures"] == []
+    monkeypatch.setattr(benchmark, "build_pair", skewed)
+    result = run_benchmark(settings)
+    forward = [r for r in result["records"] if r["phase"] == "forward"]
+    assert len(forward) == 2 and forward[0]["logits_max_abs_diff"] > 1e-3
+    assert len(result["failures"]) == 1 and result["failures"][0].startswith("tiny forward: ours' logits differ")
+    assert "logits max |ours - Marian|" in format_table(result)
 
 
 def test_token_check_reports_a_mismatch(monkeypatch):

@@ -393,21 +393,21 @@ def test_mkl_is_used_where_it_is_fast_on_intel_cpus_only(monkeypatch):
     from modeling_seq2seq import cpu
 
     intel = (False, 2, 0)
-    settings = (modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS, decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS)
+    settings = (modeling_seq2seq.ONEDNN_PRODUCTS, decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS)
     assert settings == (intel if cpu.mkl_runs_avx512(cpu.cpu_vendor()) else (True, 0, 6))
     assert [cpu.mkl_runs_avx512(vendor) for vendor in ("GenuineIntel", "AuthenticAMD", "")] == [True, False, False]
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # a torch built without MKL
     assert not cpu.mkl_runs_avx512("GenuineIntel")
-    for name in ("ONEDNN_TRAINING_PRODUCTS", "FEW_ROWS_ON_MKL", "PADDED_ROWS"):  # restored after the test
+    for name in ("ONEDNN_PRODUCTS", "FEW_ROWS_ON_MKL", "PADDED_ROWS"):  # restored after the test
         monkeypatch.setattr(modeling_seq2seq if name.startswith("ONEDNN") else decoding_seq2seq, name, None)
     cpu.use_mkl_where_it_is_fast()
-    assert (modeling_seq2seq.ONEDNN_TRAINING_PRODUCTS, decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS) == intel
+    assert (modeling_seq2seq.ONEDNN_PRODUCTS, decoding_seq2seq.FEW_ROWS_ON_MKL, decoding_seq2seq.PADDED_ROWS) == intel
 
 
 @pytest.fixture
-def onednn_training(monkeypatch):
-    """Training products on `OneDNNLinear`, as on AMD CPUs, whatever this machine is."""
-    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", True)
+def onednn_products(monkeypatch):
+    """Products on oneDNN (`OneDNNLinear` when training), as on AMD CPUs, whatever this machine is."""
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_PRODUCTS", True)
 
 
 FEW_ROWS_SETTINGS = {"amd": (0, 6), "intel": (2, 0)}
@@ -442,7 +442,7 @@ def test_decode_step_linear_equals_a_float64_recomputation(cpu, monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias, onednn_training):
+def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias, onednn_products):
     torch.manual_seed(0)
     module = torch.nn.Linear(512, 1536, bias=bias)
     x = torch.randn(4, 48, 512, requires_grad=True)
@@ -459,8 +459,10 @@ def test_onednn_linear_and_its_gradients_equal_a_float64_recomputation(bias, one
     assert torch.allclose(module.weight.grad.double(), reference_module.weight.grad, atol=1e-3)
     if bias:
         assert torch.allclose(module.bias.grad.double(), reference_module.bias.grad, atol=1e-3)
-    with torch.no_grad():  # inference keeps F.linear: logits bit-identical to MarianMTModel's
-        assert torch.equal(linear(module, x), torch.nn.functional.linear(x, module.weight, module.bias))
+    with torch.no_grad():  # inference: oneDNN's kernel alone, no autograd Function
+        inferred = linear(module, x)
+        assert inferred.grad_fn is None and torch.allclose(inferred.double(), reference, atol=1e-4)
+        assert not torch.equal(inferred, torch.nn.functional.linear(x, module.weight, module.bias))  # not MKL's
 
 
 def test_onednn_matmul_runs_only_where_it_computes_in_float32():
@@ -515,7 +517,7 @@ def ran_on_onednn(output):
     return type(node).__name__ == "OneDNNLinearBackward"
 
 
-def test_onednn_linear_output_can_be_edited_in_place_and_differentiated_twice(onednn_training):
+def test_onednn_linear_output_can_be_edited_in_place_and_differentiated_twice(onednn_products):
     torch.manual_seed(0)
     module = torch.nn.Linear(512, 1024)
     x = torch.randn(3, 40, 512, requires_grad=True)
@@ -539,7 +541,7 @@ class ScaledLinear(torch.nn.Linear):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao, mkldnn.flags
-def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(monkeypatch, onednn_training):
+def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(monkeypatch, onednn_products):
     """Anything that changes what a layer computes (hooks, subclasses, accelerate's replaced forward, autocast,
     other dtypes) keeps the module's own call; so does a product too small for oneDNN to pay off."""
     torch.manual_seed(0)
@@ -565,12 +567,12 @@ def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(mon
         handle.remove()
     assert ran_on_onednn(linear(plain, x.requires_grad_()))
     assert not ran_on_onednn(linear(plain, x[:, :4]))  # 2^20 multiply-adds only
-    assert not ran_on_onednn(linear(copy.deepcopy(plain).eval(), x))  # evaluation: F.linear, Marian's bits
+    assert ran_on_onednn(linear(copy.deepcopy(plain).eval(), x))  # evaluation with gradients: the Function too
     with torch.backends.mkldnn.flags(enabled=False):
         assert not ran_on_onednn(linear(plain, x))
-    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", False)  # an Intel CPU: MKL, by the module
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_PRODUCTS", False)  # an Intel CPU: MKL, by the module
     assert not ran_on_onednn(linear(plain, x)) and torch.equal(linear(plain, x), plain(x))
-    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", True)
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_PRODUCTS", True)
     with torch.autograd.forward_ad.dual_level():  # forward-mode AD
         dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
         tangent = torch.autograd.forward_ad.unpack_dual(linear(plain, dual)).tangent
@@ -584,9 +586,10 @@ def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(mon
     assert linear(copy.deepcopy(plain).double(), x.double()).dtype == torch.float64
 
 
-def test_training_gradients_match_marian_where_products_run_on_onednn(onednn_training):
+def test_training_gradients_match_marian_where_products_run_on_onednn(onednn_products, monkeypatch):
     """At widths where every training product goes through OneDNNLinear, loss and gradients equal MarianMTModel's
-    (MKL) up to float rounding, and inference logits are Marian's exactly."""
+    (MKL) up to float rounding, and so do inference logits, whose products go to oneDNN's kernel alone; with Intel
+    CPUs' setting (MKL), inference logits are Marian's bit for bit."""
     torch.manual_seed(0)
     ours = make_model(d_model=512, encoder_ffn_dim=1024, decoder_ffn_dim=1024, encoder_attention_heads=8,
                       decoder_attention_heads=8, vocab_size=2048, dropout=0.0, label_smoothing=0.0).train()
@@ -607,9 +610,13 @@ def test_training_gradients_match_marian_where_products_run_on_onednn(onednn_tra
     ]
     for mine, theirs in pairs:
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6 * theirs.grad.abs().max().item())
-    with torch.no_grad():  # inference stays on F.linear: the same bits as Marian
-        assert torch.equal(ours.eval()(input_ids=source, attention_mask=mask, labels=labels).logits,
-                           marian.eval()(input_ids=source, attention_mask=mask, labels=labels).logits)
+    with torch.no_grad():  # inference: oneDNN's kernel, Marian's logits up to float rounding
+        logits = ours.eval()(input_ids=source, attention_mask=mask, labels=labels).logits
+        expected = marian.eval()(input_ids=source, attention_mask=mask, labels=labels).logits
+        assert not torch.equal(logits, expected)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        monkeypatch.setattr(modeling_seq2seq, "ONEDNN_PRODUCTS", False)
+        assert torch.equal(ours(input_ids=source, attention_mask=mask, labels=labels).logits, expected)
 
 
 def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit():
@@ -1098,7 +1105,7 @@ def test_the_tied_matrixs_gradient_is_gathered_in_one_buffer_and_equals_marians(
     (`TiedGradient`). The shared matrix's gradient equals MarianMTModel's however the graph is used: one backward,
     two forwards summed, a graph backpropagated twice, `torch.autograd.grad`, gradients accumulated over calls, and
     a loss that does not use the logits (where the lookups fall back to their own dense gradients)."""
-    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_TRAINING_PRODUCTS", onednn)
+    monkeypatch.setattr(modeling_seq2seq, "ONEDNN_PRODUCTS", onednn)
     source, mask = padded_batch()
     labels = torch.randint(4, VOCAB, (4, 6))
     labels[0, -2:] = -100
@@ -1349,7 +1356,7 @@ def test_gradient_reaches_every_parameter():
         dict(dropout=0.3, activation_dropout=0.2, attention_dropout=0.1, attn_implementation="eager"),  # same masks
     ],
 )
-def test_gradient_checkpointing_gives_the_same_gradients(settings, onednn_training):
+def test_gradient_checkpointing_gives_the_same_gradients(settings, onednn_products):
     source, mask = padded_batch()
     labels = torch.randint(4, VOCAB, (4, 6))
     gradients = []
@@ -2289,7 +2296,7 @@ def test_sampling_is_transformers_sampling():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_gradients_where_the_matmul_primitive_may_not_be_used(bias, onednn_training, monkeypatch):
+def test_onednn_linear_gradients_where_the_matmul_primitive_may_not_be_used(bias, onednn_products, monkeypatch):
     """On CPUs with AMX (the GPU machine's Xeon) or torch < 2.9 `onednn_matmul_keeps_float32` is False and d/dx takes
     oneDNN's inner product with the transposed weight: that branch, against a float64 recomputation, whatever this
     machine is. A square weight too, where a transposition error keeps the shapes."""
