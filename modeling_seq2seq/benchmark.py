@@ -32,18 +32,20 @@ repeats:
   `torch.no_grad()`, eval mode: logits and loss, as a `Seq2SeqTrainer` evaluation computes them) on the training
   shapes' batches, in the decoding dtype. The logits of ours and Marian are compared first (`logits_max_abs_diff`;
   more than 1e-3 in float32 is a failure); tokens/s counts source + target tokens.
-- `decode_greedy` / `decode_beam4`: `generate` on batch 1 and 8 (GPU: also 32) of ~32-token sources, exactly 32 new
-  tokens (`min_new_tokens = max_new_tokens = 32`; CTranslate2: `min/max_decoding_length = 32`), length penalty 0.6
-  for beam search. Before timing, every implementation decodes the inputs once (this is also the warm-up) and the
-  tokens are compared: ours vs. Marian exactly, CTranslate2 vs. Marian token by token; the result is in each
-  record's `token_check` and in the table's last column. When the timed dtype is not float32 (bf16 on GPU), ours
-  and Marian are also compared in float32 first (`float32_token_check`), and the bf16 comparison is reported as
-  the share of tokens that agree. tokens/s counts generated tokens (batch x 32). Our
-  decode loop's matrix products are also timed alone, in the same alternation (`decoder_products_ours`; on a CPU
-  only: a GPU replays the recorded step, and products launched one by one would time the launches); ours'
-  record holds that as `decoder_products_seconds`, and the table gives the step time both ways. (Greedy search
-  reads a bfloat16 or int8 copy of the output projection and checks its few candidates in float32, `GreedyScreen`:
-  its step can take less than these float32 products.)
+- `decode_greedy` / `decode_beam4` / `decode_sample`: `generate` on batch 1 and 8 (GPU: also 32) of ~32-token
+  sources, exactly 32 new tokens (`min_new_tokens = max_new_tokens = 32`; CTranslate2: `min/max_decoding_length =
+  32`), length penalty 0.6 for beam search; `decode_sample` is multinomial sampling with top-k 50 (transformers'
+  default), one beam, the random generator seeded alike before each `generate` (CTranslate2: `sampling_topk=50`).
+  Before timing, every implementation decodes the inputs once (this is also the warm-up) and the tokens are
+  compared: ours vs. Marian exactly (sampling too: the same draws), CTranslate2 vs. Marian token by token (not when
+  sampling: its generator is its own); the result is in each record's `token_check` and in the table's last column.
+  When the timed dtype is not float32 (bf16 on GPU), ours and Marian are also compared in float32 first
+  (`float32_token_check`), and the bf16 comparison is reported as the share of tokens that agree. tokens/s counts
+  generated tokens (batch x 32). Our decode loop's matrix products are also timed alone, in the same alternation
+  (`decoder_products_ours`; on a CPU only: a GPU replays the recorded step, and products launched one by one would
+  time the launches); ours' record holds that as `decoder_products_seconds`, and the table gives the step time both
+  ways. (Greedy search reads a bfloat16 or int8 copy of the output projection and checks its few candidates in
+  float32, `GreedyScreen`: its step can take less than these float32 products.)
 - `translate_file`: `scripts/translate.py`'s code path (`training.translate_texts`: sort by length, batches of 64,
   beam 4, restore the order) vs. a plain loop over `MarianMTModel.generate` one sentence at a time in file order,
   on sentences of mixed length, both through the same tokenizer. An untrained model never ends a sentence, and
@@ -102,6 +104,7 @@ VOCAB_SIZES = {"tiny": 8000, "base": 37000, "big": 37000}
 DECODE_NEW_TOKENS = 32
 DECODE_SOURCE_LENGTH = 32
 LENGTH_PENALTY = 0.6
+SAMPLING_TOP_K, SAMPLING_SEED = 50, 0  # transformers' default top-k
 PADDED_BATCH_SIZE = 16  # Seq2SeqTrainer's per_device_train_batch_size, scaled to a 2-core CPU
 TRANSLATE_BATCH_SIZE = 64  # scripts/translate.py's default --batch_size
 ADAM_BETAS, ADAM_EPS = (0.9, 0.98), 1e-9
@@ -480,25 +483,30 @@ def matmul_peak(device: str, sizes: tuple[int, ...], repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def generate_kwargs(num_beams: int) -> dict:
-    kwargs = dict(num_beams=num_beams, do_sample=False, min_new_tokens=DECODE_NEW_TOKENS, max_new_tokens=DECODE_NEW_TOKENS)
+def generate_kwargs(num_beams: int, sample: bool = False) -> dict:
+    kwargs = dict(num_beams=num_beams, do_sample=sample, min_new_tokens=DECODE_NEW_TOKENS, max_new_tokens=DECODE_NEW_TOKENS)
     if num_beams > 1:
         kwargs["length_penalty"] = LENGTH_PENALTY
+    if sample:
+        kwargs["top_k"] = SAMPLING_TOP_K
     return kwargs
 
 
-def decode_transformers(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int) -> list[list[int]]:
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs(num_beams))
+def decode_transformers(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int,
+                        sample: bool = False) -> list[list[int]]:
+    if sample:  # the same draws for every implementation that samples as transformers does
+        torch.manual_seed(SAMPLING_SEED)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs(num_beams, sample))
     return [row[1:] for row in output.tolist()]  # every new token (exactly 32: no </s> before), padding ids included
 
 
-def decode_ours(model, input_ids, attention_mask, num_beams):
+def decode_ours(model, input_ids, attention_mask, num_beams, sample=False):
     """Our model's `generate` (whatever path it takes inside)."""
-    return decode_transformers(model, input_ids, attention_mask, num_beams)
+    return decode_transformers(model, input_ids, attention_mask, num_beams, sample)
 
 
-def decode_marian(model, input_ids, attention_mask, num_beams):
-    return decode_transformers(model, input_ids, attention_mask, num_beams)
+def decode_marian(model, input_ids, attention_mask, num_beams, sample=False):
+    return decode_transformers(model, input_ids, attention_mask, num_beams, sample)
 
 
 def decoder_products_ours(model, rows: int, steps: int = DECODE_NEW_TOKENS) -> None:
@@ -521,12 +529,13 @@ def decoder_products_ours(model, rows: int, steps: int = DECODE_NEW_TOKENS) -> N
                 linear(module, inputs[module.in_features])
 
 
-def decode_ctranslate2(translator, source_tokens: list[list[str]], num_beams: int, tokenizer) -> list[list[int]]:
-    results = translate_ctranslate2(translator, source_tokens, num_beams)
+def decode_ctranslate2(translator, source_tokens: list[list[str]], num_beams: int, tokenizer,
+                       sample: bool = False) -> list[list[int]]:
+    results = translate_ctranslate2(translator, source_tokens, num_beams, sample)
     return [tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results]
 
 
-def translate_ctranslate2(translator, source_tokens: list[list[str]], num_beams: int):
+def translate_ctranslate2(translator, source_tokens: list[list[str]], num_beams: int, sample: bool = False):
     return translator.translate_batch(
         source_tokens,
         beam_size=num_beams,
@@ -534,6 +543,7 @@ def translate_ctranslate2(translator, source_tokens: list[list[str]], num_beams:
         min_decoding_length=DECODE_NEW_TOKENS,
         max_decoding_length=DECODE_NEW_TOKENS,
         return_scores=False,
+        **({"sampling_topk": SAMPLING_TOP_K} if sample else {}),
     )
 
 
@@ -876,7 +886,7 @@ def run_matmul(run: Run, preset: str | None = None) -> None:
 
 def decode_settings(settings: BenchmarkSettings, vocab: int):
     """(phase, num_beams, batch, input_ids, attention_mask, source lengths) of every decoding measurement."""
-    for num_beams, phase in ((1, "decode_greedy"), (4, "decode_beam4")):
+    for num_beams, phase in ((1, "decode_greedy"), (4, "decode_beam4"), (1, "decode_sample")):
         for batch in settings.decode_batches():
             input_ids, attention_mask, lengths = decode_inputs(vocab, batch, seed=settings.seed + batch)
             yield phase, num_beams, batch, input_ids, attention_mask, lengths
@@ -896,8 +906,9 @@ def float32_token_checks(run: Run, preset: str, ours, marian) -> dict:
         for phase, num_beams, batch, input_ids, attention_mask, _ in decode_settings(run.settings, ours.config.vocab_size):
             run.log(f"{preset} {phase} batch {batch}: float32 token check")
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            checks[phase, batch] = compare_tokens(decode_marian(marian, input_ids, attention_mask, num_beams),
-                                                  decode_ours(ours, input_ids, attention_mask, num_beams))
+            sample = phase == "decode_sample"
+            checks[phase, batch] = compare_tokens(decode_marian(marian, input_ids, attention_mask, num_beams, sample),
+                                                  decode_ours(ours, input_ids, attention_mask, num_beams, sample))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return checks
@@ -909,17 +920,18 @@ def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, toke
     for phase, num_beams, batch, input_ids, attention_mask, lengths in decode_settings(settings, ours.config.vocab_size):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         source_tokens = [tokenizer.convert_ids_to_tokens(row[:n]) for row, n in zip(input_ids.tolist(), lengths)]
+        sample = phase == "decode_sample"
         calls = {
-            "ours": lambda: decode_ours(ours, input_ids, attention_mask, num_beams),
-            "marian": lambda: decode_marian(marian, input_ids, attention_mask, num_beams),
+            "ours": lambda: decode_ours(ours, input_ids, attention_mask, num_beams, sample),
+            "marian": lambda: decode_marian(marian, input_ids, attention_mask, num_beams, sample),
         }
         if translator is not None:
-            calls["ctranslate2"] = lambda: decode_ctranslate2(translator, source_tokens, num_beams, tokenizer)
+            calls["ctranslate2"] = lambda: decode_ctranslate2(translator, source_tokens, num_beams, tokenizer, sample)
         run.log(f"{preset} {phase} batch {batch}: token check")
         outputs = {name: call() for name, call in calls.items()}  # also the warm-up
         checks = {"marian": {"match": True, "reference": True}}
         checks["ours"] = compare_tokens(outputs["marian"], outputs["ours"])
-        if "ctranslate2" in outputs:
+        if "ctranslate2" in outputs and not sample:  # CTranslate2 samples with its own random generator
             checks["ctranslate2"] = compare_tokens(outputs["marian"], outputs["ctranslate2"])
         # In half precision the table gives the share that agrees; the float32 check must still be exact.
         exact = checks if settings.dtype == torch.float32 else {"ours": (float32_checks or {}).get((phase, batch))}
@@ -941,7 +953,7 @@ def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, toke
                 extra["float32_token_check"] = float32_checks[phase, batch]
             run.add(name, preset, phase, batch, times[name], tokens, num_beams=num_beams,
                     new_tokens=DECODE_NEW_TOKENS, source_lengths=lengths,
-                    dtype=str(settings.dtype).replace("torch.", ""), token_check=checks[name], **extra)
+                    dtype=str(settings.dtype).replace("torch.", ""), token_check=checks.get(name), **extra)
 
 
 def run_train(run: Run, preset: str, plan: dict, steps: dict, config) -> None:
@@ -1430,10 +1442,12 @@ def result_rows(result: dict) -> list[list[str]]:
                          f"padding {padded['padding_fraction']:.0%} -> {token['padding_fraction']:.0%}")
             rows.append(["train, length mix", preset, f"{r['sentences']} sentences, 5..120 tok", _rate(token), _rate(marian), "-",
                          _ratio(token, marian), "-", note])
-        elif phase in ("decode_greedy", "decode_beam4"):
+        elif phase in ("decode_greedy", "decode_beam4", "decode_sample"):
             ours, marian, ct2 = group.get("ours"), group.get("marian"), group.get("ctranslate2")
             r = ours or marian
             note = _check_text(ours, ct2)
+            if phase == "decode_sample" and ct2:
+                note += "; CT2 draws with its own random generator (no token check)"
             if ours and ours.get("median_seconds"):
                 note += f"; ours per step {ours['median_seconds'] / DECODE_NEW_TOKENS * 1e3:.1f} ms"
             if ours and ours.get("decoder_products_seconds"):

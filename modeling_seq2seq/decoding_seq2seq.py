@@ -742,9 +742,32 @@ def suppress_tokens(scores: torch.Tensor, new_tokens: int, settings: dict) -> to
     return scores
 
 
+class MultinomialDraw:
+    """The token choice of transformers' sampling loop: its logits warpers (temperature, top-k, top-p: the same
+    classes, in its order), a softmax, and `torch.multinomial` over a (batch, vocab) matrix that holds every sentence
+    of the search, the finished ones too. transformers draws for finished sentences as well (and pads their draws
+    afterwards); a row's draw depends only on its own probabilities and its place in the matrix, so the same draws
+    come out, and the random generator ends where transformers' loop leaves it."""
+
+    def __init__(self, batch: int, warpers: list):
+        self.batch, self.warpers, self.everyone = batch, warpers, None
+
+    def __call__(self, scores: torch.Tensor, active: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(sequences, scores)
+        probabilities = F.softmax(scores, dim=-1)
+        if active.numel() == self.batch:
+            return torch.multinomial(probabilities, num_samples=1).squeeze(1)
+        if self.everyone is None:  # the finished sentences' rows: any distribution draws the same for the others
+            self.everyone = probabilities.new_ones(self.batch, probabilities.shape[1])
+        self.everyone[active] = probabilities
+        return torch.multinomial(self.everyone, num_samples=1).squeeze(1)[active]
+
+
 @torch.no_grad()
 def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torch.Tensor:
-    """Pick the most likely token at each step; a finished sentence is padded (transformers' greedy semantics)."""
+    """Pick the most likely token at each step, or with `settings["sample"]` draw it as transformers' multinomial
+    sampling does (`MultinomialDraw`); a finished sentence is padded (transformers' semantics)."""
     device = decoder.cross_keys_values[0][0].device
     eos = torch.tensor(settings["eos"], device=device)
     limit = settings["max_new_tokens"] + 1
@@ -752,10 +775,13 @@ def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> to
     output = torch.full((batch, min(limit, 64)), settings["pad"], dtype=torch.long, device=device)
     output[:, 0] = settings["start"]
     active, tokens, length = torch.arange(batch, device=device), output[:, 0], 1
-    screen = GreedyScreen.for_decoder(decoder)
+    draw = MultinomialDraw(batch, settings["warpers"]) if settings["sample"] else None
+    screen = None if draw is not None else GreedyScreen.for_decoder(decoder)
     for step in range(settings["max_new_tokens"]):
         if screen is not None:
             tokens = screen(tokens, step, settings)
+        elif draw is not None:
+            tokens = draw(suppress_tokens(decoder.step(tokens), step, settings), active, output[active, : step + 1])
         else:
             tokens = suppress_tokens(decoder.step(tokens), step, settings).argmax(dim=-1)
         if step + 1 == output.shape[1]:

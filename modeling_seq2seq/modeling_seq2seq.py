@@ -958,25 +958,32 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
     def generate(self, inputs=None, generation_config=None, *args, **kwargs):
-        """`GenerationMixin.generate`, with a faster path for plain greedy and beam search.
+        """`GenerationMixin.generate`, with a faster path for plain greedy search, sampling and beam search.
 
-        When the request is greedy or beam search (with length penalty, min/max length, single banned tokens and a
-        forced final end-of-sentence) and asks for token ids only, the search runs on `IncrementalDecoder` and
-        returns what transformers' own loop returns: greedy search exactly; beam search too, except where two
-        hypotheses' scores lie within float32 rounding of each other (~1e-6), as its logits differ from the loop's in
-        the last bits (the cross-attention keys and values are projected once per sentence rather than once per
-        beam, and a sentence's beams attend as one block of queries). On a CPU its step runs as TorchScript
-        (compiled at the first call in a process; `model.decode_with_torchscript = False` runs it op by op in
-        Python, with the same results). On a GPU it runs on `StaticIncrementalDecoder`, a
-        recorded step replayed as a CUDA graph: the same tokens in float32, near-ties apart; in half precision its
-        attention over a masked fixed-size cache may round differently, as transformers' own static cache does
-        (`model.decode_with_cuda_graphs = False` keeps the step-by-step arithmetic). Anything else (sampling,
-        scores, custom processors, stopping criteria, streamers, ...) goes to transformers' implementation unchanged.
+        When the request is greedy or beam search, or multinomial sampling with one beam on a CPU (with temperature,
+        top-k and top-p), with length penalty, min/max length, single banned tokens and a forced final
+        end-of-sentence, and asks for token ids only, the search runs on `IncrementalDecoder` and returns what
+        transformers' own loop returns: greedy search exactly; sampling the same draws from the same random state
+        (leaving the generator where the loop leaves it); beam search too. Near-ties apart: where two hypotheses'
+        scores (or two tokens' sampling odds) lie within float32 rounding of each other (~1e-6), as its logits differ
+        from the loop's in the last bits (the cross-attention keys and values are projected once per sentence rather
+        than once per beam, and a sentence's beams attend as one block of queries). On a CPU its step runs as
+        TorchScript (compiled at the first call in a process; `model.decode_with_torchscript = False` runs it op by
+        op in Python, with the same results). On a GPU it runs on `StaticIncrementalDecoder`, a recorded step
+        replayed as a CUDA graph: the same tokens in float32, near-ties apart; in half precision its attention over a
+        masked fixed-size cache may round differently, as transformers' own static cache does
+        (`model.decode_with_cuda_graphs = False` keeps the step-by-step arithmetic). Anything else (beam sampling,
+        other warpers, scores, custom processors, stopping criteria, streamers, ...) goes to transformers'
+        implementation unchanged.
         """
         search = None if args else self.fast_search_settings(inputs, generation_config, kwargs)
         if search is None:  # (`args`: the processors, criteria... that transformers takes by position)
             return super().generate(inputs, generation_config, *args, **kwargs)
         input_ids, attention_mask, settings = search
+        if settings["sample"] and settings["num_return_sequences"] > 1:  # as transformers: each source n times over
+            input_ids = input_ids.repeat_interleave(settings["num_return_sequences"], dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(settings["num_return_sequences"], dim=0)
         # Imported here: the decode loop is built from this file's attention and feed-forward.
         from .decoding_seq2seq import IncrementalDecoder, StaticIncrementalDecoder, beam_search, graph_safe, greedy_search
 
@@ -994,7 +1001,8 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         return sequences.clone() if on_cpu else sequences
 
     FAST_SEARCH_FIELDS = {
-        "num_beams", "length_penalty", "early_stopping", "do_sample", "num_return_sequences", "use_cache",
+        "num_beams", "length_penalty", "early_stopping", "do_sample", "temperature", "top_k", "top_p",
+        "num_return_sequences", "use_cache",
         "max_length", "max_new_tokens", "min_length", "min_new_tokens", "pad_token_id", "bos_token_id",
         "eos_token_id", "decoder_start_token_id", "forced_eos_token_id", "bad_words_ids",
     }
@@ -1066,9 +1074,12 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         pad = config.pad_token_id if config.pad_token_id is not None else eos[0] if eos else None
         forced = forced_eos if isinstance(forced_eos, list) else [] if forced_eos is None else [forced_eos]
         token_ids = [*eos, start, pad, *banned, *forced]
+        sample = bool(config.do_sample)
         if (
-            config.do_sample or config.early_stopping or config.use_cache is False or returned > num_beams
-            or (num_beams == 1 and returned != 1) or start is None
+            config.early_stopping or config.use_cache is False or start is None
+            # Sampling with one beam, on a CPU (on a GPU the recorded step was never measured with it).
+            or (sample and (num_beams != 1 or input_ids.device.type != "cpu"))
+            or (not sample and (returned > num_beams or (num_beams == 1 and returned != 1)))
             # Ids that are not plain ints in the vocabulary (tensors, negative, True): transformers' checks name them.
             or any(type(token) is not int or not 0 <= token < self.config.vocab_size for token in token_ids)
         ):
@@ -1097,8 +1108,24 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             num_beams=num_beams, num_return_sequences=returned, length_penalty=config.length_penalty if num_beams > 1 else 1.0,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             eos=eos, pad=pad, start=start, banned=banned, forced_eos=forced_eos,
+            sample=sample, warpers=self.sampling_warpers(config) if sample else [],
         )
         return input_ids, attention_mask, settings
+
+    @staticmethod
+    def sampling_warpers(config) -> list:
+        """The logits warpers transformers' `_get_logits_processor` makes for sampling with one beam, in its order:
+        the same classes, so that the same values (and the same errors) come out."""
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        warpers = []
+        if config.temperature is not None and config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+        return warpers
 
     def gathers_tied_gradient(self) -> bool:
         """Whether this forward gathers the shared matrix's gradient in one buffer (`TiedGradient`): in eager

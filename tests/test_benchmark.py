@@ -37,16 +37,20 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
     assert all(RECORD_FIELDS <= set(r) for r in records)
     phases = {r["phase"] for r in records}
     assert phases == {"matmul_peak", "forward", "train", "train_memory", "train_length_mix", "decode_greedy",
-                      "decode_beam4", "translate_file"}
+                      "decode_beam4", "decode_sample", "translate_file"}
     assert {r["preset"] for r in records if r["preset"]} == {"tiny"}
     with_ct2 = result["settings"]["ctranslate2"]
-    for phase in ("decode_greedy", "decode_beam4"):
+    for phase in ("decode_greedy", "decode_beam4", "decode_sample"):
         for batch in (1, 8):
             found = {r["implementation"]: r for r in records if r["phase"] == phase and r["batch"] == batch}
             assert set(found) == ({"ours", "marian", "ctranslate2"} if with_ct2 else {"ours", "marian"})
             for r in found.values():
                 assert r["median_seconds"] > 0 and r["tokens_per_second"] > 0 and r["tokens"] == batch * 32
-                assert "match" in r["token_check"]
+                if r["implementation"] == "ctranslate2" and phase == "decode_sample":
+                    assert r["token_check"] is None  # its own random generator: nothing to compare
+                else:
+                    assert "match" in r["token_check"]
+            assert found["ours"]["token_check"]["match"]  # sampling too: the same draws as Marian's
             assert 0 < found["ours"]["decoder_products_seconds"]
     forward = {r["implementation"]: r for r in records if r["phase"] == "forward"}
     assert set(forward) == {"ours", "marian"} and all(0 <= r["logits_max_abs_diff"] <= 1e-3 for r in forward.values())
@@ -64,7 +68,8 @@ def test_quick_run_end_to_end_writes_the_documented_json(tmp_path):
     table = done.stdout
     assert "ours/Marian" in table and "ours/CT2" in table and "decode beam4" in table and "Machine:" in table
     assert "forward, no grad (float32)" in table
-    assert table.count("the step's float32 matrix products alone") == 4
+    assert table.count("the step's float32 matrix products alone") == 6
+    assert "decode sample" in table and ("CT2 draws with its own random generator" in table) is with_ct2
 
 
 def test_the_forward_phase_fails_where_our_logits_are_not_marians(monkeypatch):
@@ -94,8 +99,8 @@ def test_token_check_reports_a_mismatch(monkeypatch):
     failure (until the eleventh session it was no failure: the exit status was 0)."""
     real = benchmark.decode_ours
 
-    def wrong(model, input_ids, attention_mask, num_beams):
-        rows = real(model, input_ids, attention_mask, num_beams)
+    def wrong(model, input_ids, attention_mask, num_beams, sample=False):
+        rows = real(model, input_ids, attention_mask, num_beams, sample)
         rows[0][3] = (rows[0][3] + 1) % model.config.vocab_size or 4
         return rows
 
@@ -105,17 +110,17 @@ def test_token_check_reports_a_mismatch(monkeypatch):
     result = run_benchmark(settings)
     decoded = [r for r in result["records"] if r["phase"].startswith("decode")]
     ours = [r for r in decoded if r["implementation"] == "ours"]
-    assert len(ours) == 2
+    assert len(ours) == 3
     for r in ours:
         assert r["token_check"]["match"] is False
         assert r["token_check"]["mismatched_sequences"] == 1 and r["token_check"]["mismatched_tokens"] == 1
     for r in decoded:
-        if r["implementation"] == "ctranslate2":  # the converted model itself agrees with Marian
+        if r["implementation"] == "ctranslate2" and r["phase"] != "decode_sample":  # the converted model agrees
             assert r["token_check"]["match"] is True
     assert "MISMATCH ours vs Marian: 1/2 seqs" in format_table(result)
     # ... and as a failure, so that a script reading the JSON or the exit status sees it too.
     assert result["failures"] == [f"tiny {phase} batch 2: ours's tokens differ from Marian's in 1/64; its speed is not "
-                                  "comparable" for phase in ("decode_greedy", "decode_beam4")]
+                                  "comparable" for phase in ("decode_greedy", "decode_beam4", "decode_sample")]
 
 
 def test_a_failing_measurement_is_reported_and_the_others_still_run(monkeypatch, capsys):
@@ -289,8 +294,8 @@ def test_half_precision_runs_report_the_float32_check_and_the_agreement(monkeypa
     monkeypatch.setattr(BenchmarkSettings, "decode_batches", lambda self: [2])
     real = benchmark.decode_ours
 
-    def flip_in_bf16(model, input_ids, attention_mask, num_beams):
-        rows = real(model, input_ids, attention_mask, num_beams)
+    def flip_in_bf16(model, input_ids, attention_mask, num_beams, sample=False):
+        rows = real(model, input_ids, attention_mask, num_beams, sample)
         if model.dtype == torch.bfloat16:
             rows[1][5] = (rows[1][5] + 1) % model.config.vocab_size or 4
         return rows
@@ -299,16 +304,16 @@ def test_half_precision_runs_report_the_float32_check_and_the_agreement(monkeypa
     settings = BenchmarkSettings(presets=("tiny",), phases=("decode",), repeats=1, progress=False, use_ctranslate2=False)
     result = run_benchmark(settings)
     ours = [r for r in result["records"] if r["implementation"] == "ours"]
-    assert len(ours) == 2 and all(r["float32_token_check"]["match"] for r in ours)
+    assert len(ours) == 3 and all(r["float32_token_check"]["match"] for r in ours)
     assert all(r["dtype"] == "bfloat16" and r["token_check"]["mismatched_tokens"] == 1 for r in ours)
     table = format_table(result)
-    assert table.count("float32: ours=Marian exact; bfloat16: 63/64 tok agree (1/2 seqs identical)") == 2
+    assert table.count("float32: ours=Marian exact; bfloat16: 63/64 tok agree (1/2 seqs identical)") == 3
     assert result["failures"] == []  # a rounding flip in bf16 is no failure
     # ... but a float32 mismatch is one, in whatever dtype the run is timed.
     monkeypatch.setattr(benchmark, "decode_ours", lambda *args: [[4] * 32 for _ in range(2)])
     result = run_benchmark(settings)
     assert result["failures"] == [f"tiny {phase} batch 2: ours's tokens differ from Marian's in 64/64; its speed is "
-                                  "not comparable" for phase in ("decode_greedy", "decode_beam4")]
+                                  "not comparable" for phase in ("decode_greedy", "decode_beam4", "decode_sample")]
 
 
 def test_marians_training_step_is_the_one_transformers_trainer_takes(tmp_path):
@@ -427,6 +432,8 @@ def test_ctranslate2_runs_in_a_process_of_its_own_with_the_same_translations(tmp
         for num_beams in (1, 4):
             expected = [r.hypotheses for r in benchmark.translate_ctranslate2(here, source, num_beams)]
             assert [r.hypotheses for r in benchmark.translate_ctranslate2(translator, source, num_beams)] == expected
+        sampled = [r.hypotheses[0] for r in benchmark.translate_ctranslate2(translator, source, 1, sample=True)]
+        assert [len(tokens) for tokens in sampled] == [32] * 3
     finally:
         translator.close()
     assert translator.process.returncode == 0
@@ -544,7 +551,7 @@ def test_ctranslate2s_token_check_compares_it_with_marian(monkeypatch):
     monkeypatch.setattr(benchmark, "decode_ctranslate2", wrong)
     monkeypatch.setattr(BenchmarkSettings, "decode_batches", lambda self: [1])
     result = run_benchmark(BenchmarkSettings(presets=("tiny",), phases=("decode",), repeats=1, progress=False))
-    decoded = [r for r in result["records"] if r["phase"].startswith("decode")]
+    decoded = [r for r in result["records"] if r["phase"].startswith("decode") and r["phase"] != "decode_sample"]
     assert {r["implementation"] for r in decoded} == {"ours", "marian", "ctranslate2"}
     for r in decoded:
         assert r["tokens"] == 1 * 32

@@ -58,6 +58,7 @@ EVAL_RESULTS = {
     "target_lang": "de",
 }
 GREEDY = {"num_beams": 1, "max_new_tokens": 12}
+SAMPLING = {"do_sample": True, "num_beams": 1, "top_k": 20, "temperature": 0.8, "max_new_tokens": 12}  # seed 0
 
 
 def make_model_dir(path: Path, steps: int = 20) -> Path:
@@ -123,14 +124,17 @@ def load_original(model_dir: Path):
 
 
 def reference_outputs(model, tokenizer, texts=TEXTS) -> dict:
-    """Token ids of greedy and (generation-config default) beam search, and the logits of a teacher-forced step."""
+    """Token ids of greedy and (generation-config default) beam search and of sampling from seed 0, and the logits of
+    a teacher-forced step."""
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         greedy = model.generate(**encoded, **GREEDY)
         beam = model.generate(**encoded, max_new_tokens=12)
+        torch.manual_seed(0)
+        sampled = model.generate(**encoded, **SAMPLING)
         logits = model(**encoded, decoder_input_ids=greedy[:, :4]).logits
     return {"input_ids": encoded["input_ids"].tolist(), "greedy": greedy.tolist(), "beam": beam.tolist(),
-            "logits": logits.tolist()}
+            "sampled": sampled.tolist(), "logits": logits.tolist()}
 
 
 # Runs in a fresh interpreter where `import modeling_seq2seq` is impossible (a meta-path finder refuses it, whatever
@@ -224,6 +228,13 @@ PROBE = textwrap.dedent(
         greedy = model.generate(**encoded, num_beams=1, max_new_tokens=12)
         result["greedy"] = greedy.tolist()
         result["beam"] = model.generate(**encoded, max_new_tokens=12).tolist()
+        sampling = dict(do_sample=True, num_beams=1, top_k=20, temperature=0.8, max_new_tokens=12)  # SAMPLING
+        torch.manual_seed(0)
+        result["sampled"] = model.generate(**encoded, **sampling).tolist()
+        from transformers import GenerationMixin
+
+        torch.manual_seed(0)  # this transformers' own sampling loop
+        result["sampled_by_transformers"] = GenerationMixin.generate(model, **encoded, **sampling).tolist()
         result["logits"] = model(**encoded, decoder_input_ids=greedy[:, :4]).logits.tolist()
     result["decoded"] = tokenizer.batch_decode(greedy, skip_special_tokens=True)
     decoding = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".decoding_seq2seq")
@@ -272,6 +283,7 @@ def assert_matches_reference(probe: dict, reference: dict) -> None:
     assert probe["input_ids"] == reference["input_ids"]
     assert probe["greedy"] == reference["greedy"]
     assert probe["beam"] == reference["beam"]
+    assert probe["sampled"] == probe["sampled_by_transformers"] == reference["sampled"]
     assert torch.allclose(torch.tensor(probe["logits"]), torch.tensor(reference["logits"]), atol=1e-5, rtol=0)
 
 

@@ -2278,21 +2278,40 @@ def test_training_draws_dropout_where_the_paper_and_the_config_say():
             assert drawn == [] and set(sdpa_p) <= {0.0}
 
 
-def test_sampling_is_transformers_sampling():
-    """`do_sample=True` with otherwise plain settings is not a greedy or beam search: transformers' sampling runs,
-    drawing the same tokens from the same seed (and not the greedy tokens)."""
-    model = make_model()
+def test_sampling_with_one_beam_draws_transformers_tokens_from_the_same_seed():
+    """`do_sample=True` with one beam runs on the decode loop (`MultinomialDraw`) and draws what transformers'
+    sampling draws from the same seed, with each warper it supports, several sequences per source, the length and
+    token rules, and sentences that end at different steps (transformers keeps drawing for finished ones), and it
+    leaves the random generator where transformers' loop leaves it. Beam sampling and other warpers go to
+    transformers' loop."""
+    model = make_model(output_bias=True)
+    with torch.no_grad():
+        model.lm_head.bias[2] = 0.8  # some sentences end early, others run to the limit
     source, mask = padded_batch()
-    for settings in (dict(num_beams=1), dict(num_beams=3)):
+    ended_early = False
+    for settings in (dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8, temperature=1.3), dict(top_k=0),
+                     dict(num_return_sequences=3, top_k=20),
+                     dict(min_new_tokens=3, bad_words_ids=[[7]], forced_eos_token_id=2)):
+        settings.update(do_sample=True, num_beams=1, max_new_tokens=10)
+        assert model.fast_search_settings(source, None, dict(settings, attention_mask=mask)) is not None, settings
+        torch.manual_seed(0)
+        ours, ours_next = model.generate(source, attention_mask=mask, **settings), torch.rand(4)
+        torch.manual_seed(0)
+        theirs, theirs_next = GenerationMixin.generate(model, source, attention_mask=mask, **settings), torch.rand(4)
+        assert torch.equal(ours, theirs) and torch.equal(ours_next, theirs_next), settings
+        searched = model.generate(source, attention_mask=mask, **{**settings, "do_sample": False, "top_k": None,
+                                                                    "num_return_sequences": 1})
+        assert ours.shape != searched.shape or not torch.equal(ours, searched), settings
+        finished = (ours[:, 1:] == 2).any(dim=1)
+        ended_early |= bool(finished.any()) and not bool(finished.all())
+    assert ended_early
+    for settings in (dict(num_beams=3), dict(num_beams=1, min_p=0.1), dict(num_beams=1, typical_p=0.9)):
         settings.update(do_sample=True, max_new_tokens=8)
-        assert model.fast_search_settings(source, None, dict(settings, attention_mask=mask)) is None
+        assert model.fast_search_settings(source, None, dict(settings, attention_mask=mask)) is None, settings
         torch.manual_seed(0)
         ours = model.generate(source, attention_mask=mask, **settings)
         torch.manual_seed(0)
-        theirs = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
-        assert torch.equal(ours, theirs), settings
-        searched = model.generate(source, attention_mask=mask, **{**settings, "do_sample": False})
-        assert ours.shape != searched.shape or not torch.equal(ours, searched), settings
+        assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, **settings)), settings
 
 
 @pytest.mark.parametrize("bias", [True, False])
