@@ -534,39 +534,75 @@ class GreedyScreen:
             x = hidden.bfloat16()
         return self.kernel(x, packed, None, "none", [], "")[:rows].float(), c1, outliers
 
-    def __call__(self, tokens: torch.Tensor, step: int, settings: dict) -> torch.Tensor:
+    def screened(self, hidden: torch.Tensor, step: int, settings: dict, keep: int = 1):
+        """The tokens that can be among the `keep` largest float32 logits of their row of `hidden`, after
+        `suppress_tokens`: (columns, each row's candidates as a (rows, vocab) mask), or None where the full product
+        must run (NaN or infinity met, or more than `max_candidates` columns)."""
         # Each operation here costs ~25 us, whatever its size: the step has just streamed the weights through every
         # cache, code included. Hence few of them, and the per-row bounds in Python floats.
-        hidden = self.decoder.step(tokens, project=False)
         rows = hidden.shape[0]
         screened = self.approximate_logits(hidden)
-        if screened is not None:
-            approximate, c1, outliers = screened
-            if self.bias is not None:
-                approximate += self.bias
-            approximate = suppress_tokens(approximate, step, settings)
-            if outliers is not None:  # candidates unless suppressed (NaN included); b below must be a row c1 bounds
-                unsuppressed = approximate[:, outliers] != -math.inf
-                approximate[:, outliers] = -math.inf
-            # The best b and the float32 argmax t differ from their approximations by e_b = c1 |h| + c2 (|a_b| + B)
-            # (B the largest |bias|) and e_t <= c1 |h| + c2 (|a_b| + e_b + e_t + B), as a_b - e_b - e_t <= a_t <= a_b:
-            # so both by at most E = e_b (1 + c2) / (1 - c2), and t is among the tokens within 2E of a_b.
-            widen = (1 + self.c2) / (1 - self.c2)
-            norms = torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float64).tolist()  # float32 may underflow
-            thresholds = [best - 2 * widen * (c1 * norm + self.c2 * (abs(best) + self.largest_bias))
-                          for best, norm in zip(approximate.amax(dim=1).tolist(), norms)]
-            candidates = approximate >= (thresholds[0] if rows == 1 else torch.tensor(thresholds)[:, None])
-            if outliers is not None:
-                candidates[:, outliers] = unsuppressed
-            columns = (candidates[0] if rows == 1 else candidates.any(dim=0)).nonzero().flatten()
-        finite = screened is not None and all(map(math.isfinite, thresholds))
-        if not finite or not 0 < columns.numel() <= self.max_candidates:  # NaN or infinity met; no gain
-            return suppress_tokens(self.decoder.linear(self.decoder.model.lm_head, hidden).float(), step,
-                                   settings).argmax(dim=-1)
+        if screened is None:
+            return None
+        approximate, c1, outliers = screened
+        if self.bias is not None:
+            approximate += self.bias
+        approximate = suppress_tokens(approximate, step, settings)
+        if outliers is not None:  # candidates unless suppressed (NaN included); the bounds below are for the others
+            unsuppressed = approximate[:, outliers] != -math.inf
+            approximate[:, outliers] = -math.inf
+        norms = torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float64).tolist()  # float32 may underflow
+        # With a_1 >= ... the approximations in decreasing order and B the largest |bias|, each of the `keep` best
+        # approximations is off from its float32 logit by at most e = c1 |h| + c2 (M + B), M = max(|a_1|, |a_keep|);
+        # so the keep-th largest float32 logit is at least a_keep - e. A token t among the `keep` largest then has
+        # a_keep - e - e_t <= a_t <= a_1, and e_t <= c1 |h| + c2 (M + e + e_t + B): e_t <= E = e (1 + c2) / (1 - c2),
+        # and t is among the tokens within 2E of a_keep (for keep = 1: of the best).
+        widen = (1 + self.c2) / (1 - self.c2)
+        best = approximate.amax(dim=1).tolist()
+        kth = best if keep == 1 else approximate.topk(keep, dim=1).values[:, -1].tolist()
+        thresholds = [
+            last - 2 * widen * (c1 * norm + self.c2 * (max(abs(first), abs(last)) + self.largest_bias))
+            for first, last, norm in zip(best, kth, norms)
+        ]
+        if not all(map(math.isfinite, thresholds)):
+            return None
+        candidates = approximate >= (thresholds[0] if rows == 1 else torch.tensor(thresholds)[:, None])
+        if outliers is not None:
+            candidates[:, outliers] = unsuppressed
+        columns = (candidates[0] if rows == 1 else candidates.any(dim=0)).nonzero().flatten()
+        if not 0 < columns.numel() <= self.max_candidates:  # no gain
+            return None
+        return columns, candidates
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder.linear(self.decoder.model.lm_head, hidden).float()
+
+    def candidate_logits(self, hidden: torch.Tensor, columns: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The float32 logits of `columns`, -inf where a row's own candidates do not include the column."""
         exact = F.linear(hidden, self.weight[columns], None if self.bias is None else self.bias[columns])
-        if rows > 1:  # a row's own candidates only
+        if hidden.shape[0] > 1:
             exact.masked_fill_(~candidates[:, columns], -math.inf)
-        return columns[exact.argmax(dim=1)]
+        return exact
+
+    def __call__(self, tokens: torch.Tensor, step: int, settings: dict) -> torch.Tensor:
+        hidden = self.decoder.step(tokens, project=False)
+        found = self.screened(hidden, step, settings)
+        if found is None:
+            return suppress_tokens(self.full_logits(hidden), step, settings).argmax(dim=-1)
+        columns, candidates = found
+        return columns[self.candidate_logits(hidden, columns, candidates).argmax(dim=1)]
+
+    def top_k_logits(self, tokens: torch.Tensor, step: int, settings: dict, keep: int) -> torch.Tensor:
+        """Next-token logits (after `suppress_tokens`) that keep the float32 values of each row's `keep` largest
+        and -inf for tokens that cannot be among them: what top-k sampling keeps, without the full product."""
+        hidden = self.decoder.step(tokens, project=False)
+        found = self.screened(hidden, step, settings, keep)
+        if found is None:
+            return suppress_tokens(self.full_logits(hidden), step, settings)
+        columns, candidates = found
+        scores = hidden.new_full((hidden.shape[0], self.weight.shape[0]), -math.inf)
+        scores[:, columns] = self.candidate_logits(hidden, columns, candidates)
+        return suppress_tokens(scores, step, settings)
 
 
 class StaticIncrementalDecoder(IncrementalDecoder):
@@ -776,12 +812,17 @@ def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> to
     output[:, 0] = settings["start"]
     active, tokens, length = torch.arange(batch, device=device), output[:, 0], 1
     draw = MultinomialDraw(batch, settings["warpers"]) if settings["sample"] else None
-    screen = None if draw is not None else GreedyScreen.for_decoder(decoder)
+    # Sampling reads the full distribution unless top-k keeps few tokens: then the screen finds them.
+    top_k = settings.get("top_k")
+    screened_top_k = top_k is not None and top_k <= GreedyScreen.max_candidates // 4
+    screen = GreedyScreen.for_decoder(decoder) if draw is None or screened_top_k else None
     for step in range(settings["max_new_tokens"]):
-        if screen is not None:
+        if draw is not None:
+            scores = (suppress_tokens(decoder.step(tokens), step, settings) if screen is None
+                      else screen.top_k_logits(tokens, step, settings, top_k))
+            tokens = draw(scores, active, output[active, : step + 1])
+        elif screen is not None:
             tokens = screen(tokens, step, settings)
-        elif draw is not None:
-            tokens = draw(suppress_tokens(decoder.step(tokens), step, settings), active, output[active, : step + 1])
         else:
             tokens = suppress_tokens(decoder.step(tokens), step, settings).argmax(dim=-1)
         if step + 1 == output.shape[1]:

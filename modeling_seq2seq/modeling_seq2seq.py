@@ -1109,6 +1109,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             eos=eos, pad=pad, start=start, banned=banned, forced_eos=forced_eos,
             sample=sample, warpers=self.sampling_warpers(config) if sample else [],
+            top_k=config.top_k if sample and config.top_k else None,  # what TopKLogitsWarper keeps (min 1 token)
         )
         return input_ids, attention_mask, settings
 

@@ -2015,6 +2015,63 @@ def test_greedy_screen_bound_holds_against_float64(copy, monkeypatch):
         assert torch.equal(screen(torch.zeros(len(expected), dtype=torch.long), 3, settings), expected), (rows, outlier)
 
 
+@pytest.mark.parametrize("copy", SCREEN_COPIES)
+def test_top_k_screen_keeps_exactly_the_float32_top_k(copy, monkeypatch):
+    """Top-k sampling reads the screen's candidates (`GreedyScreen.top_k_logits`): after transformers' top-k warper,
+    the tokens kept and their values are those of the full float32 logits, for every k from 1 to 64, although the
+    copy's own top-k differs near the k-th value for many k (checked: the test is only meaningful if it does), for
+    one row and for three, under the token suppressions, rarely falling back to the full product."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    model = screened_model()
+    screen = screen_for(model, copy, monkeypatch)
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 512, generator=generator) * torch.tensor([[1.0], [4.0], [0.3]])
+    plain = dict(banned=[], min_new_tokens=0, eos=[2], forced_eos=None, max_new_tokens=50)
+    fallbacks = []
+    monkeypatch.setattr(DecodeStepLinear, "__call__", lambda self, module, x, call=DecodeStepLinear.__call__:
+                        fallbacks.append(module) or call(self, module, x))
+    differs = 0
+    for rows in (slice(0, 1), slice(1, 2), slice(0, 3)):
+        screen.decoder.hidden = hidden[rows]
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(hidden[rows], model.lm_head.weight, model.lm_head.bias)
+            approximate = screen.approximate_logits(hidden[rows])[0] + model.lm_head.bias
+        for settings in (plain, dict(plain, banned=[5, 7], min_new_tokens=9)):
+            full, rough = suppress_tokens(logits.clone(), 3, settings), suppress_tokens(approximate, 3, settings)
+            for k in range(1, 65):
+                warper = TopKLogitsWarper(k)
+                expected = warper(None, full.clone())
+                kept = warper(None, screen.top_k_logits(torch.zeros(rows.stop - rows.start, dtype=torch.long), 3,
+                                                        settings, k))
+                assert torch.equal(kept == -math.inf, expected == -math.inf), (rows, k)
+                torch.testing.assert_close(kept, expected, rtol=1e-5, atol=1e-5)  # float32 kernels round apart
+                differs += not torch.equal(warper(None, rough.clone()) == -math.inf, expected == -math.inf)
+    assert differs >= 20
+    assert len(fallbacks) <= 384 // 10  # the full product, where more than `max_candidates` columns survive
+
+
+@pytest.mark.parametrize("copy", SCREEN_COPIES)
+def test_top_k_sampling_through_the_screen_draws_transformers_tokens(copy, monkeypatch):
+    """On a model whose output projection the screen serves, top-k sampling runs through it and draws transformers'
+    tokens from the same seed; without top-k (the full distribution) it does not use the screen."""
+    model = screened_model(1)
+    skip_unless_screen_kernel(model, copy, monkeypatch)
+    with torch.no_grad():
+        model.lm_head.bias[2] = 3.0  # sentences end at different steps
+    source, mask = padded_batch(seed=1, batch=3, vocab=8192)
+    screened, call = [], GreedyScreen.top_k_logits
+    monkeypatch.setattr(GreedyScreen, "top_k_logits", lambda self, *args: screened.append(args) or call(self, *args))
+    for settings in (dict(top_k=5), dict(top_k=50, temperature=0.7, top_p=0.9), dict(top_k=0, top_p=0.8)):
+        settings.update(do_sample=True, num_beams=1, max_new_tokens=10)
+        steps = len(screened)
+        torch.manual_seed(0)
+        ours = model.generate(source, attention_mask=mask, **settings)
+        torch.manual_seed(0)
+        assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, **settings)), settings
+        assert (len(screened) > steps) is bool(settings["top_k"]), settings
+
+
 def test_greedy_screen_is_left_out_where_it_does_not_pay_off():
     source, mask = padded_batch(batch=2)
     with torch.no_grad():
