@@ -415,7 +415,8 @@ class IncrementalDecoder:
 
 
 class GreedyScreen:
-    """Greedy search's next token, exactly as from the float32 logits, reading a smaller copy of the output projection.
+    """Greedy search's next token, exactly as from the float32 logits, reading a smaller copy of the output projection
+    (and, for top-k sampling, the k largest float32 logits: `top_k_logits`).
 
     At one row the output projection is half of a base step's streamed bytes (76 of 164 MB). A bfloat16 copy is
     multiplied 2.6x faster by oneDNN (AVX-512 BF16; base, 6 rows: 1.06 against 2.76 ms), and at 1 to 3 rows an
