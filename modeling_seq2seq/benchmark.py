@@ -60,10 +60,10 @@ On Linux the process keeps freed memory for reuse, as our training loop does (`t
 applies to every implementation alike.
 
 With `isolate` (the script's default; `--in_process` turns it off), each preset's decoding phases (`decode`,
-`translate_file`, `forward`) and its training phases (`train`, `length_mix`) run in a fresh Python process each, which sends
-its records back as it measures them. Ours and Marian then start every group from a new process, as CTranslate2
-always does, and no measurement depends on what an earlier phase left behind (heap, threads, compiled code). The
-parent measures the matmul peak at the start and hands it to the training processes, which measure it again.
+`translate_file`, `forward`) and its training phases (`train`, `length_mix`) run in a fresh Python process each, which
+sends its records back as it measures them. Ours and Marian then start every group from a new process, as
+CTranslate2 always does, and no measurement depends on what an earlier phase left behind (heap, threads, compiled
+code). The parent measures the matmul peak at the start and hands it to the training processes, which measure it again.
 A group process that sends no record for `silence_timeout` seconds (30 minutes) is taken for hung and killed:
 its records so far stay, and the run goes on with the next group.
 
@@ -155,18 +155,20 @@ class BenchmarkSettings:
         """Repeat counts and workload sizes for one preset (chosen to keep the full CPU run near 5 minutes)."""
         large = preset != "tiny"
         if self.quick:
-            plan = dict(train=3, forward=3, decode=3, length_mix=1, file=1, file_fast=1, length_mix_sentences=64, file_sentences=24)
+            plan = dict(train=3, forward=3, decode=3, length_mix=1, file=1, file_fast=1, length_mix_sentences=64,
+                        file_sentences=24)
         elif self.is_cuda:  # Marian's per-sentence loop takes ~0.3 s a sentence on a GPU: 32 sentences
             plan = dict(train=10, forward=10, decode=5, length_mix=3, file=1, file_fast=3, length_mix_sentences=2048,
                         file_sentences=32)
         elif large:
-            plan = dict(train=5, forward=7, decode=5, length_mix=1, file=1, file_fast=3, length_mix_sentences=192, file_sentences=32)
+            plan = dict(train=5, forward=7, decode=5, length_mix=1, file=1, file_fast=3, length_mix_sentences=192,
+                        file_sentences=32)
         else:
             plan = dict(train=7, forward=7, decode=5, length_mix=3, file=2, file_fast=3, length_mix_sentences=384,
                         file_sentences=128)
         if self.repeats is not None:
-            plan.update(train=self.repeats, forward=self.repeats, decode=self.repeats, length_mix=self.repeats, file=self.repeats,
-                        file_fast=self.repeats)
+            plan.update(train=self.repeats, forward=self.repeats, decode=self.repeats, length_mix=self.repeats,
+                        file=self.repeats, file_fast=self.repeats)
         if self.length_mix_sentences is not None:
             plan["length_mix_sentences"] = self.length_mix_sentences
         if self.file_sentences is not None:
@@ -484,7 +486,8 @@ def matmul_peak(device: str, sizes: tuple[int, ...], repeats: int) -> dict:
 
 
 def generate_kwargs(num_beams: int, sample: bool = False) -> dict:
-    kwargs = dict(num_beams=num_beams, do_sample=sample, min_new_tokens=DECODE_NEW_TOKENS, max_new_tokens=DECODE_NEW_TOKENS)
+    kwargs = dict(num_beams=num_beams, do_sample=sample, min_new_tokens=DECODE_NEW_TOKENS,
+                  max_new_tokens=DECODE_NEW_TOKENS)
     if num_beams > 1:
         kwargs["length_penalty"] = LENGTH_PENALTY
     if sample:

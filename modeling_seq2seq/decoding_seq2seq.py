@@ -560,7 +560,7 @@ class GreedyScreen:
         # and t is among the tokens within 2E of a_keep (for keep = 1: of the best).
         widen = (1 + self.c2) / (1 - self.c2)
         best = approximate.amax(dim=1).tolist()
-        kth = best if keep == 1 else approximate.topk(keep, dim=1).values[:, -1].tolist()
+        kth = best if keep == 1 else approximate.topk(min(keep, approximate.shape[1]), dim=1).values[:, -1].tolist()
         thresholds = [
             last - 2 * widen * (c1 * norm + self.c2 * (max(abs(first), abs(last)) + self.largest_bias))
             for first, last, norm in zip(best, kth, norms)

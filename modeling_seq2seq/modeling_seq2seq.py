@@ -965,8 +965,8 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         end-of-sentence, and asks for token ids only, the search runs on `IncrementalDecoder` and returns what
         transformers' own loop returns: greedy search exactly; sampling the same draws from the same random state
         (leaving the generator where the loop leaves it); beam search too. Near-ties apart: where two hypotheses'
-        scores (or two tokens' sampling odds) lie within float32 rounding of each other (~1e-6), as its logits differ
-        from the loop's in the last bits (the cross-attention keys and values are projected once per sentence rather
+        scores (or two tokens' sampling odds) lie within float32 rounding of each other (~1e-6), as its logits and
+        the loop's differ in the last bits (the cross-attention keys and values are projected once per sentence rather
         than once per beam, and a sentence's beams attend as one block of queries). On a CPU its step runs as
         TorchScript (compiled at the first call in a process; `model.decode_with_torchscript = False` runs it op by
         op in Python, with the same results). On a GPU it runs on `StaticIncrementalDecoder`, a recorded step
@@ -1456,7 +1456,7 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, with oneDNN computing the product of a plain float32 `nn.Linear` on a CPU where `ONEDNN_PRODUCTS`
     and the product has enough work to pay for oneDNN's dearer call (~10 us more than MKL's): 2^23 multiply-adds, or
     a weight of 2^20 values or more. When training, `OneDNNLinear` (with its backward); in evaluation, the kernel
-    alone: at the base preset on 2 AMD cores a forward without gradients takes 1.15 to 1.4x less time than with
+    alone: at the base preset on 2 AMD cores a forward without gradients runs 1.15 to 1.4x as fast as with
     `F.linear` (MarianMTModel's), and its logits equal Marian's up to float rounding (~1e-5) rather than bit for bit.
     Inside our `generate` the search picks its own kernels (`search_linear`, `decoding_seq2seq.DecodeStepLinear`)."""
     # Not while compiling: dynamo cannot trace `ContextVar.get` and would break the graph there.
