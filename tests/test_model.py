@@ -2073,10 +2073,13 @@ def test_top_k_screen_keeps_exactly_the_float32_top_k(copy, monkeypatch):
     assert len(fallbacks) <= 384 // 10  # the full product, where more than `max_candidates` columns survive
 
 
+@pytest.mark.parametrize("cpu", FEW_ROWS_SETTINGS)
 @pytest.mark.parametrize("copy", SCREEN_COPIES)
-def test_top_k_sampling_through_the_screen_draws_transformers_tokens(copy, monkeypatch):
+def test_top_k_sampling_through_the_screen_draws_transformers_tokens(copy, cpu, monkeypatch):
     """On a model whose output projection the screen serves, top-k sampling runs through it and draws transformers'
-    tokens from the same seed; without top-k (the full distribution) it does not use the screen."""
+    tokens from the same seed (either CPU's settings for few rows); without top-k (the full distribution) it does not
+    use the screen."""
+    use_few_rows_settings(monkeypatch, cpu)
     model = screened_model(1)
     skip_unless_screen_kernel(model, copy, monkeypatch)
     with torch.no_grad():
