@@ -1477,11 +1477,11 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or onednn_linear_kernel() is None
     ):
         return module(x)
-    rows = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        rows = OneDNNLinear.apply(rows, weight, module.bias)
+    rows, bias = x.reshape(-1, x.shape[-1]), module.bias
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        rows = OneDNNLinear.apply(rows, weight, bias)
     else:
-        rows = onednn_linear_kernel()(rows, weight, module.bias, "none", [], "")
+        rows = onednn_linear_kernel()(rows, weight, bias, "none", [], "")
     return rows.view(*x.shape[:-1], rows.shape[-1])  # a view outside the Function: in-place edits stay allowed
 
 

@@ -604,6 +604,25 @@ def test_linear_runs_the_module_itself_unless_the_product_is_all_it_computes(mon
     assert linear(copy.deepcopy(plain).double(), x.double()).dtype == torch.float64
 
 
+def test_a_trainable_bias_of_a_frozen_layer_gets_its_gradient(onednn_products):
+    """Fine-tuning the biases alone (BitFit): a frozen weight and an input without gradient still leave the bias
+    trainable, so the product must go through `OneDNNLinear`, not the bare kernel; in the model too."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(1024, 1024)
+    module.weight.requires_grad_(False)
+    x, upstream = torch.randn(4, 40, 1024), torch.randn(4, 40, 1024)
+    linear(module, x).backward(upstream)
+    torch.testing.assert_close(module.bias.grad, upstream.sum((0, 1)), rtol=1e-5, atol=1e-4)
+    model = make_model(d_model=512, encoder_ffn_dim=1024, decoder_ffn_dim=1024, encoder_attention_heads=8,
+                       decoder_attention_heads=8, vocab_size=2048, dropout=0.0).train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.endswith(".bias"))
+    source, mask = padded_batch(batch=8, length=24, vocab=2048)
+    model(input_ids=source, attention_mask=mask, labels=torch.randint(4, 2048, (8, 20))).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
 def test_training_gradients_match_marian_where_products_run_on_onednn(onednn_products, monkeypatch):
     """At widths where every training product goes through OneDNNLinear, loss and gradients equal MarianMTModel's
     (MKL) up to float rounding, and so do inference logits, whose products go to oneDNN's kernel alone; with Intel
