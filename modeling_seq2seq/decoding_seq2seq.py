@@ -814,7 +814,7 @@ def greedy_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> to
     active, tokens, length = torch.arange(batch, device=device), output[:, 0], 1
     draw = MultinomialDraw(batch, settings["warpers"]) if settings["sample"] else None
     # Sampling reads the full distribution unless top-k keeps few tokens: then the screen finds them.
-    top_k = settings.get("top_k")
+    top_k = settings["top_k"]
     screened_top_k = top_k is not None and top_k <= GreedyScreen.max_candidates // 4
     screen = GreedyScreen.for_decoder(decoder) if draw is None or screened_top_k else None
     for step in range(settings["max_new_tokens"]):
