@@ -68,11 +68,11 @@ class DecodeStepLinear:
     (its weights once more in memory; a search first drops those of layers the model no longer has, as after
     `resize_token_embeddings`). At the first use in a search each is checked against its layer: same tensor, same
     storage (assigning `.data`, as `vector_to_parameters` does, changes it), same version counter and same values at
-    every 509th element, else rebuilt. An edit in place through `.data` leaves the version counter alone, so only
-    the sample can see it: 509 < 512 samples every row of 512 or more (reading 1/32 of the cache lines), but not
-    every element. Up to `FEW_ROWS_ON_MKL` rows go to `F.linear`, and fewer than `PADDED_ROWS` rows are multiplied as
-    that many (zeros below), by CPU (see those settings); only the input's rows come back, and each depends on its
-    own input row only.
+    every 509th element (in rows narrower than 510, every (width - 1)th), else rebuilt. An edit in place through
+    `.data` leaves the version counter alone, so only the sample can see it: it reads every row (a row replaced is
+    seen; 1/32 of the cache lines at 512 wide and more), but not every element. Up to `FEW_ROWS_ON_MKL` rows go to
+    `F.linear`, and fewer than `PADDED_ROWS` rows are multiplied as that many (zeros below), by CPU (see those
+    settings); only the input's rows come back, and each depends on its own input row only.
     Results equal `F.linear` up to float rounding. Matrices under 1 MB (2^18 floats) stay in cache, where a oneDNN
     call's fixed cost (~40 us against ~10 us) outweighs its bandwidth: they, layers that are not plain
     (subclasses, adapters, hooks), and other devices or dtypes run the module itself.
@@ -118,7 +118,9 @@ class DecodeStepLinear:
         """`make(weight)` for `module`'s weight, kept on the model under `key` and made again when the weight has
         changed (the check in the class docstring)."""
         weight = module.weight
-        entry, sample = self.cache.get(key), weight.detach().reshape(-1)[::509]
+        # A stride under the row's width, so that every row is read.
+        stride = max(min(509, weight.shape[-1] - 1), 1)
+        entry, sample = self.cache.get(key), weight.detach().reshape(-1)[::stride]
         same = entry is not None and entry[0] is weight and entry[1] == (weight.data_ptr(), weight._version)
         if not (same and torch.equal(entry[2], sample)):
             entry = (weight, (weight.data_ptr(), weight._version), sample.clone(), make(weight.detach()))

@@ -695,6 +695,24 @@ def test_decode_weights_cached_in_onednn_layout_follow_every_kind_of_weight_edit
     check()
 
 
+def test_decode_weights_cached_in_onednn_layout_see_any_row_replaced_through_data_in_narrow_matrices():
+    """Rows narrower than the 509-element sampling stride: every row is still read, so output-projection rows
+    replaced behind autograd's back (new tokens initialised through `.data` after a `generate`) are seen. With the
+    stride at 509, 3 of every 4 rows of 128 went unread, and the search kept multiplying by the old rows."""
+    model = make_model(d_model=128, vocab_size=4096, encoder_attention_heads=4, decoder_attention_heads=4)
+    assert model.lm_head.weight.numel() >= 2**18  # kept in oneDNN's layout
+    source, mask = padded_batch(vocab=4096)
+    first = model.generate(source, attention_mask=mask, max_new_tokens=8, num_beams=1)
+    weight, width = model.lm_head.weight, model.config.d_model
+    read_before = {k // width for k in range(0, weight.numel(), 509)}
+    rows = [r for r in range(100, 400) if r not in read_before]
+    weight.data[rows[:10]] = 3 * weight.data[first[0, 1]]  # rows the old stride never read
+    for settings in (dict(num_beams=1, max_new_tokens=8), dict(num_beams=4, max_new_tokens=8, length_penalty=0.6)):
+        expected = GenerationMixin.generate(model, source, attention_mask=mask, **settings)
+        assert expected[:, 1].tolist() != first[:, 1].tolist()  # the edit changes the search
+        assert torch.equal(model.generate(source, attention_mask=mask, **settings), expected), settings
+
+
 def test_a_search_drops_the_decode_weights_of_layers_the_model_no_longer_has():
     """`resize_token_embeddings` of an untied model replaces its output projection: the old one's copy in oneDNN's
     layout, and with it the old weight, are not kept."""
