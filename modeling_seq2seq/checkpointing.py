@@ -39,11 +39,12 @@ TRASH_PREFIX = ".trash-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's trash names
 # What a killed run of ours can leave in its output folder: checkpoint and final-model staging folders, trashed
-# checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, a dash, 8 random characters).
+# checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, the writer's process id and 8
+# random characters; removed only once that process is gone).
 REPLACED_PREFIX = ".replaced-"  # an earlier run's checkpoint set aside for deletion (never restored)
 _STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model|tokenizer)$|^\.trash-tokenizer-\d+$"
                            r"|^\.replaced-checkpoint-\d+-\d+$")
-_STALE_FILE_RE = re.compile(r"^\.tmp-.+-[a-z0-9_]{8}$")
+_STALE_FILE_RE = re.compile(r"^\.tmp-.+-(\d+)-[a-z0-9_]{8}$")
 
 
 class CheckpointError(RuntimeError):
@@ -218,7 +219,7 @@ def probe_writable(directory: str | os.PathLike, probe_bytes: int = 1 << 20) -> 
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "write-probe-", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=f"{TMP_PREFIX}write-probe-{os.getpid()}-", dir=directory)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(b"\0" * probe_bytes)
@@ -566,10 +567,12 @@ def restore_interrupted_replacements(output_dir: str | os.PathLike) -> list[Path
 
 
 def is_stale_staging(entry: Path) -> bool:
-    """Whether `entry` has a name that only our writes give (a user's `.tmp-notes` folder does not)."""
+    """Whether `entry` has a name that only our writes give (a user's `.tmp-notes` folder or `.tmp-notes-20261128`
+    file does not), and, for a file, whether the process that wrote it is gone."""
     if entry.is_dir() and not entry.is_symlink():
         return bool(_STALE_DIR_RE.match(entry.name) or _TRASHED_CHECKPOINT_RE.match(entry.name))
-    return entry.is_file() and bool(_STALE_FILE_RE.match(entry.name))
+    match = _STALE_FILE_RE.match(entry.name)
+    return match is not None and entry.is_file() and _process_is_gone(int(match.group(1)))
 
 
 def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:

@@ -1317,20 +1317,30 @@ def test_fresh_run_refuses_an_output_dir_holding_a_saved_model(assets, reference
     users = tmp_path / "users"
     (users / ".tmp-backup").mkdir(parents=True)
     (users / ".tmp-backup" / "old.txt").write_text("mine")
-    for name in ("pipeline.py", "tokenizer.json", "notes.txt", ".trash-keep.txt", ".tmp-notes-12345678.txt"):
+    for name in ("pipeline.py", "tokenizer.json", "notes.txt", ".trash-keep.txt", ".tmp-notes-12345678.txt",
+                 ".tmp-notes-20261128"):  # the last two: a dash and 8 characters, as `mkstemp`'s names end
         (users / name).write_text(name)
     before = contents(users)
     assert training.main(run_args(assets, users, max_steps=2)) == 1
-    assert "is not empty (.tmp-backup, .tmp-notes-12345678.txt, .trash-keep.txt, notes.txt, pipeline.py, tokenizer.json)" \
-        in capsys.readouterr().err
+    assert ("is not empty (.tmp-backup, .tmp-notes-12345678.txt, .tmp-notes-20261128, .trash-keep.txt, notes.txt, "
+            "pipeline.py, ...)") in capsys.readouterr().err
     assert {name: data for name, data in contents(users).items() if name != ".training.lock"} == before
 
-    # Our own leftovers (a staging folder, an atomic write's temporary file) are removed once a run goes ahead.
+    # Our own leftovers (a staging folder, an atomic write's temporary file of a process now gone) are removed once
+    # a run goes ahead; a running process's temporary file is that process's (here, the folder is then not empty).
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
     leftovers = tmp_path / "leftovers"
     (leftovers / ".tmp-checkpoint-5").mkdir(parents=True)
-    (leftovers / ".tmp-training_log.jsonl-ab12_x9z").write_text("{")
+    (leftovers / f".tmp-training_log.jsonl-{gone}-ab12_x9z").write_text("{")
+    (leftovers / f".tmp-eval_results.json-{gone}-ab12_x9z").write_text("{")
     assert training.main(run_args(assets, leftovers, max_steps=2)) == 0
     assert not any(p.name.startswith(".tmp-") for p in leftovers.iterdir())
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / f".tmp-training_log.jsonl-{os.getpid()}-ab12_x9z").write_text("{")
+    assert training.main(run_args(assets, busy, max_steps=2)) == 1
+    assert f"is not empty (.tmp-training_log.jsonl-{os.getpid()}-ab12_x9z)" in capsys.readouterr().err
 
     # A run killed before its first checkpoint leaves its tokenizer and log: `latest` starts it again from scratch.
     killed = tmp_path / "killed_early"
