@@ -701,7 +701,8 @@ def _belongs_to_saved_model(name: str) -> bool:
 
 def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str) -> None:
     """Replacing the folder `output` deletes everything in it: refuse when an input would go with it (the output is
-    an input, or holds one), or the working directory would (`--output .` with an overwrite flag)."""
+    an input, or holds one), the working directory would (`--output .` with an overwrite flag), or files of a
+    folder that is not a saved model (no config.json: not an earlier output) would."""
     target = Path(output).resolve()
     for source in map(Path, inputs):
         source = source.resolve()
@@ -715,6 +716,13 @@ def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | o
         raise ValueError(
             f"{option} {str(output)!r} {'is' if working == target else 'holds'} the working directory "
             f"{str(working)!r}: replacing it would delete everything there; choose another {option}."
+        )
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        held = sorted(entry.name for entry in target.iterdir())
+        raise ValueError(
+            f"{option} {str(output)!r} holds files but no saved model ({', '.join(held[:6])}"
+            f"{', ...' if len(held) > 6 else ''}): replacing it as a whole would delete them; choose another "
+            f"{option}, or empty it first."
         )
 
 

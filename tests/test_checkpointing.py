@@ -414,7 +414,7 @@ def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, ca
     for output, overwrite, message in [
         (run, ["--overwrite"], "holds the input"),  # the training folder itself, even when asked to overwrite
         (folders[1], ["--overwrite"], "is the input"),  # one of the averaged checkpoints
-        (notes, [], "already exists and is not empty; pass --overwrite"),  # a folder of the user's
+        (notes, [], "holds files but no saved model (keep.txt)"),  # a folder of the user's
         (".", ["--overwrite"], "is the working directory"),  # run from inside notes/
         (tmp_path, ["--overwrite"], "holds the input"),
     ]:
@@ -427,10 +427,17 @@ def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, ca
             script.main(["--input_dir", str(run), "--output", str(tmp_path / "avg"), *arguments])
         assert message in capsys.readouterr().err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    # Asked to, it replaces a folder that is not an input.
-    assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(notes), "--overwrite"]) == 0
-    assert torch.equal(load_file(str(notes / "model.safetensors"))["w"], torch.full((2,), 3.0))
-    assert not (notes / "keep.txt").exists()
+    # Even asked to, it does not replace a folder of other files (a mistyped --output would lose them) ...
+    assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(notes), "--overwrite"]) == 1
+    assert f"--output {str(notes)!r} holds files but no saved model (keep.txt)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # ... but it does replace an earlier output, when asked to.
+    average = tmp_path / "avg"
+    assert script.main(["--input_dir", str(run), "--last", "1", "--output", str(average)]) == 0
+    assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(average)]) == 1
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(average), "--overwrite"]) == 0
+    assert torch.equal(load_file(str(average / "model.safetensors"))["w"], torch.full((2,), 3.0))
 
 
 def test_state_files_load_without_unpickling_objects(tmp_path):

@@ -538,9 +538,15 @@ def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
-        build_hub_folder(model_dir, out, template=TEMPLATE)
+    for overwrite in (False, True):  # a folder of other files is not replaced, even when asked to
+        with pytest.raises(ValueError, match=r"holds files but no saved model \(keep.txt\)"):
+            build_hub_folder(model_dir, out, overwrite=overwrite, template=TEMPLATE)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert build_hub_folder(model_dir, out, template=TEMPLATE) == EXPECTED_FILES
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="not empty"):  # an earlier output: replaced when asked to
+        build_hub_folder(model_dir, out, template=TEMPLATE)
 
     # A build that fails half-way (bad eval_results.json) leaves the previous folder and no temporary folder.
     import shutil
@@ -550,10 +556,10 @@ def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path)
     (broken / "eval_results.json").write_text("{not json")
     with pytest.raises(ValueError, match="eval_results.json is not valid JSON"):
         build_hub_folder(broken, out, overwrite=True, template=TEMPLATE)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
 
-    assert build_hub_folder(model_dir, out, overwrite=True, template=TEMPLATE) == EXPECTED_FILES
+    assert build_hub_folder(model_dir, out, overwrite=True, template=TEMPLATE) == EXPECTED_FILES  # an earlier output
     assert sorted(p.name for p in out.iterdir()) == EXPECTED_FILES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
     assert (out / "model.safetensors").read_bytes() == (hub_folder / "model.safetensors").read_bytes()
