@@ -300,6 +300,17 @@ def line_aligned_files(prefix: str | os.PathLike, source_lang: str, target_lang:
     return pair if not prefix.exists() and all(p.exists() for p in pair) else None
 
 
+def _sentence_line(path: Path, lineno: int, line: str) -> str:
+    """A line of a one-sentence-per-line file without its ending ("\n" or "\r\n"). A carriage return left inside
+    would make several sentences one, unseen: where a file ends its lines with carriage returns alone."""
+    line = line.removesuffix("\n").removesuffix("\r")
+    if "\r" in line:
+        from .training import CARRIAGE_RETURN_INSIDE
+
+        raise DataFileError(f"{path}, line {lineno}: {CARRIAGE_RETURN_INSIDE}")
+    return line
+
+
 def _read_line_aligned(source: Path, target: Path) -> Iterator[tuple[int, str, str]]:
     targets = _iter_lines(target)
     lineno = 0
@@ -308,7 +319,7 @@ def _read_line_aligned(source: Path, target: Path) -> Iterator[tuple[int, str, s
         if tgt is None:
             raise DataFileError(f"{target}, line {lineno}: the file ends here, but {source} goes on (the two files "
                                 "must have one line per sentence pair, in the same order)")
-        yield lineno, src, tgt[1]
+        yield lineno, _sentence_line(source, lineno, src), _sentence_line(target, lineno, tgt[1])
     if next(targets, None) is not None:
         raise DataFileError(f"{source}, line {lineno + 1}: the file ends here, but {target} goes on (the two files "
                             "must have one line per sentence pair, in the same order)")

@@ -749,6 +749,10 @@ def check_weight_dtypes(folder: Path) -> None:
                              "or not written for this model.")
 
 
+CARRIAGE_RETURN_INSIDE = ("contains a carriage return inside the line: are its lines ended by carriage returns "
+                          "alone (old Mac files)? Convert the line endings to line feeds")
+
+
 def split_lines(text: str) -> list[str]:
     """`text`'s lines, split at line feeds only (and "\\r\\n"): `str.splitlines` also splits at U+2028, form feeds
     and other separators that can sit inside a sentence, which would shift every later line against its partner."""
@@ -760,8 +764,8 @@ def split_lines(text: str) -> list[str]:
 
 def read_text_lines(path: str | os.PathLike, option: str | None = None) -> list[str]:
     """`split_lines` of a UTF-8 text file (`-`: stdin), without a leading byte order mark, as the data files are
-    read; a file that cannot be read, bytes that are not UTF-8 and NUL bytes raise ValueError naming the file (and
-    the `option` that gave it) and the line."""
+    read; a file that cannot be read, bytes that are not UTF-8, NUL bytes and carriage returns inside a line (lines
+    ended by them alone) raise ValueError naming the file (and the `option` that gave it) and the line."""
     name = "<stdin>" if str(path) == "-" else str(path)
     name = f"{option} {name}" if option else name
     if str(path) == "-":  # the bytes, not Python's decoding of them (which would hide bad bytes as surrogates)
@@ -782,7 +786,11 @@ def read_text_lines(path: str | os.PathLike, option: str | None = None) -> list[
     if b"\0" in data:
         line = data[: data.index(b"\0")].count(b"\n") + 1
         raise ValueError(f"{name}, line {line}: contains NUL bytes (is this a binary file?).")
-    return split_lines(text.removeprefix("\ufeff"))
+    lines = split_lines(text.removeprefix("\ufeff"))
+    for number, line in enumerate(lines, 1):
+        if "\r" in line:
+            raise ValueError(f"{name}, line {number}: {CARRIAGE_RETURN_INSIDE}.")
+    return lines
 
 
 def finite_float(text: str) -> float:

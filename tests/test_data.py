@@ -162,6 +162,12 @@ def test_line_aligned_files_of_different_lengths_name_the_line_where_one_ends(tm
     write(tmp_path / "train.de", "x\ny\nz\nw\n")
     with pytest.raises(DataFileError, match=re.escape(f"{prefix}.en, line 4: the file ends here, but {prefix}.de goes on")):
         read_parallel_file(prefix)
+    # Lines ended by carriage returns alone (old Mac files) read as one line each: refused, not one pair made of all.
+    write(tmp_path / "train.en", "a\nb\nc\n")
+    write(tmp_path / "train.de", "x\r\ny\rz\r")
+    with pytest.raises(DataFileError, match=re.escape(f"{prefix}.de, line 2: contains a carriage return inside the "
+                                                      "line: are its lines ended by carriage returns alone")):
+        read_parallel_file(prefix)
     write(tmp_path / "train.de", b"x\n\xff\nz\n")
     check_error(tmp_path / "train.de", re.escape(f"give the prefix {prefix} of two line-aligned plain-text files"))
     with pytest.raises(DataFileError, match=re.escape(f"{prefix}.de, line 2: not valid UTF-8")):

@@ -686,6 +686,8 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     broken.write_bytes(b"one\ntw\xffo\n")
     nul = tmp_path / "nul.txt"
     nul.write_bytes(b"one\ntwo\nthr\0ee\n")
+    mac = tmp_path / "mac.txt"
+    mac.write_bytes(b"one\r\ntwo\rthree\r")  # lines ended by carriage returns alone: one line, not two
     unwritable = [(["--input", str(source), "--output", "/proc/out.txt"], "'/proc/out.txt' cannot be written")]
     for args, message in [
         (["--input", str(broken)], f"--input {broken}, line 2: not UTF-8 text"),
@@ -693,6 +695,7 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
         (["--input", str(tmp_path / "missing.txt")], f"--input {tmp_path / 'missing.txt'}: cannot be read (No such file"),
         (["--input", str(tmp_path)], f"--input {tmp_path}: cannot be read (Is a directory)"),
         (["--input", str(nul)], f"--input {nul}, line 3: contains NUL bytes"),
+        (["--input", str(mac)], f"--input {mac}, line 2: contains a carriage return inside the line"),
         (["--input", str(source), "--output", str(tmp_path / "no" / "out.txt")], "does not exist"),
         *(unwritable if Path("/proc").is_dir() else []),
         (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
