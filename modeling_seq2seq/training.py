@@ -620,8 +620,8 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
 
     `num_beams`/`length_penalty` None take the model's generation config. Each batch may produce at most the
     longest source length + `max_new_tokens_extra` tokens (Section 6.1). Sources longer than `max_source_length`
-    tokens are truncated, with a warning naming them (`names[i]`, default "sentence i+1"). Each translation is one
-    line: line breaks the model generates become spaces.
+    tokens are truncated, with a warning naming them (`names[i]`, default "sentence i+1" and its first words). Each
+    translation is one line: line breaks the model generates become spaces.
     """
     model_was_training = model.training
     model.eval()
@@ -634,7 +634,8 @@ def translate_texts(model, tokenizer, texts: list[str], batch_size: int = 64, nu
         long = [i for i, ids in enumerate(encoded) if len(ids) > max_source_length]
         if long:
             logger.warning("%d source(s) longer than %d tokens truncated to that length: %s%s", len(long),
-                           max_source_length, ", ".join(names[i] if names else f"sentence {i + 1}" for i in long[:10]),
+                           max_source_length,
+                           ", ".join(names[i] if names else f"sentence {i + 1} ({texts[i][:30]!r}...)" for i in long[:10]),
                            " ..." if len(long) > 10 else "")
         encoded = [ids if len(ids) <= max_source_length else ids[: max_source_length - 1] + [eos] for ids in encoded]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]), reverse=True)

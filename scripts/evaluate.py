@@ -117,9 +117,10 @@ def main(argv=None) -> int:
     if args.effective_order is not None:
         effective_order = args.effective_order
     start = time.monotonic()
+    names = [f"{args.source_file}, line {i + 1}" for i in lines[0]] if lines else None  # --source_file's
     predictions = translate_texts(model, tokenizer, sources, batch_size=args.batch_size, num_beams=args.num_beams,
                                   length_penalty=args.length_penalty,
-                                  max_source_length=model.config.max_position_embeddings)
+                                  max_source_length=model.config.max_position_embeddings, names=names)
     seconds = time.monotonic() - start
     scores = translation_metrics(predictions, references, effective_order=effective_order, tokenize=tokenize)
     result = {

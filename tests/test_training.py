@@ -513,6 +513,19 @@ def test_translate_truncates_a_runaway_line_at_the_models_length_and_names_it(sh
     assert f"1 source(s) longer than {limit} tokens truncated to that length: {source}, line 2" in caplog.text
     outputs = (tmp_path / "out.txt").read_text().split("\n")[:-1]
     assert len(outputs) == 2 and len(tokenizer(outputs[1])["input_ids"]) <= limit + 50 + 1
+    # evaluate.py names the line too (after a skipped empty pair), and elsewhere the sentence's first words
+    source.write_text("one\n\n" + "three " * (4 * limit) + "\n")
+    references = tmp_path / "references.txt"
+    references.write_text("eins\n\ndrei\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert load_script("evaluate").main(["--model", str(short_run), "--source_file", str(source),
+                                             "--reference_file", str(references), "--num_beams", "1"]) == 0
+    assert f"1 source(s) longer than {limit} tokens truncated to that length: {source}, line 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        training.translate_texts(model, tokenizer, ["one", "three " * (4 * limit)], max_source_length=limit)
+    assert "truncated to that length: sentence 2 ('three three three three three '...)" in caplog.text
 
 
 def test_each_source_keeps_its_own_line_whatever_the_model_generates_or_its_generation_config_asks(short_run, tmp_path):
