@@ -1707,12 +1707,16 @@ class Trainer:
         else:
             path = self._save_distributed(step, write_main, write_rank)
         self.last_saved_step = step
+        self.rotate_checkpoints(path)
+        return path
+
+    def rotate_checkpoints(self, newest: Path) -> None:
+        """Delete the oldest checkpoints beyond `save_total_limit` (never `newest`), on the main process."""
         if self.is_main:
-            for deleted in ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, protect=[path],
+            for deleted in ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, protect=[newest],
                                                    superseded=self.earlier_runs_last):
                 logger.info("Deleted old checkpoint %s (save_total_limit=%s).", deleted, self.config.save_total_limit)
-        accelerator.wait_for_everyone()
-        return path
+        self.accelerator.wait_for_everyone()
 
     def _save_distributed(self, step, write_main, write_rank) -> Path:
         accelerator = self.accelerator
@@ -2015,6 +2019,8 @@ class Trainer:
             self.record_eval()
         if self.last_saved_step != self.step:
             self.save_checkpoint()
+        else:  # resumed from this step's checkpoint: a run killed between saving and rotating left one too many
+            self.rotate_checkpoints(ckpt.checkpoint_path(self.output_dir, self.step))
         averaged_from = []
         if config.average_checkpoints > 1:
             averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints,

@@ -1167,6 +1167,17 @@ def test_a_finished_run_continued_to_more_steps_ends_as_a_run_never_interrupted(
     assert_same_weights(continued, tmp_path / "once", atol=0)
 
 
+def test_a_run_killed_between_its_last_checkpoint_and_the_rotation_rotates_when_resumed(assets, tmp_path):
+    """Killed after its last checkpoint was renamed into place but before the older ones beyond save_total_limit
+    were deleted (here: a run that kept all three), a run resumed there trains nothing and saves nothing, and still
+    leaves only the last save_total_limit checkpoints."""
+    output_dir = tmp_path / "run"
+    assert training.main(run_args(assets, output_dir, save_total_limit=4)) == 0
+    assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    assert training.main(run_args(assets, output_dir, save_total_limit=2, resume_from_checkpoint="latest")) == 0
+    assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-8", "checkpoint-12"]
+
+
 def test_resuming_past_max_steps_says_that_nothing_is_trained(assets, reference_run, tmp_path, caplog):
     output_dir = tmp_path / "lower"
     args = run_args(assets, output_dir, max_steps=8, resume_from_checkpoint=str(reference_run / "checkpoint-12"))
