@@ -1316,6 +1316,43 @@ def gradient_norm(parameters: list, max_norm: float | None, accelerator=None) ->
     return float(total_norm(grads))
 
 
+@dataclass
+class LogWindow:
+    """The steps the next `train` log record averages (those since the last record) and their training time, without
+    evaluations and saves. Kept in checkpoints: a resumed run's first record covers the steps an uninterrupted
+    run's would."""
+
+    loss: float = 0.0
+    tokens: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0  # before `start`
+    start: float = field(default_factory=time.monotonic)
+
+    def add(self, loss: float, tokens: float) -> None:
+        self.loss, self.tokens, self.steps = self.loss + loss, self.tokens + tokens, self.steps + 1
+
+    def pause(self) -> None:
+        self.seconds += time.monotonic() - self.start
+
+    def resume(self) -> None:
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return max(self.seconds + time.monotonic() - self.start, 1e-9)
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "tokens": self.tokens, "steps": self.steps, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state) -> "LogWindow":
+        """The window a checkpoint kept; an empty one for a checkpoint without (older) or with a malformed one."""
+        fields = {"loss": (int, float), "tokens": (int, float), "steps": (int,), "seconds": (int, float)}
+        if not (isinstance(state, dict) and all(type(state.get(key)) in kinds and 0 <= state[key] < math.inf
+                                                for key, kinds in fields.items())):
+            return cls()
+        return cls(**{key: state[key] for key in fields})
+
+
 def check_own_checkpoint(folder: Path) -> None:
     """A checkpoint of this loop: its trainer_state.json is a JSON object with the fields resuming reads (the
     stock Trainer's checkpoints, from finetune_trainer.py, share our manifest but not this state)."""
@@ -1684,6 +1721,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "log_records": self.log.records,
             "last_eval_step": self.last_eval_step,
+            "log_window": self.log_window.state_dict(),
         }
 
         def write_main(staging: Path):
@@ -1771,6 +1809,7 @@ class Trainer:
         self.elapsed_before = state["elapsed_s"]
         self.last_saved_step = self.step
         self.last_eval_step, self.resumed_log_records = state.get("last_eval_step"), state.get("log_records")
+        self.log_window = LogWindow.from_state(state.get("log_window"))
         if state.get("grad_scaler") and self.accelerator.scaler is not None:
             with restoring(folder / ckpt.TRAINER_STATE_NAME, "the gradient scaler"):
                 self.accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -1891,7 +1930,8 @@ class Trainer:
         """Update until max_steps, the time budget or divergence (returned as the reason), logging, evaluating and
         saving checkpoints on the way."""
         config, accelerator = self.config, self.accelerator
-        window = {"loss": 0.0, "tokens": 0.0, "steps": 0, "start": time.monotonic()}
+        window = self.log_window
+        window.resume()
         stop_reason = "max_steps"
         while self.step < config.max_steps:
             raise_pending_stop()
@@ -1915,19 +1955,16 @@ class Trainer:
                 continue
             tokens = result["source_tokens"] + result["target_tokens"]
             self.tokens_seen += int(tokens)
-            window["loss"] += result["loss"]
-            window["tokens"] += tokens
-            window["steps"] += 1
+            window.add(result["loss"], tokens)
             progress.update(1)
             if self.step % config.logging_steps == 0 or self.step == config.max_steps:
-                elapsed = max(time.monotonic() - window["start"], 1e-9)
                 record = {
                     "type": "train",
                     "step": self.step,
                     "epoch": self.sampler.epoch,
-                    "loss": window["loss"] / window["steps"],
+                    "loss": window.loss / window.steps,
                     "lr": result["lr"],
-                    "tokens_per_s": window["tokens"] / elapsed,
+                    "tokens_per_s": window.tokens / window.elapsed(),
                     "elapsed_s": self.elapsed_before + time.monotonic() - self.start_time,
                 }
                 record["grad_norm"] = result["grad_norm"]
@@ -1937,13 +1974,16 @@ class Trainer:
                                      "train/tokens_per_s": record["tokens_per_s"]}, step=self.step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
-                window = {"loss": 0.0, "tokens": 0.0, "steps": 0, "start": time.monotonic()}
+                window = self.log_window = LogWindow()
             if config.eval_steps and self.step % config.eval_steps == 0:  # before the save: a resumed run keeps it
+                window.pause()  # tokens/s measures training, not evaluation
                 self.record_eval()
-                window["start"] = time.monotonic()  # tokens/s measures training, not evaluation
+                window.resume()
             if config.save_steps and self.step % config.save_steps == 0:
+                window.pause()
                 self.save_checkpoint()
-                window["start"] = time.monotonic()
+                window.resume()
+        window.pause()  # the final save keeps it as it is
         return stop_reason
 
     def run(self) -> dict:
@@ -1968,6 +2008,7 @@ class Trainer:
         self.skipped_steps = self.consecutive_bad_steps = self.tokens_seen = 0
         self.elapsed_before = 0.0
         self.last_saved_step = self.last_eval_step = None
+        self.log_window = LogWindow()
         if self.resume_dir is not None:
             self.load_checkpoint(self.resume_dir)
             self.log.truncate_after(self.step, self.resumed_log_records)

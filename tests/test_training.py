@@ -881,6 +881,19 @@ def test_stop_and_resume_matches_uninterrupted_run(assets, reference_run, tmp_pa
     assert steps == list(range(2, 13, 2))
 
 
+def test_a_resumed_runs_first_log_record_averages_the_steps_an_uninterrupted_runs_does(assets, tmp_path):
+    """Logged every 3 steps and saved every 4, checkpoint-4 falls inside the window of steps 4 to 6: resumed there,
+    the record at step 6 still averages steps 4, 5 and 6 (the checkpoint keeps the window), not 5 and 6 alone."""
+    run = tmp_path / "run"
+    assert training.main(run_args(assets, run, logging_steps=3)) == 0
+    expected = [(r["step"], r["loss"]) for r in read_log(run) if r["type"] == "train"]
+    assert [step for step, _ in expected] == [3, 6, 9, 12]
+    for later in ("checkpoint-8", "checkpoint-12"):  # as if killed at step 5
+        shutil.rmtree(run / later)
+    assert training.main(run_args(assets, run, logging_steps=3, resume_from_checkpoint="latest")) == 0
+    assert [(r["step"], r["loss"]) for r in read_log(run) if r["type"] == "train"] == expected
+
+
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run, tmp_path, capsys):
     before = sorted(p.name for p in reference_run.iterdir())
     assert training.main(run_args(assets, reference_run)) == 1
