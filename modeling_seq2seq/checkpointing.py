@@ -478,7 +478,8 @@ def find_latest_checkpoint(output_dir: str | os.PathLike, check_hashes: bool = T
         problem = verify_checkpoint(path, check_hashes=check_hashes)
         if problem is None:
             return path
-        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
+        logger.warning("Skipping incomplete checkpoint %s: %s. A run resumed from an earlier checkpoint writes a new "
+                       "one in its place when it saves that step: move it out of the folder to keep it.", path, problem)
     return None
 
 

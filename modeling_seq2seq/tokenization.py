@@ -306,7 +306,11 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     try:
         backend = Tokenizer.from_file(str(json_file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"tokenizer file {json_file} is corrupt or not a tokenizers JSON file: {e}") from e
+        try:  # its position is the JSON's when the file is no JSON, else a place in its own reading of the structure
+            json.loads(json_file.read_bytes())
+        except ValueError:
+            raise ValueError(f"tokenizer file {json_file} is corrupt or not a tokenizers JSON file: {e}") from e
+        raise ValueError(f"tokenizer file {json_file} is valid JSON but not a tokenizers file (tokenizers: {e})") from e
     if folder is None:
         return wrap_tokenizer(backend)
     check_tokenizer_config(folder / "tokenizer_config.json", backend)

@@ -252,6 +252,9 @@ def test_load_errors_name_the_path(tmp_path):
     (corrupt / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
     with pytest.raises(ValueError, match=f"{corrupt / 'tokenizer.json'} is corrupt"):
         load_tokenizer(corrupt)
+    (corrupt / "tokenizer.json").write_text('{"a": 1}')  # tokenizers' error points into JSON that is fine
+    with pytest.raises(ValueError, match=f"{corrupt / 'tokenizer.json'} is valid JSON but not a tokenizers file"):
+        load_tokenizer(corrupt)
 
 
 

@@ -1035,6 +1035,7 @@ def test_torn_newest_checkpoint_is_skipped_on_resume(assets, reference_run, tmp_
     with caplog.at_level("WARNING"):
         assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest")) == 0
     assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-8" in caplog.text
+    assert "writes a new one in its place when it saves that step: move it out of the folder to keep it" in caplog.text
     assert_same_weights(output_dir, reference_run)
 
 
