@@ -119,7 +119,8 @@ class TrainingConfig:
     compile: bool = _option(False, "torch.compile the training step's forward and backward (GPU: fuses the element-wise "
                                    "work around the matrix products; the first steps compile, for minutes)")
     max_consecutive_bad_steps: int = _option(10, "stop after this many consecutive NaN/inf steps")
-    max_time_minutes: typing.Optional[float] = _option(None, "wall-clock budget; then stop cleanly, save, evaluate")
+    max_time_minutes: typing.Optional[float] = _option(None, "wall-clock budget of this process (a resumed run has it "
+                                                              "anew); then stop cleanly, save, evaluate")
     torch_threads: typing.Optional[int] = _option(None, "CPU threads per process for torch (none: torch's default)")
     keep_freed_memory: bool = _option(True, "glibc keeps freed memory for reuse: faster CPU steps, higher RSS")
     # logging, evaluation, checkpoints
@@ -2278,9 +2279,13 @@ def stop_signals_raise():
         _pending_stop.clear()
 
 
-def stoppable(main):
+def stoppable(main=None, *, outputs: str = "no output is left half-written (an earlier one is as it was, or complete "
+                                          "if the new one was already in place)"):
     """A script's `main` that SIGTERM and Ctrl-C stop as exceptions, so that its clean-up runs (SIGTERM used to end it
-    where it stood, leaving its staging behind), ending with one line and the conventional exit code."""
+    where it stood, leaving its staging behind), ending with one line (saying what became of the `outputs`) and the
+    conventional exit code. `@stoppable`, or `@stoppable(outputs=...)`."""
+    if main is None:
+        return functools.partial(stoppable, outputs=outputs)
 
     @functools.wraps(main)
     def run(argv=None):
@@ -2289,8 +2294,7 @@ def stoppable(main):
                 return main(argv)
         except (KeyboardInterrupt, Terminated) as stop:
             interrupted = isinstance(stop, KeyboardInterrupt)
-            print(f"{'Interrupted' if interrupted else 'Terminated'}: no output is left half-written (an earlier one is "
-                  "as it was, or complete if the new one was already in place).", file=sys.stderr)
+            print(f"{'Interrupted' if interrupted else 'Terminated'}: {outputs}.", file=sys.stderr)
             return 130 if interrupted else 128 + signal.SIGTERM
 
     return run

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling_seq2seq.training import stoppable
 
 FINAL_STAGING_PREFIX = ".final-model-tmp-"  # the final model's staging folder inside --output_dir
 FINAL_STATE_NAME = "finetune_final.json"  # the step the final model is from; written last by the final save
@@ -310,6 +311,8 @@ def build_parser():
     return parser
 
 
+@stoppable(outputs="--resume_from_checkpoint latest continues from the last complete checkpoint (one left part-written "
+                   "has no manifest and is skipped) and completes a final model stopped while being moved in")
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -259,6 +259,26 @@ def test_the_final_model_is_replaced_file_by_file_and_a_failed_save_leaves_the_o
     assert not [p for p in output_dir.iterdir() if p.name.startswith(".")]
 
 
+def test_a_fine_tuning_stopped_by_sigterm_ends_with_one_line_and_leaves_no_staging(saved_model, number_pairs, tmp_path,
+                                                                                  capsys, monkeypatch):
+    """SIGTERM (here raised where the handler raises it: while the final model is moved in) ends the script with its
+    exit code and a line saying how to continue, after its clean-up ran (it used to end where it stood)."""
+    from modeling_seq2seq import checkpointing
+    from modeling_seq2seq.training import Terminated
+
+    def terminated(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(checkpointing, "move_files_into", terminated)
+    output_dir = tmp_path / "stopped"
+    script = load_script("finetune_trainer")
+    assert script.main(["--model", str(saved_model), "--output_dir", str(output_dir), "--train_file",
+                        str(number_pairs[0]), "--max_steps", "2", "--save_steps", "0", "--use_cpu", "--quiet"]) == 143
+    assert "Terminated: --resume_from_checkpoint latest continues from the last complete checkpoint" in \
+        capsys.readouterr().err
+    assert not [p for p in output_dir.iterdir() if p.name.startswith(script.FINAL_STAGING_PREFIX)]
+
+
 def test_trainer_predictions_leave_the_cache_out(tmp_path):
     """`Trainer.prediction_step` returns the outputs not named in `config.keys_to_ignore_at_inference` as the
     predictions; the cache a forward without labels returns is not one of them (5.x names its field `cache`)."""
