@@ -1682,6 +1682,16 @@ class Trainer:
             # Validation keeps every pair, however long: filtering it would flatter the scores.
             with self.accelerator.main_process_first():
                 self.validation_set, _ = tokenize_pairs(self.validation_raw, tokenizer, 10**6, 10**6)
+            lengths = zip(map(len, self.validation_set["input_ids"]), map(len, self.validation_set["labels"]))
+            long = [(i, n + m) for i, (n, m) in enumerate(lengths)
+                    if n > config.max_source_length or m > config.max_target_length]
+            if long:
+                first = ", ".join(f"pair {i + 1} ({self.validation_raw[i]['source'][:30]!r}..., {tokens} tokens)"
+                                  for i, tokens in long[:3])
+                logger.warning("%d validation pair(s) longer than max_source_length=%d or max_target_length=%d tokens "
+                               "are kept (leaving them out would flatter the scores), and each validation loss takes "
+                               "them whole: %s%s", len(long), config.max_source_length, config.max_target_length,
+                               first, " ..." if len(long) > 3 else "")
 
     def make_sampler(self):
         from .data import TokenBatchSampler, token_lengths

@@ -1799,6 +1799,18 @@ def test_too_many_bad_steps_stop_training_and_keep_last_good_checkpoint(assets, 
     assert not (output_dir / "model.safetensors").exists(), "no final model from a diverged run"
 
 
+def test_validation_pairs_over_the_length_limits_are_kept_and_named(assets, tmp_path, caplog):
+    """Training leaves out pairs over max_source_length/max_target_length; validation keeps them (leaving them out
+    would flatter the scores), but says how many there are and which, as a very long one slows every validation."""
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, tmp_path / "run", max_steps=1, max_source_length=12,
+                                      max_target_length=12, save_steps=0)) == 0
+    warning = re.search(r"(\d+) validation pair\(s\) longer than max_source_length=12 or max_target_length=12 tokens "
+                        r"are kept .*: pair (\d+) \('(.*?)'\.\.\., (\d+) tokens\)", caplog.text)
+    assert warning is not None, caplog.text
+    assert int(warning[1]) > 0 and int(warning[4]) > 12 + 2
+
+
 def test_wall_clock_budget_stops_saves_and_evaluates(assets, tmp_path):
     output_dir = tmp_path / "budget"
     assert training.main(run_args(assets, output_dir, max_steps=100000, max_time_minutes=0.001)) == 0
