@@ -227,6 +227,7 @@ def build_hub_folder(
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     eval_results = _read_json(model_dir / "eval_results.json")
+    check_eval_results(model_dir / "eval_results.json", eval_results)
 
     # Inference settings: training writes use_cache=False into the config; a shared model should decode fast.
     model.config.use_cache = True
@@ -359,6 +360,32 @@ def _read_json(path: Path) -> dict | None:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}.")
     return value
+
+
+# The fields of eval_results.json that the card shows, and what each must be.
+_TEXT_FIELDS = ("source_lang", "target_lang", "dataset", "dataset_name", "dataset_config_name", "dataset_config",
+                "train_file", "split", "bleu_signature", "chrf_signature", "stop_reason")
+_COUNT_FIELDS = ("test_samples", "num_beams", "step")
+_NUMBER_FIELDS = (*(key for key, _, _ in EVAL_METRICS), "train_time_s")
+
+
+def check_eval_results(path: Path, results: dict | None) -> None:
+    """A value of the wrong type would reach the card as it is ("(-3 sentences)", metadata `language: - - x`) or
+    drop a metric without a word: refused, naming the file and the field. Absent fields and nulls are fine."""
+    for key, value in (results or {}).items():
+        if value is None:
+            continue
+        if key in _TEXT_FIELDS and not isinstance(value, str):
+            what = "text"
+        elif key in _COUNT_FIELDS and not (type(value) is int and value >= 0):
+            what = "a whole number, 0 or more"
+        elif key in _NUMBER_FIELDS and not (type(value) in (int, float) and math.isfinite(value)):
+            what = "a finite number"
+        elif key == "averaged_checkpoints" and not isinstance(value, list):
+            what = "a list of checkpoint folders"
+        else:
+            continue
+        raise ValueError(f"{path}: {key!r} must be {what}, got {json.dumps(value)[:60]}.")
 
 
 def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:

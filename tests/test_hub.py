@@ -558,6 +558,15 @@ def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path)
         build_hub_folder(broken, out, overwrite=True, template=TEMPLATE)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+    # Values of the wrong type would reach the card as they are, or drop a metric silently.
+    results = json.loads((model_dir / "eval_results.json").read_text())
+    for key, value, what in [("test_samples", -3, "a whole number, 0 or more"), ("test_bleu", "x", "a finite number"),
+                             ("test_chrf", float("nan"), "a finite number"), ("source_lang", ["x"], "text"),
+                             ("averaged_checkpoints", "checkpoint-8", "a list of checkpoint folders")]:
+        (broken / "eval_results.json").write_text(json.dumps({**results, key: value}))
+        with pytest.raises(ValueError, match=re.escape(f"{broken / 'eval_results.json'}: {key!r} must be {what}, got")):
+            build_hub_folder(broken, out, overwrite=True, template=TEMPLATE)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
 
     assert build_hub_folder(model_dir, out, overwrite=True, template=TEMPLATE) == EXPECTED_FILES  # an earlier output
     assert sorted(p.name for p in out.iterdir()) == EXPECTED_FILES
