@@ -925,6 +925,13 @@ def check_special_tokens(tokenizer, where: str, needed=("pad_token", "eos_token"
                          f"sentence ends: {remedy}.")
 
 
+def check_num_beams(num_beams: int | None, model, option: str = "--num_beams") -> None:
+    """A beam search's first step has one hypothesis per token: more beams than the vocabulary only cost memory and
+    time (100,000 beams of a 500-token model took 16 GB and minutes without a word)."""
+    if num_beams is not None and num_beams > model.config.vocab_size:
+        raise ValueError(f"{option} {num_beams}: more beams than the model has tokens ({model.config.vocab_size}).")
+
+
 def check_generation_config(path: Path) -> None:
     """A saved generation_config.json that transformers would ignore (not JSON) or fail on at the first `generate`
     (no beams, a negative length, a number given as text, a token id outside the vocabulary) is refused at load,

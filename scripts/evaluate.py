@@ -21,6 +21,7 @@ from modeling_seq2seq.data import line_aligned_files
 from modeling_seq2seq.training import (
     bleu_tokenizer,
     check_device,
+    check_num_beams,
     check_output_file,
     finite_float,
     load_model_and_tokenizer,
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
         if not sources:
             raise ValueError(f"{description}: no sentences to evaluate.")
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+        check_num_beams(args.num_beams, model)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ import argparse
 
 from modeling_seq2seq.training import (
     check_device,
+    check_num_beams,
     check_output_file,
     finite_float,
     load_model_and_tokenizer,
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
         check_device(args.device)
         check_output_file(args.output, "--output", {"--input": args.input}, args.model)
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+        check_num_beams(args.num_beams, model)
         lines = read_text_lines(args.input, "--input")  # after the model: stdin may be a pipe still being written
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -714,6 +714,7 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
         (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
         (["--input", str(source), "--device", "gpu7"], "not a device name"),
         (["--input", str(source), "--device", "meta"], "'meta': the meta device holds no data"),
+        (["--input", str(source), "--num_beams", "100000"], "--num_beams 100000: more beams than the model has tokens"),
     ]:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(broken.read_bytes())))
         assert translate.main(["--model", str(short_run), *args]) == 1
@@ -729,6 +730,9 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     empty.write_text("")
     assert evaluate.main(["--model", str(short_run), "--source_file", str(empty), "--reference_file", str(empty)]) == 1
     assert "no sentences to evaluate" in capsys.readouterr().err
+    assert evaluate.main(["--model", str(short_run), "--source_file", str(source), "--reference_file", str(source),
+                          "--num_beams", "100000"]) == 1
+    assert "--num_beams 100000: more beams than the model has tokens" in capsys.readouterr().err
     assert evaluate.main(["--model", str(short_run), "--source_file", str(broken), "--reference_file", str(source)]) == 1
     assert f"--source_file {broken}, line 2: not UTF-8 text" in capsys.readouterr().err
     utf16 = tmp_path / "utf16.txt"
