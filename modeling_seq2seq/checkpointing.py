@@ -40,11 +40,11 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRASHED_CHECKPOINT_RE = re.compile(r"^\.trash-(checkpoint-\d+)-\d+$")  # replace_dir's trash names
 # What a killed run of ours can leave in its output folder: checkpoint and final-model staging folders, trashed
 # checkpoints (above), and `mkstemp`'s files (atomic writes, the write probe: a name, the writer's process id and 8
-# random characters; removed only once that process is gone).
+# random characters; removed once that process is gone; the probe's name had no id before the nineteenth session).
 REPLACED_PREFIX = ".replaced-"  # an earlier run's checkpoint set aside for deletion (never restored)
 _STALE_DIR_RE = re.compile(r"^\.tmp-(checkpoint-\d+|final-model|tokenizer)$|^\.trash-tokenizer-\d+$"
                            r"|^\.replaced-checkpoint-\d+-\d+$")
-_STALE_FILE_RE = re.compile(r"^\.tmp-.+-(\d+)-[a-z0-9_]{8}$")
+_STALE_FILE_RE = re.compile(r"^\.tmp-.+-(\d+)-[a-z0-9_]{8}$|^\.tmp-write-probe-[a-z0-9_]{8}$")
 
 
 class CheckpointError(RuntimeError):
@@ -109,6 +109,26 @@ def staging_beside(final: str | os.PathLike) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
+
+
+def _writer_is_gone(entry: Path) -> bool:
+    """Whether the process named in a temporary file's name (`_STALE_FILE_RE`) no longer writes it: it is gone, or
+    a process with its id started after the file was last written (ids come round again: a restarted container's
+    run often has its predecessor's). Files without an id, and folders, count as gone."""
+    match = _STALE_FILE_RE.match(entry.name)
+    if match is None or match.group(1) is None:
+        return True
+    pid = int(match.group(1))
+    if _process_is_gone(pid):
+        return True
+    try:  # Linux: field 22 of /proc/<pid>/stat is the start in clock ticks after boot (`btime` in /proc/stat)
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        return started > entry.stat().st_mtime + 2  # btime has whole seconds
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
 
 
 def _process_is_gone(pid: int) -> bool:
@@ -472,14 +492,17 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_latest_checkpoint(output_dir: str | os.PathLike, check_hashes: bool = True) -> Path | None:
-    """The newest checkpoint whose manifest verifies; torn or corrupted ones are skipped with a warning."""
+def find_latest_checkpoint(output_dir: str | os.PathLike, check_hashes: bool = True,
+                           resuming: bool = False) -> Path | None:
+    """The newest checkpoint whose manifest verifies; torn or corrupted ones are skipped with a warning (`resuming`:
+    saying that the resumed run will write over them)."""
     for _, path in reversed(list_checkpoints(output_dir)):
         problem = verify_checkpoint(path, check_hashes=check_hashes)
         if problem is None:
             return path
-        logger.warning("Skipping incomplete checkpoint %s: %s. A run resumed from an earlier checkpoint writes a new "
-                       "one in its place when it saves that step: move it out of the folder to keep it.", path, problem)
+        logger.warning("Skipping incomplete checkpoint %s: %s.%s", path, problem,
+                       " A run resumed from an earlier checkpoint writes a new one in its place when it saves that "
+                       "step: move it out of the folder to keep it." if resuming else "")
     return None
 
 
@@ -488,7 +511,7 @@ def resolve_resume_checkpoint(resume_from: str | None, output_dir: str | os.Path
     if not resume_from:
         return None
     if resume_from == "latest":
-        latest = find_latest_checkpoint(output_dir)
+        latest = find_latest_checkpoint(output_dir, resuming=True)
         if latest is None:
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting from scratch.", output_dir)
         return latest
@@ -569,17 +592,17 @@ def restore_interrupted_replacements(output_dir: str | os.PathLike) -> list[Path
 
 def is_stale_staging(entry: Path) -> bool:
     """Whether `entry` has a name that only our writes give (a user's `.tmp-notes` folder or `.tmp-notes-20261128`
-    file does not), and, for a file, whether the process that wrote it is gone."""
+    file does not): no user content, whether or not its writer still runs (the same answer on every machine)."""
     if entry.is_dir() and not entry.is_symlink():
         return bool(_STALE_DIR_RE.match(entry.name) or _TRASHED_CHECKPOINT_RE.match(entry.name))
-    match = _STALE_FILE_RE.match(entry.name)
-    return match is not None and entry.is_file() and _process_is_gone(int(match.group(1)))
+    return entry.is_file() and bool(_STALE_FILE_RE.match(entry.name))
 
 
 def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary folders and files left by a run of ours killed while writing (call
-    `restore_interrupted_replacements` first, and only once the folder is known to be a run's)."""
-    return remove_entries(Path(output_dir), is_stale_staging)
+    `restore_interrupted_replacements` first, and only once the folder is known to be a run's); a temporary file
+    whose writer still runs is left to it."""
+    return remove_entries(Path(output_dir), lambda entry: is_stale_staging(entry) and _writer_is_gone(entry))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -700,10 +723,13 @@ def _belongs_to_saved_model(name: str) -> bool:
     return not name.endswith((WEIGHT_FILE_SUFFIX, ".bin", ".index.json")) and name != MANIFEST_NAME and not is_training_state(name)
 
 
+SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what file browsers leave in any folder
+
+
 def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str) -> None:
     """Replacing the folder `output` deletes everything in it: refuse when an input would go with it (the output is
-    an input, or holds one), the working directory would (`--output .` with an overwrite flag), or files of a
-    folder that is not a saved model (no config.json: not an earlier output) would."""
+    an input, or holds one), the working directory would (`--output .` with an overwrite flag), files of a folder
+    that is not a saved model (no config.json: not an earlier output) would, or a training run's checkpoints."""
     target = Path(output).resolve()
     for source in map(Path, inputs):
         source = source.resolve()
@@ -718,13 +744,16 @@ def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | o
             f"{option} {str(output)!r} {'is' if working == target else 'holds'} the working directory "
             f"{str(working)!r}: replacing it would delete everything there; choose another {option}."
         )
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
-        held = sorted(entry.name for entry in target.iterdir())
+    held = sorted(entry.name for entry in target.iterdir() if entry.name not in SYSTEM_FILES) if target.is_dir() else []
+    if held and not (target / "config.json").is_file():
         raise ValueError(
             f"{option} {str(output)!r} holds files but no saved model ({', '.join(held[:6])}"
             f"{', ...' if len(held) > 6 else ''}): replacing it as a whole would delete them; choose another "
             f"{option}, or empty it first."
         )
+    if checkpoints := list_checkpoints(target):
+        raise ValueError(f"{option} {str(output)!r} holds a training run's checkpoints ({checkpoints[-1][1].name}, ...): "
+                         f"replacing it as a whole would delete them; choose another {option}.")
 
 
 # Config fields that do not change what the weights compute: averaging checkpoints that differ only there is fine.

@@ -431,13 +431,25 @@ def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, ca
     assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(notes), "--overwrite"]) == 1
     assert f"--output {str(notes)!r} holds files but no saved model (keep.txt)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    # ... but it does replace an earlier output, when asked to.
+    # ... nor a training run's folder (it has a config.json too) ...
+    shutil.copy2(folders[1] / "config.json", run / "config.json")
+    (tmp_path / "second").mkdir()
+    for step in (2, 4):
+        shutil.copytree(folders[step // 2 - 1], tmp_path / "second" / f"checkpoint-{step}")
+    assert script.main(["--input_dir", str(tmp_path / "second"), "--last", "2", "--output", str(run), "--overwrite"]) == 1
+    assert f"--output {str(run)!r} holds a training run's checkpoints (checkpoint-4, ...)" in capsys.readouterr().err
+    assert (run / "checkpoint-4").is_dir()
+    # ... but it does replace an earlier output, when asked to, or a folder a file browser left its files in.
     average = tmp_path / "avg"
     assert script.main(["--input_dir", str(run), "--last", "1", "--output", str(average)]) == 0
     assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(average)]) == 1
     assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(average), "--overwrite"]) == 0
     assert torch.equal(load_file(str(average / "model.safetensors"))["w"], torch.full((2,), 3.0))
+    browsed = tmp_path / "browsed"
+    browsed.mkdir()
+    (browsed / ".DS_Store").write_bytes(b"\0")
+    assert script.main(["--input_dir", str(run), "--last", "2", "--output", str(browsed), "--overwrite"]) == 0
 
 
 def test_state_files_load_without_unpickling_objects(tmp_path):
