@@ -301,10 +301,9 @@ def line_aligned_files(prefix: str | os.PathLike, source_lang: str, target_lang:
 
 
 def _sentence_line(path: Path, lineno: int, line: str) -> str:
-    """A line of a one-sentence-per-line file without its ending ("\n" or "\r\n"). A carriage return left inside
-    would make several sentences one, unseen: where a file ends its lines with carriage returns alone."""
-    line = line.removesuffix("\n").removesuffix("\r")
-    if "\r" in line:
+    """A line of a one-sentence-per-line file, refused where its first line holds a carriage return inside: the file
+    ends its lines with carriage returns alone, and would be read as one sentence (a stray one further on stays)."""
+    if lineno == 1 and "\r" in line.strip():
         from .training import CARRIAGE_RETURN_INSIDE
 
         raise DataFileError(f"{path}, line {lineno}: {CARRIAGE_RETURN_INSIDE}")

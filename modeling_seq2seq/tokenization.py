@@ -20,6 +20,7 @@ no ``<s>`` is added (the model prepends the decoder start token itself when shif
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -282,6 +283,22 @@ def check_tokenizer_config(file: Path, backend: Tokenizer) -> None:
             raise ValueError(f"{file}: its {name} {token!r} is not in the vocabulary of {file.with_name('tokenizer.json')}.")
 
 
+def _why_not_a_tokenizer_file(json_file: Path, error: Exception) -> str:
+    """What is wrong with a file that `tokenizers` refused. Its error gives a position in its own reading of the
+    structure, which points into good JSON where only the structure is wrong, and it cannot read a byte order mark."""
+    try:
+        data = json_file.read_bytes()
+    except OSError as problem:
+        return f"cannot be read ({problem})"
+    if data.startswith(codecs.BOM_UTF8):
+        return "starts with a UTF-8 byte order mark, which tokenizers does not read: save it without one"
+    try:
+        json.loads(data)
+    except ValueError:
+        return f"is corrupt or not a tokenizers JSON file: {error}"
+    return f"is valid JSON but not a tokenizers file (tokenizers: {error})"
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved by `save_tokenizer` (a folder, or a bare `tokenizer.json` file), or one whose config
     names a transformers class that keeps its vocabulary elsewhere (OPUS-MT's MarianTokenizer), through that class."""
@@ -306,11 +323,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     try:
         backend = Tokenizer.from_file(str(json_file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        try:  # its position is the JSON's when the file is no JSON, else a place in its own reading of the structure
-            json.loads(json_file.read_bytes())
-        except ValueError:
-            raise ValueError(f"tokenizer file {json_file} is corrupt or not a tokenizers JSON file: {e}") from e
-        raise ValueError(f"tokenizer file {json_file} is valid JSON but not a tokenizers file (tokenizers: {e})") from e
+        raise ValueError(f"tokenizer file {json_file} {_why_not_a_tokenizer_file(json_file, e)}") from e
     if folder is None:
         return wrap_tokenizer(backend)
     check_tokenizer_config(folder / "tokenizer_config.json", backend)

@@ -766,8 +766,8 @@ def split_lines(text: str) -> list[str]:
 
 def read_text_lines(path: str | os.PathLike, option: str | None = None) -> list[str]:
     """`split_lines` of a UTF-8 text file (`-`: stdin), without a leading byte order mark, as the data files are
-    read; a file that cannot be read, bytes that are not UTF-8, NUL bytes and carriage returns inside a line (lines
-    ended by them alone) raise ValueError naming the file (and the `option` that gave it) and the line."""
+    read; a file that cannot be read, bytes that are not UTF-8, NUL bytes and a carriage return inside the first line
+    (lines ended by them alone) raise ValueError naming the file (and the `option` that gave it) and the line."""
     name = "<stdin>" if str(path) == "-" else str(path)
     name = f"{option} {name}" if option else name
     if str(path) == "-":  # the bytes, not Python's decoding of them (which would hide bad bytes as surrogates)
@@ -789,9 +789,8 @@ def read_text_lines(path: str | os.PathLike, option: str | None = None) -> list[
         line = data[: data.index(b"\0")].count(b"\n") + 1
         raise ValueError(f"{name}, line {line}: contains NUL bytes (is this a binary file?).")
     lines = split_lines(text.removeprefix("\ufeff"))
-    for number, line in enumerate(lines, 1):
-        if "\r" in line:
-            raise ValueError(f"{name}, line {number}: {CARRIAGE_RETURN_INSIDE}.")
+    if lines and "\r" in lines[0].strip():
+        raise ValueError(f"{name}, line 1: {CARRIAGE_RETURN_INSIDE}.")
     return lines
 
 
@@ -927,7 +926,9 @@ def check_special_tokens(tokenizer, where: str, needed=("pad_token", "eos_token"
 
 def check_num_beams(num_beams: int | None, model, option: str = "--num_beams") -> None:
     """A beam search's first step has one hypothesis per token: more beams than the vocabulary only cost memory and
-    time (100,000 beams of a 500-token model took 16 GB and minutes without a word)."""
+    time (100,000 beams of a 500-token model took 16 GB and minutes without a word). None: the generation config's."""
+    if num_beams is None:
+        num_beams, option = model.generation_config.num_beams, "generation_config.json's num_beams"
     if num_beams is not None and num_beams > model.config.vocab_size:
         raise ValueError(f"{option} {num_beams}: more beams than the model has tokens ({model.config.vocab_size}).")
 
@@ -1692,7 +1693,7 @@ class Trainer:
             lengths = zip(map(len, self.validation_set["input_ids"]), map(len, self.validation_set["labels"]))
             long = [(i, n + m) for i, (n, m) in enumerate(lengths)
                     if n > config.max_source_length or m > config.max_target_length]
-            if long:
+            if long and self.is_main:
                 first = ", ".join(f"pair {i + 1} ({self.validation_raw[i]['source'][:30]!r}..., {tokens} tokens)"
                                   for i, tokens in long[:3])
                 logger.warning("%d validation pair(s) longer than max_source_length=%d or max_target_length=%d tokens "
@@ -2010,6 +2011,10 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         raw = load_raw_data(config)
         self.tokenizer = self.setup_tokenizer(raw)
+        for option in ("num_beams", "eval_num_beams"):  # as translate.py's check_num_beams, before any training
+            if getattr(config, option) > len(self.tokenizer):
+                raise ValueError(f"{option} {getattr(config, option)}: more beams than the tokenizer has tokens "
+                                 f"({len(self.tokenizer)}).")
         self.setup_data(raw, self.tokenizer)
         self.sampler = self.make_sampler()
         model = build_model(config, self.tokenizer)

@@ -162,12 +162,15 @@ def test_line_aligned_files_of_different_lengths_name_the_line_where_one_ends(tm
     write(tmp_path / "train.de", "x\ny\nz\nw\n")
     with pytest.raises(DataFileError, match=re.escape(f"{prefix}.en, line 4: the file ends here, but {prefix}.de goes on")):
         read_parallel_file(prefix)
-    # Lines ended by carriage returns alone (old Mac files) read as one line each: refused, not one pair made of all.
+    # Lines ended by carriage returns alone (old Mac files) read as one line: refused, not one pair made of all. Lines
+    # ended by "\r\r\n" (a "\r\n" written in text mode on Windows) and a stray one further on are read as before.
     write(tmp_path / "train.en", "a\nb\nc\n")
-    write(tmp_path / "train.de", "x\r\ny\rz\r")
-    with pytest.raises(DataFileError, match=re.escape(f"{prefix}.de, line 2: contains a carriage return inside the "
+    write(tmp_path / "train.de", "x\ry\rz\r")
+    with pytest.raises(DataFileError, match=re.escape(f"{prefix}.de, line 1: contains a carriage return inside the "
                                                       "line: are its lines ended by carriage returns alone")):
         read_parallel_file(prefix)
+    write(tmp_path / "train.de", "x\r\r\ny\rw\r\r\nz \r\n")
+    assert rows_of(read_parallel_file(prefix)) == [("a", "x"), ("b", "y\rw"), ("c", "z")]
     write(tmp_path / "train.de", b"x\n\xff\nz\n")
     check_error(tmp_path / "train.de", re.escape(f"give the prefix {prefix} of two line-aligned plain-text files"))
     with pytest.raises(DataFileError, match=re.escape(f"{prefix}.de, line 2: not valid UTF-8")):

@@ -219,7 +219,7 @@ def test_save_leaves_other_files_alone(tok, tmp_path):
     assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
 
 
-def test_load_errors_name_the_path(tmp_path):
+def test_load_errors_name_the_path(tok, tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         load_tokenizer(missing)
@@ -254,6 +254,11 @@ def test_load_errors_name_the_path(tmp_path):
         load_tokenizer(corrupt)
     (corrupt / "tokenizer.json").write_text('{"a": 1}')  # tokenizers' error points into JSON that is fine
     with pytest.raises(ValueError, match=f"{corrupt / 'tokenizer.json'} is valid JSON but not a tokenizers file"):
+        load_tokenizer(corrupt)
+    good = (tmp_path / "good.json")
+    tok.backend_tokenizer.save(str(good))
+    (corrupt / "tokenizer.json").write_bytes(b"\xef\xbb\xbf" + good.read_bytes())
+    with pytest.raises(ValueError, match=f"{corrupt / 'tokenizer.json'} starts with a UTF-8 byte order mark"):
         load_tokenizer(corrupt)
 
 

@@ -700,7 +700,7 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     nul = tmp_path / "nul.txt"
     nul.write_bytes(b"one\ntwo\nthr\0ee\n")
     mac = tmp_path / "mac.txt"
-    mac.write_bytes(b"one\r\ntwo\rthree\r")  # lines ended by carriage returns alone: one line, not two
+    mac.write_bytes(b"one\rtwo\rthree\r")  # lines ended by carriage returns alone: one line, not three
     unwritable = [(["--input", str(source), "--output", "/proc/out.txt"], "'/proc/out.txt' cannot be written")]
     for args, message in [
         (["--input", str(broken)], f"--input {broken}, line 2: not UTF-8 text"),
@@ -708,7 +708,7 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
         (["--input", str(tmp_path / "missing.txt")], f"--input {tmp_path / 'missing.txt'}: cannot be read (No such file"),
         (["--input", str(tmp_path)], f"--input {tmp_path}: cannot be read (Is a directory)"),
         (["--input", str(nul)], f"--input {nul}, line 3: contains NUL bytes"),
-        (["--input", str(mac)], f"--input {mac}, line 2: contains a carriage return inside the line"),
+        (["--input", str(mac)], f"--input {mac}, line 1: contains a carriage return inside the line"),
         (["--input", str(source), "--output", str(tmp_path / "no" / "out.txt")], "does not exist"),
         *(unwritable if Path("/proc").is_dir() else []),
         (["--input", str(source), "--output", str(tmp_path)], "is a folder, not a file"),
@@ -733,6 +733,12 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     assert evaluate.main(["--model", str(short_run), "--source_file", str(source), "--reference_file", str(source),
                           "--num_beams", "100000"]) == 1
     assert "--num_beams 100000: more beams than the model has tokens" in capsys.readouterr().err
+    beams = tmp_path / "beams"  # the generation config's beams, when no --num_beams is given
+    shutil.copytree(short_run, beams, ignore=shutil.ignore_patterns("checkpoint-*"))
+    settings = json.loads((beams / "generation_config.json").read_text())
+    (beams / "generation_config.json").write_text(json.dumps({**settings, "num_beams": 100000}))
+    assert translate.main(["--model", str(beams), "--input", str(source), "--output", str(tmp_path / "b.txt")]) == 1
+    assert "generation_config.json's num_beams 100000: more beams than the model has tokens" in capsys.readouterr().err
     assert evaluate.main(["--model", str(short_run), "--source_file", str(broken), "--reference_file", str(source)]) == 1
     assert f"--source_file {broken}, line 2: not UTF-8 text" in capsys.readouterr().err
     utf16 = tmp_path / "utf16.txt"
@@ -1808,6 +1814,13 @@ def test_too_many_bad_steps_stop_training_and_keep_last_good_checkpoint(assets, 
     assert f"last good checkpoint is {output_dir / 'checkpoint-4'}" in error
     assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
     assert not (output_dir / "model.safetensors").exists(), "no final model from a diverged run"
+
+
+def test_more_beams_than_tokens_are_refused_before_training(assets, tmp_path, capsys):
+    for option in ("num_beams", "eval_num_beams"):
+        assert training.main(run_args(assets, tmp_path / option, **{option: 100000})) == 1
+        assert f"{option} 100000: more beams than the tokenizer has tokens (300)" in capsys.readouterr().err
+        assert not ckpt.list_checkpoints(tmp_path / option)
 
 
 def test_validation_pairs_over_the_length_limits_are_kept_and_named(assets, tmp_path, caplog):
