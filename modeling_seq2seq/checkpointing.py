@@ -252,6 +252,7 @@ def probe_writable(directory: str | os.PathLike, probe_bytes: int = 1 << 20) -> 
         raise CheckpointError(f"Output directory {str(directory)!r} is not writable: {reason} ({error}).") from error
 
 
+AVERAGED_FROM_NAME = "averaged_from.json"  # what `average_checkpoints` writes into its output beside the model
 LOCK_NAME = ".training.lock"
 _held_locks: dict[str, object] = {}  # resolved folder -> the open lock file
 
@@ -726,17 +727,20 @@ def _belongs_to_saved_model(name: str) -> bool:
 SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what file browsers leave in any folder
 
 
-def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str) -> None:
+def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str,
+                             earlier_output: str) -> None:
     """Replacing the folder `output` deletes everything in it: refuse when an input would go with it (the output is
-    an input, or holds one), the working directory would (`--output .` with an overwrite flag), files of a folder
-    that is not a saved model (no config.json: not an earlier output) would, or a training run's checkpoints."""
+    an input, holds one or lies inside one), the working directory would (`--output .` with an overwrite flag), or
+    anything but an earlier output of the same command (which has the file `earlier_output`): a training run, a
+    checkpoint, another model, a user's files."""
     target = Path(output).resolve()
     for source in map(Path, inputs):
         source = source.resolve()
-        if source == target or target in source.parents:
+        if source == target or target in source.parents or source in target.parents:
+            where = "is" if source == target else "holds" if target in source.parents else "lies inside"
             raise ValueError(
-                f"{option} {str(output)!r} {'is' if source == target else 'holds'} the input {str(source)!r}: "
-                f"replacing it would delete that input; choose another {option}."
+                f"{option} {str(output)!r} {where} the input {str(source)!r}: replacing it would delete "
+                f"{'that input' if where != 'lies inside' else 'part of that input'}; choose another {option}."
             )
     working = Path.cwd().resolve()
     if working == target or target in working.parents:
@@ -745,15 +749,12 @@ def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | o
             f"{str(working)!r}: replacing it would delete everything there; choose another {option}."
         )
     held = sorted(entry.name for entry in target.iterdir() if entry.name not in SYSTEM_FILES) if target.is_dir() else []
-    if held and not (target / "config.json").is_file():
+    if held and earlier_output not in held:
         raise ValueError(
-            f"{option} {str(output)!r} holds files but no saved model ({', '.join(held[:6])}"
-            f"{', ...' if len(held) > 6 else ''}): replacing it as a whole would delete them; choose another "
-            f"{option}, or empty it first."
+            f"{option} {str(output)!r} is not empty and not an earlier output of this command (it has no "
+            f"{earlier_output}; it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): replacing it as a "
+            f"whole would delete them; choose another {option}, or empty it first."
         )
-    if checkpoints := list_checkpoints(target):
-        raise ValueError(f"{option} {str(output)!r} holds a training run's checkpoints ({checkpoints[-1][1].name}, ...): "
-                         f"replacing it as a whole would delete them; choose another {option}.")
 
 
 # Config fields that do not change what the weights compute: averaging checkpoints that differ only there is fine.
@@ -796,7 +797,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
 
     if not checkpoints:
         raise CheckpointError("No checkpoints to average.")
-    refuse_to_replace_inputs(output_dir, checkpoints, "--output")
+    refuse_to_replace_inputs(output_dir, checkpoints, "--output", AVERAGED_FROM_NAME)
     existing = Path(output_dir)
     if existing.exists() and not existing.is_dir():
         raise CheckpointError(f"--output {str(existing)!r} is a file, not a folder.")
@@ -823,7 +824,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             if source.is_file() and _belongs_to_saved_model(source.name):
                 shutil.copy2(source, staging / source.name)
         save_file(averaged, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / "averaged_from.json").write_text(
+        (staging / AVERAGED_FROM_NAME).write_text(
             json.dumps({"checkpoints": [str(Path(c)) for c in checkpoints]}, indent=2) + "\n", encoding="utf-8"
         )
         seal_folder(staging)

@@ -1,6 +1,8 @@
 """The serving path: our saved model -> Marian twin -> CTranslate2 translates the same token ids as our `generate`."""
 
 import json
+import re
+import shutil
 import os
 import subprocess
 import sys
@@ -167,6 +169,15 @@ def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_pat
         with pytest.raises(ValueError, match="replacing it would delete that input"):
             export_saved_model(run / "checkpoint-2", output, force=True)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # Nor anything but an earlier export: a saved model (another one, or a checkpoint inside the model read), a run.
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    for output, message in [(other, "not an earlier output of this command (it has no model.bin; it holds config.json"),
+                            (saved_model[1] / "checkpoint-2", "lies inside the input")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            export_saved_model(saved_model[1], output, force=True)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before and (other / "config.json").is_file()
+    shutil.rmtree(other)
     # --force keeps the earlier export until the new one is in place: the last rename failing (a kill would stop
     # there) left no export at all, as the old one had been deleted first. (Where the system swaps the two folders in
     # one step, as Linux does, there is no such rename: tests/test_checkpointing.py tests that path.)

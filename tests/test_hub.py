@@ -539,7 +539,8 @@ def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path)
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     for overwrite in (False, True):  # a folder of other files is not replaced, even when asked to
-        with pytest.raises(ValueError, match=r"holds files but no saved model \(keep.txt\)"):
+        with pytest.raises(ValueError, match=r"not an earlier output of this command \(it has no README.md; it holds "
+                                             r"keep.txt\)"):
             build_hub_folder(model_dir, out, overwrite=overwrite, template=TEMPLATE)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (out / "keep.txt").unlink()
