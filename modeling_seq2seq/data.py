@@ -471,18 +471,31 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
         clean, batched=True, with_indices=True, remove_columns=columns, features=TEXT_FEATURES, desc=f"{split}: pairs"
     )
     skipped = len(ds) - len(out)
+    if len(out) == 0:  # as a data file with no usable pair (all empty or null: a language no row has, say)
+        raise DataFileError(f"{where}: no usable {source_lang}-{target_lang} pairs ({skipped} rows, every one with an "
+                            "empty or null source or target)")
     # keep_bad is only filled when the map actually ran (not when it came from the datasets cache)
     warn_skipped_pairs(where, keep_bad, skipped, label="row")
     return out
 
 
 def _convert_hub_dataset(raw, name: str, source_lang: str, target_lang: str, max_bad: int) -> DatasetDict:
+    """The train, validation and test splits (dev, valid and val are validation) in our columns. Two splits of
+    the same role are refused (one would replace the other); other splits are left out, with a warning."""
     if not isinstance(raw, DatasetDict):
         raw = DatasetDict({"train": raw})
-    out = {}
+    out, origins = {}, {}
     for split, ds in raw.items():
-        target_split = SPLIT_ALIASES.get(split, split)
-        out[target_split] = _convert_hub_split(ds, name, split, source_lang, target_lang, max_bad)
+        role = SPLIT_ALIASES.get(split, split)
+        if role not in ("train", "validation", "test"):
+            logger.warning("dataset %r: split %r is not used (only train, validation (or dev, valid, val) and test "
+                           "are).", name, split)
+            continue
+        if role in origins:
+            raise DataFileError(f"dataset {name!r}: the splits {origins[role]!r} and {split!r} are both its {role} "
+                                "split; keep one, or rename the other")
+        origins[role] = split
+        out[role] = _convert_hub_split(ds, name, split, source_lang, target_lang, max_bad)
     return DatasetDict(out)
 
 
@@ -501,8 +514,9 @@ def load_parallel_data(
 ) -> DatasetDict:
     """Parallel text as a DatasetDict of ("source", "target") string columns.
 
-    - `dataset_name` (+ `dataset_config_name`): `datasets.load_dataset`, in the HF translation layout
-      (a "translation" dict column, as wmt14) or with one column per language code.
+    - `dataset_name` (+ `dataset_config_name`): `datasets.load_dataset` (a folder saved with `save_to_disk`:
+      `datasets.load_from_disk`), in the HF translation layout (a "translation" dict column, as wmt14) or with one
+      column per language code; its train, validation (or dev, valid, val) and test splits.
     - `train_file` / `validation_file` / `test_file`: local `.jsonl`, `.json` (JSON Lines or one array),
       `.csv` or `.tsv` (tab-separated, no quoting), either in the translation layout (JSON) or with
       fields/columns named by the language codes (CSV/TSV: a header row); or a prefix `P` of two plain-text
@@ -525,7 +539,10 @@ def load_parallel_data(
         import datasets
 
         try:
-            raw = datasets.load_dataset(dataset_name, dataset_config_name)
+            if (Path(dataset_name) / "dataset_dict.json").is_file():  # saved with save_to_disk: its own split names
+                raw = datasets.load_from_disk(dataset_name)
+            else:
+                raw = datasets.load_dataset(dataset_name, dataset_config_name)
         except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
             # Offline, a misspelt name, a configuration it lacks, a builder that needs data files: datasets' own
             # message says which, ours says where it came from.

@@ -410,7 +410,8 @@ def test_a_dataset_that_cannot_be_loaded_is_named_by_its_flags(monkeypatch, tmp_
         load_parallel_data(dataset_name=str(tmp_path / "nowhere"), dataset_config_name="de-en")
 
 
-def test_a_folder_saved_with_save_to_disk_loads_as_a_dataset_dict_and_a_bare_dataset_is_refused_clearly(tmp_path):
+def test_a_folder_saved_with_save_to_disk_loads_as_a_dataset_dict_and_a_bare_dataset_is_refused_clearly(tmp_path,
+                                                                                                         caplog):
     """A DatasetDict saved with save_to_disk loads by its folder; a bare Dataset has no split names, and datasets'
     own advice ("Please use `load_from_disk`") is not one a train.py user can take."""
     dataset = Dataset.from_dict({"translation": [{"en": "one", "de": "eins"}, {"en": "two", "de": "zwei"}]})
@@ -422,6 +423,21 @@ def test_a_folder_saved_with_save_to_disk_loads_as_a_dataset_dict_and_a_bare_dat
                "no split names; save it as a DatasetDict instead")
     with pytest.raises(ValueError, match=re.escape(message)):
         load_parallel_data(dataset_name=str(tmp_path / "bare"))
+    # Its split names are its own (load_dataset guessed them from the file names, and merged a held-out split into
+    # train): other splits are left out, with a warning, and two splits of the same role are refused.
+    other = Dataset.from_dict({"translation": [{"en": "three", "de": "drei"}]})
+    DatasetDict({"train": dataset, "heldout": other, "dev": other}).save_to_disk(tmp_path / "named")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_parallel_data(dataset_name=str(tmp_path / "named"))
+    assert sorted(loaded) == ["train", "validation"] and rows_of(loaded["train"]) == [("one", "eins"), ("two", "zwei")]
+    assert f"dataset '{tmp_path / 'named'}': split 'heldout' is not used" in caplog.text
+    DatasetDict({"train": dataset, "validation": other, "dev": other}).save_to_disk(tmp_path / "twice")
+    with pytest.raises(DataFileError, match="the splits 'validation' and 'dev' are both its validation split"):
+        load_parallel_data(dataset_name=str(tmp_path / "twice"))
+    # A language that no row has (all null) is no usable pair at all, named by dataset and split.
+    DatasetDict({"train": Dataset.from_dict({"en": ["a", "b"], "de": [None, None]})}).save_to_disk(tmp_path / "null")
+    with pytest.raises(DataFileError, match=r"split 'train': no usable en-de pairs \(2 rows, every one with an empty"):
+        load_parallel_data(dataset_name=str(tmp_path / "null"))
 
 
 # ------------------------------------------------------------------------------------------------
