@@ -728,32 +728,38 @@ SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what file browsers l
 
 
 def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str,
-                             earlier_output: str) -> None:
+                             earlier_output: tuple[str, ...]) -> None:
     """Replacing the folder `output` deletes everything in it: refuse when an input would go with it (the output is
-    an input, holds one or lies inside one), the working directory would (`--output .` with an overwrite flag), or
-    anything but an earlier output of the same command (which has the file `earlier_output`): a training run, a
-    checkpoint, another model, a user's files."""
+    an input, or holds one), when it lies inside an input checkpoint (rotating checkpoints would delete it), when the
+    working directory would go (`--output .` with an overwrite flag), or anything but an earlier output of the same
+    command: a folder with the files `earlier_output` and no sub-folders (not a training run, a checkpoint, another
+    model, a repository or a user's files; what file browsers leave aside)."""
     target = Path(output).resolve()
     for source in map(Path, inputs):
         source = source.resolve()
-        if source == target or target in source.parents or source in target.parents:
-            where = "is" if source == target else "holds" if target in source.parents else "lies inside"
+        if source == target or target in source.parents:
             raise ValueError(
-                f"{option} {str(output)!r} {where} the input {str(source)!r}: replacing it would delete "
-                f"{'that input' if where != 'lies inside' else 'part of that input'}; choose another {option}."
+                f"{option} {str(output)!r} {'is' if source == target else 'holds'} the input {str(source)!r}: "
+                f"replacing it would delete that input; choose another {option}."
             )
+        if source in target.parents and _CHECKPOINT_RE.match(source.name):
+            raise ValueError(f"{option} {str(output)!r} lies inside the checkpoint {str(source)!r}, which rotating "
+                             f"checkpoints deletes with everything in it; choose another {option}.")
     working = Path.cwd().resolve()
     if working == target or target in working.parents:
         raise ValueError(
             f"{option} {str(output)!r} {'is' if working == target else 'holds'} the working directory "
             f"{str(working)!r}: replacing it would delete everything there; choose another {option}."
         )
-    held = sorted(entry.name for entry in target.iterdir() if entry.name not in SYSTEM_FILES) if target.is_dir() else []
-    if held and earlier_output not in held:
+    entries = [entry for entry in target.iterdir() if entry.name not in SYSTEM_FILES] if target.is_dir() else []
+    names = {entry.name for entry in entries}
+    if entries and (not set(earlier_output) <= names or any(entry.is_dir() for entry in entries)):
+        held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries)
         raise ValueError(
-            f"{option} {str(output)!r} is not empty and not an earlier output of this command (it has no "
-            f"{earlier_output}; it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): replacing it as a "
-            f"whole would delete them; choose another {option}, or empty it first."
+            f"{option} {str(output)!r} is not empty and not an earlier output of this command (one with "
+            f"{' and '.join(earlier_output)} and no sub-folders; it holds {', '.join(held[:6])}"
+            f"{', ...' if len(held) > 6 else ''}): replacing it as a whole would delete them; choose another "
+            f"{option}, or empty it first."
         )
 
 
@@ -797,7 +803,7 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
 
     if not checkpoints:
         raise CheckpointError("No checkpoints to average.")
-    refuse_to_replace_inputs(output_dir, checkpoints, "--output", AVERAGED_FROM_NAME)
+    refuse_to_replace_inputs(output_dir, checkpoints, "--output", (AVERAGED_FROM_NAME,))
     existing = Path(output_dir)
     if existing.exists() and not existing.is_dir():
         raise CheckpointError(f"--output {str(existing)!r} is a file, not a folder.")

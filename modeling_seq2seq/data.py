@@ -471,9 +471,6 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
         clean, batched=True, with_indices=True, remove_columns=columns, features=TEXT_FEATURES, desc=f"{split}: pairs"
     )
     skipped = len(ds) - len(out)
-    if len(out) == 0:  # as a data file with no usable pair (all empty or null: a language no row has, say)
-        raise DataFileError(f"{where}: no usable {source_lang}-{target_lang} pairs ({skipped} rows, every one with an "
-                            "empty or null source or target)")
     # keep_bad is only filled when the map actually ran (not when it came from the datasets cache)
     warn_skipped_pairs(where, keep_bad, skipped, label="row")
     return out
@@ -495,7 +492,15 @@ def _convert_hub_dataset(raw, name: str, source_lang: str, target_lang: str, max
             raise DataFileError(f"dataset {name!r}: the splits {origins[role]!r} and {split!r} are both its {role} "
                                 "split; keep one, or rename the other")
         origins[role] = split
-        out[role] = _convert_hub_split(ds, name, split, source_lang, target_lang, max_bad)
+        pairs = _convert_hub_split(ds, name, split, source_lang, target_lang, max_bad)
+        if len(ds) and not len(pairs):  # every row empty or null (a language no row has, or a blind test split)
+            problem = (f"dataset {name!r}, split {split!r}: no usable {source_lang}-{target_lang} pairs ({len(ds)} rows, "
+                       "every one with an empty or null source or target)")
+            if role == "train":
+                raise DataFileError(problem)
+            logger.warning("%s: the split is left out.", problem)
+            continue
+        out[role] = pairs
     return DatasetDict(out)
 
 
@@ -538,8 +543,12 @@ def load_parallel_data(
     if dataset_name is not None:
         import datasets
 
+        saved = (Path(dataset_name) / "dataset_dict.json").is_file()  # with save_to_disk: its own split names
+        if saved and dataset_config_name:
+            raise ValueError(f"--dataset_name {dataset_name!r} is a dataset saved with save_to_disk, which has no "
+                             f"configurations: drop --dataset_config_name {dataset_config_name!r}")
         try:
-            if (Path(dataset_name) / "dataset_dict.json").is_file():  # saved with save_to_disk: its own split names
+            if saved:
                 raw = datasets.load_from_disk(dataset_name)
             else:
                 raw = datasets.load_dataset(dataset_name, dataset_config_name)

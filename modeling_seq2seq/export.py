@@ -204,7 +204,7 @@ def export_saved_model(model_dir: str | os.PathLike, output_dir: str | os.PathLi
             "--tokenizer PATH (a folder with tokenizer.json)."
         )
     output_dir = Path(output_dir)
-    refuse_to_replace_inputs(output_dir, [model_dir, tokenizer_dir], "--output_dir", "model.bin")
+    refuse_to_replace_inputs(output_dir, [model_dir, tokenizer_dir], "--output_dir", ("model.bin",))
     if output_dir.exists() and (output_dir.is_symlink() or not output_dir.is_dir()):
         raise FileExistsError(f"{output_dir} is a file or a link, not a folder: choose another output folder")
     if output_dir.exists() and not force:

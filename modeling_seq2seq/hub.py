@@ -211,7 +211,8 @@ def build_hub_folder(
         raise FileNotFoundError(f"{model_dir} is not a saved model: it has no config.json")
     if model_dir in out_dir.parents:
         raise ValueError(f"the output folder {out_dir} must not be inside the model folder {model_dir}")
-    refuse_to_replace_inputs(out_dir, [model_dir], "--dry_run", "README.md")  # the output is replaced as a whole
+    # Replaced as a whole: only an earlier Hub folder (its card and shipped code; any repository has a README.md).
+    refuse_to_replace_inputs(out_dir, [model_dir], "--dry_run", ("README.md", "configuration_seq2seq.py"))
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     template = Path(template) if template is not None else DEFAULT_TEMPLATE

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     source.add_argument("--input_dir", help="a training output folder: average its newest complete checkpoints")
     parser.add_argument("--last", type=int, default=5, help="with --input_dir: how many checkpoints (default 5)")
     parser.add_argument("--output", required=True, help="folder for the averaged model")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier output (a saved model)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier average (averaged_from.json)")
     args = parser.parse_args(argv)
     if args.input_dir is not None and args.last < 1:
         parser.error("--last must be at least 1")

@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--dry_run", metavar="OUT", help="write the repository folder to OUT and print its files; no upload"
     )
-    parser.add_argument("--overwrite", action="store_true", help="with --dry_run: replace OUT if it holds an earlier output (a saved model)")
+    parser.add_argument("--overwrite", action="store_true", help="with --dry_run: replace OUT if it holds an earlier Hub folder of this script")
     parser.add_argument("--commit_message", default="Upload Seq2SeqTransformer model")
     parser.add_argument("--license", default="apache-2.0", help="license id for the card metadata")
     parser.add_argument("--tags", nargs="*", default=[], help="extra tags for the card metadata")

@@ -414,8 +414,8 @@ def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, ca
     for output, overwrite, message in [
         (run, ["--overwrite"], "holds the input"),  # the training folder itself, even when asked to overwrite
         (folders[1], ["--overwrite"], "is the input"),  # one of the averaged checkpoints
-        (notes, [], "is not empty and not an earlier output of this command (it has no averaged_from.json; it holds "
-                    "keep.txt)"),  # a folder of the user's
+        (notes, [], "is not empty and not an earlier output of this command (one with averaged_from.json and no "
+                    "sub-folders; it holds keep.txt)"),  # a folder of the user's
         (".", ["--overwrite"], "is the working directory"),  # run from inside notes/
         (tmp_path, ["--overwrite"], "holds the input"),
     ]:
@@ -438,11 +438,12 @@ def test_averaging_never_replaces_its_inputs_or_other_files_unasked(tmp_path, ca
     for step in (2, 4):
         shutil.copytree(folders[step // 2 - 1], tmp_path / "second" / f"checkpoint-{step}")
     assert script.main(["--input_dir", str(tmp_path / "second"), "--last", "2", "--output", str(run), "--overwrite"]) == 1
-    assert (f"--output {str(run)!r} is not empty and not an earlier output of this command (it has no "
-            "averaged_from.json; it holds checkpoint-2, checkpoint-4, config.json, training_log.jsonl)") in \
-        capsys.readouterr().err
+    assert (f"--output {str(run)!r} is not empty and not an earlier output of this command (one with "
+            "averaged_from.json and no sub-folders; it holds checkpoint-2/, checkpoint-4/, config.json, "
+            "training_log.jsonl)") in capsys.readouterr().err
     assert script.main(["--checkpoints", str(folders[0]), str(folders[1]), "--output", str(folders[1] / "avg")]) == 1
-    assert "lies inside the input" in capsys.readouterr().err
+    assert f"lies inside the checkpoint {str(folders[1])!r}, which rotating checkpoints deletes" in \
+        capsys.readouterr().err
     assert (run / "checkpoint-4").is_dir()
     # ... but it does replace an earlier output, when asked to, or a folder a file browser left its files in.
     average = tmp_path / "avg"

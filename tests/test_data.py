@@ -434,10 +434,19 @@ def test_a_folder_saved_with_save_to_disk_loads_as_a_dataset_dict_and_a_bare_dat
     DatasetDict({"train": dataset, "validation": other, "dev": other}).save_to_disk(tmp_path / "twice")
     with pytest.raises(DataFileError, match="the splits 'validation' and 'dev' are both its validation split"):
         load_parallel_data(dataset_name=str(tmp_path / "twice"))
-    # A language that no row has (all null) is no usable pair at all, named by dataset and split.
-    DatasetDict({"train": Dataset.from_dict({"en": ["a", "b"], "de": [None, None]})}).save_to_disk(tmp_path / "null")
+    # A language that no row has (all null) is no usable pair at all, named by dataset and split: an error for the
+    # training split, a warning for another (a blind test split), which is left out.
+    blind = Dataset.from_dict({"en": ["a", "b"], "de": [None, None]})
+    DatasetDict({"train": blind}).save_to_disk(tmp_path / "null")
     with pytest.raises(DataFileError, match=r"split 'train': no usable en-de pairs \(2 rows, every one with an empty"):
         load_parallel_data(dataset_name=str(tmp_path / "null"))
+    DatasetDict({"train": dataset, "test": blind}).save_to_disk(tmp_path / "blind")
+    with caplog.at_level(logging.WARNING):
+        assert sorted(load_parallel_data(dataset_name=str(tmp_path / "blind"))) == ["train"]
+    assert "split 'test': no usable en-de pairs (2 rows, every one with an empty or null source or target): the " \
+        "split is left out" in caplog.text
+    with pytest.raises(ValueError, match="^--dataset_name .* saved with save_to_disk, which has no configurations"):
+        load_parallel_data(dataset_name=str(tmp_path / "blind"), dataset_config_name="de-en")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -172,10 +172,13 @@ def test_export_needs_a_tokenizer_and_keeps_existing_output(saved_model, tmp_pat
     # Nor anything but an earlier export: a saved model (another one, or a checkpoint inside the model read), a run.
     other = tmp_path / "other"
     model.save_pretrained(other)
-    for output, message in [(other, "not an earlier output of this command (it has no model.bin; it holds config.json"),
-                            (saved_model[1] / "checkpoint-2", "lies inside the input")]:
+    for model_dir, output, message in [
+        (saved_model[1], other, "not an earlier output of this command (one with model.bin and no sub-folders; it "
+                                "holds config.json"),
+        (run / "checkpoint-2", run / "checkpoint-2" / "ct2", "lies inside the checkpoint"),  # rotation deletes it
+    ]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            export_saved_model(saved_model[1], output, force=True)
+            export_saved_model(model_dir, output, force=True)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before and (other / "config.json").is_file()
     shutil.rmtree(other)
     # --force keeps the earlier export until the new one is in place: the last rename failing (a kill would stop

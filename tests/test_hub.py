@@ -533,16 +533,26 @@ def model_and_tokenizer_for_card(model_dir):
 
 
 def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path):
+    import shutil
+
     from modeling_seq2seq.hub import build_hub_folder
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     for overwrite in (False, True):  # a folder of other files is not replaced, even when asked to
-        with pytest.raises(ValueError, match=r"not an earlier output of this command \(it has no README.md; it holds "
-                                             r"keep.txt\)"):
+        with pytest.raises(ValueError, match=r"not an earlier output of this command \(one with README.md and "
+                                             r"configuration_seq2seq.py and no sub-folders; it holds keep.txt\)"):
             build_hub_folder(model_dir, out, overwrite=overwrite, template=TEMPLATE)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    repository = tmp_path / "repository"  # a README.md is no sign of an earlier Hub folder: any repository has one
+    (repository / "src").mkdir(parents=True)
+    for name in ("README.md", "config.json", "src/main.py"):
+        (repository / name).write_text(name)
+    with pytest.raises(ValueError, match=r"it holds README.md, config.json, src/\)"):
+        build_hub_folder(model_dir, repository, overwrite=True, template=TEMPLATE)
+    assert (repository / "src" / "main.py").is_file()
+    shutil.rmtree(repository)
     (out / "keep.txt").unlink()
     assert build_hub_folder(model_dir, out, template=TEMPLATE) == EXPECTED_FILES
     earlier = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -550,7 +560,6 @@ def test_build_is_atomic_and_refuses_to_clobber(model_dir, hub_folder, tmp_path)
         build_hub_folder(model_dir, out, template=TEMPLATE)
 
     # A build that fails half-way (bad eval_results.json) leaves the previous folder and no temporary folder.
-    import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)
