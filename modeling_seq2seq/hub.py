@@ -365,7 +365,7 @@ def _read_json(path: Path) -> dict | None:
 
 # The fields of eval_results.json that the card shows, and what each must be.
 _TEXT_FIELDS = ("source_lang", "target_lang", "dataset", "dataset_name", "dataset_config_name", "dataset_config",
-                "train_file", "split", "bleu_signature", "chrf_signature", "stop_reason")
+                "train_file", "test_file", "split", "bleu_signature", "chrf_signature", "stop_reason")
 _COUNT_FIELDS = ("test_samples", "num_beams", "step")
 _NUMBER_FIELDS = (*(key for key, _, _ in EVAL_METRICS), "train_time_s")
 
@@ -511,13 +511,16 @@ def render_model_card(
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             shown = f"{100 * value:.2f}%" if metric_type == "exact_match" and 0 <= value <= 1 else f"{value:.2f}"
             metrics.append({"type": metric_type, "name": display, "value": round(float(value), 4), "shown": shown})
+    # The test set: a file of its own where training was given one (`test_file`), else the dataset's test split.
+    test_file = eval_results.get("test_file")
+    tested = {"type": Path(test_file).name, "id": None, "config": None} if test_file else dataset
     results = [
         EvalResult(
             task_type="translation",
             task_name=f"Translation {source_lang}-{target_lang}" if languages else "Translation",
-            dataset_type=dataset["type"] or "unknown",
-            dataset_name=dataset["id"] or dataset["type"] or "unknown",
-            dataset_config=dataset["config"],
+            dataset_type=tested["type"] or "unknown",
+            dataset_name=tested["id"] or tested["type"] or "unknown",
+            dataset_config=tested["config"],
             dataset_split=eval_results.get("split", "test"),
             metric_type=metric["type"],
             metric_name=metric["name"],
@@ -547,6 +550,7 @@ def render_model_card(
             source_lang=source_lang,
             target_lang=target_lang,
             dataset=dataset["display"],
+            test_dataset=f"local data (`{Path(test_file).name}`)" if test_file else None,
             metrics=metrics,
             test_samples=eval_results.get("test_samples"),
             test_num_beams=eval_results.get("num_beams"),

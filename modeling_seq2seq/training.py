@@ -2047,6 +2047,11 @@ class Trainer:
             f"{self.world_size} process(es) ({accelerator.distributed_type.value}, {accelerator.device}), up to {config.max_steps} steps of {config.gradient_accumulation_steps} x "
             f"{config.max_tokens} tokens per process."
         )
+        if config.max_steps < config.warmup_steps and self.is_main:
+            logger.warning("max_steps (%d) ends before the warm-up (warmup_steps %d): the learning rate never reaches "
+                           "its peak (%.2e at the last step). Lower warmup_steps for a short run (the tiny recipe, "
+                           "configs/train-tiny.yaml, has 300).", config.max_steps, config.warmup_steps,
+                           self.scheduler.lr_lambdas[0](config.max_steps - 1))  # the last update's (the lr is 1)
 
         self.model.train()
         stream = self.micro_batches()
@@ -2150,6 +2155,7 @@ class Trainer:
             "dataset": data_description(config),
             **({"dataset_name": config.dataset_name, "dataset_config_name": config.dataset_config_name}
                if config.dataset_name else {"train_file": str(config.train_file)} if config.train_file else {}),
+            **({"test_file": str(config.test_file)} if config.test_file else {}),  # else a split of "dataset"
             "source_lang": config.source_lang,
             "target_lang": config.target_lang,
             "num_beams": config.num_beams,

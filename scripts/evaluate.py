@@ -14,8 +14,10 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
+import contextlib
 import json
 import time
+from pathlib import Path
 
 from modeling_seq2seq.data import line_aligned_files
 from modeling_seq2seq.training import (
@@ -69,14 +71,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder")
     parser.add_argument("--test_file", help="a .jsonl/.json/.csv/.tsv file of pairs, or the prefix P of line-aligned P.<source_lang> and P.<target_lang>")
-    parser.add_argument("--source_lang", default="en")
-    parser.add_argument("--target_lang", default="de")
+    parser.add_argument("--source_lang", default=None,
+                        help="default: the language pair the model was trained on (its eval_results.json), else en")
+    parser.add_argument("--target_lang", default=None, help="default: as --source_lang's, else de")
     parser.add_argument("--source_file", help="plain text sources, one per line (with --reference_file)")
     parser.add_argument("--reference_file", help="plain text references, line-aligned with --source_file")
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N pairs")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
     parser.add_argument("--length_penalty", type=finite_float, default=None)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_source_length", type=int, default=None,
+                        help="truncate sources to this many tokens (default: the model's max_position_embeddings; "
+                             "train.py's test cut them at its max_source_length)")
     parser.add_argument("--effective_order", action=argparse.BooleanOptionalAction, default=None,
                         help="BLEU effective order (default: on for the built-in task only)")
     parser.add_argument("--tokenize", default=None,
@@ -91,6 +97,15 @@ def main(argv=None) -> int:
     for option in ("max_samples", "num_beams", "batch_size"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option} must be positive")
+    if args.max_source_length is not None and args.max_source_length < 2:
+        parser.error("--max_source_length must be at least 2 (a token and </s>)")
+    trained = {}  # the language pair train.py recorded, when the folder has its results
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        trained = json.loads((Path(args.model) / "eval_results.json").read_text(encoding="utf-8"))
+    for option, fallback in (("source_lang", "en"), ("target_lang", "de")):
+        if getattr(args, option) is None:
+            recorded = trained.get(option) if isinstance(trained, dict) else None
+            setattr(args, option, recorded if isinstance(recorded, str) and recorded else fallback)
     if args.test_file and (args.source_file or args.reference_file):
         parser.error("--test_file or --source_file/--reference_file: one test set, not both")
 
@@ -122,7 +137,8 @@ def main(argv=None) -> int:
     names = [f"{args.source_file}, line {i + 1}" for i in lines[0]] if lines else None  # --source_file's
     predictions = translate_texts(model, tokenizer, sources, batch_size=args.batch_size, num_beams=args.num_beams,
                                   length_penalty=args.length_penalty,
-                                  max_source_length=model.config.max_position_embeddings, names=names)
+                                  max_source_length=args.max_source_length or model.config.max_position_embeddings,
+                                  names=names)
     seconds = time.monotonic() - start
     scores = translation_metrics(predictions, references, effective_order=effective_order, tokenize=tokenize)
     result = {

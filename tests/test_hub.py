@@ -525,6 +525,16 @@ def test_model_card_from_the_training_scripts_eval_results(model_and_tokenizer_f
     assert "Trained for 1500 optimiser steps in 8.5 minutes (stopped by: max_steps)." in card.text
     assert "average of the last 2 checkpoints" in card.text
     assert "BLEU signature: `nrefs:1|eff:yes`. chrF signature: `nrefs:1|nc:6`." in card.text
+    assert "Test split of the built-in" in card.text
+
+    # Trained with a test file of its own: the card names that file as the test set (it named the training file).
+    local = {**results, "dataset": "data/fr/train.jsonl", "train_file": "data/fr/train.jsonl",
+             "test_file": "data/fr/test.jsonl", "target_lang": "fr"}
+    card = ModelCard(render_model_card(model, tokenizer, template=TEMPLATE, repo_id="me/fr", eval_results=local))
+    assert "Test set: local data (`test.jsonl`) (500 sentences), en → fr" in card.text
+    assert "on local data (`train.jsonl`)" in card.text
+    [result] = card.data.to_dict()["model-index"][0]["results"][:1]
+    assert result["dataset"]["name"] == "test.jsonl" and result["dataset"]["split"] == "test"
 
 
 @pytest.fixture(scope="module")

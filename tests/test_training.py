@@ -523,6 +523,12 @@ def test_translate_truncates_a_runaway_line_at_the_models_length_and_names_it(sh
                                              "--reference_file", str(references), "--num_beams", "1"]) == 0
     assert f"1 source(s) longer than {limit} tokens truncated to that length: {source}, line 3" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING"):  # train.py's test cut at its max_source_length: the same cut, asked for
+        assert load_script("evaluate").main(["--model", str(short_run), "--source_file", str(source),
+                                             "--reference_file", str(references), "--num_beams", "1",
+                                             "--max_source_length", "8"]) == 0
+    assert f"1 source(s) longer than 8 tokens truncated to that length: {source}, line 3" in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING"):
         training.translate_texts(model, tokenizer, ["one", "three " * (4 * limit)], max_source_length=limit)
     assert "truncated to that length: sentence 2 ('three three three three three '...)" in caplog.text
@@ -733,6 +739,16 @@ def test_translate_and_evaluate_scripts_check_their_inputs_first(short_run, tmp_
     assert evaluate.main(["--model", str(short_run), "--source_file", str(source), "--reference_file", str(source),
                           "--num_beams", "100000"]) == 1
     assert "--num_beams 100000: more beams than the model has tokens" in capsys.readouterr().err
+    # The language pair defaults to the one the model was trained on (its eval_results.json), not en-de.
+    french = tmp_path / "french"
+    shutil.copytree(short_run, french, ignore=shutil.ignore_patterns("checkpoint-*"))
+    results = json.loads((french / "eval_results.json").read_text())
+    (french / "eval_results.json").write_text(json.dumps({**results, "target_lang": "fr"}))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"translation": {"en": "one", "fr": "un"}}\n{"translation": {"en": "two", "fr": "deux"}}\n')
+    assert evaluate.main(["--model", str(french), "--test_file", str(pairs), "--num_beams", "1"]) == 0
+    assert evaluate.main(["--model", str(french), "--test_file", str(pairs), "--target_lang", "de"]) == 1
+    assert "missing language field(s) ['de']" in capsys.readouterr().err
     beams = tmp_path / "beams"  # the generation config's beams, when no --num_beams is given
     shutil.copytree(short_run, beams, ignore=shutil.ignore_patterns("checkpoint-*"))
     settings = json.loads((beams / "generation_config.json").read_text())
@@ -1814,6 +1830,20 @@ def test_too_many_bad_steps_stop_training_and_keep_last_good_checkpoint(assets, 
     assert f"last good checkpoint is {output_dir / 'checkpoint-4'}" in error
     assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
     assert not (output_dir / "model.safetensors").exists(), "no final model from a diverged run"
+
+
+def test_a_run_shorter_than_its_warm_up_says_so(assets, tmp_path, caplog):
+    """Without --config, data files get the base recipe's 4,000 warm-up steps: a short run never reached the peak
+    learning rate, without a word (its outputs were one word repeated)."""
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, tmp_path / "short", max_steps=2, warmup_steps=4000, save_steps=0)) == 0
+    lr = 2.0 * 32**-0.5 * 2 * 4000**-1.5  # lr_scale * d_model^-0.5 * step * warmup^-1.5 (TINY_MODEL: d_model 32)
+    assert f"max_steps (2) ends before the warm-up (warmup_steps 4000): the learning rate never reaches its peak " \
+           f"({lr:.2e} at the last step)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, tmp_path / "long", max_steps=2, warmup_steps=2, save_steps=0)) == 0
+    assert "ends before the warm-up" not in caplog.text
 
 
 def test_more_beams_than_tokens_are_refused_before_training(assets, tmp_path, capsys):
