@@ -2,7 +2,7 @@
 """Real parallel text without a network: the English messages of installed programs and their translations.
 
 Linux systems ship translated messages as gettext catalogs (`/usr/share/locale/<lang>/LC_MESSAGES/*.mo`, on Ubuntu
-also `/usr/share/locale-langpack/<lang>/...`): each holds English source strings and their human translations (28,815
+also `/usr/share/locale-langpack/<lang>/...`): each holds English source strings and their human translations (28,632
 usable pairs for German on the Debian image this was written on; minimized images drop them). This writes them,
 one-line messages of 3 to 40 words, one translation per English message (so that no source sentence is in two
 splits), shuffled (seeded), as train/validation/test files in transformers' translation layout, for
@@ -13,17 +13,17 @@ splits), shuffled (seeded), as train/validation/test files in transformers' tran
         --validation_file data/messages/validation.jsonl --test_file data/messages/test.jsonl \\
         --vocab_size 8000 --output_dir runs/messages
 
-The text is software messages (format placeholders such as `%s` included): real, but narrow. Catalogs that
-Python's gettext cannot read (text not in the charset the catalog declares) are skipped with a warning.
+The text is software messages (format placeholders such as `%s` included): real, but narrow. Damaged catalogs,
+and those whose text is not in the charset they declare, are skipped with a warning.
 """
 
 import argparse
 import collections
-import gettext
 import glob
 import json
 import logging
 import random
+import re
 import struct
 import sys
 from pathlib import Path
@@ -38,14 +38,34 @@ CATALOG_PATTERNS = ("/usr/share/locale/{lang}/LC_MESSAGES/*.mo", "/usr/share/loc
 
 
 def read_catalog(path: str) -> list[tuple[str, str]]:
-    """The (English, translated) pairs of one .mo file: singular messages only, without context-qualified ones."""
-    with open(path, "rb") as file:
-        try:
-            catalog = gettext.GNUTranslations(file)._catalog
-        except struct.error as error:  # a file shorter than its header or index says
-            raise ValueError(f"not a complete .mo catalog ({error})") from None
-    return [(source, target) for source, target in catalog.items()
-            if isinstance(source, str) and source and target and "\x04" not in source + target and "\x00" not in source + target]
+    """The (English, translated) pairs of one .mo file: singular messages only, without context-qualified ones.
+
+    The binary format is read here, not by Python's `gettext`, which decodes a catalog's header as UTF-8 before it
+    has read the charset the header declares: valid ISO-8859 catalogs whose header holds a translator's accented
+    name (vim's French, net-tools' German) failed there."""
+    data = Path(path).read_bytes()
+    try:
+        order = {0x950412DE: "<", 0xDE120495: ">"}[struct.unpack_from("<I", data)[0]]
+        version, count, sources_at, targets_at = struct.unpack_from(order + "4I", data, 4)
+        if version >> 16 > 1:
+            raise ValueError(f"unknown .mo format version {version >> 16}")
+
+        def string(table: int, index: int) -> bytes:
+            length, offset = struct.unpack_from(order + "2I", data, table + 8 * index)
+            if offset + length > len(data):
+                raise struct.error("a string past the end of the file")
+            return data[offset:offset + length]
+
+        entries = [(string(sources_at, index), string(targets_at, index)) for index in range(count)]
+    except KeyError:
+        raise ValueError("not a .mo catalog (wrong magic number)") from None
+    except struct.error as error:  # a file shorter than its header or index says
+        raise ValueError(f"not a complete .mo catalog ({error})") from None
+    header = next((target for source, target in entries if not source), b"").decode("latin-1")
+    charset = re.search(r"^content-type:.*charset=([^\s;]+)", header, re.IGNORECASE | re.MULTILINE)
+    encoding = charset.group(1) if charset else "ascii"  # as Python's gettext
+    return [(source.decode(encoding), target.decode(encoding)) for source, target in entries
+            if source and target and b"\x04" not in source + target and b"\x00" not in source + target]
 
 
 def keep(source: str, target: str, min_words: int, max_words: int) -> bool:

@@ -704,12 +704,12 @@ def test_dataloader_end_to_end(builtin):
     assert seen == len(ds) == 500
 
 
-def write_mo(path, messages: dict, charset="UTF-8", encoding=None):
+def write_mo(path, messages: dict, charset="UTF-8", encoding=None, translator="Anna Schmidt"):
     """A GNU gettext catalog (.mo), as msgfmt writes it: a header entry, then the messages' two string tables (in
     `encoding`, by default the header's charset)."""
     import struct
 
-    entries = {"": f"Content-Type: text/plain; charset={charset}\n", **messages}
+    entries = {"": f"Last-Translator: {translator}\nContent-Type: text/plain; charset={charset}\n", **messages}
     keys = sorted(entries)
     sources = [key.encode(encoding or charset) for key in keys]
     targets = [entries[key].encode(encoding or charset) for key in keys]
@@ -727,8 +727,9 @@ def write_mo(path, messages: dict, charset="UTF-8", encoding=None):
 
 def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path, capsys, caplog):
     """scripts/gettext_corpus.py: one-line, translated, 3-40 word messages only, each pair once, split without
-    overlap, in the layout train.py reads; a catalog in a legacy encoding is skipped by name; nothing is replaced
-    without --overwrite."""
+    overlap, in the layout train.py reads; a catalog in the charset its header declares is read whatever the
+    charset (Python's gettext refuses an ISO-8859 header with an accented name), one whose text is not in it is
+    skipped by name; nothing is replaced without --overwrite."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gettext_corpus", Path(__file__).parent.parent / "scripts" / "gettext_corpus.py")
@@ -748,17 +749,19 @@ def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path
     # English sentence cannot be in two splits.
     write_mo(tmp_path / "three.mo", {"cannot open file number 0": "Datei 0 lässt sich nicht öffnen"})
     write_mo(tmp_path / "legacy.mo", {"a legacy message here": "eine ältere Meldung hier"}, encoding="latin-1")
+    latin = {"a message in latin one": "eine Meldung in Latin-1, schön"}
+    write_mo(tmp_path / "latin.mo", latin, charset="ISO-8859-1", translator="Jürgen Müller")
     out = tmp_path / "corpus"
-    args = ["--catalogs", *(str(tmp_path / name) for name in ("one.mo", "two.mo", "three.mo", "legacy.mo")), "--output_dir",
+    args = ["--catalogs", *(str(tmp_path / name) for name in ("one.mo", "two.mo", "three.mo", "legacy.mo", "latin.mo")), "--output_dir",
             str(out), "--held_out", "2"]
     with caplog.at_level("WARNING"):
         assert script.main(args) == 0
-    assert "12 pairs from 4 catalogs: 8 train, 2 validation, 2 test" in capsys.readouterr().out
+    assert "13 pairs from 5 catalogs: 9 train, 2 validation, 2 test" in capsys.readouterr().out
     assert f"Skipped {tmp_path / 'legacy.mo'}: 'utf-8' codec can't decode" in caplog.text
     splits = load_parallel_data(train_file=str(out / "train.jsonl"), validation_file=str(out / "validation.jsonl"),
                          test_file=str(out / "test.jsonl"), source_lang="en", target_lang="de")
     pairs = [pair for split in ("train", "validation", "test") for pair in rows_of(splits[split])]
-    assert sorted(pairs) == sorted(kept.items())
+    assert sorted(pairs) == sorted({**kept, **latin}.items())
     with pytest.raises(SystemExit):
         script.main(args)
     assert "already holds train.jsonl, validation.jsonl, test.jsonl; pass --overwrite" in capsys.readouterr().err
@@ -780,8 +783,8 @@ def test_gettext_corpus_writes_real_message_pairs_as_translation_splits(tmp_path
     with pytest.raises(SystemExit):
         script.main(["--catalogs", str(tmp_path / "none.mo"), "--output_dir", str(tmp_path / "x")])
     assert "--catalogs: no such file: " in capsys.readouterr().err
-    assert script.main(args[:-1] + ["6", "--overwrite"]) == 1
-    assert "4 catalogs gave 12 usable pairs, too few for 2 x --held_out 6" in capsys.readouterr().err
+    assert script.main(args[:-1] + ["7", "--overwrite"]) == 1
+    assert "5 catalogs gave 13 usable pairs, too few for 2 x --held_out 7" in capsys.readouterr().err
     # A catalog shorter than its header says (empty, cut in its index) is skipped by name, as other damaged ones
     # (it raised struct.error and ended the run); equal or empty language codes and an output under a file are named.
     (tmp_path / "empty.mo").write_bytes(b"")
