@@ -115,15 +115,18 @@ def _loader_class():
             BartLoader.set_decoder(self, spec, decoder)  # start from the start token's embedding, as ours does
 
         def get_vocabulary(self, model, tokenizer):
-            tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
-            size = model.config.vocab_size
-            if len(tokens) > size:
-                raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary only {size}")
-            taken, index = set(tokens), len(tokens)
-            while len(tokens) < size:  # a tokenizer smaller than the embedding: name the unused rows
-                token, index = f"<extra_{index}>", index + 1
-                if token not in taken:
-                    tokens.append(token)
+            """Each token at its id (CTranslate2 numbers them by position); rows no token uses (a tokenizer smaller
+            than the embedding, or one whose ids skip a number) get names of their own."""
+            vocab, size = tokenizer.get_vocab(), model.config.vocab_size
+            if len(vocab) > size or not all(0 <= index < size for index in vocab.values()):
+                raise ValueError(f"the tokenizer has {len(vocab)} tokens (ids up to {max(vocab.values())}) but the "
+                                 f"model's vocabulary only {size} rows")
+            tokens = [f"<extra_{index}>" for index in range(size)]
+            for token, index in vocab.items():
+                tokens[index] = token
+            if len(set(tokens)) < size:  # a token of the tokenizer's own named like an unused row
+                tokens = [token if vocab.get(token) == index else f"<extra_{index}_unused>"
+                          for index, token in enumerate(tokens)]
             return tokens
 
     return Seq2SeqMarianLoader

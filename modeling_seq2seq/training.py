@@ -903,9 +903,10 @@ def check_tokenizer_matches(tokenizer, config, where) -> None:
         if theirs is not None and ours not in (theirs if isinstance(theirs, list) else [theirs]):
             raise ValueError(f"{where}: the tokenizer's {name} is {ours}, config.json's {theirs}: the tokenizer and the "
                              "model do not belong together.")
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"{where}: its tokenizer has {len(tokenizer)} tokens, but the model only {config.vocab_size} "
-                         "(config.json's vocab_size): the two do not belong together.")
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if len(tokenizer) > config.vocab_size or largest >= config.vocab_size:
+        raise ValueError(f"{where}: its tokenizer has {len(tokenizer)} tokens (ids up to {largest}), but the model only "
+                         f"{config.vocab_size} (config.json's vocab_size): the two do not belong together.")
 
 
 def check_special_tokens(tokenizer, where: str, needed=("pad_token", "eos_token"),

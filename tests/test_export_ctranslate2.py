@@ -294,3 +294,42 @@ def test_a_model_ending_with_another_token_than_its_tokenizer_is_not_exported(tm
     with pytest.raises(ValueError, match=r"ends sentences with token ids \[7\], its tokenizer with 2 \('</s>'\)"):
         export_to_ctranslate2(model, tokenizer, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_each_token_keeps_its_id_when_the_tokenizers_ids_skip_one(saved_model, tmp_path):
+    """CTranslate2 numbers a vocabulary by position: a tokenizer whose ids skip a number (a hand-edited vocabulary)
+    had every later token exported one place off, and CTranslate2 translated into other tokens without a word. Each
+    token now sits at its id and the unused row gets a name of its own; an id past the model's rows is refused."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    model, folder = saved_model
+
+    def edited(remove: str, add: dict):
+        spec = json.loads(synthetic_tokenizer(VOCAB).backend_tokenizer.to_str())
+        del spec["model"]["vocab"][remove]
+        spec["model"]["vocab"].update(add)
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token="<pad>",
+                                       eos_token="</s>", unk_token="<unk>")
+
+    tokenizer = edited("t150", {})
+    shutil.copytree(folder, tmp_path / "model")
+    save_tokenizer(tokenizer, tmp_path / "model")
+    out = Path(export_saved_model(tmp_path / "model", tmp_path / "ct2"))
+    vocabulary = json.loads((out / "shared_vocabulary.json").read_text())
+    assert len(vocabulary) == VOCAB and vocabulary[149:152] == ["t149", "<extra_150>", "t151"]
+    translator = ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
+    for seed in (0, 1):
+        ids, mask, lengths = sources(seed)
+        ids[ids == 150] = 151  # no word of the tokenizer's spells it
+        for num_beams in (1, 4):
+            batch = [[vocabulary[i] for i in row[:n]] for row, n in zip(ids.tolist(), lengths)]
+            results = translator.translate_batch(batch, beam_size=num_beams, length_penalty=0.6 if num_beams > 1 else 1,
+                                                 max_decoding_length=NEW_TOKENS, min_decoding_length=0)
+            exported = [[tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else vocabulary.index(t)
+                         for t in r.hypotheses[0]] for r in results]
+            assert exported == ours_ids(model, ids, mask, num_beams), (seed, num_beams)
+    save_tokenizer(edited("t150", {f"t{VOCAB}": VOCAB}), tmp_path / "model")  # as many tokens as rows, one past them
+    with pytest.raises(ValueError, match=re.escape(f"its tokenizer has {VOCAB} tokens (ids up to {VOCAB}), but the model "
+                                                   f"only {VOCAB}")):
+        export_saved_model(tmp_path / "model", tmp_path / "ct2-past")

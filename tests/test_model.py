@@ -1744,7 +1744,8 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
         ("extra", "model.extra.weight); config.json and the weights do not belong together"),
         ("negative", f"{damaged['negative'] / 'config.json'}: the model it describes cannot be built"),
         ("bad_tokenizer", f"{damaged['bad_tokenizer']}: its tokenizer files do not load"),
-        ("big_tokenizer", f"{damaged['big_tokenizer']}: its tokenizer has {len(big)} tokens, but the model only"),
+        ("big_tokenizer", f"{damaged['big_tokenizer']}: its tokenizer has {len(big)} tokens (ids up to {len(big) - 1}), "
+                         "but the model only"),
     ]:
         assert convert(["--to", "ours", "--input", str(damaged[name]), "--output_dir", str(tmp_path / "x")]) == 1
         error = capsys.readouterr().err

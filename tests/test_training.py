@@ -1576,7 +1576,8 @@ def test_a_folder_of_another_model_type_a_broken_generation_config_or_a_foreign_
         (other_eos, f"{other_eos}: the tokenizer's eos_token_id is {config['eos_token_id']}, config.json's "
                     f"{config['vocab_size'] - 1}: the tokenizer and the model do not belong together"),
         (no_eos, f"{no_eos}: the tokenizer has no eos_token"),
-        (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens, but the model only {config['vocab_size']}"),
+        (foreign, f"{foreign}: its tokenizer has {2 * config['vocab_size']} tokens (ids up to {2 * config['vocab_size'] - 1}), "
+                  f"but the model only {config['vocab_size']}"),
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
             training.load_model_and_tokenizer(folder, device="cpu")
