@@ -9,6 +9,7 @@ decoding_seq2seq.py, the fast greedy/beam search, and in `translation_pipeline`,
 """
 
 import contextvars
+import copy
 import math
 import warnings
 
@@ -467,6 +468,13 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @property
+    def dummy_inputs(self):
+        """A padded batch that the model runs as is (`model(**model.dummy_inputs)`), as Marian's."""
+        pad = self.config.pad_token_id
+        input_ids = torch.tensor([[0, 6, 10, 4, 2], [0, 8, 12, 2, pad]], device=self.device) % self.config.vocab_size
+        return {"input_ids": input_ids, "attention_mask": input_ids.ne(pad), "decoder_input_ids": input_ids}
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -594,7 +602,8 @@ class Decoder(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("The decoder needs exactly one of `decoder_input_ids` and `decoder_inputs_embeds`.")
         if encoder_hidden_states is None:
-            raise ValueError("The decoder needs the encoder's output: pass `input_ids` or `encoder_outputs`.")
+            raise ValueError("The decoder needs the encoder's output: pass `input_ids` or `encoder_outputs` to the model "
+                             "(`encoder_hidden_states` to the decoder alone).")
         if inputs_embeds is None:
             check_token_ids(input_ids, self.embed_tokens.num_embeddings, "decoder_input_ids")
             inputs_embeds = self.embed_tokens(input_ids)
@@ -1104,6 +1113,7 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         if (attention_mask is None and transformers_major_version() < 5 and config.pad_token_id is not None and pad not in eos
                 and bool((input_ids == pad).any())):
             attention_mask = input_ids.ne(pad).long()  # as transformers 4.x infers it
+        self.warn_about_lengths(config, generation_config, kwargs, max_new_tokens, min_new_tokens)
         settings = dict(
             num_beams=num_beams, num_return_sequences=returned, length_penalty=config.length_penalty if num_beams > 1 else 1.0,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -1112,6 +1122,22 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
             top_k=config.top_k if sample and config.top_k else None,  # what TopKLogitsWarper keeps (min 1 token)
         )
         return input_ids, attention_mask, settings
+
+    def warn_about_lengths(self, config, generation_config, kwargs, max_new_tokens: int, min_new_tokens: int) -> None:
+        """The warnings transformers' `generate` gives about the lengths asked for (a minimum that the maximum cuts
+        short; transformers' own default maximum), which the fast search would skip. Its note that `max_new_tokens`
+        takes precedence over a saved `max_length` is left out: every generate(max_new_tokens=...) of a saved model
+        would print it."""
+        if transformers_major_version() < 5:
+            default_max = kwargs.get("max_length") is None and config.max_length is not None
+        else:
+            default_max = kwargs.get("max_length") is None and self.generation_config.max_length is None and (
+                generation_config is None or generation_config.max_length is None)
+        lengths = copy.copy(config)  # the maximum and minimum as transformers' `_prepare_generated_length` sets them
+        lengths.max_length = max_new_tokens + 1
+        if config.min_new_tokens is not None:
+            lengths.min_length = min_new_tokens + 1
+        self._validate_generated_length(lengths, 1, default_max)
 
     @staticmethod
     def sampling_warpers(config) -> list:

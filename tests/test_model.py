@@ -114,6 +114,16 @@ def test_logits_and_generation_match_marian(preset):
         ), settings
 
 
+def test_dummy_inputs_run_as_marians_do():
+    """`model(**model.dummy_inputs)` runs (it raised: the dummy batch had no decoder input) and gives Marian's logits."""
+    ours = make_model()
+    marian = to_marian(ours).eval()
+    assert ours.dummy_inputs.keys() == marian.dummy_inputs.keys()
+    assert all(torch.equal(ours.dummy_inputs[key], marian.dummy_inputs[key]) for key in ours.dummy_inputs)
+    with torch.no_grad():
+        assert torch.allclose(ours(**ours.dummy_inputs).logits, marian(**marian.dummy_inputs).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_a_float64_model_computes_in_float64_as_marian_does(implementation):
     """In float64 the two compute the same function to float64 rounding, through each attention and the loss; the
@@ -1002,6 +1012,36 @@ def test_the_default_length_gives_transformers_number_of_new_tokens():
             ours = model.generate(source, attention_mask=mask, num_beams=num_beams)
             assert ours.shape[1] == expected_length
             assert torch.equal(ours, GenerationMixin.generate(model, source, attention_mask=mask, num_beams=num_beams))
+
+
+def test_fast_generate_gives_transformers_warnings_about_the_lengths():
+    """A minimum length that the maximum cuts short, or transformers' own default maximum: the fast search warns as
+    transformers' `generate` does (it gave no warning), apart from the note that max_new_tokens overrides a saved
+    max_length (every generate(max_new_tokens=...) of a saved model would print it)."""
+    import warnings
+
+    source, mask = padded_batch()
+
+    def warnings_of(generate, model, **settings):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = generate(model, source, attention_mask=mask, **settings)
+        return output, [str(warning.message) for warning in caught if warning.category is UserWarning]
+
+    model, unset = make_model(), make_model()
+    unset.generation_config.max_length = None
+    for model, settings in [
+        (model, dict(num_beams=2, max_new_tokens=3, min_new_tokens=6)),
+        (model, dict(num_beams=1, max_length=4, min_length=9)),
+        (model, dict(num_beams=3, min_length=70)),  # the saved max_length, 64
+        (unset, dict(num_beams=1)),  # transformers' default of 20 new tokens
+        (unset, dict(num_beams=2, min_new_tokens=30)),
+    ]:
+        assert model.fast_search_settings(source, None, dict(settings)) is not None
+        ours, said = warnings_of(type(model).generate, model, **settings)
+        reference, expected = warnings_of(GenerationMixin.generate, model, **settings)
+        assert torch.equal(ours, reference) and expected and said == expected, (settings, said, expected)
+    assert warnings_of(type(model).generate, model, num_beams=2, max_new_tokens=5)[1] == []
 
 
 def test_generate_without_a_source_mask_treats_padding_as_transformers_does():

@@ -255,7 +255,8 @@ def test_decoder_input_without_encoder_input_is_refused(model):
     for call in (model, model.model):
         with pytest.raises(ValueError, match=exactly("The encoder needs exactly one of `input_ids` and `inputs_embeds`.")):
             call(decoder_input_ids=target)
-    with pytest.raises(ValueError, match=exactly("The decoder needs the encoder's output: pass `input_ids` or `encoder_outputs`.")):
+    with pytest.raises(ValueError, match=exactly("The decoder needs the encoder's output: pass `input_ids` or `encoder_outputs` "
+                                                 "to the model (`encoder_hidden_states` to the decoder alone).")):
         model.get_decoder()(input_ids=target)
     with pytest.raises(ValueError, match=re.escape("Pass `decoder_input_ids`, `decoder_inputs_embeds` or `labels`")):
         model(input_ids=target)
