@@ -233,19 +233,11 @@ def build_hub_folder(
     # Inference settings: training writes use_cache=False into the config; a shared model should decode fast.
     model.config.use_cache = True
     model.generation_config.use_cache = True
-    # `register_for_auto_class` makes save_pretrained write `auto_map` and copy the code files (and their relative
-    # imports) next to the weights. The package registers them at import; repeat here so the folder never lacks them.
+    # `register_for_auto_class` makes save_pretrained write `auto_map` and `custom_pipelines` and copy the code files
+    # (and their relative imports) next to the weights. The package registers them at import; repeat here so the
+    # folder never lacks them.
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForSeq2SeqLM")
-    # What `Pipeline.save_pretrained` writes for a registered pipeline; `pipeline(TASK, model=repo,
-    # trust_remote_code=True)` reads it and imports `pipeline.py` from the repo.
-    model.config.custom_pipelines = {
-        TASK: {
-            "impl": f"pipeline.{model.translation_pipeline().__name__}",
-            "pt": ["AutoModelForSeq2SeqLM"],
-            "type": "text",
-        }
-    }
 
     tmp = staging_beside(out_dir)
     try:

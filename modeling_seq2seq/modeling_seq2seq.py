@@ -458,14 +458,22 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`; where the code is saved too (`register_for_auto_class`), `auto_map` lists
         both models, whichever is saved, so that `AutoModel` and `AutoModelForSeq2SeqLM` load the folder with
-        `trust_remote_code=True` (as a MarianModel folder loads as MarianMTModel, its head tied to the embeddings)."""
+        `trust_remote_code=True` (as a MarianModel folder loads as MarianMTModel, its head tied to the embeddings),
+        and `custom_pipelines` names the translation pipeline, as `Pipeline.save_pretrained` does for a registered
+        one: `pipeline("seq2seq-translation", model=folder, trust_remote_code=True)` then imports the copied
+        pipeline.py."""
         if self._auto_class is not None and type(self).__module__ == Seq2SeqTransformerModel.__module__:
+            from .pipeline import TASK, Seq2SeqTranslationPipeline
+
             module = type(self).__module__.rsplit(".", 1)[-1]  # a user's subclass elsewhere ships no such file
             self.config.auto_map = {
                 "AutoModel": f"{module}.{Seq2SeqTransformerModel.__name__}",
                 "AutoModelForSeq2SeqLM": f"{module}.{Seq2SeqTransformerForConditionalGeneration.__name__}",
                 **(getattr(self.config, "auto_map", None) or {}),
             }
+            pipeline = {"impl": f"pipeline.{Seq2SeqTranslationPipeline.__name__}", "pt": ["AutoModelForSeq2SeqLM"],
+                        "type": "text"}
+            self.config.custom_pipelines = {TASK: pipeline, **(getattr(self.config, "custom_pipelines", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property

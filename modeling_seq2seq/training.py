@@ -383,12 +383,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train the Transformer of 'Attention Is All You Need'. Without data arguments it trains on the "
-        "built-in English->German number-words task. Flags override the --config YAML file.",
+        "built-in English->German number-words task (configs/train-tiny.yaml). The defaults shown are the paper's "
+        "base recipe; a --config YAML file overrides them, and flags override both.",
     )
     parser.add_argument("--config", help="YAML recipe, e.g. configs/train-tiny.yaml")
     for spec in dataclasses.fields(TrainingConfig):
         annotation, _ = _unwrap_optional(_field_types()[spec.name])
         help_text = spec.metadata.get("help", "")
+        default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        if default not in (None, "", [], {}):
+            help_text += f" (default: {default})".replace("%", "%%")
         if annotation is bool:
             parser.add_argument(f"--{spec.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
@@ -2037,8 +2041,11 @@ class Trainer:
             self.load_checkpoint(self.resume_dir)
             self.log.truncate_after(self.step, self.resumed_log_records)
             if self.step > config.max_steps:
-                logger.warning("Resumed at step %d, past max_steps (%d): no step is trained, and the final model is "
-                               "the checkpoint's (step %d).", self.step, config.max_steps, self.step)
+                final = (f"averages the last {config.average_checkpoints} checkpoints of {self.output_dir} "
+                         "(average_checkpoints), as at the end of any run" if config.average_checkpoints > 1
+                         else f"is the checkpoint's (step {self.step})")
+                logger.warning("Resumed at step %d, past max_steps (%d): no step is trained, and the final model %s.",
+                               self.step, config.max_steps, final)
         self.earlier_run_pending = self.resume_dir is None
         if self.tracker:
             accelerator.init_trackers(TRACKER_RUN_NAME, config=_tracker_hparams(config))

@@ -640,6 +640,28 @@ def test_loads_and_generates_identically_where_the_package_cannot_be_imported(hu
     assert probe["resaved_code"] == SHIPPED_CODE and probe["resaved_pipeline"] == probe["pipeline"]
 
 
+def test_a_folder_saved_by_training_runs_the_pipeline_where_the_package_cannot_be_imported(model_dir, reference, tmp_path):
+    """`save_pretrained` of our model (what train.py writes) names the pipeline in config.json, as the Hub folder
+    does: `pipeline("seq2seq-translation", model=folder, trust_remote_code=True)` raised "Unknown task" there."""
+    script = PROBE[:PROBE.index("result = {}")] + textwrap.dedent(
+        """
+        from transformers import pipeline
+        translations = pipeline("seq2seq-translation", model=folder, trust_remote_code=True)(texts, **json.loads(sys.argv[4]))
+        with open(out_path, "w") as f:
+            json.dump([r["translation_text"] for r in translations], f)
+        """)
+    (tmp_path / "probe.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "probe.py"), str(model_dir), str(tmp_path / "out.json"),
+                           json.dumps(TEXTS), json.dumps(GREEDY)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, tokenizer = load_original(model_dir)
+    expected = tokenizer.batch_decode(torch.tensor(reference["greedy"]), skip_special_tokens=True)
+    assert json.loads((tmp_path / "out.json").read_text()) == expected and any(expected)
+
+
 def test_dry_run_cli_prints_the_file_list(model_dir, tmp_path, capsys):
     out = tmp_path / "dry"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))

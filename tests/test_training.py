@@ -1222,8 +1222,18 @@ def test_resuming_past_max_steps_says_that_nothing_is_trained(assets, reference_
     output_dir = tmp_path / "lower"
     args = run_args(assets, output_dir, max_steps=8, resume_from_checkpoint=str(reference_run / "checkpoint-12"))
     assert training.main(args) == 0
-    assert "Resumed at step 12, past max_steps (8): no step is trained" in caplog.text
+    assert "Resumed at step 12, past max_steps (8): no step is trained, and the final model is the checkpoint's" in caplog.text
     assert_same_weights(output_dir, reference_run / "checkpoint-12")
+    # Resumed in its own folder with averaging, the final model is the average, as the warning now says (it said
+    # "the checkpoint's").
+    shutil.copytree(reference_run, tmp_path / "again")
+    caplog.clear()
+    args = run_args(assets, tmp_path / "again", max_steps=8, average_checkpoints=2, resume_from_checkpoint="latest")
+    assert training.main(args) == 0
+    assert (f"no step is trained, and the final model averages the last 2 checkpoints of {tmp_path / 'again'} "
+            "(average_checkpoints)") in caplog.text
+    averaged = json.loads((tmp_path / "again" / "eval_results.json").read_text())["averaged_checkpoints"]
+    assert [Path(path).name for path in averaged] == ["checkpoint-8", "checkpoint-12"]
 
 
 def test_resume_with_another_model_size_names_the_checkpoint_and_the_weight(assets, reference_run, tmp_path, capsys):
