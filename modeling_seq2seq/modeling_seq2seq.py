@@ -5,7 +5,7 @@ section; the stacks and models; the loss (Section 5.4); and last, the CPU kernel
 compute the same function up to float rounding. The model is a native `transformers` model (config, outputs, cache,
 generation, save/load) and runs on transformers 4.57 and 5.4 onwards (the project's docs/compatibility.md): this file
 ships to the Hub with the weights, so it imports torch, transformers and the config only (and, in `generate`,
-decoding_seq2seq.py, the fast greedy/beam search, and in `translation_pipeline`, pipeline.py, both shipped beside it).
+decoding_seq2seq.py, the fast greedy/beam search, and in `save_pretrained`, pipeline.py, both shipped beside it).
 """
 
 import contextvars
@@ -460,8 +460,8 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
         both models, whichever is saved, so that `AutoModel` and `AutoModelForSeq2SeqLM` load the folder with
         `trust_remote_code=True` (as a MarianModel folder loads as MarianMTModel, its head tied to the embeddings),
         and `custom_pipelines` names the translation pipeline, as `Pipeline.save_pretrained` does for a registered
-        one: `pipeline("seq2seq-translation", model=folder, trust_remote_code=True)` then imports the copied
-        pipeline.py."""
+        one: `pipeline("seq2seq-translation", model=folder, trust_remote_code=True)` then imports pipeline.py, which
+        the code saved with the model includes as this file imports it."""
         if self._auto_class is not None and type(self).__module__ == Seq2SeqTransformerModel.__module__:
             from .pipeline import TASK, Seq2SeqTranslationPipeline
 
@@ -962,14 +962,6 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
 
     def get_decoder(self, *args, **kwargs):
         return self.model.decoder
-
-    @staticmethod
-    def translation_pipeline():
-        """The `seq2seq-translation` pipeline class (pipeline.py). Saving the code copies the files it imports, so
-        a folder whose config names that pipeline (the Hub folder's) keeps it when the model is saved again."""
-        from .pipeline import Seq2SeqTranslationPipeline
-
-        return Seq2SeqTranslationPipeline
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
