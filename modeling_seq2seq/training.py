@@ -899,6 +899,11 @@ def load_model_and_tokenizer(path: str | os.PathLike, device: str | None = None,
     return model, tokenizer
 
 
+def validation_summary(metrics: dict) -> str:
+    return (f"val_loss {metrics['val_loss']:.4f}  val_bleu {metrics['val_bleu']:.2f}  val_chrf {metrics['val_chrf']:.2f}  "
+            f"val_exact_match {metrics['val_exact_match']:.3f}")
+
+
 def check_tokenizer_matches(tokenizer, config, where) -> None:
     """The tokenizer pads and ends sentences with the ids the model was trained with, and fits its vocabulary: a
     tokenizer with two tokens swapped translates, silently, into nonsense."""
@@ -1886,11 +1891,8 @@ class Trainer:
         self.log.write({"type": "eval", "step": self.step, **metrics})
         if self.tracker:
             self.accelerator.log({f"eval/{k[4:]}": v for k, v in metrics.items()}, step=self.step)
-        self.print(
-            f"step {self.step}: val_loss {metrics['val_loss']:.4f}  val_bleu {metrics['val_bleu']:.2f}  "
-            f"val_chrf {metrics['val_chrf']:.2f}  val_exact_match {metrics['val_exact_match']:.3f}"
-        )
-        self.last_eval_step = self.step
+        self.print(f"step {self.step}: {validation_summary(metrics)}")
+        self.last_eval_step, self.last_eval_metrics = self.step, metrics
         return metrics
 
     def _out_of_time(self) -> bool:
@@ -2035,7 +2037,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = self.consecutive_bad_steps = self.tokens_seen = 0
         self.elapsed_before = 0.0
-        self.last_saved_step = self.last_eval_step = None
+        self.last_saved_step = self.last_eval_step = self.last_eval_metrics = None
         self.log_window = LogWindow()
         if self.resume_dir is not None:
             self.load_checkpoint(self.resume_dir)
@@ -2098,8 +2100,10 @@ class Trainer:
             self.save_checkpoint()
         else:  # resumed from this step's checkpoint: a run killed between saving and rotating left one too many
             self.rotate_checkpoints(ckpt.checkpoint_path(self.output_dir, self.step))
-        averaged_from = []
+        averaged_from, rejected = [], []
         if config.average_checkpoints > 1:
+            # This step's validation (again, if it ran before a resume: its numbers are in the log only).
+            last = self.last_eval_metrics if self.last_eval_metrics is not None else self.evaluate()
             averaged_from = ckpt.last_checkpoints(self.output_dir, config.average_checkpoints,
                                                   skip=self.earlier_runs_last)
             ckpt.check_same_architecture(averaged_from)
@@ -2108,12 +2112,27 @@ class Trainer:
             self.print(f"Averaged the weights of {len(averaged_from)} checkpoints: {', '.join(p.name for p in averaged_from)}.")
             if len(averaged_from) < config.average_checkpoints:
                 self.print(f"(asked for {config.average_checkpoints}; only {len(averaged_from)} complete ones exist)")
-            # The averaged model is what gets saved and tested; record its validation numbers too.
             metrics = self.evaluate()
             if metrics:
                 self.log.write({"type": "eval", "step": self.step, "averaged": True, **metrics})
+                self.print(f"averaged: {validation_summary(metrics)}")
+            # The paper averages checkpoints of a converged model; the average of a short run's (the warm-up's peak
+            # among them) can be far worse than its last: worse in loss and in BLEU or chrF, better in neither, it is
+            # not the model saved and tested (on a tie, as the built-in task's 100s, the paper's average stays).
+            scores = ("val_bleu", "val_chrf")
+            if (metrics and last and metrics["val_loss"] > last["val_loss"]
+                    and all(metrics[k] <= last[k] for k in scores) and any(metrics[k] < last[k] for k in scores)):
+                final = ckpt.checkpoint_path(self.output_dir, self.step)
+                load_full_weights(accelerator, self.model, ckpt.load_safetensors_folder(final), str(final))
+                if self.is_main:
+                    logger.warning("The average of the last %d checkpoints validates worse than %s (val_loss %.4f against "
+                                   "%.4f, val_bleu %.2f against %.2f, val_chrf %.2f against %.2f): the final model is "
+                                   "%s's weights, not the average (scripts/average_checkpoints.py writes it).",
+                                   len(averaged_from), final.name, metrics["val_loss"], last["val_loss"], metrics["val_bleu"],
+                                   last["val_bleu"], metrics["val_chrf"], last["val_chrf"], final.name)
+                averaged_from, rejected = [], averaged_from
         self.save_final_model()
-        results = self.test(stop_reason, [str(p) for p in averaged_from])
+        results = self.test(stop_reason, [str(p) for p in averaged_from], [str(p) for p in rejected])
         if self.is_main and config.plot:
             plot_training_curves(self.output_dir / LOG_FILE_NAME, self.output_dir / CURVES_FILE_NAME)
         accelerator.wait_for_everyone()
@@ -2152,7 +2171,7 @@ class Trainer:
             self.print(f"Saved model, tokenizer and generation config to {self.output_dir}.")
         accelerator.wait_for_everyone()
 
-    def test(self, stop_reason: str, averaged_from: list[str]) -> dict:
+    def test(self, stop_reason: str, averaged_from: list[str], average_rejected: list[str]) -> dict:
         """Translate the test split with the saved generation defaults; write eval_results.json and print samples."""
         config = self.config
         results = {
@@ -2168,6 +2187,7 @@ class Trainer:
             "target_lang": config.target_lang,
             "num_beams": config.num_beams,
             "averaged_checkpoints": averaged_from,
+            **({"average_rejected": average_rejected} if average_rejected else {}),  # validated worse than the last
             "training_config": {**{name: getattr(config, name) for name in RECIPE_FIELDS}, "processes": self.world_size},
         }
         if self.test_raw is None or len(self.test_raw) == 0:

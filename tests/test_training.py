@@ -1901,6 +1901,37 @@ def test_average_checkpoints_at_the_end(assets, tmp_path):
     assert len(training.translate_texts(model, tokenizer, ["seven"], num_beams=1)) == 1
 
 
+def test_an_average_that_validates_worse_than_the_last_checkpoint_is_not_the_final_model(assets, tmp_path, monkeypatch,
+                                                                                        caplog):
+    """The paper averages a converged model's checkpoints; a short run's average (the warm-up's peak among them) can
+    validate far worse than its last checkpoint (a review's English-Japanese run: BLEU 13.9 against 21.8), and it was
+    saved, tested and published as the model. Worse in validation loss and in BLEU or chrF (better in neither), it is
+    now left out: the final model is the last checkpoint, and eval_results.json names the average's checkpoints as
+    rejected."""
+    average = ckpt.average_state_dicts
+
+    def spoiled(*args, **kwargs):  # an average far from every checkpoint, as a run's early ones can make it
+        generator = torch.Generator().manual_seed(0)
+        return {name: value + torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+                for name, value in average(*args, **kwargs).items()}
+
+    monkeypatch.setattr(ckpt, "average_state_dicts", spoiled)
+    output_dir = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, output_dir, average_checkpoints=2, save_total_limit=2)) == 0
+    evaluations = {r.get("averaged", False): r for r in read_log(output_dir) if r["type"] == "eval" and r["step"] == 12}
+    averaged, last = evaluations[True], evaluations[False]
+    assert averaged["val_loss"] > last["val_loss"] and averaged["val_chrf"] < last["val_chrf"]
+    assert averaged["val_bleu"] == last["val_bleu"] == 0  # 12 steps: no 4-gram right yet; chrF and the loss tell
+    assert (f"The average of the last 2 checkpoints validates worse than checkpoint-12 (val_loss {averaged['val_loss']:.4f} "
+            f"against {last['val_loss']:.4f}, val_bleu 0.00 against 0.00, val_chrf {averaged['val_chrf']:.2f} against "
+            f"{last['val_chrf']:.2f})") in caplog.text
+    results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
+    assert results["averaged_checkpoints"] == []
+    assert [Path(p).name for p in results["average_rejected"]] == ["checkpoint-8", "checkpoint-12"]
+    assert_same_weights(output_dir, output_dir / "checkpoint-12", atol=0)
+
+
 def test_an_average_that_would_not_load_is_not_written(reference_run, tmp_path):
     """The average takes the last input's config, generation config and tokenizer: one that does not load (an
     invalid dropout, which the architecture check leaves aside; a damaged generation config), or tokenizers that
