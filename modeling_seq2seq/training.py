@@ -2186,6 +2186,8 @@ class Trainer:
             "source_lang": config.source_lang,
             "target_lang": config.target_lang,
             "num_beams": config.num_beams,
+            # A batch's output limit is its longest source + max_new_tokens_extra: evaluate.py takes both.
+            "eval_batch_size": config.eval_batch_size, "max_new_tokens_extra": config.max_new_tokens_extra,
             "averaged_checkpoints": averaged_from,
             **({"average_rejected": average_rejected} if average_rejected else {}),  # validated worse than the last
             "training_config": {**{name: getattr(config, name) for name in RECIPE_FIELDS}, "processes": self.world_size},

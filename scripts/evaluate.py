@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from modeling_seq2seq.checkpointing import AVERAGED_FROM_NAME, TRAINER_STATE_NAME
 from modeling_seq2seq.data import line_aligned_files
 from modeling_seq2seq.training import (
     bleu_tokenizer,
@@ -66,23 +67,49 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool, tuple[list[i
     return list(split["source"]), list(split["target"]), BUILTIN_DATASET, True, None
 
 
+def recorded_run(folder: Path) -> tuple[dict, str | None]:
+    """The settings train.py recorded for the model in `folder`, and the file they came from: its eval_results.json
+    (a finished run), its trainer_state.json (a checkpoint), or the last checkpoint an average was made from
+    (averaged_from.json). Empty where none is readable (a Hub folder, a converted model)."""
+    files = [folder / "eval_results.json", folder / TRAINER_STATE_NAME]
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError, IndexError):
+        averaged = json.loads((folder / AVERAGED_FROM_NAME).read_text(encoding="utf-8"))["checkpoints"]
+        files.append(Path(averaged[-1]) / TRAINER_STATE_NAME)
+    for file in files:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            record = json.loads(file.read_text(encoding="utf-8"))
+            if file.name == TRAINER_STATE_NAME:
+                record = record["config"]
+            else:  # eval_results.json: the test's settings, and the recipe's source cut
+                record = {**record.get("training_config", {}), **record}
+            if isinstance(record, dict):
+                return record, str(file)
+    return {}, None
+
+
 @stoppable
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder")
     parser.add_argument("--test_file", help="a .jsonl/.json/.csv/.tsv file of pairs, or the prefix P of line-aligned P.<source_lang> and P.<target_lang>")
     parser.add_argument("--source_lang", default=None,
-                        help="default: the language pair the model was trained on (its eval_results.json), else en")
+                        help="default: the language pair the model was trained on (as train.py recorded it in the "
+                             "folder: eval_results.json, a checkpoint's trainer_state.json, an average's checkpoints), "
+                             "else en, with a warning")
     parser.add_argument("--target_lang", default=None, help="default: as --source_lang's, else de")
     parser.add_argument("--source_file", help="plain text sources, one per line (with --reference_file)")
     parser.add_argument("--reference_file", help="plain text references, line-aligned with --source_file")
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N pairs")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
     parser.add_argument("--length_penalty", type=finite_float, default=None)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="sentences per generate call (default: train.py's eval_batch_size where recorded, else "
+                             "64); a batch may generate up to its longest source + N tokens (train.py's "
+                             "max_new_tokens_extra where recorded, else 50), so a sentence that does not end can be "
+                             "cut at another length in another batch")
     parser.add_argument("--max_source_length", type=int, default=None,
-                        help="truncate sources to this many tokens (default: the model's max_position_embeddings; "
-                             "train.py's test cut them at its max_source_length)")
+                        help="truncate sources to this many tokens (default: train.py's max_source_length where "
+                             "recorded, as its test cut them, else the model's max_position_embeddings)")
     parser.add_argument("--effective_order", action=argparse.BooleanOptionalAction, default=None,
                         help="BLEU effective order (default: on for the built-in task only)")
     parser.add_argument("--tokenize", default=None,
@@ -99,13 +126,25 @@ def main(argv=None) -> int:
             parser.error(f"--{option} must be positive")
     if args.max_source_length is not None and args.max_source_length < 2:
         parser.error("--max_source_length must be at least 2 (a token and </s>)")
-    trained = {}  # the language pair train.py recorded, when the folder has its results
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        trained = json.loads((Path(args.model) / "eval_results.json").read_text(encoding="utf-8"))
-    for option, fallback in (("source_lang", "en"), ("target_lang", "de")):
-        if getattr(args, option) is None:
-            recorded = trained.get(option) if isinstance(trained, dict) else None
-            setattr(args, option, recorded if isinstance(recorded, str) and recorded else fallback)
+    # Unset, the options take what train.py used for this model, so that its test score is reproduced.
+    trained, recorded_in = recorded_run(Path(args.model))
+    taken = {}
+    for option, fallback, kind in (("source_lang", "en", str), ("target_lang", "de", str), ("batch_size", 64, int),
+                                   ("max_source_length", None, int), ("max_new_tokens_extra", 50, int)):
+        recorded = trained.get(option if option != "batch_size" else "eval_batch_size")
+        if getattr(args, option, None) is None:  # max_new_tokens_extra: no option, train.py's or translate_texts'
+            usable = isinstance(recorded, kind) and not isinstance(recorded, bool) and (
+                recorded >= 0 if kind is int else bool(recorded))
+            setattr(args, option, recorded if usable else fallback)
+            taken[option] = recorded if usable else None
+    shown = [f"{'eval_batch_size' if k == 'batch_size' else k} {v}" for k, v in taken.items() if v is not None]
+    if shown:
+        print(f"As train.py ran this model ({recorded_in}): {', '.join(shown)}", file=sys.stderr)
+    unknown = [f"--{k}" for k in ("source_lang", "target_lang") if k in taken and taken[k] is None]
+    if unknown and (args.test_file or args.source_file):
+        print(f"warning: {args.model} records no language pair (no eval_results.json or checkpoint state of train.py's): "
+              f"taking {args.source_lang}->{args.target_lang}; pass {' and '.join(unknown)} (the target language picks "
+              "the BLEU tokenizer).", file=sys.stderr)
     if args.test_file and (args.source_file or args.reference_file):
         parser.error("--test_file or --source_file/--reference_file: one test set, not both")
 
@@ -138,7 +177,7 @@ def main(argv=None) -> int:
     predictions = translate_texts(model, tokenizer, sources, batch_size=args.batch_size, num_beams=args.num_beams,
                                   length_penalty=args.length_penalty,
                                   max_source_length=args.max_source_length or model.config.max_position_embeddings,
-                                  names=names)
+                                  max_new_tokens_extra=args.max_new_tokens_extra, names=names)
     seconds = time.monotonic() - start
     scores = translation_metrics(predictions, references, effective_order=effective_order, tokenize=tokenize)
     result = {

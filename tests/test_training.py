@@ -804,6 +804,41 @@ def test_evaluate_script_reports_bleu_with_signature(short_run, tmp_path, capsys
 
 
 
+def test_evaluate_reproduces_the_test_score_train_py_reported_from_what_the_folder_records(short_run, tmp_path, capsys):
+    """Unset, evaluate.py's language pair, batch size, source cut and output margin are train.py's for that model (its
+    eval_results.json; a checkpoint's trainer_state.json; the checkpoints an average was made from), so it gives the
+    score train.py reported and the card publishes (it cut no sources and batched by 64: another score); with nothing
+    recorded (a converted or downloaded model) it says which language pair it assumed."""
+    evaluate = load_script("evaluate")
+    reported = json.loads((short_run / training.EVAL_RESULTS_NAME).read_text())
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(short_run), "--max_samples", str(reported["test_samples"]),
+                          "--output_json", str(tmp_path / "s.json")]) == 0
+    assert (f"As train.py ran this model ({short_run / training.EVAL_RESULTS_NAME}): source_lang en, target_lang de, "
+            "eval_batch_size 16, max_source_length 32, max_new_tokens_extra 50") in capsys.readouterr().err
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert (scores["bleu"], scores["chrf"], scores["exact_match"]) == (
+        reported["test_bleu"], reported["test_chrf"], reported["test_exact_match"])
+    # The test's own power: the earlier defaults (sources not cut, 64 a batch) score otherwise.
+    assert evaluate.main(["--model", str(short_run), "--max_samples", str(reported["test_samples"]),
+                          "--output_json", str(tmp_path / "s.json"), "--max_source_length", "64", "--batch_size", "64"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["chrf"] != reported["test_chrf"]
+    averaged = tmp_path / "averaged"
+    assert load_script("average_checkpoints").main(["--input_dir", str(short_run), "--last", "2", "--output", str(averaged)]) == 0
+    for folder, record in ((short_run / "checkpoint-20", short_run / "checkpoint-20" / ckpt.TRAINER_STATE_NAME),
+                           (averaged, short_run / "checkpoint-40" / ckpt.TRAINER_STATE_NAME)):
+        assert evaluate.main(["--model", str(folder), "--max_samples", "2"]) == 0
+        assert f"As train.py ran this model ({record}): source_lang en, target_lang de, eval_batch_size 16" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(short_run / "checkpoint-20", bare, ignore=shutil.ignore_patterns(ckpt.TRAINER_STATE_NAME, "manifest.json"))
+    (tmp_path / "src.en").write_text("one\n")
+    (tmp_path / "ref.de").write_text("eins\n")
+    assert evaluate.main(["--model", str(bare), "--source_file", str(tmp_path / "src.en"), "--reference_file",
+                          str(tmp_path / "ref.de"), "--target_lang", "de"]) == 0
+    assert (f"warning: {bare} records no language pair (no eval_results.json or checkpoint state of train.py's): "
+            "taking en->de; pass --source_lang (the target language picks the BLEU tokenizer).") in capsys.readouterr().err
+
+
 # What the scripts compute, against independent references.
 
 
