@@ -553,6 +553,8 @@ def draw_training(run: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
     train, evals = log.train, log.eval
     figure = Figure(figsize=TRAINING_FIGURE_INCHES, dpi=DPI, layout="constrained")
     loss, rate, bleu = figure.subplots(1, 3)
+    # A run that stops between two logging steps validates and tests at its last step, after the last train record.
+    last = max([train["step"][-1], *evals["step"], *([log.test["step"]] if "step" in (log.test or {}) else [])])
 
     loss.plot(train["step"], train["loss"], "o" if len(train["step"]) == 1 else "-", label="training loss")
     if evals["step"]:
@@ -562,7 +564,7 @@ def draw_training(run: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
     loss.set_title("loss")
     loss.legend()
 
-    schedule = learning_rate_schedule(log.path.parent, train["step"][-1])
+    schedule = learning_rate_schedule(log.path.parent, last)
     if schedule is not None:
         rate.plot(schedule[0], schedule[1], "-", color="gray", linewidth=1, label=schedule[2])
     rate.plot(train["step"], train["lr"], ".", color="tab:orange", label="logged")
@@ -580,7 +582,7 @@ def draw_training(run: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
         bleu.plot(evals["step"], evals["val_bleu"], "o-", color="tab:green", label="validation BLEU")
         bleu.plot(evals["step"], evals["val_chrf"], "s--", color="tab:olive", label="validation chrF")
     if log.test and "test_bleu" in log.test:
-        bleu.plot([log.test.get("step", train["step"][-1])], [_number(log.test["test_bleu"])], "*", markersize=14,
+        bleu.plot([log.test.get("step", last)], [_number(log.test["test_bleu"])], "*", markersize=14,
                   color="tab:red", label="test BLEU")
     bleu.set_xlabel("step")
     bleu.set_ylabel("score")
@@ -588,7 +590,6 @@ def draw_training(run: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
     bleu.set_title("BLEU" if evals["step"] else "BLEU (no evaluation records in the log)")
     if bleu.get_legend_handles_labels()[0]:  # a run without validation or test scores has nothing to label
         bleu.legend(loc="lower right")
-    last = train["step"][-1]
     for axes in (loss, rate, bleu):
         axes.set_xlim(0, last * 1.03)
     figure.suptitle(f"Training run {log.path.parent.name!r}", fontsize=11)

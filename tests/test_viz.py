@@ -183,6 +183,20 @@ def test_a_run_without_scores_draws_without_warnings(tmp_path):
         assert viz.draw_training(tmp_path, tmp_path / "pictures")[0].is_file()
 
 
+def test_the_last_validation_and_test_of_a_run_stopped_between_logging_steps_are_in_the_picture(tmp_path, monkeypatch):
+    """A run stopped at step 631 (out of time) logs training at 600 and validates and tests at 631: the x-axes ended at
+    600 x 1.03 and left those points out."""
+    records = [{"type": "train", "step": step, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "elapsed_s": 1.0}
+               for step in range(100, 601, 100)]
+    records += [{"type": "eval", "step": step, "val_loss": 1.0, "val_bleu": 20.0, "val_chrf": 30.0} for step in (300, 631)]
+    records.append({"type": "test", "step": 631, "test_bleu": 30.0, "test_chrf": 40.0})
+    (tmp_path / viz.LOG_FILE_NAME).write_text("".join(json.dumps(record) + "\n" for record in records))
+    drawn = []
+    monkeypatch.setattr(viz, "_save", lambda figure, path: drawn.append(figure) or path)
+    viz.draw_training(tmp_path, tmp_path / "pictures")
+    assert [axes.get_xlim()[1] > 631 for axes in drawn[0].axes] == [True, True, True]
+
+
 def test_read_training_log_columns(tmp_path):
     write_log(tmp_path / viz.LOG_FILE_NAME, steps=1000, warmup=200)
     log = viz.read_training_log(tmp_path)
