@@ -304,8 +304,12 @@ def unlock_output_dir(directory: str | os.PathLike) -> None:
     """Let go of `lock_output_dir`'s lock, deleting its file first (a killed run's stays, and is taken over)."""
     handle = _held_locks.pop(str(Path(directory).resolve()), None)
     if handle is not None:
-        Path(handle.name).unlink(missing_ok=True)
-        handle.close()
+        try:
+            Path(handle.name).unlink(missing_ok=True)
+        except OSError:  # the folder turned read-only: the next run takes the file over, as a killed run's
+            pass
+        finally:
+            handle.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,7 +353,10 @@ def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True, hash
     if not manifest_path.is_file():
         if not any(folder.iterdir()):
             return "an empty directory"
-        if (folder / "config.json").is_file() and not any(map(is_training_state, os.listdir(folder))):
+        # transformers' Trainer writes checkpoint-N in place, the model (and training_args.bin) first: killed before
+        # the optimizer, it looks like a saved model.
+        torn_trainer_write = _CHECKPOINT_RE.match(folder.name) and (folder / "training_args.bin").is_file()
+        if (folder / "config.json").is_file() and not torn_trainer_write and not any(map(is_training_state, os.listdir(folder))):
             return (f"a saved model, not a training checkpoint (no {MANIFEST_NAME}, no optimizer state); to train on "
                     "from its weights, fine-tune it: scripts/finetune_trainer.py --model FOLDER")
         return f"no {MANIFEST_NAME} (the write did not finish)"
@@ -462,6 +469,20 @@ def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, ste
     return final
 
 
+def disk_full_note(error: BaseException, folder: Path) -> str:
+    """torch.save reports a full disk in its own words ("unexpected pos 1060096 vs 1059988"): where the disk is
+    nearly full as the write fails, say so."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return ""  # "No space left on device" already
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return ""
+    if usage.free < max(64 * 2**20, usage.total // 100):
+        return f" (the disk holding it has {usage.free / 2**20:.0f} MB free: probably full)"
+    return ""
+
+
 def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files: Callable[[Path], None]) -> Path:
     """Write a checkpoint atomically: `write_files(staging_dir)` fills it, then it is committed.
 
@@ -473,10 +494,11 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files: Call
     try:
         write_files(staging)
     except Exception as error:
+        full = disk_full_note(error, staging)
         shutil.rmtree(staging, ignore_errors=True)
         previous = [str(path) for _, path in list_checkpoints(output_dir)[-1:]]
         note = f" The previous checkpoint {previous[0]!r} is intact." if previous else ""
-        raise CheckpointError(f"Could not write checkpoint {str(final)!r}: {error}.{note}") from error
+        raise CheckpointError(f"Could not write checkpoint {str(final)!r}: {error}{full}.{note}") from error
     return commit_staging_dir(staging, final, step)
 
 
@@ -895,6 +917,7 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "MANIFEST_NAME",
     "TRAINER_STATE_NAME",
+    "disk_full_note",
     "CheckpointError",
     "atomic_write_json",
     "atomic_write_bytes",

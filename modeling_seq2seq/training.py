@@ -1119,12 +1119,16 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        if self.kept is not None:
-            ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in self.kept))
-            self.kept = None
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
+        try:
+            if self.kept is not None:
+                ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in self.kept))
+                self.kept = None
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+                handle.flush()
+        except OSError as error:
+            raise ckpt.CheckpointError(f"Could not write the training log {str(self.path)!r} ({error.strerror or error}); "
+                                       "the checkpoints written before are complete.") from error
         self.records += 1
 
     def read(self) -> list[dict]:
@@ -1801,9 +1805,11 @@ class Trainer:
             error = caught
         failures = accelerator.reduce(torch.tensor([0 if error is None else 1], device=accelerator.device), "sum")
         if int(failures.item()):
+            full = ckpt.disk_full_note(error, staging) if error is not None else ""
             if self.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise ckpt.CheckpointError(f"Could not write checkpoint {str(final)!r}: {error or 'failed on another process'}.")
+            raise ckpt.CheckpointError(f"Could not write checkpoint {str(final)!r}: {error or 'failed on another process'}"
+                                       f"{full}.")
         if self.is_main:
             ckpt.commit_staging_dir(staging, final, step)
         accelerator.wait_for_everyone()
@@ -1812,9 +1818,9 @@ class Trainer:
     def load_checkpoint(self, folder: Path):
         """Restore weights, optimizer, scheduler, data position and RNG of a verified checkpoint."""
         state = ckpt.read_json_object(folder / ckpt.TRAINER_STATE_NAME, "this training loop's state", ckpt.CheckpointError)
-        if state.get("world_size", 1) != self.world_size:
+        if (saved := state.get("world_size", 1)) != self.world_size:
             raise ckpt.CheckpointError(
-                f"{folder} was written by {state.get('world_size')} processes; resuming with {self.world_size} would "
+                f"{folder} was written by {saved} process{'' if saved == 1 else 'es'}; resuming with {self.world_size} would "
                 "change the data order or the random streams (each process keeps its own). Resume with the same "
                 "number of processes."
             )
@@ -2374,7 +2380,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    except (ckpt.CheckpointError, ValueError, FileNotFoundError) as error:
+    except (ckpt.CheckpointError, ValueError, OSError) as error:  # OSError: a file system that fails (read-only, ...)
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as stop:  # every checkpoint on disk is complete (written atomically)

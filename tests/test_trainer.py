@@ -204,7 +204,16 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
     damaged = tmp_path / "damaged" / "checkpoint-6"
     shutil.copytree(tmp_path / "whole" / "checkpoint-6", damaged)
     (damaged / "optimizer.pt").write_bytes(b"x" * 500)
+    # Killed after the Trainer wrote the model (and training_args.bin) into checkpoint-N, before its optimizer: torn,
+    # not "a saved model" to fine-tune (as it was called).
+    torn = tmp_path / "torn" / "checkpoint-6"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-6", torn)
+    for path in torn.iterdir():
+        if ckpt.is_training_state(path.name) or path.name == ckpt.MANIFEST_NAME:
+            path.unlink()
+    assert (torn / "training_args.bin").is_file() and (torn / "config.json").is_file()
     for folder, reason in [(damaged, "optimizer.pt has 500 bytes, the manifest says"),
+                           (torn, "no manifest.json (the write did not finish)"),
                            (saved_model, "a saved model, not a training checkpoint")]:
         assert script.main(["--model", str(saved_model), "--output_dir", str(tmp_path / "from-damaged"), "--train_file",
                             str(number_pairs[0]), "--use_cpu", "--quiet", "--resume_from_checkpoint", str(folder)]) == 1

@@ -1830,6 +1830,68 @@ def test_failing_save_names_the_path_and_keeps_the_previous_checkpoint(assets, t
     assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
     assert ckpt.verify_checkpoint(output_dir / "checkpoint-4") is None
     assert not [p for p in output_dir.iterdir() if p.name.startswith(".tmp-")]
+    # torch.save says a full disk in its own words: the free space is named (a review filled a 40 MB tmpfs).
+    def torch_on_a_full_disk(state, path):
+        if "checkpoint-8" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1060096 vs 1059988")
+        real_save(state, path)
+
+    monkeypatch.setattr(ckpt, "save_torch_state", torch_on_a_full_disk)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=3 * 2**20))
+    assert training.main(run_args(assets, tmp_path / "torch_full")) == 1
+    assert ("unexpected pos 1060096 vs 1059988 (the disk holding it has 3 MB free: probably full). The previous "
+            "checkpoint") in capsys.readouterr().err
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=usage.total // 2))
+    assert training.main(run_args(assets, tmp_path / "torch_error")) == 1
+    assert "unexpected pos 1060096 vs 1059988. The previous checkpoint" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_turns_read_only_mid_run_ends_with_one_error_line(assets, tmp_path, monkeypatch, capsys):
+    """A failed log write or checkpoint, then the lock file that cannot be deleted either: two chained tracebacks
+    ended in an error about the lock file (a review mounted the folder read-only). Now one line names what failed."""
+    import builtins
+    import pathlib
+
+    read_only = {"on": False}
+    real_unlink, real_open, real_save = pathlib.Path.unlink, builtins.open, ckpt.save_torch_state
+
+    def unlink(path, *args, **kwargs):
+        if read_only["on"]:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    def open_log(file, mode="r", *args, **kwargs):
+        if read_only["on"] and "a" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def save(state, path):
+        if "checkpoint-8" in str(path):
+            read_only["on"] = True
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real_save(state, path)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    monkeypatch.setattr(training, "open", open_log, raising=False)  # the training log's appends
+    for case, output_dir in (("checkpoint", tmp_path / "at_save"), ("log", tmp_path / "at_log")):
+        read_only["on"] = False
+        if case == "checkpoint":
+            monkeypatch.setattr(ckpt, "save_torch_state", save)
+        else:
+            monkeypatch.setattr(ckpt, "save_torch_state", real_save)
+            real_write = training.JsonlLog.write
+            monkeypatch.setattr(training.JsonlLog, "write", lambda log, record: (
+                read_only.update(on=read_only["on"] or record.get("step", 0) > 6), real_write(log, record))[1])
+        assert training.main(run_args(assets, output_dir)) == 1
+        error = capsys.readouterr().err
+        assert "Traceback" not in error and ckpt.LOCK_NAME not in error, error
+        if case == "checkpoint":
+            assert f"Could not write checkpoint '{output_dir / 'checkpoint-8'}'" in error
+        else:
+            assert (f"error: Could not write the training log '{output_dir / training.LOG_FILE_NAME}' (Read-only file "
+                    "system); the checkpoints written before are complete.") in error
+        assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
 
 
 def nan_injector(bad_calls):
