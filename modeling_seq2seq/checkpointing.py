@@ -13,6 +13,7 @@ RNG states of `random`/`numpy`, and `torch.save` files of tensors and plain cont
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -304,12 +305,9 @@ def unlock_output_dir(directory: str | os.PathLike) -> None:
     """Let go of `lock_output_dir`'s lock, deleting its file first (a killed run's stays, and is taken over)."""
     handle = _held_locks.pop(str(Path(directory).resolve()), None)
     if handle is not None:
-        try:
+        with contextlib.suppress(OSError):  # the folder turned read-only: the next run takes it over, as a killed run's
             Path(handle.name).unlink(missing_ok=True)
-        except OSError:  # the folder turned read-only: the next run takes the file over, as a killed run's
-            pass
-        finally:
-            handle.close()
+        handle.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,8 +470,8 @@ def commit_staging_dir(staging: str | os.PathLike, final: str | os.PathLike, ste
 def disk_full_note(error: BaseException, folder: Path) -> str:
     """torch.save reports a full disk in its own words ("unexpected pos 1060096 vs 1059988"): where the disk is
     nearly full as the write fails, say so."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return ""  # "No space left on device" already
+    if isinstance(error, OSError):
+        return ""  # its errno says what failed ("No space left on device", "Permission denied", ...)
     try:
         usage = shutil.disk_usage(folder)
     except OSError:

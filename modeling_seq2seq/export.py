@@ -121,13 +121,10 @@ def _loader_class():
             if len(vocab) > size or not all(0 <= index < size for index in vocab.values()):
                 raise ValueError(f"the tokenizer has {len(vocab)} tokens (ids up to {max(vocab.values())}) but the "
                                  f"model's vocabulary only {size} rows")
-            tokens = [f"<extra_{index}>" for index in range(size)]
-            for token, index in vocab.items():
-                tokens[index] = token
-            if len(set(tokens)) < size:  # a token of the tokenizer's own named like an unused row
-                tokens = [token if vocab.get(token) == index else f"<extra_{index}_unused>"
-                          for index, token in enumerate(tokens)]
-            return tokens
+            by_id = {index: token for token, index in vocab.items()}
+            unused = [f"<extra_{index}>" if f"<extra_{index}>" not in vocab else f"<extra_{index}_unused>"
+                      for index in range(size)]
+            return [by_id.get(index, unused[index]) for index in range(size)]
 
     return Seq2SeqMarianLoader
 

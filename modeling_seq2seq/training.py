@@ -2050,7 +2050,8 @@ class Trainer:
             self.log.truncate_after(self.step, self.resumed_log_records)
             if self.step > config.max_steps:
                 final = (f"averages the last {config.average_checkpoints} checkpoints of {self.output_dir} "
-                         "(average_checkpoints), as at the end of any run" if config.average_checkpoints > 1
+                         "(average_checkpoints), as at the end of any run, unless the average validates worse than "
+                         "the last" if config.average_checkpoints > 1
                          else f"is the checkpoint's (step {self.step})")
                 logger.warning("Resumed at step %d, past max_steps (%d): no step is trained, and the final model %s.",
                                self.step, config.max_steps, final)
@@ -2124,10 +2125,11 @@ class Trainer:
                 self.print(f"averaged: {validation_summary(metrics)}")
             # The paper averages checkpoints of a converged model; the average of a short run's (the warm-up's peak
             # among them) can be far worse than its last: worse in loss and in BLEU or chrF, better in neither, it is
-            # not the model saved and tested (on a tie, as the built-in task's 100s, the paper's average stays).
+            # not the model saved and tested. On a tie the paper's average stays (the built-in task's 100s), unless
+            # nothing is translated right yet (0s), where the loss is all there is to go by.
             scores = ("val_bleu", "val_chrf")
-            if (metrics and last and metrics["val_loss"] > last["val_loss"]
-                    and all(metrics[k] <= last[k] for k in scores) and any(metrics[k] < last[k] for k in scores)):
+            if (metrics and last and metrics["val_loss"] > last["val_loss"] and all(metrics[k] <= last[k] for k in scores)
+                    and (any(metrics[k] < last[k] for k in scores) or not any(last[k] for k in scores))):
                 final = ckpt.checkpoint_path(self.output_dir, self.step)
                 load_full_weights(accelerator, self.model, ckpt.load_safetensors_folder(final), str(final))
                 if self.is_main:

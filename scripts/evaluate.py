@@ -70,21 +70,33 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool, tuple[list[i
 def recorded_run(folder: Path) -> tuple[dict, str | None]:
     """The settings train.py recorded for the model in `folder`, and the file they came from: its eval_results.json
     (a finished run), its trainer_state.json (a checkpoint), or the last checkpoint an average was made from
-    (averaged_from.json). Empty where none is readable (a Hub folder, a converted model)."""
+    (averaged_from.json). Empty where none is readable (a Hub folder, a converted model, a Seq2SeqTrainer's)."""
+    def read(file: Path):
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(file.read_text(encoding="utf-8"))
+
     files = [folder / "eval_results.json", folder / TRAINER_STATE_NAME]
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError, IndexError):
-        averaged = json.loads((folder / AVERAGED_FROM_NAME).read_text(encoding="utf-8"))["checkpoints"]
-        files.append(Path(averaged[-1]) / TRAINER_STATE_NAME)
+    averaged = read(folder / AVERAGED_FROM_NAME)
+    if isinstance(averaged, dict) and isinstance(averaged.get("checkpoints"), list) and averaged["checkpoints"]:
+        files.append(Path(str(averaged["checkpoints"][-1])) / TRAINER_STATE_NAME)
     for file in files:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            record = json.loads(file.read_text(encoding="utf-8"))
-            if file.name == TRAINER_STATE_NAME:
-                record = record["config"]
-            else:  # eval_results.json: the test's settings, and the recipe's source cut
-                record = {**record.get("training_config", {}), **record}
-            if isinstance(record, dict):
-                return record, str(file)
+        record = read(file)
+        if not isinstance(record, dict):
+            continue
+        if file.name == TRAINER_STATE_NAME:
+            record = record.get("config")
+        else:  # eval_results.json: the test's settings, and the recipe's source cut
+            training_config = record.get("training_config")
+            record = {**(training_config if isinstance(training_config, dict) else {}), **record}
+        if isinstance(record, dict):
+            return record, str(file)
     return {}, None
+
+
+# The options evaluate.py takes from train.py's record when unset: (recorded name, fallback, least valid value).
+RECORDED_DEFAULTS = {"source_lang": ("source_lang", "en", None), "target_lang": ("target_lang", "de", None),
+                     "batch_size": ("eval_batch_size", 64, 1), "max_source_length": ("max_source_length", None, 2),
+                     "max_new_tokens_extra": ("max_new_tokens_extra", 50, 0)}
 
 
 @stoppable
@@ -128,16 +140,17 @@ def main(argv=None) -> int:
         parser.error("--max_source_length must be at least 2 (a token and </s>)")
     # Unset, the options take what train.py used for this model, so that its test score is reproduced.
     trained, recorded_in = recorded_run(Path(args.model))
-    taken = {}
-    for option, fallback, kind in (("source_lang", "en", str), ("target_lang", "de", str), ("batch_size", 64, int),
-                                   ("max_source_length", None, int), ("max_new_tokens_extra", 50, int)):
-        recorded = trained.get(option if option != "batch_size" else "eval_batch_size")
-        if getattr(args, option, None) is None:  # max_new_tokens_extra: no option, train.py's or translate_texts'
-            usable = isinstance(recorded, kind) and not isinstance(recorded, bool) and (
-                recorded >= 0 if kind is int else bool(recorded))
-            setattr(args, option, recorded if usable else fallback)
-            taken[option] = recorded if usable else None
-    shown = [f"{'eval_batch_size' if k == 'batch_size' else k} {v}" for k, v in taken.items() if v is not None]
+    taken, shown = {}, []  # option -> the recorded value used (None: the fallback)
+    for option, (name, fallback, least) in RECORDED_DEFAULTS.items():
+        if getattr(args, option, None) is not None:  # given (max_new_tokens_extra is no option: always recorded's)
+            continue
+        recorded = trained.get(name)
+        usable = (isinstance(recorded, str) and recorded.strip()) if least is None else (
+            type(recorded) is int and recorded >= least)
+        taken[option] = recorded if usable else None
+        setattr(args, option, recorded if usable else fallback)
+        if usable:
+            shown.append(f"{name} {recorded}")
     if shown:
         print(f"As train.py ran this model ({recorded_in}): {', '.join(shown)}", file=sys.stderr)
     unknown = [f"--{k}" for k in ("source_lang", "target_lang") if k in taken and taken[k] is None]

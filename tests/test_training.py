@@ -837,6 +837,17 @@ def test_evaluate_reproduces_the_test_score_train_py_reported_from_what_the_fold
                           str(tmp_path / "ref.de"), "--target_lang", "de"]) == 0
     assert (f"warning: {bare} records no language pair (no eval_results.json or checkpoint state of train.py's): "
             "taking en->de; pass --source_lang (the target language picks the BLEU tokenizer).") in capsys.readouterr().err
+    # Records that are not train.py's, or damaged, are passed over (a Seq2SeqTrainer's trainer_state.json raised
+    # KeyError; a null training_config TypeError; a batch size of 0 failed deep in the batching).
+    (bare / ckpt.TRAINER_STATE_NAME).write_text(json.dumps({"global_step": 10, "log_history": []}))
+    arguments = ["--model", str(bare), "--source_file", str(tmp_path / "src.en"), "--reference_file", str(tmp_path / "ref.de")]
+    assert evaluate.main(arguments) == 0
+    assert f"warning: {bare} records no language pair" in capsys.readouterr().err
+    (bare / training.EVAL_RESULTS_NAME).write_text(json.dumps(
+        {"training_config": None, "eval_batch_size": 0, "max_source_length": 1, "source_lang": "en", "target_lang": "de"}))
+    assert evaluate.main(arguments) == 0
+    said = capsys.readouterr().err
+    assert f"({bare / training.EVAL_RESULTS_NAME}): source_lang en, target_lang de\n" in said and "warning" not in said
 
 
 # What the scripts compute, against independent references.
@@ -1998,14 +2009,20 @@ def test_average_checkpoints_at_the_end(assets, tmp_path):
     assert len(training.translate_texts(model, tokenizer, ["seven"], num_beams=1)) == 1
 
 
+@pytest.mark.parametrize("tied_scores", [None, 0.0, 100.0])
 def test_an_average_that_validates_worse_than_the_last_checkpoint_is_not_the_final_model(assets, tmp_path, monkeypatch,
-                                                                                        caplog):
+                                                                                        caplog, tied_scores):
     """The paper averages a converged model's checkpoints; a short run's average (the warm-up's peak among them) can
     validate far worse than its last checkpoint (a review's English-Japanese run: BLEU 13.9 against 21.8), and it was
     saved, tested and published as the model. Worse in validation loss and in BLEU or chrF (better in neither), it is
     now left out: the final model is the last checkpoint, and eval_results.json names the average's checkpoints as
-    rejected."""
+    rejected. With BLEU and chrF tied (`tied_scores`), the loss decides at 0 (nothing translated right yet), and the
+    paper's average stays at 100."""
     average = ckpt.average_state_dicts
+    if tied_scores is not None:
+        scores = training.translation_metrics
+        monkeypatch.setattr(training, "translation_metrics", lambda *args, **kwargs: {
+            **scores(*args, **kwargs), "bleu": tied_scores, "chrf": tied_scores})
 
     def spoiled(*args, **kwargs):  # an average far from every checkpoint, as a run's early ones can make it
         generator = torch.Generator().manual_seed(0)
@@ -2018,12 +2035,18 @@ def test_an_average_that_validates_worse_than_the_last_checkpoint_is_not_the_fin
         assert training.main(run_args(assets, output_dir, average_checkpoints=2, save_total_limit=2)) == 0
     evaluations = {r.get("averaged", False): r for r in read_log(output_dir) if r["type"] == "eval" and r["step"] == 12}
     averaged, last = evaluations[True], evaluations[False]
-    assert averaged["val_loss"] > last["val_loss"] and averaged["val_chrf"] < last["val_chrf"]
-    assert averaged["val_bleu"] == last["val_bleu"] == 0  # 12 steps: no 4-gram right yet; chrF and the loss tell
+    results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
+    assert averaged["val_loss"] > last["val_loss"]
+    if tied_scores == 100:
+        assert [Path(p).name for p in results["averaged_checkpoints"]] == ["checkpoint-8", "checkpoint-12"]
+        assert "average_rejected" not in results and "validates worse" not in caplog.text
+        return
+    if tied_scores is None:
+        assert averaged["val_chrf"] < last["val_chrf"]
+        assert averaged["val_bleu"] == last["val_bleu"] == 0  # 12 steps: no 4-gram right yet; chrF and the loss tell
     assert (f"The average of the last 2 checkpoints validates worse than checkpoint-12 (val_loss {averaged['val_loss']:.4f} "
             f"against {last['val_loss']:.4f}, val_bleu 0.00 against 0.00, val_chrf {averaged['val_chrf']:.2f} against "
             f"{last['val_chrf']:.2f})") in caplog.text
-    results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
     assert results["averaged_checkpoints"] == []
     assert [Path(p).name for p in results["average_rejected"]] == ["checkpoint-8", "checkpoint-12"]
     assert_same_weights(output_dir, output_dir / "checkpoint-12", atol=0)
