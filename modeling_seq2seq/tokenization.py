@@ -200,8 +200,10 @@ def train_tokenizer_from_data(
 
 
 def _portable_tokenizer_config(config: dict) -> dict:
-    """Rewrite a 5.x `tokenizer_config.json` into one that transformers 4.57 loads too (STACK.md)."""
-    config = dict(config)
+    """Rewrite a 5.x `tokenizer_config.json` into one that transformers 4.57 loads too: 5.x names its own
+    `TokenizersBackend` class, which 4.57 lacks."""
+    # Load-time settings that 5.x writes back when a loaded tokenizer is saved again: not the tokenizer's.
+    config = {key: value for key, value in config.items() if key not in ("is_local", "local_files_only")}
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     # Without it 4.57 also returns token_type_ids, which `generate(**tokenizer(...))` rejects.
     config.setdefault("model_input_names", ["input_ids", "attention_mask"])

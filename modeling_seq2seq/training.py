@@ -1639,10 +1639,13 @@ class Trainer:
 
         if self.resume_dir is not None:
             return self.resumed_tokenizer()
+        # The tokenizer's maximum length is the model's, as transformers ties them (what `truncation=True` cuts at).
+        positions = load_preset(model_preset(self.config), **self.config.model_overrides).max_position_embeddings
         if self.config.tokenizer:
             tokenizer = load_tokenizer(str(resolve_path(self.config.tokenizer)))
             check_special_tokens(tokenizer, f"tokenizer {self.config.tokenizer}", ("pad_token", "bos_token", "eos_token"),
                                  "use a tokenizer from scripts/train_tokenizer.py")
+            tokenizer.model_max_length = positions  # train_tokenizer.py's default is 1024, whatever the model
             return tokenizer
         # Saved under a staging name, renamed to tokenizer/ by `replace_earlier_run` once the first step has been
         # taken: a run that stops before leaves nothing that the corrected run would have to be told to overwrite.
@@ -1650,8 +1653,6 @@ class Trainer:
         if self.is_main:
             texts = list(raw["train"]["source"]) + list(raw["train"]["target"])
             self.print(f"Training a shared BPE tokenizer (vocab {self.config.vocab_size}) on {len(texts)} training sentences.")
-            # Its maximum length is the model's, as transformers ties them (what `truncation=True` cuts at).
-            positions = load_preset(model_preset(self.config), **self.config.model_overrides).max_position_embeddings
             tokenizer = train_tokenizer(texts, vocab_size=self.config.vocab_size, model_max_length=positions)
             shutil.rmtree(staged, ignore_errors=True)
             save_tokenizer(tokenizer, str(staged))

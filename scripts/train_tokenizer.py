@@ -11,8 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
-from modeling_seq2seq.checkpointing import CheckpointError, probe_writable
+from modeling_seq2seq.checkpointing import SYSTEM_FILES, CheckpointError, probe_writable
 from modeling_seq2seq.tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, train_tokenizer_from_data
+
+# What `save_tokenizer` writes (transformers 5.x and 4.57): a folder of these alone is an earlier tokenizer.
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 
 
 def main(argv=None):
@@ -26,7 +29,8 @@ def main(argv=None):
     parser.add_argument("--source_lang", default="en")
     parser.add_argument("--target_lang", default="de")
     parser.add_argument("--model_max_length", type=int, default=1024)
-    parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier tokenizer in --output_dir (a folder of tokenizer files alone)")
     args = parser.parse_args(argv)
     if not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
         parser.error(f"--vocab_size must be from {MIN_VOCAB_SIZE} (the special and byte tokens, and one more) to "
@@ -41,10 +45,15 @@ def main(argv=None):
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {args.output_dir!r} is a file, not a folder")
     held = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else []
+    listed = f"{', '.join(held[:6])}{', ...' if len(held) > 6 else ''}"
     if held and not args.overwrite:
-        print(f"error: --output_dir {args.output_dir} is not empty ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): "
-              "a new vocabulary would replace the files of a model or tokenizer there. Choose another --output_dir, or "
-              "pass --overwrite.", file=sys.stderr)
+        print(f"error: --output_dir {args.output_dir} is not empty ({listed}): a new vocabulary would replace the files "
+              "of a model or tokenizer there. Choose another --output_dir, or pass --overwrite.", file=sys.stderr)
+        return 1
+    if set(held) - TOKENIZER_FILES - SYSTEM_FILES:  # with --overwrite: a model's folder, or the user's files
+        print(f"error: --output_dir {args.output_dir} holds more than an earlier tokenizer ({listed}): --overwrite "
+              "replaces tokenizer files alone, and a new vocabulary beside a model's weights would silently break it. "
+              "Choose another --output_dir.", file=sys.stderr)
         return 1
     try:  # a folder that cannot be made or written (under a file, read-only) fails now, not after the training
         probe_writable(output_dir)

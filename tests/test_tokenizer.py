@@ -174,6 +174,10 @@ def test_save_writes_portable_config_and_reloads(tok, tmp_path):
         assert loaded(text_target=texts)["input_ids"] == tok(text_target=texts)["input_ids"]
         assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2, 3)
         assert loaded.padding_side == "right" and loaded.model_max_length == 1024
+    # Saved again once loaded (a training output, the Hub folder): transformers 5.x writes its load settings back.
+    save_tokenizer(load_tokenizer(out), tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & again.keys() and again["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_list_valued_extra_special_tokens_move_to_additional():
@@ -391,6 +395,17 @@ def test_train_tokenizer_script(tmp_path):
     assert (out / "tokenizer.json").read_bytes() == saved
     assert module.main(args + ["--overwrite"]) == 0
     assert (out / "tokenizer.json").read_bytes() != saved
+    # --overwrite replaces an earlier tokenizer alone: beside a model's weights a new vocabulary silently broke the
+    # model (it translated into nothing), and the user's other files stayed mixed with it.
+    model_folder = tmp_path / "model"
+    model_folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_folder / name).write_bytes((out / name).read_bytes())
+    (model_folder / "config.json").write_text('{"vocab_size": 500}')
+    (model_folder / "model.safetensors").write_bytes(b"weights")
+    before = {path.name: path.read_bytes() for path in model_folder.iterdir()}
+    assert module.main(["--train_file", str(data), "--vocab_size", "300", "--output_dir", str(model_folder), "--overwrite"]) == 1
+    assert {path.name: path.read_bytes() for path in model_folder.iterdir()} == before
     assert module.main(["--train_file", str(tmp_path / "missing.tsv"), "--vocab_size", "300", "--output_dir", str(tmp_path / "o2")]) == 1
     # Any other file of the user's there too (a SentencePiece model's tokenizer_config.json, notes), and before training.
     users = tmp_path / "users"

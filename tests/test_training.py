@@ -944,6 +944,16 @@ def reference_run(assets, tmp_path_factory):
     return output_dir
 
 
+def test_a_tokenizer_given_with_tokenizer_takes_the_models_length(assets, reference_run):
+    """As the tokenizer train.py trains: `model_max_length` (what `truncation=True` and the pipeline cut at) is the
+    model's max_position_embeddings, not train_tokenizer.py's default (it reached the Hub folder as 1024)."""
+    from modeling_seq2seq.tokenization import load_tokenizer
+
+    model, tokenizer = training.load_model_and_tokenizer(reference_run, device="cpu")
+    assert load_tokenizer(assets["tokenizer"]).model_max_length != model.config.max_position_embeddings
+    assert tokenizer.model_max_length == model.config.max_position_embeddings
+
+
 def test_stop_and_resume_matches_uninterrupted_run(assets, reference_run, tmp_path):
     output_dir = tmp_path / "resumed"
     assert training.main(run_args(assets, output_dir, max_steps=6)) == 0  # stops mid-way (checkpoint-4, final 6)
