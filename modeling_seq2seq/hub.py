@@ -614,16 +614,24 @@ def push_folder(
     commit_message: str = "Upload Seq2SeqTransformer model",
     token: str | None = None,
 ) -> str:
-    """Create `repo_id` (if needed) and upload `folder` to it; return the commit URL. Raises `HubUploadError`."""
+    """Create `repo_id` (if needed) and upload `folder` to it, as the repository's whole content (files of an earlier
+    upload that the folder lacks are deleted in the same commit: a stale `special_tokens_map.json` changed the loaded
+    tokenizer; they stay in the history); return the commit URL. Raises `HubUploadError`, also where `private` is
+    asked of a repository that exists and is public (`create_repo` leaves an existing one's visibility as it is)."""
     import huggingface_hub
 
     token = check_can_upload(token)
     api = huggingface_hub.HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model"
-        )
+        if private and not api.repo_info(repo_id, repo_type="model").private:
+            raise HubUploadError(f"{repo_id} exists and is public: --private does not change an existing repository's "
+                                 "visibility, so nothing was uploaded. Make it private on the Hub first, or upload "
+                                 "without --private.")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                   repo_type="model", delete_patterns="*")
+    except HubUploadError:
+        raise
     except Exception as e:  # noqa: BLE001 - every failure becomes one readable line
         raise HubUploadError(_describe_upload_error(e, repo_id)) from None
     return str(getattr(commit, "commit_url", commit))

@@ -748,10 +748,13 @@ def test_upload_calls_create_repo_and_upload_folder_with_the_built_folder(model_
     import huggingface_hub
     from huggingface_hub import constants
 
-    calls = {}
+    calls, existing = {}, {"private": True}
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = (repo_id, kwargs)
+
+    def repo_info(self, repo_id, **kwargs):
+        return huggingface_hub.hf_api.ModelInfo(id=repo_id, private=existing["private"])
 
     def upload_folder(self, **kwargs):
         calls["upload_folder"] = kwargs
@@ -760,19 +763,25 @@ def test_upload_calls_create_repo_and_upload_folder_with_the_built_folder(model_
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    status, captured = _run_main(
-        ["--model_dir", str(model_dir), "--repo_id", "someone/tiny", "--private", "--token", "hf_x",
-         "--commit_message", "first model"],
-        capsys,
-    )
+    arguments = ["--model_dir", str(model_dir), "--repo_id", "someone/tiny", "--private", "--token", "hf_x",
+                 "--commit_message", "first model"]
+    status, captured = _run_main(arguments, capsys)
     assert status == 0, captured.err
     assert calls["create_repo"] == ("someone/tiny", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls["upload_folder"]["repo_id"] == "someone/tiny"
     assert calls["upload_folder"]["commit_message"] == "first model"
+    # The repository's content becomes the folder's: an earlier upload's files that it lacks go in the same commit.
+    assert calls["upload_folder"]["delete_patterns"] == "*"
     assert calls["files"] == EXPECTED_FILES
     assert not Path(calls["upload_folder"]["folder_path"]).exists()  # the temporary folder is cleaned up
     assert "Uploaded: https://huggingface.co/someone/tiny/commit/0123" in captured.out
+    # --private asked of an existing public repository (create_repo leaves it public): refused before uploading.
+    existing["private"], calls = False, {}
+    status, captured = _run_main(arguments, capsys)
+    assert status == 1 and "upload_folder" not in calls
+    assert "someone/tiny exists and is public: --private does not change an existing repository's visibility" in captured.err
 
 
 @pytest.mark.parametrize("repo_id, message", [("no-slash", "must look like USER/NAME"),
