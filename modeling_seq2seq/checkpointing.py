@@ -744,6 +744,33 @@ def _belongs_to_saved_model(name: str) -> bool:
     return not name.endswith((WEIGHT_FILE_SUFFIX, ".bin", ".index.json")) and name != MANIFEST_NAME and not is_training_state(name)
 
 
+def recorded_run(folder: str | os.PathLike) -> tuple[dict, str | None]:
+    """The settings train.py recorded for the model in `folder`, and the file they came from: its eval_results.json
+    (a finished run), its trainer_state.json (a checkpoint), or the last checkpoint an average was made from
+    (averaged_from.json). Empty where none is readable (a Hub folder, a converted model, a Seq2SeqTrainer's)."""
+    def read(file: Path):
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(file.read_text(encoding="utf-8"))
+
+    folder = Path(folder)
+    files = [folder / "eval_results.json", folder / TRAINER_STATE_NAME]
+    averaged = read(folder / AVERAGED_FROM_NAME)
+    if isinstance(averaged, dict) and isinstance(averaged.get("checkpoints"), list) and averaged["checkpoints"]:
+        files.append(Path(str(averaged["checkpoints"][-1])) / TRAINER_STATE_NAME)
+    for file in files:
+        record = read(file)
+        if not isinstance(record, dict):
+            continue
+        if file.name == TRAINER_STATE_NAME:
+            record = record.get("config")
+        else:  # eval_results.json: the test's settings, and the recipe's source cut
+            training_config = record.get("training_config")
+            record = {**(training_config if isinstance(training_config, dict) else {}), **record}
+        if isinstance(record, dict):
+            return record, str(file)
+    return {}, None
+
+
 SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what file browsers leave in any folder
 
 
@@ -916,6 +943,7 @@ __all__ = [
     "MANIFEST_NAME",
     "TRAINER_STATE_NAME",
     "disk_full_note",
+    "recorded_run",
     "CheckpointError",
     "atomic_write_json",
     "atomic_write_bytes",

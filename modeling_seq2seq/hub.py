@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .checkpointing import refuse_to_replace_inputs, replace_dir, seal_folder, staging_beside
+from .checkpointing import recorded_run, refuse_to_replace_inputs, replace_dir, seal_folder, staging_beside
 from .pipeline import TASK
 from .tokenization import load_tokenizer, save_tokenizer
 
@@ -229,6 +229,11 @@ def build_hub_folder(
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     eval_results = _read_json(model_dir / "eval_results.json")
     check_eval_results(model_dir / "eval_results.json", eval_results)
+    if not (eval_results or {}).get("source_lang"):  # a checkpoint, an average: the language pair its run recorded
+        recorded, _ = recorded_run(model_dir)
+        pair = {key: recorded[key] for key in ("source_lang", "target_lang") if isinstance(recorded.get(key), str)}
+        if len(pair) == 2:
+            eval_results = {**(eval_results or {}), **pair}
 
     # Inference settings: training writes use_cache=False into the config; a shared model should decode fast.
     model.config.use_cache = True

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from modeling_seq2seq.checkpointing import AVERAGED_FROM_NAME, TRAINER_STATE_NAME
+from modeling_seq2seq.checkpointing import recorded_run
 from modeling_seq2seq.data import line_aligned_files
 from modeling_seq2seq.training import (
     bleu_tokenizer,
@@ -65,32 +65,6 @@ def load_test_pairs(args) -> tuple[list[str], list[str], str, bool, tuple[list[i
     split = builtin_task()["test"]
     # One-word German numbers: BLEU needs effective order, or it is 0 even for perfect output.
     return list(split["source"]), list(split["target"]), BUILTIN_DATASET, True, None
-
-
-def recorded_run(folder: Path) -> tuple[dict, str | None]:
-    """The settings train.py recorded for the model in `folder`, and the file they came from: its eval_results.json
-    (a finished run), its trainer_state.json (a checkpoint), or the last checkpoint an average was made from
-    (averaged_from.json). Empty where none is readable (a Hub folder, a converted model, a Seq2SeqTrainer's)."""
-    def read(file: Path):
-        with contextlib.suppress(OSError, ValueError):
-            return json.loads(file.read_text(encoding="utf-8"))
-
-    files = [folder / "eval_results.json", folder / TRAINER_STATE_NAME]
-    averaged = read(folder / AVERAGED_FROM_NAME)
-    if isinstance(averaged, dict) and isinstance(averaged.get("checkpoints"), list) and averaged["checkpoints"]:
-        files.append(Path(str(averaged["checkpoints"][-1])) / TRAINER_STATE_NAME)
-    for file in files:
-        record = read(file)
-        if not isinstance(record, dict):
-            continue
-        if file.name == TRAINER_STATE_NAME:
-            record = record.get("config")
-        else:  # eval_results.json: the test's settings, and the recipe's source cut
-            training_config = record.get("training_config")
-            record = {**(training_config if isinstance(training_config, dict) else {}), **record}
-        if isinstance(record, dict):
-            return record, str(file)
-    return {}, None
 
 
 # The options evaluate.py takes from train.py's record when unset: (recorded name, fallback, least valid value).

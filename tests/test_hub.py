@@ -468,9 +468,17 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
     assert "{{" not in card.text and "Trained for" not in card.text
     assert "None" not in card.text and "num_beams=1" in card.text
     assert "beam size 1, length penalty\n1.0, maximum length 20 new tokens (transformers' default)" in card.text
+    # With no language pair known, the evaluate command names none (it said en and de, whatever the model's pair).
+    assert "--test_file\ntest.jsonl` (BLEU and chrF" in card.text and "--source_lang" not in card.text
     (bare / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 256}))
     build_hub_folder(bare, tmp_path / "out2", template=TEMPLATE)
     assert "maximum length 256 new tokens;" in ModelCard.load(tmp_path / "out2" / "README.md").text
+    # A checkpoint of train.py's keeps its run's language pair in trainer_state.json (an average, through the
+    # checkpoints averaged_from.json names): the card's language and command use it (they were empty, and en/de).
+    (bare / "trainer_state.json").write_text(json.dumps({"step": 40, "config": {"source_lang": "en", "target_lang": "fr"}}))
+    build_hub_folder(bare, tmp_path / "out3", template=TEMPLATE)
+    card = ModelCard.load(tmp_path / "out3" / "README.md")
+    assert card.data.to_dict()["language"] == ["en", "fr"] and "--source_lang en --target_lang fr" in card.text
 
 
 @pytest.mark.parametrize(
