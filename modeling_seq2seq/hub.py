@@ -553,7 +553,10 @@ def render_model_card(
             test_num_beams=eval_results.get("num_beams"),
             bleu_signature=eval_results.get("bleu_signature"),
             chrf_signature=eval_results.get("chrf_signature"),
-            architecture=_architecture_rows(model),
+            architecture=_architecture_rows(model, tokenizer),
+            post_layer_norm=model.config.layer_norm_position == "post",
+            tied_output=bool(model.config.tie_word_embeddings),
+            tokenizer_description=_tokenizer_description(model, tokenizer),
             vocab_size=len(tokenizer),
             generation={  # what applies: transformers' defaults where the generation config sets nothing
                 "num_beams": generation.num_beams or 1,
@@ -572,7 +575,33 @@ def render_model_card(
     return str(card)
 
 
-def _architecture_rows(model) -> list[tuple[str, str]]:
+def _tokenizer_kind(tokenizer) -> tuple[str, bool]:
+    """The tokenizers model behind `tokenizer` (BPE, WordLevel, Unigram, ...) and whether it falls back to bytes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    return (type(model).__name__ if model is not None else type(tokenizer).__name__,
+            bool(getattr(model, "byte_fallback", False)))
+
+
+def _tokenizer_description(model, tokenizer) -> str:
+    """The card's sentence on the tokenizer, from the tokenizer and the config (a converted OPUS-MT model's ids and
+    kind differ from the package's own)."""
+    kind, byte_fallback = _tokenizer_kind(tokenizer)
+    text = f"a shared source+target {kind} of {len(tokenizer):,} tokens"
+    if byte_fallback:
+        text += " with byte fallback (no `<unk>` for unseen characters)"
+    specials = [(name, getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None))
+                for name in ("pad", "bos", "eos", "unk")]
+    listed = ", ".join(f"`{token}`={index}" for _, token, index in specials if token is not None and index is not None)
+    start = model.config.decoder_start_token_id
+    if listed:
+        text += f": {listed}"
+    if start is not None:
+        text += f"; the decoder starts from id {start} (`{tokenizer.convert_ids_to_tokens(start)}`)"
+    return text
+
+
+def _architecture_rows(model, tokenizer=None) -> list[tuple[str, str]]:
     c = model.config
 
     def per_stack(encoder, decoder):
@@ -589,7 +618,7 @@ def _architecture_rows(model) -> list[tuple[str, str]]:
         ("Positional encoding", f"sinusoidal ({c.positional_encoding_layout} layout)"),
         ("Embeddings", "shared source/target" + (", tied to the output projection" if c.tie_word_embeddings else "")
          + (", scaled by sqrt(d_model)" if c.scale_embedding else "")),
-        ("Vocabulary", f"{c.vocab_size:,} (shared BPE)"),
+        ("Vocabulary", f"{c.vocab_size:,}" + (f" (shared {_tokenizer_kind(tokenizer)[0]})" if tokenizer is not None else "")),
         ("Max positions precomputed", f"{c.max_position_embeddings}"),
         ("Parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
     ]

@@ -445,6 +445,33 @@ def test_model_card_metadata_and_content(hub_folder):
     assert "## Intended use and limitations" in text and "vaswani2017attention" in text
 
 
+def test_the_cards_prose_follows_the_model_and_its_tokenizer(model_dir, tmp_path):
+    """The card's sentences on the blocks and the tokenizer come from the config and the tokenizer (they were fixed
+    text: "post-LayerNorm" for a pre-LN model, "BPE ... `<pad>`=0, `<s>`=1" for a converted OPUS-MT model's)."""
+    from huggingface_hub import ModelCard
+    from modeling_seq2seq import Seq2SeqTransformerConfig, Seq2SeqTransformerForConditionalGeneration
+    from modeling_seq2seq.export import synthetic_tokenizer
+    from modeling_seq2seq.hub import build_hub_folder
+    from modeling_seq2seq.tokenization import save_tokenizer
+
+    build_hub_folder(model_dir, tmp_path / "out", template=TEMPLATE)
+    text = " ".join(ModelCard.load(tmp_path / "out" / "README.md").text.split())
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert "paper: post-LayerNorm residual blocks" in text
+    assert "one embedding matrix shared by the encoder, the decoder and the output projection" in text
+    assert (f"The tokenizer is a shared source+target BPE of {vocab:,} tokens with byte fallback (no `<unk>` for unseen "
+            "characters): `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3; the decoder starts from id 1 (`<s>`).") in text
+    other = tmp_path / "other"
+    config = Seq2SeqTransformerConfig.from_pretrained(model_dir, layer_norm_position="pre")
+    Seq2SeqTransformerForConditionalGeneration(config).save_pretrained(other)
+    save_tokenizer(synthetic_tokenizer(vocab), other)  # word level, the same special ids
+    build_hub_folder(other, tmp_path / "out2", template=TEMPLATE)
+    text = " ".join(ModelCard.load(tmp_path / "out2" / "README.md").text.split())
+    assert "paper: pre-LayerNorm (the paper's are post-LayerNorm) residual blocks" in text
+    assert f"The tokenizer is a shared source+target WordLevel of {vocab:,} tokens: `<pad>`=0" in text
+    assert f"| Vocabulary | {vocab:,} (shared WordLevel) |" in text and "byte fallback" not in text
+
+
 def test_model_card_without_eval_results(model_dir, tmp_path):
     import shutil
 
