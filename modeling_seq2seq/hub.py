@@ -590,14 +590,15 @@ def _tokenizer_description(model, tokenizer) -> str:
     text = f"a shared source+target {kind} of {len(tokenizer):,} tokens"
     if byte_fallback:
         text += " with byte fallback (no `<unk>` for unseen characters)"
-    specials = [(name, getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None))
+    specials = [(getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None))
                 for name in ("pad", "bos", "eos", "unk")]
-    listed = ", ".join(f"`{token}`={index}" for _, token, index in specials if token is not None and index is not None)
-    start = model.config.decoder_start_token_id
+    listed = ", ".join(f"`{token}`={index}" for token, index in specials if token is not None and index is not None)
     if listed:
         text += f": {listed}"
+    start = model.config.decoder_start_token_id
     if start is not None:
-        text += f"; the decoder starts from id {start} (`{tokenizer.convert_ids_to_tokens(start)}`)"
+        token = tokenizer.convert_ids_to_tokens(start)
+        text += f"; the decoder starts from id {start}" + (f" (`{token}`)" if token is not None else "")
     return text
 
 
