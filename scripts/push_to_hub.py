@@ -7,7 +7,9 @@
 The repository folder (weights in safetensors, config with `auto_map` and `custom_pipelines`, generation config,
 tokenizer, the model and pipeline code, README.md rendered from `model_card.md`) is assembled first; `--dry_run OUT`
 writes it to OUT, prints its file list and stops. Otherwise it is built in a temporary folder and uploaded with
-`huggingface_hub` (`create_repo` + `upload_folder`). Errors are reported on one line, with exit status 1.
+`huggingface_hub` (`create_repo` + `upload_folder`) as the repository's whole content: files of an earlier upload
+that the folder lacks are deleted in the same commit (they stay in the history). Errors are reported on one line,
+with exit status 1.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="folder saved by training (save_pretrained)")
     parser.add_argument("--repo_id", required=True, help="the Hub repository, USER/NAME or ORG/NAME")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repository as private (an existing public one is refused, not changed)")
     parser.add_argument(
         "--dry_run", metavar="OUT", help="write the repository folder to OUT and print its files; no upload"
     )
