@@ -496,7 +496,9 @@ def render_model_card(
 
     eval_results = eval_results or {}
     source_lang, target_lang = eval_results.get("source_lang"), eval_results.get("target_lang")
-    languages = [lang for lang in (source_lang, target_lang) if lang]
+    # The metadata's `language` takes codes (en, de, zh-Hans, pt_BR); a data column named otherwise ("english") is
+    # left out there, and kept in the card's text.
+    languages = [lang for lang in (source_lang, target_lang) if lang and re.fullmatch(r"[a-z]{2,3}([-_][A-Za-z0-9]+)*", lang)]
     model_name = repo_id.split("/")[-1] if repo_id else "seq2seq-transformer"
     dataset = _dataset_info(eval_results)
     if datasets is None:

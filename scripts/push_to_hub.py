@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -55,6 +56,17 @@ def parse_args(argv=None):
         validate_repo_id(args.repo_id)
     except HFValidationError as error:
         parser.error(f"--repo_id {args.repo_id!r}: not a Hub repository name ({error})")
+    # The card's metadata as the Hub reads it: a license id, dataset ids (never a local path), tags.
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", args.license):
+        parser.error(f"--license must be a license id such as apache-2.0, mit or other, got {args.license!r}")
+    for dataset in args.datasets or []:
+        try:
+            validate_repo_id(dataset)
+        except HFValidationError:
+            parser.error(f"--datasets: {dataset!r} is not a Hub dataset id (USER/NAME or NAME); local data is not "
+                         "listed in the card's metadata")
+    if any(not tag.strip() for tag in args.tags):
+        parser.error("--tags: a tag is empty")
     return args
 
 

@@ -827,6 +827,35 @@ def test_bad_repo_id_is_a_usage_error(model_dir, capsys, repo_id, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--license", "my license"], "--license must be a license id such as apache-2.0, mit or other, got 'my license'"),
+    (["--datasets", "/data/train.jsonl"], "--datasets: '/data/train.jsonl' is not a Hub dataset id"),
+    (["--datasets", "bad id!!"], "--datasets: 'bad id!!' is not a Hub dataset id"),
+    (["--tags", "nmt", " "], "--tags: a tag is empty"),
+])
+def test_card_metadata_options_are_checked(model_dir, capsys, option, message):
+    """They were written into the card's metadata as given (a local path among the datasets, "license: my license")."""
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(["--model_dir", str(model_dir), "--repo_id", "me/tiny", "--dry_run", "unused", *option], capsys)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_data_column_that_is_no_language_code_stays_out_of_the_metadata(model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+    from modeling_seq2seq.hub import render_model_card
+    from modeling_seq2seq.tokenization import load_tokenizer
+    from modeling_seq2seq.training import load_saved_model
+
+    model, tokenizer = load_saved_model(model_dir), load_tokenizer(model_dir)
+    for pair, expected in ((("english", "french"), None), (("zh-Hans", "pt_BR"), ["zh-Hans", "pt_BR"])):
+        card = render_model_card(model, tokenizer, template=TEMPLATE,
+                                 eval_results={"source_lang": pair[0], "target_lang": pair[1]})
+        (tmp_path / "README.md").write_text(card)
+        loaded = ModelCard.load(tmp_path / "README.md")
+        assert loaded.data.to_dict().get("language") == expected
+        assert f"trained to translate **{pair[0]} → {pair[1]}**" in loaded.text
+
+
 @pytest.mark.parametrize(
     "status, expected",
     [
