@@ -821,9 +821,9 @@ def test_upload_calls_create_repo_and_upload_folder_with_the_built_folder(model_
 
 @pytest.mark.parametrize("repo_id, message", [("no-slash", "must look like USER/NAME"),
                                                ("me/bad name!", "not a Hub repository name")])
-def test_bad_repo_id_is_a_usage_error(model_dir, capsys, repo_id, message):
-    with pytest.raises(SystemExit) as exit_info:
-        _run_main(["--model_dir", str(model_dir), "--repo_id", repo_id, "--dry_run", "unused"], capsys)
+def test_bad_repo_id_is_a_usage_error(model_dir, capsys, tmp_path, repo_id, message):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: nothing is written (a regression writes in tmp_path)
+        _run_main(["--model_dir", str(model_dir), "--repo_id", repo_id, "--dry_run", str(tmp_path / "unused")], capsys)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -833,11 +833,12 @@ def test_bad_repo_id_is_a_usage_error(model_dir, capsys, repo_id, message):
     (["--datasets", "bad id!!"], "--datasets: 'bad id!!' is not a Hub dataset id"),
     (["--tags", "nmt", " "], "--tags: a tag is empty"),
 ])
-def test_card_metadata_options_are_checked(model_dir, capsys, option, message):
+def test_card_metadata_options_are_checked(model_dir, capsys, tmp_path, option, message):
     """They were written into the card's metadata as given (a local path among the datasets, "license: my license")."""
     with pytest.raises(SystemExit) as exit_info:
-        _run_main(["--model_dir", str(model_dir), "--repo_id", "me/tiny", "--dry_run", "unused", *option], capsys)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        _run_main(["--model_dir", str(model_dir), "--repo_id", "me/tiny", "--dry_run", str(tmp_path / "out"), *option],
+                  capsys)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_a_data_column_that_is_no_language_code_stays_out_of_the_metadata(model_dir, tmp_path):
