@@ -738,31 +738,40 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], sources: lis
     return averaged
 
 
+RUN_RECORDS = ("eval_results.json", "all_results.json", "train_results.json", "training_log.jsonl", "README.md")
+
+
 def _belongs_to_saved_model(name: str) -> bool:
-    """Config, generation config, tokenizer and remote-code files are kept; weights are replaced by the
-    average, and optimizer, scheduler, RNG and trainer state do not belong to an averaged model."""
-    return not name.endswith((WEIGHT_FILE_SUFFIX, ".bin", ".index.json")) and name != MANIFEST_NAME and not is_training_state(name)
+    """Config, generation config, tokenizer and remote-code files are kept; weights are replaced by the average;
+    optimizer, scheduler, RNG and trainer state, and a finished run's results, log, plots and card (they describe
+    another model: its test scores would reach the average's card) do not belong to an averaged model."""
+    return (not name.endswith((WEIGHT_FILE_SUFFIX, ".bin", ".index.json", ".png")) and name != MANIFEST_NAME
+            and name not in RUN_RECORDS and not is_training_state(name))
 
 
 def recorded_run(folder: str | os.PathLike) -> tuple[dict, str | None]:
     """The settings train.py recorded for the model in `folder`, and the file they came from: its eval_results.json
-    (a finished run), its trainer_state.json (a checkpoint), or the last checkpoint an average was made from
-    (averaged_from.json). Empty where none is readable (a Hub folder, a converted model, a Seq2SeqTrainer's)."""
+    (a finished run), its trainer_state.json (a checkpoint), or, for an average, the last checkpoint's, which
+    averaged_from.json keeps (the checkpoints themselves may be rotated away or reused by another run). Empty where none is readable (a Hub folder, a converted model, a Seq2SeqTrainer's)."""
     def read(file: Path):
         with contextlib.suppress(OSError, ValueError):
             return json.loads(file.read_text(encoding="utf-8"))
 
     folder = Path(folder)
-    files = [folder / "eval_results.json", folder / TRAINER_STATE_NAME]
+    files = [folder / "eval_results.json", folder / TRAINER_STATE_NAME, folder / AVERAGED_FROM_NAME]
     averaged = read(folder / AVERAGED_FROM_NAME)
     if isinstance(averaged, dict) and isinstance(averaged.get("checkpoints"), list) and averaged["checkpoints"]:
-        files.append(Path(str(averaged["checkpoints"][-1])) / TRAINER_STATE_NAME)
+        last = Path(str(averaged["checkpoints"][-1]))
+        if last.is_absolute():  # an average made before the run was copied in; a relative path was another directory's
+            files.append(last / TRAINER_STATE_NAME)
     for file in files:
         record = read(file)
         if not isinstance(record, dict):
             continue
         if file.name == TRAINER_STATE_NAME:
             record = record.get("config")
+        elif file.name == AVERAGED_FROM_NAME:
+            record = record.get("run")
         else:  # eval_results.json: the test's settings, and the recipe's source cut
             training_config = record.get("training_config")
             record = {**(training_config if isinstance(training_config, dict) else {}), **record}
@@ -877,9 +886,10 @@ def average_checkpoints(checkpoints: list[str | os.PathLike], output_dir: str | 
             if source.is_file() and _belongs_to_saved_model(source.name):
                 shutil.copy2(source, staging / source.name)
         save_file(averaged, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / AVERAGED_FROM_NAME).write_text(
-            json.dumps({"checkpoints": [str(Path(c)) for c in checkpoints]}, indent=2) + "\n", encoding="utf-8"
-        )
+        # What train.py recorded for the last input (language pair, test settings), for evaluate.py and the card:
+        # the checkpoints may be rotated away later, and their paths, kept absolute, reused by another run.
+        averaged_from = {"checkpoints": [str(Path(c).absolute()) for c in checkpoints], "run": recorded_run(last)[0]}
+        (staging / AVERAGED_FROM_NAME).write_text(json.dumps(averaged_from, indent=2) + "\n", encoding="utf-8")
         seal_folder(staging)
         check_loads(staging, last)
         replace_dir(staging, output_dir)

@@ -409,10 +409,12 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
             recipe["settings_file"] = name
             break
     state = _read_json(model_dir / "trainer_state.json")
-    if isinstance(state, dict):
+    if isinstance(state, dict):  # a Seq2SeqTrainer checkpoint's, or train.py's (its "step")
         for key in ("global_step", "epoch"):
             if state.get(key) is not None:
                 recipe[key] = state[key]
+        if "global_step" not in recipe and isinstance(state.get("step"), int):
+            recipe["global_step"] = state["step"]
     if "global_step" not in recipe and isinstance(eval_results.get("step"), int):
         recipe["global_step"] = eval_results["step"]
     if isinstance(eval_results.get("train_time_s"), (int, float)):
@@ -559,7 +561,6 @@ def render_model_card(
             post_layer_norm=model.config.layer_norm_position == "post",
             tied_output=bool(model.config.tie_word_embeddings),
             tokenizer_description=_tokenizer_description(model, tokenizer),
-            vocab_size=len(tokenizer),
             generation={  # what applies: transformers' defaults where the generation config sets nothing
                 "num_beams": generation.num_beams or 1,
                 "length_penalty": 1.0 if generation.length_penalty is None else generation.length_penalty,
@@ -647,14 +648,15 @@ def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
     *,
-    private: bool = False,
+    private: bool | None = None,
     commit_message: str = "Upload Seq2SeqTransformer model",
     token: str | None = None,
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder` to it, as the repository's whole content (files of an earlier
     upload that the folder lacks are deleted in the same commit: a stale `special_tokens_map.json` changed the loaded
     tokenizer; they stay in the history); return the commit URL. Raises `HubUploadError`, also where `private` is
-    asked of a repository that exists and is public (`create_repo` leaves an existing one's visibility as it is)."""
+    asked of a repository that exists and is public (`create_repo` leaves an existing one's visibility as it is).
+    Without `private`, a new repository gets its owner's default (an organisation's may be private)."""
     import huggingface_hub
 
     token = check_can_upload(token)

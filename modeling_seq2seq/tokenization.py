@@ -216,6 +216,9 @@ def _portable_tokenizer_config(config: dict) -> dict:
     return config
 
 
+STAGING_PREFIX = ".tokenizer-tmp-"  # save_tokenizer's staging folder inside the target: left only by a killed save
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> list[str]:
     """`save_pretrained` into `directory`, with a 4.57-compatible `tokenizer_config.json`.
 
@@ -225,7 +228,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathL
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-tmp-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
     try:
         tokenizer.save_pretrained(tmp)
         if (tmp / "tokenizer.json").is_file():  # one without (OPUS-MT's MarianTokenizer) keeps its own class name

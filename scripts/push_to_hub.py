@@ -32,7 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--model_dir", required=True, help="folder saved by training (save_pretrained)")
     parser.add_argument("--repo_id", required=True, help="the Hub repository, USER/NAME or ORG/NAME")
     parser.add_argument("--private", action="store_true",
-                        help="create the repository as private (an existing public one is refused, not changed)")
+                        help="create the repository as private (an existing public one is refused, not changed); without it, a new "
+                        "repository gets its owner's default visibility")
     parser.add_argument(
         "--dry_run", metavar="OUT", help="write the repository folder to OUT and print its files; no upload"
     )
@@ -59,9 +60,13 @@ def parse_args(argv=None):
     # The card's metadata as the Hub reads it: a license id, dataset ids (never a local path), tags.
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", args.license):
         parser.error(f"--license must be a license id such as apache-2.0, mit or other, got {args.license!r}")
+    from modeling_seq2seq.hub import LOCAL_SUFFIXES
+
     for dataset in args.datasets or []:
         try:
             validate_repo_id(dataset)
+            if dataset.lower().endswith(LOCAL_SUFFIXES) or Path(dataset).exists():  # data/train.jsonl passes the above
+                raise HFValidationError(dataset)
         except HFValidationError:
             parser.error(f"--datasets: {dataset!r} is not a Hub dataset id (USER/NAME or NAME); local data is not "
                          "listed in the card's metadata")
@@ -112,7 +117,7 @@ def main(argv=None) -> int:
             names = build_hub_folder(args.model_dir, folder, **build)
             print(f"Uploading {len(names)} files to {args.repo_id}: {', '.join(names)}")
             url = push_folder(
-                folder, args.repo_id, private=args.private, commit_message=args.commit_message, token=token
+                folder, args.repo_id, private=args.private or None, commit_message=args.commit_message, token=token
             )
         print(f"Uploaded: {url}")
         return 0

@@ -8,14 +8,12 @@
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
-from modeling_seq2seq.checkpointing import SYSTEM_FILES, CheckpointError, probe_writable
-from modeling_seq2seq.tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, train_tokenizer_from_data
-
-# What `save_tokenizer` writes (transformers 5.x and 4.57): a folder of these alone is an earlier tokenizer.
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+from modeling_seq2seq.checkpointing import SYSTEM_FILES, TOKENIZER_FILE_NAMES, CheckpointError, probe_writable
+from modeling_seq2seq.tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, STAGING_PREFIX, train_tokenizer_from_data
 
 
 def main(argv=None):
@@ -45,12 +43,15 @@ def main(argv=None):
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {args.output_dir!r} is a file, not a folder")
     held = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else []
+    for name in [name for name in held if name.startswith(STAGING_PREFIX)]:  # left by a save that was killed
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+        held.remove(name)
     listed = f"{', '.join(held[:6])}{', ...' if len(held) > 6 else ''}"
     if held and not args.overwrite:
         print(f"error: --output_dir {args.output_dir} is not empty ({listed}): a new vocabulary would replace the files "
               "of a model or tokenizer there. Choose another --output_dir, or pass --overwrite.", file=sys.stderr)
         return 1
-    if set(held) - TOKENIZER_FILES - SYSTEM_FILES:  # with --overwrite: a model's folder, or the user's files
+    if set(held) - set(TOKENIZER_FILE_NAMES) - SYSTEM_FILES:  # with --overwrite: a model's folder, or the user's files
         print(f"error: --output_dir {args.output_dir} holds more than an earlier tokenizer ({listed}): --overwrite "
               "replaces tokenizer files alone, and a new vocabulary beside a model's weights would silently break it. "
               "Choose another --output_dir.", file=sys.stderr)

@@ -326,6 +326,31 @@ def test_average_equals_arithmetic_mean(tmp_path, unusual_permissions):
     assert ckpt.last_checkpoints(tmp_path / "run", 2) == folders[1:]
 
 
+def test_an_average_keeps_its_runs_record_and_not_another_models_results(tmp_path, monkeypatch):
+    """averaged_from.json holds absolute paths and what train.py recorded for the last input, so evaluate.py and the
+    card find the run's language pair from any working directory, after the checkpoints are gone (a relative path
+    was read against the reader's directory: nothing, or another run's checkpoint); a finished run's results, log,
+    plot and card are not copied (they describe another model: its test scores reached the average's card)."""
+    first = write_fake_checkpoint(tmp_path / "run", 1, {"w": torch.zeros(2)})
+    finished = write_fake_checkpoint(tmp_path / "run", 2, {"w": torch.ones(2)})
+    (finished / "eval_results.json").write_text(json.dumps({"source_lang": "fr", "target_lang": "en", "test_bleu": 30.0}))
+    for name in ("training_log.jsonl", "training_curves.png", "README.md", "generation_config.json"):
+        (finished / name).write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    ckpt.average_checkpoints([Path("run") / first.name, Path("run") / finished.name], "averaged")
+    averaged = tmp_path / "averaged"
+    assert sorted(p.name for p in averaged.iterdir()) == ["averaged_from.json", "config.json", "generation_config.json",
+                                                          "model.safetensors"]
+    shutil.rmtree(tmp_path / "run")
+    (tmp_path / "elsewhere" / "run" / finished.name).mkdir(parents=True)  # another run's checkpoint of that name
+    (tmp_path / "elsewhere" / "run" / finished.name / ckpt.TRAINER_STATE_NAME).write_text(
+        json.dumps({"config": {"source_lang": "de", "target_lang": "it"}}))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    record, source = ckpt.recorded_run(averaged)
+    assert (record["source_lang"], record["target_lang"], source) == ("fr", "en", str(averaged / "averaged_from.json"))
+    assert json.loads((averaged / "averaged_from.json").read_text())["checkpoints"] == [str(first), str(finished)]
+
+
 def test_average_rejects_mismatched_or_torn_inputs(tmp_path):
     a = write_fake_checkpoint(tmp_path / "a", 1, {"w": torch.zeros(2)})
     b = write_fake_checkpoint(tmp_path / "b", 1, {"w": torch.zeros(3)})

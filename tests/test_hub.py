@@ -506,6 +506,7 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
     build_hub_folder(bare, tmp_path / "out3", template=TEMPLATE)
     card = ModelCard.load(tmp_path / "out3" / "README.md")
     assert card.data.to_dict()["language"] == ["en", "fr"] and "--source_lang en --target_lang fr" in card.text
+    assert "Trained for 40 optimiser steps" in card.text  # train.py's trainer_state.json says "step", not "global_step"
 
 
 @pytest.mark.parametrize(
@@ -817,6 +818,10 @@ def test_upload_calls_create_repo_and_upload_folder_with_the_built_folder(model_
     status, captured = _run_main(arguments, capsys)
     assert status == 1 and "upload_folder" not in calls
     assert "someone/tiny exists and is public: --private does not change an existing repository's visibility" in captured.err
+    # Without --private, create_repo is left to its owner's default (an organisation's may be private; False was public).
+    calls = {}
+    assert _run_main([a for a in arguments if a != "--private"], capsys)[0] == 0
+    assert calls["create_repo"] == ("someone/tiny", {"private": None, "exist_ok": True, "repo_type": "model"})
 
 
 @pytest.mark.parametrize("repo_id, message", [("no-slash", "must look like USER/NAME"),
@@ -831,6 +836,7 @@ def test_bad_repo_id_is_a_usage_error(model_dir, capsys, tmp_path, repo_id, mess
     (["--license", "my license"], "--license must be a license id such as apache-2.0, mit or other, got 'my license'"),
     (["--datasets", "/data/train.jsonl"], "--datasets: '/data/train.jsonl' is not a Hub dataset id"),
     (["--datasets", "bad id!!"], "--datasets: 'bad id!!' is not a Hub dataset id"),
+    (["--datasets", "data/train.jsonl"], "--datasets: 'data/train.jsonl' is not a Hub dataset id"),  # a valid repo id
     (["--tags", "nmt", " "], "--tags: a tag is empty"),
 ])
 def test_card_metadata_options_are_checked(model_dir, capsys, tmp_path, option, message):

@@ -395,6 +395,11 @@ def test_train_tokenizer_script(tmp_path):
     assert (out / "tokenizer.json").read_bytes() == saved
     assert module.main(args + ["--overwrite"]) == 0
     assert (out / "tokenizer.json").read_bytes() != saved
+    # A save that was killed leaves its staging folder: no file of the user's, it is removed (it blocked --overwrite).
+    (out / ".tokenizer-tmp-abc").mkdir()
+    (out / ".tokenizer-tmp-abc" / "tokenizer.json").write_text("{}")
+    assert module.main(args + ["--overwrite"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     # --overwrite replaces an earlier tokenizer alone: beside a model's weights a new vocabulary silently broke the
     # model (it translated into nothing), and the user's other files stayed mixed with it.
     model_folder = tmp_path / "model"

@@ -828,7 +828,7 @@ def test_evaluate_reproduces_the_test_score_train_py_reported_from_what_the_fold
     averaged = tmp_path / "averaged"
     assert load_script("average_checkpoints").main(["--input_dir", str(short_run), "--last", "2", "--output", str(averaged)]) == 0
     for folder, record in ((short_run / "checkpoint-20", short_run / "checkpoint-20" / ckpt.TRAINER_STATE_NAME),
-                           (averaged, short_run / "checkpoint-40" / ckpt.TRAINER_STATE_NAME)):
+                           (averaged, averaged / ckpt.AVERAGED_FROM_NAME)):
         assert evaluate.main(["--model", str(folder), "--max_samples", "2"]) == 0
         assert f"As train.py ran this model ({record}): source_lang en, target_lang de, eval_batch_size 16" in capsys.readouterr().err
     bare = tmp_path / "bare"
