@@ -220,7 +220,7 @@ def build_hub_folder(
         raise FileNotFoundError(f"model card template {template} not found; pass --template PATH")
 
     # The same checks as translating with it: type, config, generation config, weights that fit, tokenizer.
-    from .training import check_tokenizer_matches, load_saved_model
+    from .training import check_tokenizer_matches, data_record, load_saved_model
 
     model = load_saved_model(model_dir).eval()
     tokenizer = load_tokenizer(model_dir)
@@ -233,7 +233,10 @@ def build_hub_folder(
         recorded, _ = recorded_run(model_dir)
         pair = {key: recorded[key] for key in ("source_lang", "target_lang") if isinstance(recorded.get(key), str)}
         if len(pair) == 2:
-            eval_results = {**(eval_results or {}), **pair}
+            data = {}
+            if "train_file" in recorded:  # train.py's settings: its data too (the card's dataset and examples)
+                data = data_record(*(recorded.get(key) for key in ("dataset_name", "dataset_config_name", "train_file")))
+            eval_results = {**data, **(eval_results or {}), **pair}
 
     # Inference settings: training writes use_cache=False into the config; a shared model should decode fast.
     model.config.use_cache = True

@@ -591,12 +591,19 @@ def _builtin_task():
     return builtin_task()
 
 
+def data_record(dataset_name: str | None, dataset_config_name: str | None, train_file: str | None) -> dict:
+    """How eval_results.json names the training data: `dataset`, and `dataset_name` and `dataset_config_name` (a Hub
+    dataset) or `train_file` (local files), from a run's settings (the card reads these)."""
+    if dataset_name:
+        return {"dataset": dataset_name + (f"/{dataset_config_name}" if dataset_config_name else ""),
+                "dataset_name": dataset_name, "dataset_config_name": dataset_config_name}
+    if train_file:
+        return {"dataset": str(train_file), "train_file": str(train_file)}
+    return {"dataset": BUILTIN_DATASET}
+
+
 def data_description(config: TrainingConfig) -> str:
-    if config.dataset_name:
-        return config.dataset_name + (f"/{config.dataset_config_name}" if config.dataset_config_name else "")
-    if config.train_file:
-        return str(config.train_file)
-    return BUILTIN_DATASET
+    return data_record(config.dataset_name, config.dataset_config_name, config.train_file)["dataset"]
 
 
 def batch_token_counts(batch: dict) -> tuple[int, int]:
@@ -2188,9 +2195,7 @@ class Trainer:
             "stop_reason": stop_reason,
             "skipped_steps": self.skipped_steps,
             "train_time_s": round(self.elapsed_before + time.monotonic() - self.start_time, 1),
-            "dataset": data_description(config),
-            **({"dataset_name": config.dataset_name, "dataset_config_name": config.dataset_config_name}
-               if config.dataset_name else {"train_file": str(config.train_file)} if config.train_file else {}),
+            **data_record(config.dataset_name, config.dataset_config_name, config.train_file),
             **({"test_file": str(config.test_file)} if config.test_file else {}),  # else a split of "dataset"
             "source_lang": config.source_lang,
             "target_lang": config.target_lang,
