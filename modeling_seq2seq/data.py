@@ -430,20 +430,28 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
     if len(ds) == 0:
         return Dataset.from_dict({"source": [], "target": []}, features=TEXT_FEATURES, split=split)
     if "translation" in columns:
-        first = (ds[0]["translation"] or {}) if len(ds) else None
-        missing = [lang for lang in (source_lang, target_lang) if first is not None and lang not in first]
+        feature = ds.features["translation"]
+        # From the column's type, not row 0 (which may be null): a struct or datasets.Translation names its languages.
+        keys = list(feature) if isinstance(feature, dict) else list(getattr(feature, "languages", None) or []) or None
+        if isinstance(feature, (Value, List)):  # text or a list: no language mapping at all
+            raise DataFileError(f"{where}: the 'translation' column holds {feature}, not a mapping of language codes to "
+                                f'text such as {{"{source_lang}": ..., "{target_lang}": ...}}')
+        missing = [lang for lang in (source_lang, target_lang) if keys is not None and lang not in keys]
         if missing:
-            raise DataFileError(
-                f"{where}, row 0: missing language(s) {missing} in 'translation' (keys found: {sorted(first)})"
-            )
+            raise DataFileError(f"{where}: missing language(s) {missing} in 'translation' (keys found: {sorted(keys)})")
 
-        def extract(batch):
-            pairs = [p or {} for p in batch["translation"]]
+        def extract(batch, indices):
+            pairs = []
+            for i, p in zip(indices, batch["translation"]):
+                if p is not None and not isinstance(p, dict):  # rows of a loosely typed (Json) column
+                    raise DataFileError(f"{where}, row {i}: 'translation' must map language codes to text, got "
+                                        f"{type(p).__name__} {p!r:.60}")
+                pairs.append(p or {})
             return {"source": [p.get(source_lang) for p in pairs], "target": [p.get(target_lang) for p in pairs]}
 
     elif source_lang in columns and target_lang in columns:
 
-        def extract(batch):
+        def extract(batch, indices):
             return {"source": batch[source_lang], "target": batch[target_lang]}
 
     else:
@@ -454,7 +462,7 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
     def clean(batch, indices):
         keep = {"source": [], "target": []}
         bad = []
-        for i, s, t in zip(indices, *extract(batch).values()):
+        for i, s, t in zip(indices, *extract(batch, indices).values()):
             row = f"{where}, row {i}"  # a number or a list where text belongs: named, as in data files
             s, t = _text_value(s, source_lang, row).strip(), _text_value(t, target_lang, row).strip()
             if s and t:
@@ -543,6 +551,12 @@ def load_parallel_data(
     if dataset_name is not None:
         import datasets
 
+        if source_lang == target_lang:
+            raise ValueError(f"source_lang and target_lang are both {source_lang!r}")
+
+        if Path(dataset_name).is_file():  # datasets says "Couldn't find any data file at <the file>"
+            raise ValueError(f"--dataset_name {dataset_name!r} is a file, not a dataset folder or Hub name: pass it as "
+                             "--train_file (or --validation_file/--test_file), or give the folder that holds it")
         saved = (Path(dataset_name) / "dataset_dict.json").is_file()  # with save_to_disk: its own split names
         if saved and dataset_config_name:
             raise ValueError(f"--dataset_name {dataset_name!r} is a dataset saved with save_to_disk, which has no "

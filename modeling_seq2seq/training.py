@@ -1708,7 +1708,11 @@ class Trainer:
         self.validation_raw = raw["validation"] if "validation" in raw else None
         self.test_raw = raw["test"] if "test" in raw else None
         self.validation_set = None
-        if self.validation_raw is not None and len(self.validation_raw):
+        if self.validation_raw is None or len(self.validation_raw) == 0:
+            self.print("No validation split: training without validation" + (
+                f"; the average of the last {config.average_checkpoints} checkpoints is the final model unvalidated"
+                if config.average_checkpoints > 1 else "") + ".")
+        else:
             # Validation keeps every pair, however long: filtering it would flatter the scores.
             with self.accelerator.main_process_first():
                 self.validation_set, _ = tokenize_pairs(self.validation_raw, tokenizer, 10**6, 10**6)
@@ -2267,12 +2271,12 @@ def plot_training_curves(log_path: Path, image_path: Path) -> Path | None:
     if evals:
         left.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
         right.plot([r["step"] for r in evals], [r["val_bleu"] for r in evals], "o-", color="tab:green", label="validation BLEU")
+        right.legend()  # only then: matplotlib warns of an empty legend
     left.set_xlabel("step")
     left.set_ylabel("label-smoothed cross-entropy")
     left.legend()
     right.set_xlabel("step")
     right.set_ylabel("BLEU")
-    right.legend()
     figure.tight_layout()
     picture = io.BytesIO()
     figure.savefig(picture, dpi=110, format="png")

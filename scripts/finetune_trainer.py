@@ -42,6 +42,8 @@ def build_datasets(tokenizer, args, max_position_embeddings: int):
     from modeling_seq2seq.data import load_parallel_data
 
     raw = load_parallel_data(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
         train_file=args.train_file,
         validation_file=args.validation_file,
         source_lang=args.source_lang,
@@ -52,6 +54,8 @@ def build_datasets(tokenizer, args, max_position_embeddings: int):
         return tokenizer(batch["source"], text_target=batch["target"], truncation=max_length is not None,
                          max_length=max_length)
 
+    if "train" not in raw:
+        raise ValueError(f"--dataset_name {args.dataset_name!r} has no 'train' split (its splits: {', '.join(raw) or 'none'}).")
     train = raw["train"]
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
@@ -108,7 +112,7 @@ def finetune(args):
         labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
         decoded = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
         references = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
-        scores = translation_metrics(decoded, references, effective_order=args.train_file is None,
+        scores = translation_metrics(decoded, references, effective_order=args.train_file is None and args.dataset_name is None,
                                      tokenize=bleu_tokenizer(args.target_lang))
         return {"bleu": scores["bleu"], "chrf": scores["chrf"], "exact_match": scores["exact_match"]}
 
@@ -287,6 +291,9 @@ def build_parser():
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--train_file", help="training pairs (.jsonl/.json/.csv/.tsv, or the prefix P of line-aligned P.<source_lang> and P.<target_lang>); default: the built-in task")
     parser.add_argument("--validation_file")
+    parser.add_argument("--dataset_name", help="a datasets dataset: a Hub name, a local data folder, or a DatasetDict saved "
+                        "with save_to_disk (translation dict column or one column per language)")
+    parser.add_argument("--dataset_config_name", help="the dataset's configuration (e.g. de-en)")
     parser.add_argument("--source_lang", default="en")
     parser.add_argument("--target_lang", default="de")
     parser.add_argument("--max_source_length", type=int, default=128, help="longer training pairs are left out")
@@ -331,6 +338,10 @@ def main(argv=None) -> int:
         parser.error("--warmup_steps must be 0 or more and --learning_rate a finite number above 0")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
+    if args.dataset_name and (args.train_file or args.validation_file):
+        parser.error("give --dataset_name or --train_file/--validation_file, not both")
+    if args.dataset_config_name and not args.dataset_name:
+        parser.error("--dataset_config_name needs --dataset_name")
     if args.validation_file and not args.train_file:
         parser.error("--validation_file needs --train_file (the built-in task brings its own validation split)")
     from modeling_seq2seq.checkpointing import CheckpointError

@@ -360,7 +360,7 @@ def test_hub_translation_layout(monkeypatch):
     assert calls == [("wmt14", "de-en")]
     assert rows_of(data["train"]) == PAIRS  # the empty target was dropped
     assert rows_of(data["validation"]) == [("a", "b")]
-    with pytest.raises(DataFileError, match=r"dataset 'wmt14', split 'train', row 0: missing language\(s\) \['fr'\]"):
+    with pytest.raises(DataFileError, match=r"dataset 'wmt14', split 'train': missing language\(s\) \['fr'\]"):
         load_parallel_data(dataset_name="wmt14", dataset_config_name="de-en", source_lang="fr")
 
 
@@ -398,6 +398,41 @@ def test_a_dataset_with_values_that_are_no_text_is_named_by_split_and_row(monkey
             continue
         with pytest.raises(DataFileError, match=re.escape(f"dataset './local', {message}")):
             load_parallel_data(dataset_name="./local")
+
+
+def test_a_translation_column_is_read_by_its_type_not_its_first_row(monkeypatch, tmp_path):
+    """A null first row was a hard error ('row 0: missing language(s)') where a null on any other row is skipped; a
+    column of text where the language mapping belongs failed inside `datasets.map` ('str' object has no attribute
+    'get'), naming nothing; the same language on both sides trained a copy task (local files refuse it); a file given
+    as --dataset_name got datasets' "Couldn't find any data file"."""
+    import datasets
+
+    rows = [{"en": "one", "de": "eins"}, {"en": "two", "de": "zwei"}]
+    for column, expected in [([None, *rows], [("one", "eins"), ("two", "zwei")]),
+                             (['{"en": "a", "de": "b"}', "x"], "the 'translation' column holds Value('string')")]:
+        raw = DatasetDict({"train": Dataset.from_dict({"translation": column})})
+        monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: raw)
+        if isinstance(expected, list):
+            assert rows_of(load_parallel_data(dataset_name="./local")["train"]) == expected
+        else:
+            with pytest.raises(DataFileError, match=re.escape(f"dataset './local', split 'train': {expected}")):
+                load_parallel_data(dataset_name="./local")
+    # A JSON Lines folder with one row of text among the mappings: the column's type allows anything, so each row is
+    # checked and the bad one named.
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"translation": value}) + "\n" for value in (rows[0], "oops")))
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataFileError, match=re.escape(f"dataset '{folder}', split 'train', row 1: 'translation' must map "
+                                                      "language codes to text, got str 'oops'")):
+        load_parallel_data(dataset_name=str(folder))
+    with pytest.raises(ValueError, match="source_lang and target_lang are both 'en'"):
+        load_parallel_data(dataset_name=str(folder), source_lang="en", target_lang="en")
+    with pytest.raises(ValueError, match=re.escape(f"--dataset_name '{folder / 'train.jsonl'}' is a file, not a dataset "
+                                                   "folder or Hub name: pass it as --train_file")):
+        load_parallel_data(dataset_name=str(folder / "train.jsonl"))
 
 
 def test_a_dataset_that_cannot_be_loaded_is_named_by_its_flags(monkeypatch, tmp_path):

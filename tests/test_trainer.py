@@ -113,6 +113,30 @@ def test_pairs_over_the_length_limits_are_left_out_not_cut(saved_model, number_p
     assert [tokenizer.decode(labels, skip_special_tokens=True) for labels in validation["labels"]] == references
 
 
+def test_a_datasets_dataset_feeds_the_trainer(saved_model, number_pairs, tmp_path, monkeypatch, capsys):
+    """--dataset_name, as train.py and transformers' run_translation.py have it (a Hub name, a data folder, a
+    DatasetDict saved with save_to_disk): the script took local files alone."""
+    import shutil
+
+    from modeling_seq2seq.tokenization import load_tokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(number_pairs[0], folder / "train.jsonl")
+    shutil.copy(number_pairs[1], folder / "validation.jsonl")
+    script = load_script("finetune_trainer")
+    common = ["--model", str(saved_model), "--output_dir", str(tmp_path / "o")]
+    args = script.build_parser().parse_args([*common, "--dataset_name", str(folder)])
+    train, validation = script.build_datasets(load_tokenizer(saved_model), args, max_position_embeddings=64)
+    assert (len(train), len(validation)) == (500, 16)
+    for extra, message in ((["--dataset_name", str(folder), "--train_file", str(number_pairs[0])], "not both"),
+                           (["--dataset_config_name", "de-en"], "--dataset_config_name needs --dataset_name")):
+        with pytest.raises(SystemExit):
+            script.main([*common, *extra])
+        assert message in capsys.readouterr().err
+
+
 def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pairs, tmp_path, caplog, capsys):
     """--save_steps writes the Trainer's checkpoints; --resume_from_checkpoint continues one to the weights of the
     run that was never stopped; `latest` skips a torn checkpoint."""

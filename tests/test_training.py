@@ -368,8 +368,10 @@ def test_the_model_card_of_a_run_shows_its_settings(short_run, tmp_path):
     assert "average of the last" not in card  # run_args averages no checkpoints
 
 
-def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path, monkeypatch):
-    """The model card tells a local file from a Hub dataset by what train.py records, not by the path's shape."""
+def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path, monkeypatch, capsys):
+    """The model card tells a local file from a Hub dataset by what train.py records, not by the path's shape. Without
+    a validation file the run says it validates nothing (it said nothing; with --average_checkpoints the message says
+    the average is not validated either)."""
     from modeling_seq2seq.hub import _dataset_info
 
     data = tmp_path / "corpora" / "numbers"  # NAME/CONFIG-shaped, as a Hub id would be
@@ -379,6 +381,7 @@ def test_a_run_on_local_files_says_so_in_its_results(assets, tmp_path, monkeypat
     args = run_args(assets, output_dir, max_steps=2, save_steps=0, train_file="corpora/numbers/train",
                     test_file="corpora/numbers/test", source_lang="en", target_lang="de")
     assert training.main(args) == 0
+    assert "No validation split: training without validation.\n" in capsys.readouterr().out
     results = json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())
     assert results["train_file"] == "corpora/numbers/train" and "dataset_name" not in results
     assert _dataset_info(results) == {"display": "local data (`train`)", "id": None, "type": "train", "config": None}
