@@ -8,6 +8,7 @@ where this package is not installed.
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from . import pipeline  # registers the "seq2seq-translation" pipeline task
+from .checkpointing import refuse_to_overwrite_foreign_code
 from .cpu import cpu_vendor, mkl_runs_avx512, use_mkl_where_it_is_fast
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import (
@@ -22,6 +23,7 @@ AutoModelForSeq2SeqLM.register(Seq2SeqTransformerConfig, Seq2SeqTransformerForCo
 if mkl_runs_avx512(cpu_vendor()):
     use_mkl_where_it_is_fast()
 Seq2SeqTransformerConfig.register_for_auto_class()
+Seq2SeqTransformerPreTrainedModel.before_saving_code = staticmethod(refuse_to_overwrite_foreign_code)
 Seq2SeqTransformerModel.register_for_auto_class("AutoModel")
 Seq2SeqTransformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 

@@ -948,6 +948,33 @@ def last_checkpoints(output_dir: str | os.PathLike, count: int, skip=lambda step
     return complete
 
 
+# The files `save_pretrained` copies beside the weights (transformers' `custom_object_save`), and a line each holds.
+SHIPPED_CODE_MARKERS = {
+    "configuration_seq2seq.py": "class Seq2SeqTransformerConfig(",
+    "modeling_seq2seq.py": "class Seq2SeqTransformerForConditionalGeneration(",
+    "decoding_seq2seq.py": "class IncrementalDecoder",
+    "pipeline.py": "class Seq2SeqTranslationPipeline(",
+}
+
+
+def refuse_to_overwrite_foreign_code(save_directory: str | os.PathLike) -> None:
+    """transformers copies the model's code into the folder over whatever has those names: refuse, naming the file,
+    when one of them is not this model's code (a user's own `pipeline.py` in the folder saved into, say)."""
+    for name, marker in SHIPPED_CODE_MARKERS.items():
+        path = Path(save_directory) / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            ours = path.is_file() and not path.is_symlink() and marker in path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"{path} exists and is not this model's code: save_pretrained writes the model's {name} there (so "
+                f"that the folder loads with trust_remote_code=True). Move it away or save to another folder."
+            )
+
+
 __all__ = [
     "CHECKPOINT_PREFIX",
     "MANIFEST_NAME",
@@ -978,3 +1005,4 @@ __all__ = [
     "verify_checkpoint",
     "write_checkpoint",
 ]
+

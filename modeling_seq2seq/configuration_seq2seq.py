@@ -124,6 +124,9 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
         self.decoder_start_token_id = decoder_start_token_id
+        for alias, name in self.attribute_map.items():  # `hidden_size=...`: the base class would set it after the check
+            if alias in kwargs:
+                setattr(self, name, kwargs.pop(alias))
         # Ours first: the base class validates token ids against vocab_size and would fail on a bad one cryptically.
         self.validate_hyperparameters()
         super().__init__(

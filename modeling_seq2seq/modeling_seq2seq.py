@@ -448,6 +448,7 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EncoderLayer", "DecoderLayer"]
     _supports_sdpa = True
     _can_compile_fullgraph = True
+    before_saving_code = None  # set by the installed package: refuses to write the code over a user's files
 
     def __init__(self, config: Seq2SeqTransformerConfig, *inputs, **kwargs):
         # Values set after the config was made (`from_pretrained(path, encoder_attention_heads=5)` sets them with
@@ -462,8 +463,13 @@ class Seq2SeqTransformerPreTrainedModel(PreTrainedModel):
         and `custom_pipelines` names the translation pipeline, as `Pipeline.save_pretrained` does for a registered
         one: `pipeline("seq2seq-translation", model=folder, trust_remote_code=True)` then imports pipeline.py, which
         the code saved with the model includes as this file imports it."""
+        # Before anything is written: a config that would not load again is refused with the folder untouched.
+        self.config.validate_hyperparameters()
         if self._auto_class is not None and type(self).__module__ == Seq2SeqTransformerModel.__module__:
             from .pipeline import TASK, Seq2SeqTranslationPipeline
+
+            if self.before_saving_code is not None:  # the package's file check (this shipped file opens no file)
+                self.before_saving_code(save_directory)
 
             module = type(self).__module__.rsplit(".", 1)[-1]  # a user's subclass elsewhere ships no such file
             self.config.auto_map = {

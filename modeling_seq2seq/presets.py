@@ -8,7 +8,9 @@ from .configuration_seq2seq import Seq2SeqTransformerConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Written by save_pretrained next to the hyper-parameters; accepted in a preset file.
-BOOKKEEPING_FIELDS = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"}
+BOOKKEEPING_FIELDS = {
+    "model_type", "architectures", "transformers_version", "auto_map", "custom_pipelines", "dtype", "torch_dtype",
+}
 
 
 def preset_path(name_or_path: str | Path) -> Path:

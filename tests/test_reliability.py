@@ -150,6 +150,17 @@ def test_values_set_after_the_config_was_made_are_checked_before_a_model_or_a_fo
     with pytest.raises(ValueError, match=exactly("Seq2SeqTransformerConfig.d_model=-1 is invalid: expected a positive integer.")):
         config.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved" / "config.json").exists()
+    # A model's save too, before anything is written (the code files were, and a refused save left a half folder).
+    model = Seq2SeqTransformerForConditionalGeneration(tiny_config())
+    model.config.dropout = 2.0
+    with pytest.raises(ValueError, match=exactly("Seq2SeqTransformerConfig.dropout=2.0 is invalid: expected a number in [0, 1).")):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    # transformers' names (hidden_size=...) were set after the check: accepted, and refused only when a model was built.
+    with pytest.raises(ValueError, match=exactly("Seq2SeqTransformerConfig.encoder_attention_heads=4 is invalid: expected a "
+                                                 "divisor of d_model=30.")):
+        tiny_config(hidden_size=30)
+    assert (tiny_config(hidden_size=64).d_model, tiny_config(num_hidden_layers=3).encoder_layers) == (64, 3)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +210,21 @@ def test_a_saved_config_json_is_accepted_as_a_preset(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = load_preset(tmp_path / "config.json").to_diff_dict()
     assert loaded == {k: v for k, v in config.to_diff_dict().items() if k != "auto_map"}
+    Seq2SeqTransformerForConditionalGeneration(config).save_pretrained(tmp_path / "model")  # custom_pipelines too
+    assert load_preset(tmp_path / "model" / "config.json").d_model == config.d_model
+
+
+def test_saving_never_writes_the_code_over_a_users_files(tmp_path):
+    """save_pretrained copies the model's code files beside the weights (transformers' custom_object_save, for
+    trust_remote_code): a user's own pipeline.py there was overwritten without a word (MarianMTModel writes no code)."""
+    model = Seq2SeqTransformerForConditionalGeneration(tiny_config())
+    (tmp_path / "pipeline.py").write_text("my own pipeline")
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'pipeline.py'} exists and is not this model's code")):
+        model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.py"]
+    assert (tmp_path / "pipeline.py").read_text() == "my own pipeline"
+    model.save_pretrained(tmp_path / "saved")
+    model.save_pretrained(tmp_path / "saved")  # over its own earlier save: fine
 
 
 # --- Model calls ---------------------------------------------------------------------------------------------------
