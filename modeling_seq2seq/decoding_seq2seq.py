@@ -393,9 +393,17 @@ class IncrementalDecoder:
 
     def cross_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         attention = self.layers[i][1]
+        key, value = self.cross_keys_values[i]
+        if self.num_beams > 1 and key.dtype in (torch.float16, torch.bfloat16) and key.device.type == "cpu":
+            # Half precision: one query per row against its sentence's keys, as transformers' loop computes it (a
+            # block of beams as queries rounds differently, by an ulp in ~7% of fp16 logits, enough to change beams).
+            query = self.linear(attention.q_proj, hidden).view(-1, 1, attention.num_heads, attention.head_dim)
+            key, value = (t.repeat_interleave(self.num_beams, dim=0) for t in (key, value))
+            mask = None if self.cross_mask is None else self.cross_mask.repeat_interleave(self.num_beams, dim=0)
+            output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, mask, attention.scaling)
+            return self.linear(attention.out_proj, output.reshape(hidden.shape))
         # (sentences * beams, d) -> (sentences, heads, beams, head_dim): beams become queries of their sentence.
         query = self.linear(attention.q_proj, hidden).view(-1, self.num_beams, attention.num_heads, attention.head_dim)
-        key, value = self.cross_keys_values[i]
         output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, self.cross_mask, attention.scaling)
         return self.linear(attention.out_proj, output.reshape(hidden.shape))
 
@@ -863,9 +871,9 @@ def beam_search(decoder: IncrementalDecoder, batch: int, settings: dict) -> torc
 
     running = torch.full((batch, beams, max_new + 1), fill, dtype=torch.long, device=device)
     running[:, :, 0] = settings["start"]
-    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores = torch.zeros(batch, beams, dtype=torch.float32, device=device)  # not the default dtype
     running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
-    finished, finished_scores = running.clone(), torch.full((batch, beams), -1e9, device=device)
+    finished, finished_scores = running.clone(), torch.full((batch, beams), -1e9, dtype=torch.float32, device=device)
     finished_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
     is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
     results, results_lengths = finished.clone(), finished_lengths.clone()

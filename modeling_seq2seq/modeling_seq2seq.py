@@ -128,7 +128,9 @@ def prepared_mask(mask: torch.Tensor, expected, dtype: torch.dtype) -> torch.Ten
         )
     if not mask.is_floating_point():  # boolean, or 1/0 integers: where to attend
         return additive_mask(mask == 0, dtype)
-    return mask.to(dtype)
+    # A wider dtype's minimum (a float32 mask under bf16/fp16 autocast or weights) would round to -inf, and a row
+    # whose keys are all blocked would then give NaN: blocked stays the dtype's minimum, as in `additive_mask`.
+    return mask.clamp(min=torch.finfo(dtype).min).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -982,7 +984,8 @@ class Seq2SeqTransformerForConditionalGeneration(Seq2SeqTransformerPreTrainedMod
         (leaving the generator where the loop leaves it); beam search too. Near-ties apart: where two hypotheses'
         scores (or two tokens' sampling odds) lie within float32 rounding of each other (~1e-6), as its logits and
         the loop's differ in the last bits (the cross-attention keys and values are projected once per sentence rather
-        than once per beam, and a sentence's beams attend as one block of queries). On a CPU its step runs as
+        than once per beam, and a sentence's beams attend as one block of queries, except in half precision on a CPU,
+        where that rounding would differ by an ulp in a few percent of the logits). On a CPU its step runs as
         TorchScript (compiled at the first call in a process; `model.decode_with_torchscript = False` runs it op by
         op in Python, with the same results). On a GPU it runs on `StaticIncrementalDecoder`, a recorded step
         replayed as a CUDA graph: the same tokens in float32, near-ties apart; in half precision its attention over a

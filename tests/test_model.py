@@ -808,6 +808,49 @@ def test_fast_generate_in_half_precision_on_cpu_equals_transformers_generate(pre
         assert_fast_generate_equals_transformers_generate(model, source, mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_beams_on_cpu_equal_transformers_beams(dtype):
+    """A sentence's beams attended to its keys as one block of queries, which in half precision rounds otherwise than
+    transformers' one query per row (an ulp in ~7% of fp16 logits): enough to return other beams (seen here at the
+    second seed). Each row now queries alone in half precision on a CPU."""
+    torch.manual_seed(1)
+    model = Seq2SeqTransformerForConditionalGeneration(load_preset("tiny", vocab_size=1000, dropout=0.0)).eval().to(dtype)
+    for seed in range(10, 13):
+        source, mask = padded_batch(seed, 8, 17, 1000)
+        settings = dict(num_beams=4, num_return_sequences=2, max_new_tokens=24, attention_mask=mask)
+        assert torch.equal(model.generate(source, **settings), GenerationMixin.generate(model, source, **settings)), seed
+
+
+def test_a_float32_mask_under_half_precision_blocks_without_nan():
+    """A float32 4D mask's minimum rounds to -inf in bfloat16 (autocast, or half weights): a row whose keys are all
+    blocked (a left-padded one) was NaN, and the NaN spread to the whole sentence in the next layer (the loss too)."""
+    model = make_model()
+    model.set_attn_implementation("eager")
+    source, source_mask = padded_batch(1)
+    target, _ = padded_batch(2, length=9)
+    allowed = torch.tril(torch.ones(9, 9, dtype=torch.bool))[None, None].repeat(4, 1, 1, 1)
+    allowed[1, :, :, :3] = False  # row 1 left-padded by three
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    inputs = dict(input_ids=source, attention_mask=source_mask, decoder_input_ids=target, decoder_attention_mask=mask)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model(**inputs).logits.isnan().any()
+    with torch.no_grad():
+        assert not model.to(torch.bfloat16)(**inputs).logits.isnan().any()
+
+
+def test_beam_search_keeps_its_scores_in_float32_whatever_the_default_dtype():
+    """torch.full((batch, beams), -1e9) took the default dtype: with float16 it raised an overflow."""
+    model = make_model()
+    source, mask = padded_batch()
+    expected = model.generate(source, attention_mask=mask, num_beams=3, max_new_tokens=6)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        assert torch.equal(model.generate(source, attention_mask=mask, num_beams=3, max_new_tokens=6), expected)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def assert_fast_generate_equals_transformers_generate(model, source, mask):
     """Greedy and beam search through our `generate` give the ids of transformers' own `generate`."""
     for num_beams in (1, 3):
