@@ -115,7 +115,8 @@ class TrainingConfig:
     weight_decay: float = _option(0.0, "decoupled weight decay (AdamW); the paper uses none")
     max_grad_norm: typing.Optional[float] = _option(None, "clip gradients to this norm (none/0: no clipping)")
     label_smoothing: float = _option(0.1, "epsilon_ls of the training loss (Section 5.4)")
-    mixed_precision: str = _option("no", "no | bf16 | fp16 (through Accelerate)", choices=("no", "bf16", "fp16"))
+    mixed_precision: typing.Optional[str] = _option(None, "no | bf16 | fp16 (through Accelerate); unset: the `accelerate "
+                                                    "launch` config's, else no", choices=("no", "bf16", "fp16"))
     compile: bool = _option(False, "torch.compile the training step's forward and backward (GPU: fuses the element-wise "
                                    "work around the matrix products; the first steps compile, for minutes)")
     max_consecutive_bad_steps: int = _option(10, "stop after this many consecutive NaN/inf steps")
@@ -538,7 +539,9 @@ def restore_rng_state(json_state: dict | None = None, tensor_state: dict | None 
     if tensor_state is not None:
         torch.set_rng_state(tensor_state["torch"])
         if "cuda" in tensor_state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(tensor_state["cuda"])
+            # One state per GPU the saving process saw; a resume that sees fewer GPUs (CUDA_VISIBLE_DEVICES) restores
+            # those it has (set_rng_state_all would index past them and refuse the checkpoint).
+            torch.cuda.set_rng_state_all(tensor_state["cuda"][: torch.cuda.device_count()])
 
 
 class preserved_rng:
@@ -1524,6 +1527,8 @@ class Trainer:
             project_dir=str(self.output_dir) if tracker else None,
             step_scheduler_with_optimizer=False,
         )
+        if config.mixed_precision is None:  # unset: what `accelerate launch --config_file ...` asked for, else "no"
+            self.config = config = dataclasses.replace(config, mixed_precision=self.accelerator.mixed_precision)
         self.is_main = self.accelerator.is_main_process
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -1952,10 +1957,15 @@ class Trainer:
         # Always measure the gradient norm (max_norm=inf does not clip): a finite loss can still give inf grads.
         grad_norm = gradient_norm(list(model.parameters()), self.config.max_grad_norm, accelerator)
         counts = {"loss": mean_loss, "grad_norm": grad_norm, "target_tokens": total_target, "source_tokens": total_source}
-        fp16 = self.config.mixed_precision == "fp16"
-        if not math.isfinite(mean_loss) or (not math.isfinite(grad_norm) and not fp16):
+        scaled = accelerator.scaler is not None  # fp16: the loss scaler skips steps with non-finite gradients itself
+        if not math.isfinite(mean_loss) or (not math.isfinite(grad_norm) and not scaled):
             # A non-finite update must not touch the weights, the optimizer moments or the schedule.
             self.optimizer.zero_grad(set_to_none=True)
+            if accelerator.scaler is not None:
+                # fp16: `gradient_norm` unscaled the gradients; only `update` lets the next step unscale again
+                # (GradScaler raises otherwise). Back off as on an overflow.
+                scaler = accelerator.scaler
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             self.skipped_steps += 1
             self.consecutive_bad_steps += 1
             return {**counts, "status": "bad"}

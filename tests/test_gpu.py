@@ -69,12 +69,20 @@ def test_fast_generate_on_the_gpu_equals_transformers_generate(precision):
     if not autocast:
         model = model.to(getattr(torch, precision))
     source, mask = cuda_batch()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    recorded = []
+    record = StaticIncrementalDecoder.record
+    with pytest.MonkeyPatch.context() as patch, torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        patch.setattr(StaticIncrementalDecoder, "record", lambda self: (recorded.append(self), record(self))[1])
         for num_beams in (1, 3):
             settings = dict(num_beams=num_beams, max_new_tokens=6)
             replayed = model.generate(source, attention_mask=mask, **settings)
             if not autocast:
+                # A capture that fails falls back to the unrecorded step with a warning: the comparison below would
+                # then compare the static decoder with itself.
+                assert recorded and recorded[-1].graph is not None, (precision, settings)
                 assert torch.equal(replayed, static_generate(model, source, mask, **settings)), settings
+            else:
+                assert not recorded, "autocast runs step by step"
             if precision == "float32":
                 assert torch.equal(replayed, GenerationMixin.generate(model, source, attention_mask=mask, **settings))
         model.decode_with_cuda_graphs = False
@@ -310,3 +318,23 @@ def test_generate_replays_a_recorded_step_and_runs_modules_where_it_must(monkeyp
     edited = model.generate(source, attention_mask=mask, **settings)
     assert len(recorded) == 2 and not torch.equal(edited, expected)
     assert torch.equal(edited, GenerationMixin.generate(model, source, attention_mask=mask, **settings))
+
+
+def test_training_loop_in_fp16_survives_a_non_finite_loss(assets, tmp_path, monkeypatch):
+    """`mixed_precision: fp16` (the GradScaler path, for cards without bf16): a step whose loss is not finite is
+    skipped, and the next steps train (the scaler must not be left between unscale_ and update)."""
+    from modeling_seq2seq import training
+
+    real, calls = training.compute_loss, []
+
+    def compute_loss(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(training, "compute_loss", compute_loss)
+    out = tmp_path / "fp16"
+    assert training.main(run_args(assets, out, max_steps=6, mixed_precision="fp16")) == 0
+    records = read_log(out)
+    assert [r["type"] for r in records if r["type"] == "skipped"] == ["skipped"]
+    assert any(r["type"] == "train" and r["step"] == 6 for r in records)

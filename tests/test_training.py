@@ -2444,11 +2444,14 @@ def test_the_test_bleu_follows_the_target_language_and_effective_order_of_the_bu
     assert "|eff:no|tok:zh|" in signature, signature
 
 
+@pytest.mark.parametrize("asked_by", ["flag", "accelerate launch config"])
 def test_bf16_mixed_precision_runs_the_step_under_bf16_autocast_and_skips_an_infinite_gradient(assets, tmp_path,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch, asked_by):
     """`mixed_precision: bf16` reaches the step (the model's products, the logits among them, are bfloat16: CPU
     autocast as accelerate sets it up), and bf16 has no loss scaler: a finite loss with an infinite gradient is
-    a bad step, skipped without touching the weights (only fp16's scaler skips such steps itself)."""
+    a bad step, skipped without touching the weights (only fp16's scaler skips such steps itself). Unset in the
+    recipe, the precision is the one `accelerate launch --config_file` asks for (the recipe's default "no" overrode
+    configs/accelerate/*.yaml's bf16)."""
     seen = []
 
     class InfiniteGradient(torch.autograd.Function):
@@ -2473,8 +2476,13 @@ def test_bf16_mixed_precision_runs_the_step_under_bf16_autocast_and_skips_an_inf
 
     monkeypatch.setattr(training, "compute_loss", compute_loss)
     output_dir = tmp_path / "bf16"
-    assert training.main(run_args(assets, output_dir, max_steps=3, mixed_precision="bf16")) == 0
+    if asked_by == "flag":
+        assert training.main(run_args(assets, output_dir, max_steps=3, mixed_precision="bf16")) == 0
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` passes from its config
+        assert training.main(run_args(assets, output_dir, max_steps=3)) == 0
     assert seen and set(seen) == {torch.bfloat16}, seen
+    assert json.loads((output_dir / training.EVAL_RESULTS_NAME).read_text())["training_config"]["mixed_precision"] == "bf16"
     skipped = [r for r in read_log(output_dir) if r["type"] == "skipped"]
     assert [(r["step"], r["consecutive"]) for r in skipped] == [(1, 1)]
     assert all(torch.isfinite(t).all() for t in weights(output_dir).values())
@@ -2539,3 +2547,70 @@ def write_builtin_task_as_line_files(folder: Path, target_lang: str, train: int,
         rows = task[split].select(range(count))
         (folder / f"{split}.en").write_text("".join(f"{s}\n" for s in rows["source"]))
         (folder / f"{split}.{target_lang}").write_text("".join(f"{t}\n" for t in rows["target"]))
+
+
+def test_fp16_loss_scaler_survives_a_non_finite_loss(monkeypatch):
+    """fp16 (a GPU's GradScaler; torch's CPU scaler stands in): `gradient_norm` unscales the gradients before the
+    non-finite loss is seen; the skipped update must still end the scaler's step, or the next step's unscale raises
+    "unscale_() has already been called on this optimizer since the last update()"."""
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from test_model import make_model, padded_batch
+
+    real = training.compute_loss
+    for max_grad_norm in (None, 1.0):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True  # as fp16 sets up on a GPU
+        monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+        config = training.TrainingConfig(mixed_precision="fp16", max_grad_norm=max_grad_norm)
+        model = make_model(dropout=0.0).train()
+        optimizer, scheduler = training.make_optimizer_and_scheduler(model, config, model.config.d_model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        trainer = types.SimpleNamespace(accelerator=accelerator, model=model, step_model=model, world_size=1,
+                                        config=config, optimizer=optimizer, scheduler=scheduler, skipped_steps=0,
+                                        consecutive_bad_steps=0, step=0)
+        source, mask = padded_batch()
+        batch = dict(input_ids=source, attention_mask=mask, labels=source[:, :5])
+        calls = []
+
+        def nan_first(model, batch):
+            calls.append(1)
+            loss = real(model, batch)
+            return loss * float("nan") if len(calls) == 1 else loss
+
+        monkeypatch.setattr(training, "compute_loss", nan_first)
+        scale = accelerator.scaler.get_scale()
+        assert training.Trainer.train_step(trainer, [batch])["status"] == "bad"
+        assert accelerator.scaler.get_scale() < scale  # backed off, as on an overflow
+        assert training.Trainer.train_step(trainer, [batch])["status"] == "ok"
+        assert trainer.step == 1
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_fp16_without_a_loss_scaler_still_skips_an_infinite_gradient(assets, tmp_path, monkeypatch):
+    """`mixed_precision: fp16` where Accelerate makes no loss scaler (a CPU): nothing else skips a step with an
+    infinite gradient, so the loop must (before, the update was applied and the weights became NaN)."""
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    real, calls = training.compute_loss, []
+
+    def compute_loss(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return InfiniteGradient.apply(loss) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training, "compute_loss", compute_loss)
+    output_dir = tmp_path / "fp16"
+    assert training.main(run_args(assets, output_dir, max_steps=3, mixed_precision="fp16")) == 0
+    assert [(r["step"], r["consecutive"]) for r in read_log(output_dir) if r["type"] == "skipped"] == [(1, 1)]
+    assert all(torch.isfinite(t).all() for t in weights(output_dir).values())
