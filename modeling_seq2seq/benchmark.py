@@ -15,9 +15,10 @@ repeats:
   128 x 64 + 128 x 64 and the paper's ~25k-token batches, 200 x 128 + 200 x 128), fp32 on CPU, bf16 autocast on
   GPU; tokens/s counts source + target tokens. "Ours" runs the step of our training loop (`training.compute_loss`,
   `training.make_optimizer_and_scheduler`: fused Adam(0.9, 0.98, 1e-9) with the inverse-square-root schedule, and
-  the gradient-norm measurement the loop does every step); Marian runs the step transformers' Trainer takes
-  (`model(**batch).loss.backward()`, `clip_grad_norm_` at 1.0, and the Trainer's default fused AdamW, here as fused
-  `torch.optim.Adam(betas=(0.9, 0.98), eps=1e-9)`). Train mode, the preset's dropout, both.
+  the gradient clipped at norm 1); Marian runs the step transformers' Trainer takes (backward, `clip_grad_norm_` at
+  1.0, and the Trainer's default fused AdamW, here as fused `torch.optim.Adam(betas=(0.9, 0.98), eps=1e-9)`), with
+  the same loss (label smoothing 0.1, through `F.cross_entropy` on its logits). Train mode, the preset's dropout,
+  both.
   Each record carries the step's analytic FLOPs and its MFU (see `training_flops`).
 - `train_memory`: peak memory of the training step. CPU: a fresh subprocess per implementation builds the model
   and the optimizer and runs 2 steps; `peak_rss_mb` is its `ru_maxrss`, `step_memory_mb` the peak minus the RSS
@@ -96,6 +97,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -393,7 +395,7 @@ def ours_train_step(model, device: str, compile: bool = False) -> Callable[[dict
         with autocast(device):
             loss = compute_loss(step_model, batch)
         loss.backward()
-        gradient_norm(parameters, None)  # the loop measures the norm every step
+        gradient_norm(parameters, 1.0)  # clipped at norm 1, as Marian's step (the loop measures the norm every step)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -404,13 +406,21 @@ def ours_train_step(model, device: str, compile: bool = False) -> Callable[[dict
 
 def marian_train_step(model, device: str) -> Callable[[dict], torch.Tensor]:
     """The step transformers' Trainer takes: loss, backward, the gradient clipped at norm 1 (`max_grad_norm`), and
-    its default optimizer, torch's fused AdamW (weight decay 0: Adam), here with the paper's betas and epsilon."""
+    its default optimizer, torch's fused AdamW (weight decay 0: Adam), here with the paper's betas and epsilon; the
+    loss label-smoothed by 0.1 as ours (torch's `cross_entropy`, cheaper than the Trainer's `LabelSmoother`)."""
+    from transformers.models.marian.modeling_marian import shift_tokens_right
+
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=5e-5, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+    config = model.config
 
     def step(batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with autocast(device):
-            loss = model(**batch).loss
+            logits = model(**inputs, decoder_input_ids=shift_tokens_right(labels, config.pad_token_id,
+                                                                          config.decoder_start_token_id)).logits
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), label_smoothing=0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -735,6 +745,14 @@ class Run:
         if self.settings.progress:
             print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    def take(self, record: dict) -> None:
+        """A record made in another process: a matmul peak measured there divides the MFU of later presets too."""
+        self.records.append(record)
+        if record["phase"] == "matmul_peak":
+            self.peak_flops = max(self.peak_flops or 0.0, record["flops_per_second"])
+        if self.on_record is not None:
+            self.on_record()
+
     def add(self, implementation: str, preset: str | None, phase: str, batch, seconds: list[float] | None,
             tokens: int | None, **extra) -> dict:
         record = {"implementation": implementation, "preset": preset, "phase": phase, "batch": batch}
@@ -806,8 +824,11 @@ class CTranslate2Process:
 
     def __init__(self, timeout: float = 600.0, **translator_arguments):
         self.timeout = timeout  # seconds one request may take before the process is taken for hung and killed
+        # glibc keeps freed memory there too, as `keep_freed_memory` makes it in ours and Marian's processes (its
+        # environment variables: mallopt does not reach another process).
+        env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
         self.process = subprocess.Popen([sys.executable, "-c", _CTRANSLATE2_PROCESS_CODE], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, text=True, env=env)
         try:
             self._call(translator_arguments)
         except BaseException:
@@ -903,18 +924,29 @@ def float32_token_checks(run: Run, preset: str, ours, marian) -> dict:
     """
     device = run.settings.device
     checks = {}
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with exact_float32():
         for phase, num_beams, batch, input_ids, attention_mask, _ in decode_settings(run.settings, ours.config.vocab_size):
             run.log(f"{preset} {phase} batch {batch}: float32 token check")
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             sample = phase == "decode_sample"
             checks[phase, batch] = compare_tokens(decode_marian(marian, input_ids, attention_mask, num_beams, sample),
                                                   decode_ours(ours, input_ids, attention_mask, num_beams, sample))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return checks
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """TF32 off: float32 on a GPU is float32, as on a CPU. Through torch's newer setting: reading the legacy
+    `allow_tf32` raises once anything has set the newer one (transformers' `enable_tf32` does)."""
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, precision in zip(backends, saved):
+            backend.fp32_precision = precision
 
 
 def run_decode(run: Run, preset: str, plan: dict, ours, marian, translator, tokenizer,
@@ -1257,9 +1289,7 @@ def run_phase_group_in_a_process(run: Run, group, preset: str, phases: set[str])
                 break
             message = json.loads(line)
             if "record" in message:
-                run.records.append(message["record"])
-                if run.on_record is not None:
-                    run.on_record()
+                run.take(message["record"])
             else:
                 ending = message
         process.wait()

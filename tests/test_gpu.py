@@ -28,10 +28,10 @@ HALF = [torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def exact_float32_matmuls():
     """TF32 off: float32 on the GPU is then float32, as on the CPU."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    from modeling_seq2seq.benchmark import exact_float32
+
+    with exact_float32():
+        yield
 
 
 def cuda_batch(**kwargs):
