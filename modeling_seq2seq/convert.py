@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig, MarianConfig, MarianMTModel
 
-from .checkpointing import read_json_object, seal_folder, staging_beside
+from .checkpointing import read_json_object, refuse_to_replace_inputs, seal_folder, staging_beside
 from .tokenization import save_tokenizer
 from .configuration_seq2seq import Seq2SeqTransformerConfig
 from .modeling_seq2seq import Seq2SeqTransformerForConditionalGeneration
@@ -231,6 +231,8 @@ def convert_folder(source: str, output_dir: str, to: str) -> None:
     if not os.path.isdir(os.path.dirname(os.path.abspath(output_dir))):
         raise FileNotFoundError(f"--output_dir {output_dir!r}: its folder {os.path.dirname(os.path.abspath(output_dir))!r} "
                                 "does not exist.")
+    if os.path.isdir(source):  # a local --input: the output may not hold it, nor lie inside it as a checkpoint
+        refuse_to_replace_inputs(output_dir, [source], "--output_dir", earlier_output=("config.json",))
     if to == "ours":
         model = from_marian(load_for_conversion(MarianMTModel, source))
     else:

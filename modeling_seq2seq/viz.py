@@ -199,10 +199,17 @@ def attention_maps(
     """
     source_ids = tokenizer(source)["input_ids"]
     generated = target is None
+    limit = model.config.max_position_embeddings  # and a map of n x n per head: 16,669 tokens ran for minutes
+    if len(source_ids) > limit:
+        raise ValueError(f"the source is {len(source_ids):,} tokens, more than the model's {limit} positions "
+                         "(max_position_embeddings): give a shorter sentence")
     if generated:
         target_ids = generate_target_ids(model, tokenizer, source, max_new_tokens)
     else:
         target_ids = tokenizer(text_target=target)["input_ids"]
+        if len(target_ids) > limit:
+            raise ValueError(f"the target is {len(target_ids):,} tokens, more than the model's {limit} positions "
+                             "(max_position_embeddings): give a shorter sentence")
     if not target_ids:
         raise ValueError(f"empty target for {source!r}: nothing to show")
     pad = tokenizer.pad_token_id

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from modeling_seq2seq.benchmark import PHASES, BenchmarkSettings, format_table, run_benchmark, write_json
+from modeling_seq2seq.training import stoppable
 
 
 def train_shape(text: str) -> tuple[int, int, int]:
@@ -22,6 +23,7 @@ def train_shape(text: str) -> tuple[int, int, int]:
     return tuple(int(part) for part in parts)
 
 
+@stoppable(outputs="a --json file holds the measurements finished before the stop")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
@@ -50,12 +52,14 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
     # Before minutes of measuring: a JSON path that cannot be written, or a preset that does not exist.
-    from modeling_seq2seq.presets import load_preset
+    from modeling_seq2seq.presets import load_preset, preset_path
     from modeling_seq2seq.training import check_device, check_output_file
 
     try:
         check_device(args.device)
-        check_output_file(args.json, "--json")
+        # The preset files read (a default run's included): --json must not overwrite one of them.
+        read = {f"--presets {name}": str(preset_path(name)) for name in (args.presets or ("tiny", "base", "big"))}
+        check_output_file(args.json, "--json", read)
         for preset in args.presets or ():
             load_preset(preset)
     except (ValueError, FileNotFoundError) as error:

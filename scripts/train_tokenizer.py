@@ -14,8 +14,10 @@ from pathlib import Path
 
 from modeling_seq2seq.checkpointing import SYSTEM_FILES, TOKENIZER_FILE_NAMES, CheckpointError, probe_writable
 from modeling_seq2seq.tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, STAGING_PREFIX, train_tokenizer_from_data
+from modeling_seq2seq.training import stoppable
 
 
+@stoppable
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="folder to save tokenizer.json and tokenizer_config.json")

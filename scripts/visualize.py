@@ -20,7 +20,8 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 from modeling_seq2seq import viz  # noqa: E402
-from modeling_seq2seq.training import write_output_file  # noqa: E402
+from modeling_seq2seq.checkpointing import CheckpointError, probe_writable  # noqa: E402
+from modeling_seq2seq.training import stoppable, write_output_file  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MAX_POSITIONS = 20_000  # --length: its similarity map is length x length floats
+MAX_TABLE = 20_000 * 1024  # --length x --d_model: the encoding table's floats (80 MB)
 
 
 def run(args) -> list:
@@ -65,10 +67,14 @@ def run(args) -> list:
     if args.command == "positions":
         if args.length > MAX_POSITIONS:
             raise ValueError(f"--length must be at most {MAX_POSITIONS}, got {args.length}.")
+        if args.length * args.d_model > MAX_TABLE:
+            raise ValueError(f"--length x --d_model must be at most {MAX_TABLE:,} (the table's values), got "
+                             f"{args.length:,} x {args.d_model:,}.")
         return viz.draw_positions(args.d_model, args.length, args.out, args.layout, args.dims)
     if args.command == "training":
         return viz.draw_training(args.run, args.out)
     viz.require_matplotlib()  # fail before loading a model
+    probe_writable(args.out)  # and a folder that cannot be written too, named as --out
     for name in ("source", "target"):
         text = getattr(args, name, None)
         if text is not None and not text.strip():
@@ -98,6 +104,7 @@ def run(args) -> list:
     return viz.draw_alignment(report, args.out)
 
 
+@stoppable
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -105,6 +112,9 @@ def main(argv=None) -> int:
     except viz.MatplotlibMissing as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except CheckpointError as error:
+        print(f"error: --out: {error}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as error:  # a missing or unwritable path, a bad argument or file
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -182,12 +182,18 @@ def test_train_shapes_choose_the_timed_batches_also_in_the_phase_process(tmp_pat
         assert f"--train_shapes: {bad!r} is not BATCHxSOURCExTARGET" in capsys.readouterr().err
     # Refused before minutes of measuring (a folder as --json failed each measurement's progress write, then the run).
     (tmp_path / "folder.json").mkdir()
+    preset = tmp_path / "my-preset.json"
+    preset.write_text((REPO / "configs" / "transformer-tiny.json").read_text())
     for args, message in [(["--json", str(tmp_path / "folder.json")], "is a folder, not a file"),
                           (["--json", str(tmp_path / "no" / "b.json")], "does not exist"),
-                          (["--presets", "tiny", "huge"], "No model preset at"), (["--device", "gpu7"], "not a device name")]:
+                          (["--presets", "tiny", "huge"], "No model preset at"), (["--device", "gpu7"], "not a device name"),
+                          # a preset it reads: the JSON, written after the first measurement, replaced the preset
+                          (["--presets", str(preset), "--json", str(preset), "--phases", "matmul", "--quick"],
+                           f"is the same file as --presets {preset}")]:
         with pytest.raises(SystemExit) as exit_info:
             load_script().main(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, args
+    assert preset.read_text() == (REPO / "configs" / "transformer-tiny.json").read_text()
 
 
 def test_a_run_cut_short_keeps_the_presets_it_finished_in_its_json(monkeypatch, tmp_path):

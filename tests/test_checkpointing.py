@@ -608,6 +608,24 @@ def test_sigterm_stops_a_script_with_its_clean_up(tmp_path, capsys, monkeypatch)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+
+@pytest.mark.parametrize("name, argv, seam", [
+    ("visualize", ["positions", "--out", "OUT"], "run"),
+    ("train_tokenizer", ["--vocab_size", "300", "--output_dir", "OUT"], "train_tokenizer_from_data"),
+    ("benchmark", ["--quick", "--no_ctranslate2"], "run_benchmark"),
+])
+def test_every_script_stops_on_ctrl_c_with_one_line(name, argv, seam, tmp_path, capsys, monkeypatch):
+    """visualize.py, train_tokenizer.py and benchmark.py ended a Ctrl-C with a KeyboardInterrupt traceback."""
+    script = load_script(name)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, seam, interrupted)
+    assert script.main([str(tmp_path / "out") if a == "OUT" else a for a in argv]) == 130
+    assert capsys.readouterr().err.startswith("Interrupted: ")
+
+
 def test_atomic_write_never_touches_the_file_a_reader_has_open(tmp_path, monkeypatch):
     """A reader that opened the old file reads it whole after the write (a new file renamed over it, not the old one
     truncated and rewritten), and a write that fails part-way leaves the old content."""

@@ -1784,12 +1784,18 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     save_tokenizer(train_tokenizer(["one two three"] * 10, vocab_size=300), tmp_path / "ours")
     assert convert(["--to", "marian", "--input", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "marian")]) == 0
     assert convert(["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")]) == 0
+    # Never inside an input checkpoint, which rotation deletes with everything in it (it was written there).
+    checkpoint = tmp_path / "run" / "checkpoint-20"
+    shutil.copytree(tmp_path / "ours", checkpoint)
+    capsys.readouterr()
+    assert convert(["--to", "marian", "--input", str(checkpoint), "--output_dir", str(checkpoint / "m")]) == 1
+    assert f"lies inside the checkpoint {str(checkpoint)!r}" in capsys.readouterr().err and not (checkpoint / "m").exists()
     for folder in ("marian", "back"):  # as save_tokenizer writes it, which transformers 4.57 loads too
         config = json.loads((tmp_path / folder / "tokenizer_config.json").read_text())
         assert config["tokenizer_class"] == "PreTrainedTokenizerFast", folder
     back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "back").eval()
     # the converted folders and their files (ours/ is save_pretrained's own)
-    assert [path for path in unusual_permissions(tmp_path) if not path.startswith("ours")] == []
+    assert [path for path in unusual_permissions(tmp_path) if not path.startswith(("ours", "run"))] == []
     source, mask = padded_batch()
     with torch.no_grad():
         assert torch.equal(back(input_ids=source, attention_mask=mask, decoder_input_ids=source).logits,

@@ -241,6 +241,9 @@ def test_positions_length_is_bounded(visualize, capsys, tmp_path):
     """Its similarity map is length x length: 10^6 positions asked the allocator for 4 TB."""
     assert visualize.main(["positions", "--length", "1000000", "--out", str(tmp_path)]) == 2
     assert "--length must be at most 20000, got 1000000" in capsys.readouterr().err
+    # ... and the table is length x d_model: 20,000 x 100,000 asked for 8 GB.
+    assert visualize.main(["positions", "--length", "20000", "--d_model", "100000", "--out", str(tmp_path)]) == 2
+    assert "--length x --d_model must be at most 20,480,000 (the table's values), got 20,000 x 100,000" in capsys.readouterr().err
 
 
 def test_training_command_without_a_log(visualize, capsys, tmp_path):
@@ -385,6 +388,9 @@ def test_bad_attention_arguments_get_one_line_naming_them(visualize, capsys, tmp
         (["--target", ""], "--target is empty"),
         (["--source", "caf\udce9"], "--source is not UTF-8 text"),  # a Latin-1 byte, as Python decodes argv
         (["--out", "/dev/null/pictures"], "/dev/null/pictures"),  # a path that cannot be a folder
+        # Longer than the model's 128 positions (its maps are n x n a head: 16,669 tokens ran for minutes).
+        (["--source", "seven " * 200], "the source is 202 tokens, more than the model's 128 positions"),
+        (["--target", "sieben " * 200], "the target is 202 tokens, more than the model's 128 positions"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device 'cuda': no CUDA device on this machine"))
