@@ -1005,4 +1005,3 @@ __all__ = [
     "verify_checkpoint",
     "write_checkpoint",
 ]
-

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets import Dataset, DatasetDict, Features, LargeList, List, TranslationVariableLanguages, Value
 from datasets.table import InMemoryTable
 
 logger = logging.getLogger(__name__)
@@ -433,7 +433,8 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
         feature = ds.features["translation"]
         # From the column's type, not row 0 (which may be null): a struct or datasets.Translation names its languages.
         keys = list(feature) if isinstance(feature, dict) else list(getattr(feature, "languages", None) or []) or None
-        if isinstance(feature, (Value, List)):  # text or a list: no language mapping at all
+        variable = isinstance(feature, TranslationVariableLanguages)  # rows {"language": [...], "translation": [...]}
+        if isinstance(feature, (Value, List, LargeList)):  # text or a list: no language mapping at all
             raise DataFileError(f"{where}: the 'translation' column holds {feature}, not a mapping of language codes to "
                                 f'text such as {{"{source_lang}": ..., "{target_lang}": ...}}')
         missing = [lang for lang in (source_lang, target_lang) if keys is not None and lang not in keys]
@@ -446,6 +447,11 @@ def _convert_hub_split(ds: Dataset, name: str, split: str, source_lang: str, tar
                 if p is not None and not isinstance(p, dict):  # rows of a loosely typed (Json) column
                     raise DataFileError(f"{where}, row {i}: 'translation' must map language codes to text, got "
                                         f"{type(p).__name__} {p!r:.60}")
+                if variable and p is not None:  # the first translation into each language
+                    mapping = {}
+                    for lang, text in zip(p["language"], p["translation"]):
+                        mapping.setdefault(lang, text)
+                    p = mapping
                 pairs.append(p or {})
             return {"source": [p.get(source_lang) for p in pairs], "target": [p.get(target_lang) for p in pairs]}
 

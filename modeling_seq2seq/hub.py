@@ -422,6 +422,8 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
         recipe["global_step"] = eval_results["step"]
     if isinstance(eval_results.get("train_time_s"), (int, float)):
         recipe["train_minutes"] = round(eval_results["train_time_s"] / 60, 1)
+    elif isinstance(state, dict) and isinstance(state.get("elapsed_s"), (int, float)):  # a train.py checkpoint
+        recipe["train_minutes"] = round(state["elapsed_s"] / 60, 1)
     if isinstance(eval_results.get("stop_reason"), str):
         recipe["stop_reason"] = eval_results["stop_reason"]
     if eval_results.get("averaged_checkpoints"):

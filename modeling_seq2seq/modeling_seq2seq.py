@@ -130,7 +130,8 @@ def prepared_mask(mask: torch.Tensor, expected, dtype: torch.dtype) -> torch.Ten
         return additive_mask(mask == 0, dtype)
     # A wider dtype's minimum (a float32 mask under bf16/fp16 autocast or weights) would round to -inf, and a row
     # whose keys are all blocked would then give NaN: blocked stays the dtype's minimum, as in `additive_mask`.
-    return mask.clamp(min=torch.finfo(dtype).min).to(dtype)
+    # Clamped in a dtype that holds both minimums: a half mask's tensor cannot take float32's minimum as a bound.
+    return mask.to(torch.promote_types(mask.dtype, dtype)).clamp(min=torch.finfo(dtype).min).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------

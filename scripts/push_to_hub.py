@@ -65,7 +65,7 @@ def parse_args(argv=None):
     for dataset in args.datasets or []:
         try:
             validate_repo_id(dataset)
-            if dataset.lower().endswith(LOCAL_SUFFIXES) or Path(dataset).exists():  # data/train.jsonl passes the above
+            if dataset.lower().endswith(LOCAL_SUFFIXES) or Path(dataset).is_file():  # data/train.jsonl passes the above
                 raise HFValidationError(dataset)
         except HFValidationError:
             parser.error(f"--datasets: {dataset!r} is not a Hub dataset id (USER/NAME or NAME); local data is not "

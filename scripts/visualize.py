@@ -74,7 +74,6 @@ def run(args) -> list:
     if args.command == "training":
         return viz.draw_training(args.run, args.out)
     viz.require_matplotlib()  # fail before loading a model
-    probe_writable(args.out)  # and a folder that cannot be written too, named as --out
     for name in ("source", "target"):
         text = getattr(args, name, None)
         if text is not None and not text.strip():
@@ -83,6 +82,7 @@ def run(args) -> list:
             None if text is None else text.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError(f"--{name} is not UTF-8 text (set the terminal to UTF-8, or type it again).") from None
+    probe_writable(args.out)  # a folder that cannot be written fails before the model is loaded, named as --out
     model, tokenizer = viz.load_model(args.model, args.device)
     if args.command == "attention":
         maps = viz.attention_maps(model, tokenizer, args.source, args.target)

@@ -8,6 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # transformers' common tests (tests/hf_common) mark some `@slow` and run them only under RUN_SLOW: run them, as our own.
 os.environ.setdefault("RUN_SLOW", "1")
+# An unset `mixed_precision` is what `accelerate launch` asks for through this variable: the runs' own settings only.
+os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -608,7 +608,6 @@ def test_sigterm_stops_a_script_with_its_clean_up(tmp_path, capsys, monkeypatch)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-
 @pytest.mark.parametrize("name, argv, seam", [
     ("visualize", ["positions", "--out", "OUT"], "run"),
     ("train_tokenizer", ["--vocab_size", "300", "--output_dir", "OUT"], "train_tokenizer_from_data"),

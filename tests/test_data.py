@@ -417,6 +417,14 @@ def test_a_translation_column_is_read_by_its_type_not_its_first_row(monkeypatch,
         else:
             with pytest.raises(DataFileError, match=re.escape(f"dataset './local', split 'train': {expected}")):
                 load_parallel_data(dataset_name="./local")
+    # datasets' TranslationVariableLanguages: rows of {"language": [...], "translation": [...]} (every row was dropped).
+    from datasets import Features, TranslationVariableLanguages
+
+    variable = Features({"translation": TranslationVariableLanguages(languages=["de", "en", "fr"])})
+    raw = DatasetDict({"train": Dataset.from_dict({"translation": [
+        {"en": "one", "de": "eins", "fr": "un"}, {"en": "two", "de": "zwei"}]}, features=variable)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: raw)
+    assert rows_of(load_parallel_data(dataset_name="./local")["train"]) == [("one", "eins"), ("two", "zwei")]
     # A JSON Lines folder with one row of text among the mappings: the column's type allows anything, so each row is
     # checked and the bad one named.
     folder = tmp_path / "jsonl"

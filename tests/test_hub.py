@@ -506,7 +506,12 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
     build_hub_folder(bare, tmp_path / "out3", template=TEMPLATE)
     card = ModelCard.load(tmp_path / "out3" / "README.md")
     assert card.data.to_dict()["language"] == ["en", "fr"] and "--source_lang en --target_lang fr" in card.text
-    assert "Trained for 40 optimiser steps" in card.text  # train.py's trainer_state.json says "step", not "global_step"
+    # train.py's trainer_state.json says "step" (not "global_step") and "elapsed_s" (the card said "in  minutes").
+    assert "Trained for 40 optimiser steps." in card.text
+    (bare / "trainer_state.json").write_text(json.dumps({"step": 40, "elapsed_s": 90.0, "config": {
+        "source_lang": "en", "target_lang": "fr"}}))
+    build_hub_folder(bare, tmp_path / "out3b", template=TEMPLATE)
+    assert "Trained for 40 optimiser steps in 1.5 minutes." in ModelCard.load(tmp_path / "out3b" / "README.md").text
     # ... and its data: the card named none, and its examples were another task's.
     (bare / "trainer_state.json").write_text(json.dumps({"step": 40, "config": {
         "source_lang": "en", "target_lang": "de", "dataset_name": None, "dataset_config_name": None, "train_file": None}}))

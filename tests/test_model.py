@@ -835,6 +835,10 @@ def test_a_float32_mask_under_half_precision_blocks_without_nan():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not model(**inputs).logits.isnan().any()
     with torch.no_grad():
+        # A half-precision mask given to a float32 model (the clamp to float32's minimum overflowed float16).
+        for dtype in (torch.float16, torch.bfloat16):
+            half = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            assert not model(**{**inputs, "decoder_attention_mask": half}).logits.isnan().any()
         assert not model.to(torch.bfloat16)(**inputs).logits.isnan().any()
 
 

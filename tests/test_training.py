@@ -2564,7 +2564,7 @@ def test_fp16_loss_scaler_survives_a_non_finite_loss(monkeypatch):
         AcceleratorState._reset_state(reset_partial_state=True)
         accelerator = Accelerator(cpu=True)
         accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True  # as fp16 sets up on a GPU
-        monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+        accelerator.state._mixed_precision = "fp16"  # not monkeypatch: its undo would write into the reset shared state
         config = training.TrainingConfig(mixed_precision="fp16", max_grad_norm=max_grad_norm)
         model = make_model(dropout=0.0).train()
         optimizer, scheduler = training.make_optimizer_and_scheduler(model, config, model.config.d_model)
