@@ -752,7 +752,8 @@ def _belongs_to_saved_model(name: str) -> bool:
 def recorded_run(folder: str | os.PathLike) -> tuple[dict, str | None]:
     """The settings train.py recorded for the model in `folder`, and the file they came from: its eval_results.json
     (a finished run), its trainer_state.json (a checkpoint), or, for an average, the last checkpoint's, which
-    averaged_from.json keeps (the checkpoints themselves may be rotated away or reused by another run). Empty where none is readable (a Hub folder, a converted model, a Seq2SeqTrainer's)."""
+    averaged_from.json keeps (the checkpoints themselves may be rotated away or reused by another run). Empty where
+    none is readable (a Hub folder, a converted model, a Seq2SeqTrainer's)."""
     def read(file: Path):
         with contextlib.suppress(OSError, ValueError):
             return json.loads(file.read_text(encoding="utf-8"))

@@ -1961,10 +1961,8 @@ class Trainer:
         if not math.isfinite(mean_loss) or (not math.isfinite(grad_norm) and not scaled):
             # A non-finite update must not touch the weights, the optimizer moments or the schedule.
             self.optimizer.zero_grad(set_to_none=True)
-            if accelerator.scaler is not None:
-                # fp16: `gradient_norm` unscaled the gradients; only `update` lets the next step unscale again
-                # (GradScaler raises otherwise). Back off as on an overflow.
-                scaler = accelerator.scaler
+            if scaled:  # `gradient_norm` unscaled the gradients: only `update` lets the next step unscale again
+                scaler = accelerator.scaler  # (GradScaler raises otherwise); it backs off as on an overflow
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             self.skipped_steps += 1
             self.consecutive_bad_steps += 1
