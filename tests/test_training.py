@@ -2444,6 +2444,18 @@ def test_the_test_bleu_follows_the_target_language_and_effective_order_of_the_bu
     assert "|eff:no|tok:zh|" in signature, signature
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a finite loss whose update would not be."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
 @pytest.mark.parametrize("asked_by", ["flag", "accelerate launch config"])
 def test_bf16_mixed_precision_runs_the_step_under_bf16_autocast_and_skips_an_infinite_gradient(assets, tmp_path,
                                                                                                  monkeypatch, asked_by):
@@ -2453,15 +2465,6 @@ def test_bf16_mixed_precision_runs_the_step_under_bf16_autocast_and_skips_an_inf
     recipe, the precision is the one `accelerate launch --config_file` asks for (the recipe's default "no" overrode
     configs/accelerate/*.yaml's bf16)."""
     seen = []
-
-    class InfiniteGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("inf")
 
     real = training.compute_loss
     hooked = set()
@@ -2593,15 +2596,6 @@ def test_fp16_loss_scaler_survives_a_non_finite_loss(monkeypatch):
 def test_fp16_without_a_loss_scaler_still_skips_an_infinite_gradient(assets, tmp_path, monkeypatch):
     """`mixed_precision: fp16` where Accelerate makes no loss scaler (a CPU): nothing else skips a step with an
     infinite gradient, so the loop must (before, the update was applied and the weights became NaN)."""
-    class InfiniteGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("inf")
-
     real, calls = training.compute_loss, []
 
     def compute_loss(model, batch):
