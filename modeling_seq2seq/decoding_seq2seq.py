@@ -394,17 +394,16 @@ class IncrementalDecoder:
     def cross_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         attention = self.layers[i][1]
         key, value = self.cross_keys_values[i]
-        if self.num_beams > 1 and key.dtype in (torch.float16, torch.bfloat16) and key.device.type == "cpu":
+        mask, beams = self.cross_mask, self.num_beams
+        if beams > 1 and key.dtype in (torch.float16, torch.bfloat16) and key.device.type == "cpu":
             # Half precision: one query per row against its sentence's keys, as transformers' loop computes it (a
             # block of beams as queries rounds differently, by an ulp in ~7% of fp16 logits, enough to change beams).
-            query = self.linear(attention.q_proj, hidden).view(-1, 1, attention.num_heads, attention.head_dim)
-            key, value = (t.repeat_interleave(self.num_beams, dim=0) for t in (key, value))
-            mask = None if self.cross_mask is None else self.cross_mask.repeat_interleave(self.num_beams, dim=0)
-            output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, mask, attention.scaling)
-            return self.linear(attention.out_proj, output.reshape(hidden.shape))
+            key, value = (t.repeat_interleave(beams, dim=0) for t in (key, value))
+            mask = None if mask is None else mask.repeat_interleave(beams, dim=0)
+            beams = 1
         # (sentences * beams, d) -> (sentences, heads, beams, head_dim): beams become queries of their sentence.
-        query = self.linear(attention.q_proj, hidden).view(-1, self.num_beams, attention.num_heads, attention.head_dim)
-        output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, self.cross_mask, attention.scaling)
+        query = self.linear(attention.q_proj, hidden).view(-1, beams, attention.num_heads, attention.head_dim)
+        output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, mask, attention.scaling)
         return self.linear(attention.out_proj, output.reshape(hidden.shape))
 
     def feed_forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
