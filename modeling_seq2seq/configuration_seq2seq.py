@@ -25,6 +25,42 @@ LAYER_NORM_POSITIONS = ("post", "pre")
 POSITIONAL_ENCODING_LAYOUTS = ("split", "interleaved")
 
 
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_token_id(value):
+    return value is None or is_int(value)
+
+
+INTEGERS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+            "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings")
+PROBABILITIES = ("dropout", "attention_dropout", "activation_dropout", "label_smoothing")
+SWITCHES = ("scale_embedding", "tie_word_embeddings", "output_bias", "use_cache")
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "decoder_start_token_id")
+# The type each field must have whenever it is set, as transformers' typed configs (MarianConfig) check on
+# assignment; ranges, and what one field requires of another, are checked when a model is built or saved, since a
+# user may change d_model and the head count one after the other.
+FIELD_TYPES = {
+    **{field: (is_int, "a positive integer") for field in INTEGERS},
+    **{field: (is_number, "a number in [0, 1)") for field in PROBABILITIES},
+    "layer_norm_eps": (is_number, "a positive finite number"),
+    **{field: (lambda value: isinstance(value, bool), "True or False") for field in SWITCHES},
+    **{field: (is_token_id, "None or an integer in [0, vocab_size={vocab_size})") for field in TOKEN_IDS},
+    "eos_token_id": (lambda value: is_token_id(value) or (isinstance(value, (list, tuple)) and all(map(is_int, value))),
+                     "None or integers in [0, vocab_size={vocab_size})"),
+    "init_std": (lambda value: value is None or is_number(value), "a positive finite number or None"),
+    "activation_function": (lambda value: value in ACTIVATIONS, f"one of {ACTIVATIONS}"),
+    "layer_norm_position": (lambda value: value in LAYER_NORM_POSITIONS, f"one of {LAYER_NORM_POSITIONS}"),
+    "positional_encoding_layout": (lambda value: value in POSITIONAL_ENCODING_LAYOUTS,
+                                   f"one of {POSITIONAL_ENCODING_LAYOUTS}"),
+}
+
+
 class Seq2SeqTransformerConfig(PretrainedConfig):
     r"""Hyper-parameters of the encoder-decoder Transformer; the defaults are the paper's base model (Table 3), except
     `label_smoothing` (0 here, so that `labels` give the plain cross-entropy that transformers' models return; 0.1
@@ -138,6 +174,14 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
             **kwargs,
         )
 
+    def __setattr__(self, key, value):
+        field = self.attribute_map.get(key, key)
+        if field in FIELD_TYPES and not FIELD_TYPES[field][0](value):
+            name = field if key == field else f"{key} ({field})"
+            expected = FIELD_TYPES[field][1].format(vocab_size=getattr(self, "vocab_size", None))
+            raise ValueError(f"Seq2SeqTransformerConfig.{name}={value!r} is invalid: expected {expected}.")
+        super().__setattr__(key, value)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # A value set after construction (`config.update`) must not make a folder that no longer loads.
         self.validate_hyperparameters()
@@ -149,56 +193,31 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
         def fail(field, value, expected):
             raise ValueError(f"Seq2SeqTransformerConfig.{field}={value!r} is invalid: expected {expected}.")
 
-        def is_int(value):
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        for field in (
-            "vocab_size",
-            "d_model",
-            "encoder_layers",
-            "decoder_layers",
-            "encoder_attention_heads",
-            "decoder_attention_heads",
-            "encoder_ffn_dim",
-            "decoder_ffn_dim",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, field)
-            if not is_int(value) or value <= 0:
-                fail(field, value, "a positive integer")
+        for field, (has_type, expected) in FIELD_TYPES.items():  # a value written into `__dict__` skips __setattr__
+            if not has_type(getattr(self, field)):
+                fail(field, getattr(self, field), expected.format(vocab_size=self.vocab_size))
+        for field in INTEGERS:
+            if getattr(self, field) <= 0:
+                fail(field, getattr(self, field), FIELD_TYPES[field][1])
         for field in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, field):
                 fail(field, getattr(self, field), f"a divisor of d_model={self.d_model}")
         if self.d_model % 2:
             fail("d_model", self.d_model, "an even number (sinusoids come in sine/cosine pairs)")
-        for field in ("dropout", "attention_dropout", "activation_dropout", "label_smoothing"):
+        for field in PROBABILITIES:
+            if not 0.0 <= getattr(self, field) < 1.0:
+                fail(field, getattr(self, field), FIELD_TYPES[field][1])
+        for field in ("layer_norm_eps", "init_std"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                fail(field, value, "a number in [0, 1)")
-        if self.activation_function not in ACTIVATIONS:
-            fail("activation_function", self.activation_function, f"one of {ACTIVATIONS}")
-        if self.layer_norm_position not in LAYER_NORM_POSITIONS:
-            fail("layer_norm_position", self.layer_norm_position, f"one of {LAYER_NORM_POSITIONS}")
-        if self.positional_encoding_layout not in POSITIONAL_ENCODING_LAYOUTS:
-            fail("positional_encoding_layout", self.positional_encoding_layout, f"one of {POSITIONAL_ENCODING_LAYOUTS}")
-        for field in ("scale_embedding", "tie_word_embeddings", "output_bias", "use_cache"):
-            if not isinstance(getattr(self, field), bool):
-                fail(field, getattr(self, field), "True or False")
-        def is_positive_number(value):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
-
-        if not is_positive_number(self.layer_norm_eps):
-            fail("layer_norm_eps", self.layer_norm_eps, "a positive finite number")
-        if self.init_std is not None and not is_positive_number(self.init_std):
-            fail("init_std", self.init_std, "a positive finite number or None")
-        for field in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
+            if value is not None and not 0 < value < float("inf"):
+                fail(field, value, FIELD_TYPES[field][1])
+        for field in TOKEN_IDS:
             value = getattr(self, field)
-            if value is not None and (not is_int(value) or not 0 <= value < self.vocab_size):
-                fail(field, value, f"None or an integer in [0, vocab_size={self.vocab_size})")
+            if value is not None and not 0 <= value < self.vocab_size:
+                fail(field, value, FIELD_TYPES[field][1].format(vocab_size=self.vocab_size))
         eos = self.eos_token_id
-        for value in eos if isinstance(eos, (list, tuple)) else [eos]:
-            if value is not None and (not is_int(value) or not 0 <= value < self.vocab_size):
-                fail("eos_token_id", eos, f"None or integers in [0, vocab_size={self.vocab_size})")
+        if any(value is not None and not 0 <= value < self.vocab_size for value in (eos if isinstance(eos, (list, tuple)) else [eos])):
+            fail("eos_token_id", eos, FIELD_TYPES["eos_token_id"][1].format(vocab_size=self.vocab_size))
 
 
 __all__ = ["Seq2SeqTransformerConfig"]

@@ -163,6 +163,25 @@ def test_values_set_after_the_config_was_made_are_checked_before_a_model_or_a_fo
     assert (tiny_config(hidden_size=64).d_model, tiny_config(num_hidden_layers=3).encoder_layers) == (64, 3)
 
 
+def test_a_value_of_the_wrong_type_is_refused_when_it_is_set():
+    """As transformers' typed configs (MarianConfig) refuse a wrong type on assignment: `label_smoothing = "0.1"` was
+    accepted and failed inside the loss, `use_cache = "no"` counted as true. Ranges wait for a model or a save
+    (a user may set d_model, then the heads; transformers' own config tests set the sizes one by one)."""
+    config = tiny_config()
+    for key, value, message in [
+        ("label_smoothing", "0.1", "label_smoothing='0.1' is invalid: expected a number in [0, 1)."),
+        ("use_cache", "no", "use_cache='no' is invalid: expected True or False."),
+        ("hidden_size", 2.5, "hidden_size (d_model)=2.5 is invalid: expected a positive integer."),
+        ("pad_token_id", "0", f"pad_token_id='0' is invalid: expected None or an integer in [0, vocab_size={VOCAB})."),
+        ("activation_function", "tanh", "activation_function='tanh' is invalid: expected one of"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(f"Seq2SeqTransformerConfig.{message}")):
+            setattr(config, key, value)
+    assert (config.label_smoothing, config.use_cache, config.d_model) == (0.0, True, 32)
+    config.d_model, config.dropout, config.eos_token_id = 30, 2.0, [2, 3]  # each of the right type: taken
+    assert (config.hidden_size, config.dropout, config.eos_token_id) == (30, 2.0, [2, 3])
+
+
 @pytest.mark.parametrize(
     "content, problem",
     [
