@@ -308,6 +308,15 @@ class IncrementalDecoder:
         self.cross_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             self.cross_mask = padding_mask(attention_mask, attention_dtype(encoder_states))
+        self.cross_rows_per_sentence = 1
+        if num_beams > 1 and encoder_states.dtype in (torch.float16, torch.bfloat16) and encoder_states.device.type == "cpu":
+            # Half precision: each beam queries its sentence's keys alone, as transformers' loop computes it (a block of
+            # beams as queries rounds differently, by an ulp in ~7% of fp16 logits, enough to change beams).
+            self.cross_rows_per_sentence = num_beams
+            self.cross_keys_values = [(k.repeat_interleave(num_beams, 0), v.repeat_interleave(num_beams, 0))
+                                      for k, v in self.cross_keys_values]
+            if self.cross_mask is not None:
+                self.cross_mask = self.cross_mask.repeat_interleave(num_beams, 0)
         self.self_keys_values = [None] * len(layers)
         self.length = 0
         self.script, self.script_arguments = None, None
@@ -350,7 +359,7 @@ class IncrementalDecoder:
                 linears.append((module.weight, module.bias, onednn[0], self.linear.padding(module.in_features),
                                 self.linear.mkl_rows))
         norms = [(n.weight, n.bias, n.eps) for n in norms]
-        return linears, norms, heads.pop(), self.num_beams, scalings.pop(), self.pre_norm[0], activations.pop()
+        return linears, norms, heads.pop(), self.queries_per_sentence, scalings.pop(), self.pre_norm[0], activations.pop()
 
     def step(self, tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
         """Next-token logits in float32, (rows, vocab), for one new token per row (rows = sentences x beams); without
@@ -394,16 +403,10 @@ class IncrementalDecoder:
     def cross_attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         attention = self.layers[i][1]
         key, value = self.cross_keys_values[i]
-        mask, beams = self.cross_mask, self.num_beams
-        if beams > 1 and key.dtype in (torch.float16, torch.bfloat16) and key.device.type == "cpu":
-            # Half precision: one query per row against its sentence's keys, as transformers' loop computes it (a
-            # block of beams as queries rounds differently, by an ulp in ~7% of fp16 logits, enough to change beams).
-            key, value = (t.repeat_interleave(beams, dim=0) for t in (key, value))
-            mask = None if mask is None else mask.repeat_interleave(beams, dim=0)
-            beams = 1
         # (sentences * beams, d) -> (sentences, heads, beams, head_dim): beams become queries of their sentence.
-        query = self.linear(attention.q_proj, hidden).view(-1, beams, attention.num_heads, attention.head_dim)
-        output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, mask, attention.scaling)
+        query = self.linear(attention.q_proj, hidden).view(-1, self.queries_per_sentence, attention.num_heads,
+                                                           attention.head_dim)
+        output, _ = sdpa_attention(attention, query.transpose(1, 2), key, value, self.cross_mask, attention.scaling)
         return self.linear(attention.out_proj, output.reshape(hidden.shape))
 
     def feed_forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -416,11 +419,24 @@ class IncrementalDecoder:
         """Continue from these rows of the self-attention cache (beam search keeps the best continuations)."""
         self.self_keys_values = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_keys_values]
 
+    @property
+    def queries_per_sentence(self) -> int:
+        """The beams that attend to one copy of a sentence's encoder keys, as one block of queries."""
+        return self.num_beams // self.cross_rows_per_sentence
+
+    def cross_rows(self, sentences: torch.Tensor) -> torch.Tensor:
+        """The rows of the cross-attention keys, values and mask that hold these sentences."""
+        per_sentence = self.cross_rows_per_sentence
+        if per_sentence == 1:
+            return sentences
+        return (sentences[:, None] * per_sentence + torch.arange(per_sentence, device=sentences.device)).flatten()
+
     def keep_sentences(self, sentences: torch.Tensor):
         """Keep only these sentences' encoder keys, values and mask (the caller reorders the self-attention rows)."""
-        self.cross_keys_values = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_keys_values]
+        rows = self.cross_rows(sentences)
+        self.cross_keys_values = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_keys_values]
         if self.cross_mask is not None:
-            self.cross_mask = self.cross_mask.index_select(0, sentences)
+            self.cross_mask = self.cross_mask.index_select(0, rows)
 
 
 class GreedyScreen:
@@ -727,12 +743,13 @@ class StaticIncrementalDecoder(IncrementalDecoder):
             value[: rows.shape[0]].copy_(value.index_select(0, rows))
 
     def keep_sentences(self, sentences: torch.Tensor):
-        kept = sentences.shape[0]  # in place: the recorded step reads these very tensors
+        rows = self.cross_rows(sentences)
+        kept = rows.shape[0]  # in place: the recorded step reads these very tensors
         for key, value in self.cross_keys_values:
-            key[:kept].copy_(key.index_select(0, sentences))
-            value[:kept].copy_(value.index_select(0, sentences))
+            key[:kept].copy_(key.index_select(0, rows))
+            value[:kept].copy_(value.index_select(0, rows))
         if self.cross_mask is not None:
-            self.cross_mask[:kept].copy_(self.cross_mask.index_select(0, sentences))
+            self.cross_mask[:kept].copy_(self.cross_mask.index_select(0, rows))
 
 
 def graph_safe(model) -> bool:
