@@ -23,7 +23,8 @@ AutoModelForSeq2SeqLM.register(Seq2SeqTransformerConfig, Seq2SeqTransformerForCo
 if mkl_runs_avx512(cpu_vendor()):
     use_mkl_where_it_is_fast()
 Seq2SeqTransformerConfig.register_for_auto_class()
-Seq2SeqTransformerPreTrainedModel.before_saving_code = staticmethod(refuse_to_overwrite_foreign_code)
+for saves_code in (Seq2SeqTransformerConfig, Seq2SeqTransformerPreTrainedModel, pipeline.Seq2SeqTranslationPipeline):
+    saves_code.before_saving_code = staticmethod(refuse_to_overwrite_foreign_code)
 Seq2SeqTransformerModel.register_for_auto_class("AutoModel")
 Seq2SeqTransformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 

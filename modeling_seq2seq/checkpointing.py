@@ -958,10 +958,12 @@ SHIPPED_CODE_MARKERS = {
 }
 
 
-def refuse_to_overwrite_foreign_code(save_directory: str | os.PathLike) -> None:
+def refuse_to_overwrite_foreign_code(save_directory: str | os.PathLike, names: Iterable[str] | None = None) -> None:
     """transformers copies the model's code into the folder over whatever has those names: refuse, naming the file,
-    when one of them is not this model's code (a user's own `pipeline.py` in the folder saved into, say)."""
-    for name, marker in SHIPPED_CODE_MARKERS.items():
+    when one of them (of `names`, by default all) is not this model's code (a user's own `pipeline.py` in the folder
+    saved into, say). The model's, its config's and the pipeline's `save_pretrained` call it first."""
+    for name in SHIPPED_CODE_MARKERS if names is None else names:
+        marker = SHIPPED_CODE_MARKERS[name]
         path = Path(save_directory) / name
         if not os.path.lexists(path):
             continue

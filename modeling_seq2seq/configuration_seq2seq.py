@@ -97,6 +97,7 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
     """
 
     model_type = "seq2seq_transformer"
+    before_saving_code = None  # set by the installed package: refuses to write the code over a user's files
     keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache's output field in 5.x, and in 4.57
     attribute_map = {
         "hidden_size": "d_model",
@@ -185,6 +186,8 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
     def save_pretrained(self, save_directory, *args, **kwargs):
         # A value set after construction (`config.update`) must not make a folder that no longer loads.
         self.validate_hyperparameters()
+        if self._auto_class is not None and self.before_saving_code is not None:  # this file is copied there
+            self.before_saving_code(save_directory, ("configuration_seq2seq.py",))
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def validate_hyperparameters(self):

@@ -68,6 +68,7 @@ class Seq2SeqTranslationPipeline(Pipeline):
     _pipeline_calls_generate = False
 
     return_name = "translation"
+    before_saving_code = None  # set by the installed package: refuses to write the code over a user's files
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,6 +79,18 @@ class Seq2SeqTranslationPipeline(Pipeline):
                 f"The {TASK!r} pipeline needs an encoder-decoder model that can generate; got "
                 f"{type(self.model).__name__}."
             )
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """transformers' `Pipeline.save_pretrained`, which copies this file into the folder before it saves the model:
+        the model's own checks before saving (a config that loads again, no user's file under its code's names) run
+        first, so that a refused save writes nothing."""
+        validate = getattr(self.model.config, "validate_hyperparameters", None)
+        if validate is not None:
+            validate()
+        if self.before_saving_code is not None and hasattr(self, "_registered_impl"):
+            model_copies_code = getattr(self.model, "before_saving_code", None) is not None  # this package's model
+            self.before_saving_code(save_directory, None if model_copies_code else ("pipeline.py",))
+        return super().save_pretrained(save_directory, **kwargs)
 
     def _sanitize_parameters(
         self,

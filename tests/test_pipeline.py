@@ -55,6 +55,19 @@ def test_task_is_registered_with_the_seq2seq_auto_class():
 
 
 @pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="4.x still has the translation task")
+@pytest.mark.parametrize("users_file", ["pipeline.py", "decoding_seq2seq.py"])
+def test_saving_the_pipeline_never_writes_the_code_over_a_users_file(translator, tmp_path, users_file):
+    """transformers' `Pipeline.save_pretrained` copies pipeline.py into the folder before the model's save checks it:
+    a user's own pipeline.py was replaced without a word, and with a user's decoding_seq2seq.py the model's refusal
+    came after pipeline.py was written."""
+    (tmp_path / users_file).write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / users_file} exists and is not this model's code"):
+        translator.save_pretrained(tmp_path)
+    assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [(users_file, "mine")]
+    translator.save_pretrained(tmp_path / "saved")
+    assert "class Seq2SeqTranslationPipeline(" in (tmp_path / "saved" / "pipeline.py").read_text()
+
+
 def test_stock_translation_task_is_gone_in_v5(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(KeyError, match="translation"):

@@ -244,6 +244,15 @@ def test_saving_never_writes_the_code_over_a_users_files(tmp_path):
     assert (tmp_path / "pipeline.py").read_text() == "my own pipeline"
     model.save_pretrained(tmp_path / "saved")
     model.save_pretrained(tmp_path / "saved")  # over its own earlier save: fine
+    # The config alone copies its own file (configuration_seq2seq.py), and only that one is checked.
+    (tmp_path / "configuration_seq2seq.py").write_text("my notes")
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'configuration_seq2seq.py'} exists and is not")):
+        model.config.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configuration_seq2seq.py", "pipeline.py", "saved"]
+    assert (tmp_path / "configuration_seq2seq.py").read_text() == "my notes"
+    (tmp_path / "configuration_seq2seq.py").unlink()
+    model.config.save_pretrained(tmp_path)  # beside the user's pipeline.py, which a config's save does not write
+    assert (tmp_path / "pipeline.py").read_text() == "my own pipeline"
 
 
 # --- Model calls ---------------------------------------------------------------------------------------------------
