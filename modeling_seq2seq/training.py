@@ -1962,8 +1962,10 @@ class Trainer:
             # A non-finite update must not touch the weights, the optimizer moments or the schedule.
             self.optimizer.zero_grad(set_to_none=True)
             if scaled:  # `gradient_norm` unscaled the gradients: only `update` lets the next step unscale again
-                scaler = accelerator.scaler  # (GradScaler raises otherwise); it backs off as on an overflow
-                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                scaler = accelerator.scaler  # (GradScaler raises otherwise). It backs off as on an overflow, which
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # also restarts the count of good
+                if isinstance(getattr(scaler, "_growth_tracker", None), torch.Tensor):  # steps before it grows again
+                    scaler._growth_tracker.zero_()
             self.skipped_steps += 1
             self.consecutive_bad_steps += 1
             return {**counts, "status": "bad"}

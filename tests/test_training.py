@@ -2555,7 +2555,8 @@ def write_builtin_task_as_line_files(folder: Path, target_lang: str, train: int,
 def test_fp16_loss_scaler_survives_a_non_finite_loss(monkeypatch):
     """fp16 (a GPU's GradScaler; torch's CPU scaler stands in): `gradient_norm` unscales the gradients before the
     non-finite loss is seen; the skipped update must still end the scaler's step, or the next step's unscale raises
-    "unscale_() has already been called on this optimizer since the last update()"."""
+    "unscale_() has already been called on this optimizer since the last update()". As on an overflow, the scale
+    grows again only after `growth_interval` good steps (it grew back at the next good step)."""
     import types
 
     from accelerate import Accelerator
@@ -2566,7 +2567,7 @@ def test_fp16_loss_scaler_survives_a_non_finite_loss(monkeypatch):
     for max_grad_norm in (None, 1.0):
         AcceleratorState._reset_state(reset_partial_state=True)
         accelerator = Accelerator(cpu=True)
-        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True  # as fp16 sets up on a GPU
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", growth_interval=2), True  # as on a GPU
         accelerator.state._mixed_precision = "fp16"  # not monkeypatch: its undo would write into the reset shared state
         config = training.TrainingConfig(mixed_precision="fp16", max_grad_norm=max_grad_norm)
         model = make_model(dropout=0.0).train()
@@ -2582,14 +2583,18 @@ def test_fp16_loss_scaler_survives_a_non_finite_loss(monkeypatch):
         def nan_first(model, batch):
             calls.append(1)
             loss = real(model, batch)
-            return loss * float("nan") if len(calls) == 1 else loss
+            return loss * float("nan") if len(calls) == 2 else loss
 
         monkeypatch.setattr(training, "compute_loss", nan_first)
         scale = accelerator.scaler.get_scale()
-        assert training.Trainer.train_step(trainer, [batch])["status"] == "bad"
-        assert accelerator.scaler.get_scale() < scale  # backed off, as on an overflow
         assert training.Trainer.train_step(trainer, [batch])["status"] == "ok"
-        assert trainer.step == 1
+        assert training.Trainer.train_step(trainer, [batch])["status"] == "bad"
+        assert accelerator.scaler.get_scale() == scale / 2  # backed off, as on an overflow
+        assert training.Trainer.train_step(trainer, [batch])["status"] == "ok"
+        assert accelerator.scaler.get_scale() == scale / 2  # one good step since: not grown yet
+        assert training.Trainer.train_step(trainer, [batch])["status"] == "ok"
+        assert accelerator.scaler.get_scale() == scale
+        assert trainer.step == 3
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
