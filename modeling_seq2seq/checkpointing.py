@@ -619,6 +619,13 @@ def is_stale_staging(entry: Path) -> bool:
     return entry.is_file() and bool(_STALE_FILE_RE.match(entry.name))
 
 
+def is_mkdtemp_folder(entry: Path, prefix: str) -> bool:
+    """Whether `entry` is a folder named as `tempfile.mkdtemp(prefix=prefix)` names one (the prefix, then 8 of its
+    characters): a user's `.tokenizer-tmp-notes` is not."""
+    return (entry.is_dir() and not entry.is_symlink()
+            and re.fullmatch(re.escape(prefix) + r"[a-z0-9_]{8}", entry.name) is not None)
+
+
 def remove_stale_staging(output_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary folders and files left by a run of ours killed while writing (call
     `restore_interrupted_replacements` first, and only once the folder is known to be a run's); a temporary file
@@ -1000,6 +1007,7 @@ __all__ = [
     "lock_output_dir",
     "probe_writable",
     "remove_stale_staging",
+    "is_mkdtemp_folder",
     "resolve_resume_checkpoint",
     "rotate_checkpoints",
     "save_torch_state",

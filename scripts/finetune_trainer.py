@@ -92,8 +92,7 @@ def finetune(args):
     resume = ckpt.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_output_dir(args, resume)
     # Left by a killed final save, or by an earlier run's checkpoints being deleted (--overwrite_output_dir).
-    for stale in [*Path(args.output_dir).glob(f"{FINAL_STAGING_PREFIX}*"),
-                  *Path(args.output_dir).glob(f"{ckpt.REPLACED_PREFIX}checkpoint-*")]:
+    for stale in filter(left_by_a_killed_save, Path(args.output_dir).glob(".*")):
         shutil.rmtree(stale, ignore_errors=True)
     step = None if resume is None else checkpoint_step(resume)
     if step is not None and step >= args.max_steps:
@@ -203,13 +202,20 @@ def check_output_dir(args, resume) -> None:
                              "writes: it would be overwritten. Move it, or choose another --output_dir.")
     if resume is not None or args.overwrite_output_dir or not output_dir.is_dir():
         return
-    held = sorted(entry.name for entry in output_dir.iterdir()
-                  if not entry.name.startswith((FINAL_STAGING_PREFIX, f"{ckpt.REPLACED_PREFIX}checkpoint-")))
+    held = sorted(entry.name for entry in output_dir.iterdir() if not left_by_a_killed_save(entry))
     if held:
         raise ValueError(f"--output_dir {args.output_dir!r} is not empty ({', '.join(held[:6])}"
                          f"{', ...' if len(held) > 6 else ''}): the fine-tuned model would overwrite a saved model or "
                          "your files there. Choose another (or a new) --output_dir, pass --resume_from_checkpoint to "
                          "continue a run there, or --overwrite_output_dir to write over them.")
+
+
+def left_by_a_killed_save(entry: Path) -> bool:
+    """The final model's staging folder, or an earlier run's checkpoint set aside for deletion (names only we give)."""
+    from modeling_seq2seq import checkpointing as ckpt
+
+    return ckpt.is_mkdtemp_folder(entry, FINAL_STAGING_PREFIX) or (
+        entry.name.startswith(ckpt.REPLACED_PREFIX) and ckpt.is_stale_staging(entry))
 
 
 def checkpoint_step(resume) -> int:

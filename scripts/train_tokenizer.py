@@ -8,11 +8,13 @@
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from modeling_seq2seq.checkpointing import SYSTEM_FILES, TOKENIZER_FILE_NAMES, CheckpointError, probe_writable
+from modeling_seq2seq.checkpointing import (SYSTEM_FILES, TOKENIZER_FILE_NAMES, CheckpointError, is_mkdtemp_folder,
+                                           probe_writable)
 from modeling_seq2seq.tokenization import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, STAGING_PREFIX, train_tokenizer_from_data
 from modeling_seq2seq.training import stoppable
 
@@ -45,9 +47,13 @@ def main(argv=None):
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {args.output_dir!r} is a file, not a folder")
     held = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else []
-    for name in [name for name in held if name.startswith(STAGING_PREFIX)]:  # left by a save that was killed
-        shutil.rmtree(output_dir / name, ignore_errors=True)
-        held.remove(name)
+    for name in held[:]:  # a save's staging folder, left by a killed save: tokenizer files alone, else it is kept
+        staging = output_dir / name
+        if is_mkdtemp_folder(staging, STAGING_PREFIX) and all(
+                entry.name in TOKENIZER_FILE_NAMES and entry.is_file() for entry in staging.iterdir()):
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.lexists(staging):
+                held.remove(name)
     listed = f"{', '.join(held[:6])}{', ...' if len(held) > 6 else ''}"
     if held and not args.overwrite:
         print(f"error: --output_dir {args.output_dir} is not empty ({listed}): a new vocabulary would replace the files "

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -396,10 +397,20 @@ def test_train_tokenizer_script(tmp_path):
     assert module.main(args + ["--overwrite"]) == 0
     assert (out / "tokenizer.json").read_bytes() != saved
     # A save that was killed leaves its staging folder: no file of the user's, it is removed (it blocked --overwrite).
-    (out / ".tokenizer-tmp-abc").mkdir()
-    (out / ".tokenizer-tmp-abc" / "tokenizer.json").write_text("{}")
+    (out / ".tokenizer-tmp-abc_1234").mkdir()
+    (out / ".tokenizer-tmp-abc_1234" / "tokenizer.json").write_text("{}")
     assert module.main(args + ["--overwrite"]) == 0
     assert sorted(path.name for path in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    # Look-alikes are the user's: kept, and they count as the folder's content (the first was deleted without
+    # --overwrite, the second made the folder count as empty).
+    for name, content in ((".tokenizer-tmp-notes", "mine.txt"), (".tokenizer-tmp-abcd1234", "mine.txt")):
+        (out / name).mkdir()
+        (out / name / content).write_text("mine")
+        assert module.main(args + ["--overwrite"]) == 1
+        assert (out / name / content).read_text() == "mine"
+        shutil.rmtree(out / name)
+    (out / ".tokenizer-tmp-abcd1234").write_text("a file")
+    assert module.main(args) == 1 and (out / ".tokenizer-tmp-abcd1234").read_text() == "a file"
     # --overwrite replaces an earlier tokenizer alone: beside a model's weights a new vocabulary silently broke the
     # model (it translated into nothing), and the user's other files stayed mixed with it.
     model_folder = tmp_path / "model"

@@ -177,9 +177,11 @@ def test_trainer_checkpoints_resume_to_the_same_weights(saved_model, number_pair
     # Resuming a finished run trains nothing and keeps its model (the stock Trainer would take one more step); the
     # staging folder of a final save that was killed is removed.
     final = (tmp_path / "whole" / "model.safetensors").read_bytes()
-    (tmp_path / "whole" / f"{script.FINAL_STAGING_PREFIX}abc123" / "sub").mkdir(parents=True)
+    (tmp_path / "whole" / f"{script.FINAL_STAGING_PREFIX}abc_1234" / "sub").mkdir(parents=True)
+    (tmp_path / "whole" / f"{script.FINAL_STAGING_PREFIX}notes").mkdir()  # a user's look-alike stays
     run(tmp_path / "whole", "--resume_from_checkpoint", "latest")
-    assert not list((tmp_path / "whole").glob(f"{script.FINAL_STAGING_PREFIX}*"))
+    assert [p.name for p in (tmp_path / "whole").glob(f"{script.FINAL_STAGING_PREFIX}*")] == [
+        f"{script.FINAL_STAGING_PREFIX}notes"]
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == final
     assert not (tmp_path / "whole" / "checkpoint-13").exists()
     # A final save killed before its step was recorded (here: the earlier final model left, no record) is done again
