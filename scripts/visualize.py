@@ -11,9 +11,11 @@ anything else it reports goes to standard error.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 
 # Run as `python scripts/x.py`, Python puts scripts/ first on sys.path, where evaluate.py would shadow the
 # `evaluate` library: drop it (this file imports nothing from scripts/).
@@ -82,7 +84,18 @@ def run(args) -> list:
             None if text is None else text.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError(f"--{name} is not UTF-8 text (set the terminal to UTF-8, or type it again).") from None
+    missing = [folder for folder in (Path(args.out), *Path(args.out).parents) if not folder.exists()]
     probe_writable(args.out)  # a folder that cannot be written fails before the model is loaded, named as --out
+    try:
+        return draw_from_model(args)
+    except BaseException:  # the folders the probe made, if still empty: not left behind by a run that drew nothing
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def draw_from_model(args) -> list:
     model, tokenizer = viz.load_model(args.model, args.device)
     if args.command == "attention":
         maps = viz.attention_maps(model, tokenizer, args.source, args.target)

@@ -399,12 +399,16 @@ def test_bad_attention_arguments_get_one_line_naming_them(visualize, capsys, tmp
         assert visualize.main(["attention", "--model", str(model_dir), *sum(argv.items(), ())]) == 2, arguments
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error, (arguments, error)
+    assert not (tmp_path / "out").exists()  # the writability probe's folder is not left behind by a failed run
     without = tmp_path / "no_tokenizer"
     shutil.copytree(model_dir, without)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (without / name).unlink(missing_ok=True)
     assert visualize.main(["attention", "--model", str(without), "--source", "one", "--out", str(tmp_path / "o")]) == 2
     assert f"tokenizer not found: {without / 'tokenizer.json'} is missing" in capsys.readouterr().err
+    assert visualize.main(["attention", "--model", str(tmp_path / "nowhere"), "--source", "one", "--out",
+                           str(tmp_path / "a" / "b")]) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "o").exists()
 
 
 def test_attention_refuses_a_model_with_weights_missing(visualize, capsys, tmp_path, model_dir):
