@@ -745,15 +745,18 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], sources: lis
     return averaged
 
 
-RUN_RECORDS = ("eval_results.json", "all_results.json", "train_results.json", "training_log.jsonl", "README.md")
+# What train.py, finetune_trainer.py (its final save's step) and transformers' Trainer write about a run.
+RUN_RECORDS = ("eval_results.json", "all_results.json", "train_results.json", "training_log.jsonl", "README.md",
+               "finetune_final.json", AVERAGED_FROM_NAME)
 
 
 def _belongs_to_saved_model(name: str) -> bool:
     """Config, generation config, tokenizer and remote-code files are kept; weights are replaced by the average;
-    optimizer, scheduler, RNG and trainer state, and a finished run's results, log, plots and card (they describe
-    another model: its test scores would reach the average's card) do not belong to an averaged model."""
+    optimizer, scheduler, RNG and trainer state, a finished run's results, log, plots and card (they describe
+    another model: its test scores would reach the average's card), and hidden files (a lock, a write's staging) do
+    not belong to an averaged model."""
     return (not name.endswith((WEIGHT_FILE_SUFFIX, ".bin", ".index.json", ".png")) and name != MANIFEST_NAME
-            and name not in RUN_RECORDS and not is_training_state(name))
+            and name not in RUN_RECORDS and not name.startswith(".") and not is_training_state(name))
 
 
 def recorded_run(folder: str | os.PathLike) -> tuple[dict, str | None]:

@@ -334,7 +334,8 @@ def test_an_average_keeps_its_runs_record_and_not_another_models_results(tmp_pat
     first = write_fake_checkpoint(tmp_path / "run", 1, {"w": torch.zeros(2)})
     finished = write_fake_checkpoint(tmp_path / "run", 2, {"w": torch.ones(2)})
     (finished / "eval_results.json").write_text(json.dumps({"source_lang": "fr", "target_lang": "en", "test_bleu": 30.0}))
-    for name in ("training_log.jsonl", "training_curves.png", "README.md", "generation_config.json"):
+    for name in ("training_log.jsonl", "training_curves.png", "README.md", "generation_config.json",
+                 "finetune_final.json", ".training.lock"):  # the last two: a fine-tuned model's record, a lock
         (finished / name).write_text("{}")
     monkeypatch.chdir(tmp_path)
     ckpt.average_checkpoints([Path("run") / first.name, Path("run") / finished.name], "averaged")
