@@ -432,7 +432,17 @@ def _training_recipe(model_dir: Path, eval_results: dict | None) -> dict:
 
 
 LANGUAGE_PAIR = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow")  # data files, not Hub ids
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def names_a_data_file(name: str) -> bool:
+    """Whether `name` ends as a data file's name does (`data/train.jsonl`, `train.parquet`, `TRAIN.CSV.gz`), where a
+    Hub dataset id would not."""
+    name = name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.endswith(LOCAL_SUFFIXES)
 HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -449,7 +459,7 @@ def _dataset_info(eval_results: dict) -> dict:
     description = eval_results.get("dataset")
     local_file = eval_results.get("train_file")
     if name is None and isinstance(description, str) and description and not local_file:
-        if description.startswith(("/", ".", "~")) or Path(description).suffix in LOCAL_SUFFIXES:
+        if description.startswith(("/", ".", "~")) or names_a_data_file(description):
             local_file = description
     if isinstance(local_file, str) and local_file:
         return {"display": f"local data (`{Path(local_file).name}`)", "id": None, "type": Path(local_file).name,
@@ -473,7 +483,7 @@ def _dataset_info(eval_results: dict) -> dict:
         return {"display": None, "id": None, "type": None, "config": None}
     local = (
         not HUB_DATASET_ID.match(name)
-        or name.endswith(LOCAL_SUFFIXES)
+        or names_a_data_file(name)
         or Path(name).expanduser().exists()
     )
     if local:

@@ -60,12 +60,12 @@ def parse_args(argv=None):
     # The card's metadata as the Hub reads it: a license id, dataset ids (never a local path), tags.
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", args.license):
         parser.error(f"--license must be a license id such as apache-2.0, mit or other, got {args.license!r}")
-    from modeling_seq2seq.hub import LOCAL_SUFFIXES
+    from modeling_seq2seq.hub import names_a_data_file
 
     for dataset in args.datasets or []:
         try:
             validate_repo_id(dataset)
-            if dataset.lower().endswith(LOCAL_SUFFIXES) or Path(dataset).is_file():  # data/train.jsonl passes the above
+            if names_a_data_file(dataset) or Path(dataset).is_file():  # data/train.jsonl passes the above
                 raise HFValidationError(dataset)
         except HFValidationError:
             parser.error(f"--datasets: {dataset!r} is not a Hub dataset id (USER/NAME or NAME); local data is not "

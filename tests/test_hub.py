@@ -531,6 +531,7 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
         ({"dataset": "/data/pairs/train.jsonl"}, (None, "train.jsonl", None)),
         ({"dataset": "data/train.tsv"}, (None, "train.tsv", None)),
         ({"dataset": "corpora/wmt/train.jsonl"}, (None, "train.jsonl", None)),  # a local path, not NAME/CONFIG
+        ({"dataset": "corpora/Train.TSV.gz"}, (None, "Train.TSV.gz", None)),
         # What train.py writes now: the local file said to be one, whatever its shape (a Moses prefix here).
         ({"dataset": "corpora/wmt/train", "train_file": "corpora/wmt/train"}, (None, "train", None)),
         ({}, (None, None, None)),
@@ -848,6 +849,8 @@ def test_bad_repo_id_is_a_usage_error(model_dir, capsys, tmp_path, repo_id, mess
     (["--datasets", "/data/train.jsonl"], "--datasets: '/data/train.jsonl' is not a Hub dataset id"),
     (["--datasets", "bad id!!"], "--datasets: 'bad id!!' is not a Hub dataset id"),
     (["--datasets", "data/train.jsonl"], "--datasets: 'data/train.jsonl' is not a Hub dataset id"),  # a valid repo id
+    (["--datasets", "data/train.parquet"], "--datasets: 'data/train.parquet' is not a Hub dataset id"),
+    (["--datasets", "Data/TRAIN.JSONL.gz"], "--datasets: 'Data/TRAIN.JSONL.gz' is not a Hub dataset id"),
     (["--tags", "nmt", " "], "--tags: a tag is empty"),
 ])
 def test_card_metadata_options_are_checked(model_dir, capsys, tmp_path, option, message):
