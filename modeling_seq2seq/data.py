@@ -374,7 +374,8 @@ def read_parallel_file(
     `load_parallel_data`."""
     path = Path(path)
     if source_lang == target_lang:
-        raise ValueError(f"source_lang and target_lang are both {source_lang!r}")
+        raise ValueError(f"source_lang and target_lang (--source_lang, --target_lang) are both {source_lang!r}: a "
+                         "translation needs two languages")
     aligned = line_aligned_files(path, source_lang, target_lang)
     if aligned is None and not path.exists():
         raise FileNotFoundError(f"data file not found: {path} (nor the line-aligned pair {path}.{source_lang} and "
@@ -558,7 +559,8 @@ def load_parallel_data(
         import datasets
 
         if source_lang == target_lang:
-            raise ValueError(f"source_lang and target_lang are both {source_lang!r}")
+            raise ValueError(f"source_lang and target_lang (--source_lang, --target_lang) are both {source_lang!r}: a "
+                             "translation needs two languages")
 
         if Path(dataset_name).is_file():  # datasets says "Couldn't find any data file at <the file>"
             raise ValueError(f"--dataset_name {dataset_name!r} is a file, not a dataset folder or Hub name: pass it as "

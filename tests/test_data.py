@@ -436,7 +436,7 @@ def test_a_translation_column_is_read_by_its_type_not_its_first_row(monkeypatch,
     with pytest.raises(DataFileError, match=re.escape(f"dataset '{folder}', split 'train', row 1: 'translation' must map "
                                                       "language codes to text, got str 'oops'")):
         load_parallel_data(dataset_name=str(folder))
-    with pytest.raises(ValueError, match="source_lang and target_lang are both 'en'"):
+    with pytest.raises(ValueError, match=re.escape("source_lang and target_lang (--source_lang, --target_lang) are both 'en'")):
         load_parallel_data(dataset_name=str(folder), source_lang="en", target_lang="en")
     with pytest.raises(ValueError, match=re.escape(f"--dataset_name '{folder / 'train.jsonl'}' is a file, not a dataset "
                                                    "folder or Hub name: pass it as --train_file")):
