@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .checkpointing import recorded_run, refuse_to_replace_inputs, replace_dir, seal_folder, staging_beside
+from .checkpointing import (AVERAGED_FROM_NAME, recorded_run, refuse_to_replace_inputs, replace_dir, seal_folder,
+                            staging_beside)
 from .pipeline import TASK
 from .tokenization import load_tokenizer, save_tokenizer
 
@@ -237,6 +238,12 @@ def build_hub_folder(
             if "train_file" in recorded:  # train.py's settings: its data too (the card's dataset and examples)
                 data = data_record(*(recorded.get(key) for key in ("dataset_name", "dataset_config_name", "train_file")))
             eval_results = {**data, **(eval_results or {}), **pair}
+    averaged_from = _read_json(model_dir / AVERAGED_FROM_NAME)  # average_checkpoints.py's output: the card says so
+    checkpoints = averaged_from.get("checkpoints") if isinstance(averaged_from, dict) else None
+    if isinstance(checkpoints, list) and checkpoints and not (eval_results or {}).get("averaged_checkpoints"):
+        last_step = re.fullmatch(r"checkpoint-(\d+)", Path(str(checkpoints[-1])).name)
+        eval_results = {**({"step": int(last_step.group(1))} if last_step else {}), **(eval_results or {}),
+                        "averaged_checkpoints": [str(path) for path in checkpoints]}
 
     # Inference settings: training writes use_cache=False into the config; a shared model should decode fast.
     model.config.use_cache = True

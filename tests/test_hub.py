@@ -518,6 +518,15 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
     build_hub_folder(bare, tmp_path / "out4", template=TEMPLATE)
     card = ModelCard.load(tmp_path / "out4" / "README.md")
     assert "the built-in English→German number-words task" in card.text and "The house is small." not in card.text
+    # An average of checkpoints (average_checkpoints.py's output: no trainer state, averaged_from.json) says so, with
+    # the last checkpoint's step (its card said nothing of either).
+    (bare / "trainer_state.json").unlink()
+    (bare / "averaged_from.json").write_text(json.dumps({"checkpoints": [f"/runs/x/checkpoint-{step}" for step in (
+        30, 40)], "run": {"source_lang": "en", "target_lang": "de"}}))
+    build_hub_folder(bare, tmp_path / "out5", template=TEMPLATE)
+    card = ModelCard.load(tmp_path / "out5" / "README.md")
+    assert "Trained for 40 optimiser steps. The weights are the average of the last 2 checkpoints" in card.text
+    assert card.data.to_dict()["language"] == ["en", "de"]
 
 
 @pytest.mark.parametrize(
