@@ -795,12 +795,13 @@ SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what file browsers l
 
 
 def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str,
-                             earlier_output: tuple[str, ...]) -> None:
+                             earlier_output: tuple[str, ...] | None) -> None:
     """Replacing the folder `output` deletes everything in it: refuse when an input would go with it (the output is
     an input, or holds one), when it lies inside an input checkpoint (rotating checkpoints would delete it), when the
     working directory would go (`--output .` with an overwrite flag), or anything but an earlier output of the same
     command: a folder with the files `earlier_output` and no sub-folders (not a training run, a checkpoint, another
-    model, a repository or a user's files; what file browsers leave aside)."""
+    model, a repository or a user's files; what file browsers leave aside). `earlier_output=None`: the command never
+    replaces a folder that is not empty, and refuses one itself."""
     target = Path(output).resolve()
     for source in map(Path, inputs):
         source = source.resolve()
@@ -818,6 +819,8 @@ def refuse_to_replace_inputs(output: str | os.PathLike, inputs: Iterable[str | o
             f"{option} {str(output)!r} {'is' if working == target else 'holds'} the working directory "
             f"{str(working)!r}: replacing it would delete everything there; choose another {option}."
         )
+    if earlier_output is None:
+        return
     entries = [entry for entry in target.iterdir() if entry.name not in SYSTEM_FILES] if target.is_dir() else []
     names = {entry.name for entry in entries}
     if entries and (not set(earlier_output) <= names or any(entry.is_dir() for entry in entries)):

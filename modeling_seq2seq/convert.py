@@ -232,14 +232,14 @@ def convert_folder(source: str, output_dir: str, to: str) -> None:
         raise FileNotFoundError(f"--output_dir {output_dir!r}: its folder {os.path.dirname(os.path.abspath(output_dir))!r} "
                                 "does not exist.")
     if os.path.isdir(source):  # a local --input: the output may not hold it, nor lie inside it as a checkpoint
-        refuse_to_replace_inputs(output_dir, [source], "--output_dir", earlier_output=("config.json",))
+        refuse_to_replace_inputs(output_dir, [source], "--output_dir", earlier_output=None)
+    output = os.path.abspath(output_dir)
+    if os.path.isdir(output) and os.listdir(output):  # before the conversion: a new folder only, nothing replaced
+        raise FileExistsError(f"--output_dir {output} exists and is not empty; choose a new --output_dir.")
     if to == "ours":
         model = from_marian(load_for_conversion(MarianMTModel, source))
     else:
         model = to_marian(load_for_conversion(Seq2SeqTransformerForConditionalGeneration, source))
-    output = os.path.abspath(output_dir)
-    if os.path.exists(output) and os.listdir(output):
-        raise FileExistsError(f"{output} exists and is not empty; choose a new --output_dir.")
     staging = str(staging_beside(output))
     try:
         model.save_pretrained(staging, safe_serialization=True)
