@@ -497,6 +497,9 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files: Call
         previous = [str(path) for _, path in list_checkpoints(output_dir)[-1:]]
         note = f" The previous checkpoint {previous[0]!r} is intact." if previous else ""
         raise CheckpointError(f"Could not write checkpoint {str(final)!r}: {error}{full}.{note}") from error
+    except BaseException:  # stopped (Ctrl-C, SIGTERM): the half-written folder is not left for the next run to find
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return commit_staging_dir(staging, final, step)
 
 

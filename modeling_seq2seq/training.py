@@ -1820,6 +1820,10 @@ class Trainer:
             write_rank(staging)
         except Exception as caught:  # every rank must learn of a failure, or the others wait forever
             error = caught
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): the half-written folder is not left behind
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         failures = accelerator.reduce(torch.tensor([0 if error is None else 1], device=accelerator.device), "sum")
         if int(failures.item()):
             full = ckpt.disk_full_note(error, staging) if error is not None else ""

@@ -93,6 +93,20 @@ def test_failed_write_leaves_previous_checkpoint_and_names_path(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-5"]
 
 
+def test_a_write_stopped_by_ctrl_c_or_sigterm_leaves_no_staging(tmp_path):
+    """Ctrl-C or SIGTERM (a BaseException) during a write left the staging folder (~12 MB at tiny) until the next run
+    in that folder removed it; only an OSError's cleanup ran."""
+    previous = write_fake_checkpoint(tmp_path, 5)
+
+    def stopped_midway(folder):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint(tmp_path, 10, stopped_midway)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-5"] and ckpt.verify_checkpoint(previous) is None
+
+
 def test_sigkill_during_write_leaves_no_checkpoint(tmp_path):
     """A process killed before the manifest leaves only a staging folder, which discovery ignores."""
     write_fake_checkpoint(tmp_path, 5)

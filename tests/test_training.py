@@ -1743,6 +1743,24 @@ def test_a_stop_signal_whose_exception_is_swallowed_still_stops_the_run(assets, 
     assert training.main(run_args(assets, tmp_path / "again", max_steps=2, save_steps=0)) == 0  # nothing left pending
 
 
+def test_a_distributed_write_stopped_by_ctrl_c_leaves_no_staging(tmp_path):
+    """The several-process write (`_save_distributed`, run here in one process) removed its staging folder on an
+    error, not when Ctrl-C or SIGTERM stopped it."""
+    import types
+
+    from accelerate import Accelerator
+
+    trainer = types.SimpleNamespace(accelerator=Accelerator(cpu=True), is_main=True, output_dir=tmp_path)
+
+    def stopped_midway(staging):
+        (staging / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training.Trainer._save_distributed(trainer, 4, stopped_midway, lambda staging: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(assets, reference_run, tmp_path):
     """Kill a run at a random moment of its training (seeded; the seed is printed on failure), resume: same weights.
