@@ -486,6 +486,28 @@ def keep_configured_schedule(scheduler, configured: list[dict], source) -> None:
         logger.warning("%s: the learning-rate schedule changed (%s); the resumed run follows the new one.", source, detail)
 
 
+OPTIMIZER_SETTINGS = {"betas": "--adam_beta1/--adam_beta2", "eps": "--adam_epsilon", "weight_decay": "--weight_decay"}
+
+
+def keep_configured_optimizer(optimizer, configured: list[dict], source) -> None:
+    """After `optimizer.load_state_dict`, put back this run's Adam settings (`configured`: each parameter group's
+    before loading). torch restores the saved groups' betas, epsilon and weight decay with the moments, which
+    silently ignored a changed --adam_beta2 or --weight_decay on resume while eval_results.json recorded the new
+    value; as with the learning-rate schedule, the resumed run follows the new settings, with a warning."""
+    changed = {}
+    for group, settings in zip(optimizer.param_groups, configured):
+        for key, value in settings.items():
+            saved = group.get(key)
+            if (list(saved) if isinstance(saved, (list, tuple)) else saved) != (
+                    list(value) if isinstance(value, tuple) else value):
+                changed[key] = (saved, value)
+                group[key] = value
+    if changed:
+        detail = ", ".join(f"{OPTIMIZER_SETTINGS[key]} {tuple(old) if isinstance(old, list) else old!r} -> {new!r}"
+                           for key, (old, new) in changed.items())
+        logger.warning("%s: the optimizer's settings changed (%s); the resumed run follows the new ones.", source, detail)
+
+
 def make_optimizer_and_scheduler(model: torch.nn.Module, config: TrainingConfig, d_model: int):
     """Adam(beta1, beta2, eps) with lr = the schedule (Section 5.3); AdamW when weight decay is set.
 
@@ -1852,8 +1874,11 @@ class Trainer:
         optimizer_state = ckpt.load_torch_state(optimizer_file)
         if not _is_fsdp(self.accelerator):  # FSDP's full state is keyed by names, and checked by torch
             check_optimizer_state(optimizer_state, self.optimizer, model, optimizer_file)
+        configured_optimizer = [{key: group[key] for key in OPTIMIZER_SETTINGS if key in group}
+                                for group in self.optimizer.param_groups]
         with restoring(optimizer_file, "the optimizer's state"):
             load_optimizer_state(self.accelerator, self.model, self.optimizer, optimizer_state)
+        keep_configured_optimizer(self.optimizer, configured_optimizer, optimizer_file)
         configured = [dict(vars(schedule)) for schedule in self.scheduler.lr_lambdas]
         with restoring(folder / SCHEDULER_NAME, "the learning-rate schedule"):
             self.scheduler.load_state_dict(ckpt.load_torch_state(folder / SCHEDULER_NAME))
