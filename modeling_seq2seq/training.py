@@ -2146,8 +2146,16 @@ class Trainer:
 
     def earlier_runs_last(self, saved: int) -> bool:
         """Whether the checkpoint of step `saved` is an earlier run's last one (finished, or out of time), saved off
-        the `save_steps` schedule and before this step: a run never interrupted would not have it."""
-        return saved < self.step and (not self.config.save_steps or saved % self.config.save_steps != 0)
+        the `save_steps` schedule it was written under and before this step: a run never interrupted would not have
+        it. (Judged by this run's --save_steps, a resume with another one deleted the earlier run's scheduled
+        checkpoints and left them out of the average.)"""
+        if saved >= self.step:
+            return False
+        recorded, _ = ckpt.recorded_run(ckpt.checkpoint_path(self.output_dir, saved))
+        save_steps = recorded.get("save_steps", self.config.save_steps)
+        if not isinstance(save_steps, int) or isinstance(save_steps, bool):
+            save_steps = self.config.save_steps
+        return not save_steps or saved % save_steps != 0
 
     def finish(self, stop_reason: str) -> dict:
         config, accelerator = self.config, self.accelerator

@@ -1268,6 +1268,21 @@ def test_a_finished_run_continued_to_more_steps_ends_as_a_run_never_interrupted(
     assert_same_weights(continued, tmp_path / "once", atol=0)
 
 
+def test_a_resume_with_another_save_steps_keeps_the_earlier_schedules_checkpoints(assets, tmp_path, caplog):
+    """A checkpoint is an earlier run's off-schedule last one by the --save_steps it was written under: judged by the
+    resumed run's, checkpoints 4 and 8 (save_steps 4, resumed with 3) were deleted as superseded and left out of
+    the average ("only 2 complete ones exist")."""
+    output_dir = tmp_path / "run"
+    settings = dict(save_total_limit=5, average_checkpoints=5)
+    assert training.main(run_args(assets, output_dir, max_steps=8, save_steps=4, **settings)) == 0
+    assert training.main(run_args(assets, output_dir, max_steps=12, save_steps=3, resume_from_checkpoint="latest",
+                                  **settings)) == 0
+    assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == [
+        "checkpoint-4", "checkpoint-8", "checkpoint-9", "checkpoint-12"]
+    averaged = json.loads((output_dir / "eval_results.json").read_text())["averaged_checkpoints"]
+    assert [Path(path).name for path in averaged] == ["checkpoint-4", "checkpoint-8", "checkpoint-9", "checkpoint-12"]
+
+
 def test_a_run_killed_between_its_last_checkpoint_and_the_rotation_rotates_when_resumed(assets, tmp_path):
     """Killed after its last checkpoint was renamed into place but before the older ones beyond save_total_limit
     were deleted (here: a run that kept all three), a run resumed there trains nothing and saves nothing, and still
