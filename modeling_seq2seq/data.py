@@ -652,12 +652,18 @@ def tokenize_pairs(
     return out, len(dataset) - len(out)
 
 
-def token_lengths(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(source lengths, target lengths) of a tokenised dataset, read from Arrow without Python lists."""
+def token_lengths(dataset: Dataset, digest=None) -> tuple[np.ndarray, np.ndarray]:
+    """(source lengths, target lengths) of a tokenised dataset, read from Arrow without Python lists. With `digest`
+    (a `hashlib` object), every pair's ids, in order, and the lengths that delimit them are fed to it: a fingerprint
+    of the data as trained on (at 4.5M pairs a few seconds)."""
     src, tgt = [], []
     for batch in dataset.with_format("arrow").iter(batch_size=100_000):
         src.append(pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False))
         tgt.append(pc.list_value_length(batch["labels"]).to_numpy(zero_copy_only=False))
+        if digest is not None:
+            for column, lengths in (("input_ids", src[-1]), ("labels", tgt[-1])):
+                digest.update(lengths.astype(np.int64).tobytes())
+                digest.update(pc.list_flatten(batch[column]).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
     if not src:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(src).astype(np.int64), np.concatenate(tgt).astype(np.int64)

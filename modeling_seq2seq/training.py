@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -1492,8 +1493,8 @@ def check_same_data(folder: Path, config) -> None:
     if old_file is not None and new_file is not None and resolve_path(old_file).resolve() != resolve_path(new_file).resolve():
         # A job often copies its data to a new scratch folder each time it runs: a moved file is taken as the same
         # data (the sampler still refuses another number of pairs), with a word.
-        logger.warning("Resuming %s on train_file %r; the checkpoint was trained on %r. Taken as the same data, moved.",
-                       folder, new_file, old_file)
+        logger.warning("Resuming %s on train_file %r; the checkpoint was trained on %r. Taken as the same data, moved "
+                       "(if its tokens are the same).", folder, new_file, old_file)
     if changed:
         raise ckpt.CheckpointError(f"{folder} was trained on other data ({'; '.join(changed)}). Resume with the data "
                                    "settings the run was started with; to go on from its weights on other data, "
@@ -1757,7 +1758,9 @@ class Trainer:
     def make_sampler(self):
         from .data import TokenBatchSampler, token_lengths
 
-        source_lengths, target_lengths = token_lengths(self.train_set)
+        digest = hashlib.sha256()
+        source_lengths, target_lengths = token_lengths(self.train_set, digest)
+        self.train_data_sha256 = digest.hexdigest()  # checked on resume: the same count of pairs is not the same data
         return TokenBatchSampler(
             source_lengths,
             target_lengths,
@@ -1791,6 +1794,7 @@ class Trainer:
             "world_size": self.world_size,
             "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "config": self.config.to_dict(),
+            "train_data_sha256": self.train_data_sha256,
             "log_records": self.log.records,
             "last_eval_step": self.last_eval_step,
             "log_window": self.log_window.state_dict(),
@@ -1867,6 +1871,13 @@ class Trainer:
                 "change the data order or the random streams (each process keeps its own). Resume with the same "
                 "number of processes."
             )
+        if state.get("train_data_sha256", self.train_data_sha256) != self.train_data_sha256:
+            raise ckpt.CheckpointError(
+                f"{folder} was trained on other data: this run's training pairs, as tokenized, are not the ones it "
+                f"trained on ({state.get('sampler', {}).get('num_examples', '?')} pairs there, "
+                f"{len(self.train_set)} now; their text or order differs). Resume with the data the run was started "
+                f"with; to go on from its weights on other data, fine-tune it: scripts/finetune_trainer.py --model "
+                f"{folder}.")
         model = self.accelerator.unwrap_model(self.model)
         check_same_model(folder, model.config)
         load_full_weights(self.accelerator, self.model, ckpt.load_safetensors_folder(folder), str(folder))

@@ -521,6 +521,26 @@ def test_tokenize_pairs_adds_ids_and_filters_long_pairs(tok):
     assert token_lengths(sub)[0].tolist() == [len(out[-1]["input_ids"])]
 
 
+def test_the_fingerprint_of_tokenized_pairs_sees_ids_order_and_boundaries():
+    """What a resume compares: equal for the same pairs (however the dataset holds them), different for one id
+    changed at the same lengths, two pairs swapped, or ids moved from one pair's end to the next one's start."""
+    import hashlib
+
+    def fingerprint(input_ids, labels, **select):
+        ds = Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+        if select:
+            ds = ds.select(select["rows"])
+        digest = hashlib.sha256()
+        token_lengths(ds, digest)
+        return digest.hexdigest()
+
+    base = fingerprint([[5, 6, 2], [7, 2]], [[8, 2], [9, 9, 2]])
+    assert base == fingerprint([[5, 6, 2], [7, 2], [1, 2]], [[8, 2], [9, 9, 2], [3, 2]], rows=[0, 1])
+    assert base != fingerprint([[5, 6, 2], [7, 2]], [[8, 2], [9, 4, 2]])
+    assert base != fingerprint([[7, 2], [5, 6, 2]], [[9, 9, 2], [8, 2]])
+    assert base != fingerprint([[5, 6], [2, 7, 2]], [[8, 2], [9, 9, 2]])
+
+
 # ------------------------------------------------------------------------------------------------
 # token batching
 

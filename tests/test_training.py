@@ -1357,6 +1357,33 @@ def test_resuming_with_other_data_settings_names_them(assets, reference_run, tmp
         training.check_same_data(tmp_path / "saved", training.TrainingConfig(train_file="moved.tsv", source_lang="fr"))
 
 
+def test_resuming_on_other_pairs_of_the_same_count_is_refused(assets, tmp_path, capsys):
+    """The settings and the number of pairs were compared, not the pairs: the file rewritten with other text (or
+    moved, and another file put in its place) resumed in silence. A fingerprint of the tokenized pairs is."""
+    from modeling_seq2seq.data import builtin_task
+
+    pairs = builtin_task()["train"]
+    data = tmp_path / "train.jsonl"
+
+    def write(rows):
+        data.write_text("".join(json.dumps({"translation": {"en": pairs[i]["source"], "de": pairs[i]["target"]}}) + "\n"
+                                for i in rows), encoding="utf-8")
+
+    write(range(200))
+    long = dict(max_source_length=64, max_target_length=64)  # none filtered: the same count of pairs
+    output_dir = tmp_path / "run"
+    assert training.main(run_args(assets, output_dir, train_file=str(data), max_steps=4, **long)) == 0
+    write(range(200, 400))
+    assert training.main(run_args(assets, output_dir, train_file=str(data), max_steps=8,
+                                  resume_from_checkpoint="latest", **long)) == 1
+    assert (f"{output_dir / 'checkpoint-4'} was trained on other data: this run's training pairs, as tokenized, are not "
+            "the ones it trained on (200 pairs there, 200 now; their text or order differs)") in capsys.readouterr().err
+    assert [p.name for _, p in ckpt.list_checkpoints(output_dir)] == ["checkpoint-4"]
+    write(range(200))  # the same pairs again (moved back): resumed
+    assert training.main(run_args(assets, output_dir, train_file=str(data), max_steps=8,
+                                  resume_from_checkpoint="latest", **long)) == 0
+
+
 def test_resume_keeps_the_checkpoints_tokenizer(assets, reference_run, tmp_path, capsys, caplog):
     """Another tokenizer, even of the same size, would renumber the text the weights learned: refused, naming both.
     The run's own tokenizer given again passes; a changed --vocab_size is ignored with a word."""
