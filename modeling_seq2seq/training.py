@@ -1550,8 +1550,18 @@ class Trainer:
             project_dir=str(self.output_dir) if tracker else None,
             step_scheduler_with_optimizer=False,
         )
+        launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` asked
         if config.mixed_precision is None:  # unset: what `accelerate launch --config_file ...` asked for, else "no"
             self.config = config = dataclasses.replace(config, mixed_precision=self.accelerator.mixed_precision)
+        elif launcher_precision not in ("no", config.mixed_precision) and self.accelerator.is_main_process:
+            logger.warning("accelerate launch asked for %s mixed precision; the recipe's mixed_precision %r wins. "
+                           "Leave mixed_precision unset in the recipe (or pass --mixed_precision) to choose.",
+                           launcher_precision, config.mixed_precision)
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not _is_fsdp(self.accelerator) \
+                and self.accelerator.is_main_process:
+            logger.warning("The accelerate config asks for FSDP, which Accelerate runs on GPUs only: this run goes "
+                           "without it (distributed type %s, %d process(es)), each process holding the whole model.",
+                           self.accelerator.distributed_type.value, self.accelerator.num_processes)
         self.is_main = self.accelerator.is_main_process
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index

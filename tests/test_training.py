@@ -2558,6 +2558,19 @@ def test_bf16_mixed_precision_runs_the_step_under_bf16_autocast_and_skips_an_inf
     assert all(torch.isfinite(t).all() for t in weights(output_dir).values())
 
 
+def test_what_accelerate_launch_asks_for_and_the_run_does_not_is_said(assets, tmp_path, monkeypatch, caplog):
+    """The recipe's mixed_precision wins over the launcher's (configs/train-tiny.yaml says "no"), and FSDP on a CPU runs
+    as plain data parallelism: both silently, before."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with caplog.at_level("WARNING"):
+        assert training.main(run_args(assets, tmp_path / "run", max_steps=1, mixed_precision="no")) == 0
+    assert "accelerate launch asked for bf16 mixed precision; the recipe's mixed_precision 'no' wins" in caplog.text
+    assert "The accelerate config asks for FSDP, which Accelerate runs on GPUs only" in caplog.text
+    assert json.loads((tmp_path / "run" / training.EVAL_RESULTS_NAME).read_text())["training_config"][
+        "mixed_precision"] == "no"
+
+
 @pytest.mark.slow
 def test_two_processes_log_the_global_token_mean_and_seed_each_process_differently(assets, tmp_path):
     """2 processes x 1 micro-batch log what 1 process x 2 micro-batches logs: the loss as the mean over every target
