@@ -51,7 +51,8 @@ FIELD_TYPES = {
     "layer_norm_eps": (is_number, "a positive finite number"),
     **{field: (lambda value: isinstance(value, bool), "True or False") for field in SWITCHES},
     **{field: (is_token_id, "None or an integer in [0, vocab_size={vocab_size})") for field in TOKEN_IDS},
-    "eos_token_id": (lambda value: is_token_id(value) or (isinstance(value, (list, tuple)) and all(map(is_int, value))),
+    "eos_token_id": (lambda value: is_token_id(value)
+                     or isinstance(value, (list, tuple)) and all(map(is_token_id, value)),
                      "None or integers in [0, vocab_size={vocab_size})"),
     "init_std": (lambda value: value is None or is_number(value), "a positive finite number or None"),
     "activation_function": (lambda value: value in ACTIVATIONS, f"one of {ACTIVATIONS}"),
@@ -194,11 +195,12 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
         """Raise `ValueError` naming the field and its value when the model could not be built from it."""
 
         def fail(field, value, expected):
+            expected = expected.format(vocab_size=self.vocab_size)
             raise ValueError(f"Seq2SeqTransformerConfig.{field}={value!r} is invalid: expected {expected}.")
 
         for field, (has_type, expected) in FIELD_TYPES.items():  # a value written into `__dict__` skips __setattr__
             if not has_type(getattr(self, field)):
-                fail(field, getattr(self, field), expected.format(vocab_size=self.vocab_size))
+                fail(field, getattr(self, field), expected)
         for field in INTEGERS:
             if getattr(self, field) <= 0:
                 fail(field, getattr(self, field), FIELD_TYPES[field][1])
@@ -217,10 +219,11 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
         for field in TOKEN_IDS:
             value = getattr(self, field)
             if value is not None and not 0 <= value < self.vocab_size:
-                fail(field, value, FIELD_TYPES[field][1].format(vocab_size=self.vocab_size))
+                fail(field, value, FIELD_TYPES[field][1])
         eos = self.eos_token_id
-        if any(value is not None and not 0 <= value < self.vocab_size for value in (eos if isinstance(eos, (list, tuple)) else [eos])):
-            fail("eos_token_id", eos, FIELD_TYPES["eos_token_id"][1].format(vocab_size=self.vocab_size))
+        if any(value is not None and not 0 <= value < self.vocab_size
+               for value in (eos if isinstance(eos, (list, tuple)) else [eos])):
+            fail("eos_token_id", eos, FIELD_TYPES["eos_token_id"][1])
 
 
 __all__ = ["Seq2SeqTransformerConfig"]

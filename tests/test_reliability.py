@@ -178,8 +178,8 @@ def test_a_value_of_the_wrong_type_is_refused_when_it_is_set():
         with pytest.raises(ValueError, match=re.escape(f"Seq2SeqTransformerConfig.{message}")):
             setattr(config, key, value)
     assert (config.label_smoothing, config.use_cache, config.d_model) == (0.0, True, 32)
-    config.d_model, config.dropout, config.eos_token_id = 30, 2.0, [2, 3]  # each of the right type: taken
-    assert (config.hidden_size, config.dropout, config.eos_token_id) == (30, 2.0, [2, 3])
+    config.d_model, config.dropout, config.eos_token_id = 30, 2.0, [2, None]  # each of the right type: taken
+    assert (config.hidden_size, config.dropout, config.eos_token_id) == (30, 2.0, [2, None])
 
 
 @pytest.mark.parametrize(
