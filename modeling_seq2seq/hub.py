@@ -241,8 +241,9 @@ def build_hub_folder(
     averaged_from = _read_json(model_dir / AVERAGED_FROM_NAME)  # average_checkpoints.py's output: the card says so
     checkpoints = averaged_from.get("checkpoints") if isinstance(averaged_from, dict) else None
     if isinstance(checkpoints, list) and checkpoints and not (eval_results or {}).get("averaged_checkpoints"):
-        last_step = re.fullmatch(r"checkpoint-(\d+)", Path(str(checkpoints[-1])).name)
-        eval_results = {**({"step": int(last_step.group(1))} if last_step else {}), **(eval_results or {}),
+        steps = [int(match.group(1)) for path in checkpoints
+                 if (match := re.fullmatch(r"checkpoint-(\d+)", Path(str(path)).name))]  # listed in any order
+        eval_results = {**({"step": max(steps)} if steps else {}), **(eval_results or {}),
                         "averaged_checkpoints": [str(path) for path in checkpoints]}
 
     # Inference settings: training writes use_cache=False into the config; a shared model should decode fast.

@@ -1559,9 +1559,10 @@ class Trainer:
                            launcher_precision, config.mixed_precision)
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not _is_fsdp(self.accelerator) \
                 and self.accelerator.is_main_process:
-            logger.warning("The accelerate config asks for FSDP, which Accelerate runs on GPUs only: this run goes "
-                           "without it (distributed type %s, %d process(es)), each process holding the whole model.",
-                           self.accelerator.distributed_type.value, self.accelerator.num_processes)
+            logger.warning("The accelerate config asks for FSDP, which Accelerate sets up for several processes on "
+                           "GPUs only: this run goes without it (distributed type %s, %d process(es)), each process "
+                           "holding the whole model.", self.accelerator.distributed_type.value,
+                           self.accelerator.num_processes)
         self.is_main = self.accelerator.is_main_process
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -1882,12 +1883,13 @@ class Trainer:
                 "number of processes."
             )
         if state.get("train_data_sha256", self.train_data_sha256) != self.train_data_sha256:
+            saved_count = state.get("sampler", {}).get("num_examples")
+            how = ("their text or order differs" if saved_count == len(self.train_set) else
+                   f"{saved_count} pairs there, {len(self.train_set)} now: the file, the filters or max_train_samples")
             raise ckpt.CheckpointError(
                 f"{folder} was trained on other data: this run's training pairs, as tokenized, are not the ones it "
-                f"trained on ({state.get('sampler', {}).get('num_examples', '?')} pairs there, "
-                f"{len(self.train_set)} now; their text or order differs). Resume with the data the run was started "
-                f"with; to go on from its weights on other data, fine-tune it: scripts/finetune_trainer.py --model "
-                f"{folder}.")
+                f"trained on ({how}). Resume with the data the run was started with; to go on from its weights on "
+                f"other data, fine-tune it: scripts/finetune_trainer.py --model {folder}.")
         model = self.accelerator.unwrap_model(self.model)
         check_same_model(folder, model.config)
         load_full_weights(self.accelerator, self.model, ckpt.load_safetensors_folder(folder), str(folder))

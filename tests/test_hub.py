@@ -522,7 +522,7 @@ def test_model_card_without_eval_results(model_dir, tmp_path):
     # the last checkpoint's step (its card said nothing of either).
     (bare / "trainer_state.json").unlink()
     (bare / "averaged_from.json").write_text(json.dumps({"checkpoints": [f"/runs/x/checkpoint-{step}" for step in (
-        30, 40)], "run": {"source_lang": "en", "target_lang": "de"}}))
+        40, 30)], "run": {"source_lang": "en", "target_lang": "de"}}))  # as --checkpoints listed them
     build_hub_folder(bare, tmp_path / "out5", template=TEMPLATE)
     card = ModelCard.load(tmp_path / "out5" / "README.md")
     assert "Trained for 40 optimiser steps. The weights are the average of the last 2 checkpoints" in card.text

@@ -1858,6 +1858,8 @@ def test_convert_script_round_trip(tmp_path, capsys, unusual_permissions):
     for args, message in [
         (["--to", "ours", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "back")],
          f"--output_dir {tmp_path / 'back'} exists and is not empty; choose a new --output_dir."),
+        (["--to", "ours", "--input", str(partial), "--output_dir", str(tmp_path / "back")],  # before any loading
+         f"--output_dir {tmp_path / 'back'} exists and is not empty; choose a new --output_dir."),
         (["--to", "marian", "--input", str(tmp_path / "marian"), "--output_dir", str(tmp_path / "x")],
          "its config.json says model_type 'marian', not 'seq2seq_transformer'"),
         (["--to", "marian", "--input", str(partial), "--output_dir", str(tmp_path / "x")],
