@@ -33,8 +33,20 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_switch(value):
+    return isinstance(value, bool)
+
+
 def is_token_id(value):
     return value is None or is_int(value)
+
+
+def is_token_ids(value):
+    return is_token_id(value) or isinstance(value, (list, tuple)) and all(map(is_token_id, value))
+
+
+def is_optional_number(value):
+    return value is None or is_number(value)
 
 
 INTEGERS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
@@ -42,24 +54,26 @@ INTEGERS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encode
 PROBABILITIES = ("dropout", "attention_dropout", "activation_dropout", "label_smoothing")
 SWITCHES = ("scale_embedding", "tie_word_embeddings", "output_bias", "use_cache")
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "decoder_start_token_id")
-# The type each field must have whenever it is set, as transformers' typed configs (MarianConfig) check on
-# assignment; ranges, and what one field requires of another, are checked when a model is built or saved, since a
-# user may change d_model and the head count one after the other.
+# The type each field must have whenever it is set (a check, or the tuple of allowed values), as transformers' typed
+# configs (MarianConfig) check on assignment; ranges, and what one field requires of another, are checked when a model
+# is built or saved, since a user may change d_model and the head count one after the other.
 FIELD_TYPES = {
     **{field: (is_int, "a positive integer") for field in INTEGERS},
     **{field: (is_number, "a number in [0, 1)") for field in PROBABILITIES},
     "layer_norm_eps": (is_number, "a positive finite number"),
-    **{field: (lambda value: isinstance(value, bool), "True or False") for field in SWITCHES},
+    **{field: (is_switch, "True or False") for field in SWITCHES},
     **{field: (is_token_id, "None or an integer in [0, vocab_size={vocab_size})") for field in TOKEN_IDS},
-    "eos_token_id": (lambda value: is_token_id(value)
-                     or isinstance(value, (list, tuple)) and all(map(is_token_id, value)),
-                     "None or integers in [0, vocab_size={vocab_size})"),
-    "init_std": (lambda value: value is None or is_number(value), "a positive finite number or None"),
-    "activation_function": (lambda value: value in ACTIVATIONS, f"one of {ACTIVATIONS}"),
-    "layer_norm_position": (lambda value: value in LAYER_NORM_POSITIONS, f"one of {LAYER_NORM_POSITIONS}"),
-    "positional_encoding_layout": (lambda value: value in POSITIONAL_ENCODING_LAYOUTS,
-                                   f"one of {POSITIONAL_ENCODING_LAYOUTS}"),
+    "eos_token_id": (is_token_ids, "None or integers in [0, vocab_size={vocab_size})"),
+    "init_std": (is_optional_number, "a positive finite number or None"),
+    "activation_function": (ACTIVATIONS, f"one of {ACTIVATIONS}"),
+    "layer_norm_position": (LAYER_NORM_POSITIONS, f"one of {LAYER_NORM_POSITIONS}"),
+    "positional_encoding_layout": (POSITIONAL_ENCODING_LAYOUTS, f"one of {POSITIONAL_ENCODING_LAYOUTS}"),
 }
+
+
+def has_field_type(field: str, value) -> bool:
+    check = FIELD_TYPES[field][0]
+    return value in check if isinstance(check, tuple) else check(value)
 
 
 class Seq2SeqTransformerConfig(PretrainedConfig):
@@ -178,7 +192,7 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
 
     def __setattr__(self, key, value):
         field = self.attribute_map.get(key, key)
-        if field in FIELD_TYPES and not FIELD_TYPES[field][0](value):
+        if field in FIELD_TYPES and not has_field_type(field, value):
             name = field if key == field else f"{key} ({field})"
             expected = FIELD_TYPES[field][1].format(vocab_size=getattr(self, "vocab_size", None))
             raise ValueError(f"Seq2SeqTransformerConfig.{name}={value!r} is invalid: expected {expected}.")
@@ -198,8 +212,8 @@ class Seq2SeqTransformerConfig(PretrainedConfig):
             expected = expected.format(vocab_size=self.vocab_size)
             raise ValueError(f"Seq2SeqTransformerConfig.{field}={value!r} is invalid: expected {expected}.")
 
-        for field, (has_type, expected) in FIELD_TYPES.items():  # a value written into `__dict__` skips __setattr__
-            if not has_type(getattr(self, field)):
+        for field, (_, expected) in FIELD_TYPES.items():  # a value written into `__dict__` skips __setattr__
+            if not has_field_type(field, getattr(self, field)):
                 fail(field, getattr(self, field), expected)
         for field in INTEGERS:
             if getattr(self, field) <= 0:
