@@ -299,6 +299,7 @@ class MultiHeadAttention(nn.Module):
         cache: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
         is_causal: bool = False,
+        cache_position: torch.Tensor | None = None,
     ):
         if self.is_cross_attention:
             (query,) = self.split_heads(linear(self.q_proj, hidden_states), 1)
@@ -312,8 +313,9 @@ class MultiHeadAttention(nn.Module):
                     cache.is_updated[self.layer_idx] = True
         else:
             query, key, value = self.split_heads(linear(self.qkv_proj, hidden_states), 3)
-            if cache is not None:
-                key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+            if cache is not None:  # a static cache's slots for the new tokens (4.57's wrote each step into the first)
+                cache_kwargs = None if cache_position is None else {"cache_position": cache_position}
+                key, value = cache.self_attention_cache.update(key, value, self.layer_idx, cache_kwargs)
 
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention = ATTENTION_FUNCTIONS.get(implementation) or registered_attention(implementation)
@@ -408,13 +410,14 @@ class DecoderLayer(SublayerMixin, GradientCheckpointingLayer):
         cache=None,
         output_attentions=False,
         is_causal=False,
+        cache_position=None,
     ):
         hidden_states, self_weights = self.sublayer(
             hidden_states,
             self.self_attn_layer_norm,
             lambda x: self.self_attn(
                 x, attention_mask=self_attention_mask, cache=cache,
-                output_attentions=output_attentions, is_causal=is_causal,
+                output_attentions=output_attentions, is_causal=is_causal, cache_position=cache_position,
             ),
         )
         hidden_states, cross_weights = self.sublayer(
@@ -664,6 +667,7 @@ class Decoder(nn.Module):
                 is_causal = True
             else:
                 self_mask = causal_mask(length, past_length, dtype, device)
+        cache_position = None if key_slots is None else torch.arange(length, device=device) + past_length
         cross_mask = None
         if encoder_attention_mask is not None:
             check_mask_shape(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask")
@@ -681,6 +685,7 @@ class Decoder(nn.Module):
                 cache=cache,
                 output_attentions=output_attentions,
                 is_causal=is_causal,
+                cache_position=cache_position,
             )
             if output_attentions:
                 all_self_attentions += (self_weights,)

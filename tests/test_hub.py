@@ -228,6 +228,10 @@ PROBE = textwrap.dedent(
         greedy = model.generate(**encoded, num_beams=1, max_new_tokens=12)
         result["greedy"] = greedy.tolist()
         result["beam"] = model.generate(**encoded, max_new_tokens=12).tolist()
+        # transformers' loop over a fixed-size cache (4.57's wrote every step into its first slot: other tokens)
+        result["static_greedy"] = model.generate(**encoded, num_beams=1, max_new_tokens=12,
+                                                 cache_implementation="static").tolist()
+        result["static_beam"] = model.generate(**encoded, max_new_tokens=12, cache_implementation="static").tolist()
         sampling = dict(do_sample=True, num_beams=1, top_k=20, temperature=0.8, max_new_tokens=12)  # SAMPLING
         torch.manual_seed(0)
         result["sampled"] = model.generate(**encoded, **sampling).tolist()
@@ -283,6 +287,7 @@ def assert_matches_reference(probe: dict, reference: dict) -> None:
     assert probe["input_ids"] == reference["input_ids"]
     assert probe["greedy"] == reference["greedy"]
     assert probe["beam"] == reference["beam"]
+    assert (probe["static_greedy"], probe["static_beam"]) == (reference["greedy"], reference["beam"])
     assert probe["sampled"] == probe["sampled_by_transformers"] == reference["sampled"]
     assert torch.allclose(torch.tensor(probe["logits"]), torch.tensor(reference["logits"]), atol=1e-5, rtol=0)
 
