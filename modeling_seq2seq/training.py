@@ -1560,7 +1560,7 @@ class Trainer:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not _is_fsdp(self.accelerator) \
                 and self.accelerator.is_main_process:
             logger.warning("The accelerate config asks for FSDP, which Accelerate sets up for several processes on "
-                           "GPUs only: this run goes without it (distributed type %s, %d process(es)), each process "
+                           "accelerators (GPUs) only: this run goes without it (distributed type %s, %d process(es)), each process "
                            "holding the whole model.", self.accelerator.distributed_type.value,
                            self.accelerator.num_processes)
         self.is_main = self.accelerator.is_main_process
@@ -1883,7 +1883,8 @@ class Trainer:
                 "number of processes."
             )
         if state.get("train_data_sha256", self.train_data_sha256) != self.train_data_sha256:
-            saved_count = state.get("sampler", {}).get("num_examples")
+            sampler = state.get("sampler")
+            saved_count = sampler.get("num_examples") if isinstance(sampler, dict) else None
             how = ("their text or order differs" if saved_count == len(self.train_set) else
                    f"{saved_count} pairs there, {len(self.train_set)} now: the file, the filters or max_train_samples")
             raise ckpt.CheckpointError(

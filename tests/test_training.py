@@ -2570,7 +2570,7 @@ def test_what_accelerate_launch_asks_for_and_the_run_does_not_is_said(assets, tm
     with caplog.at_level("WARNING"):
         assert training.main(run_args(assets, tmp_path / "run", max_steps=1, mixed_precision="no")) == 0
     assert "accelerate launch asked for bf16 mixed precision; the recipe's mixed_precision 'no' wins" in caplog.text
-    assert "The accelerate config asks for FSDP, which Accelerate sets up for several processes on GPUs only" in caplog.text
+    assert "The accelerate config asks for FSDP, which Accelerate sets up for several processes on accelerators" in caplog.text
     assert json.loads((tmp_path / "run" / training.EVAL_RESULTS_NAME).read_text())["training_config"][
         "mixed_precision"] == "no"
 
