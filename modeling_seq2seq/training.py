@@ -1492,7 +1492,7 @@ def check_same_data(folder: Path, config) -> None:
                and not (field == "train_file" and old_file is not None and new_file is not None)]
     if old_file is not None and new_file is not None and resolve_path(old_file).resolve() != resolve_path(new_file).resolve():
         # A job often copies its data to a new scratch folder each time it runs: a moved file is taken as the same
-        # data (the sampler still refuses another number of pairs), with a word.
+        # data (the fingerprint of its tokenized pairs, checked when the checkpoint loads, refuses other pairs).
         logger.warning("Resuming %s on train_file %r; the checkpoint was trained on %r. Taken as the same data, moved "
                        "(if its tokens are the same).", folder, new_file, old_file)
     if changed:
@@ -1560,8 +1560,8 @@ class Trainer:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not _is_fsdp(self.accelerator) \
                 and self.accelerator.is_main_process:
             logger.warning("The accelerate config asks for FSDP, which Accelerate sets up for several processes on "
-                           "accelerators (GPUs) only: this run goes without it (distributed type %s, %d process(es)), each process "
-                           "holding the whole model.", self.accelerator.distributed_type.value,
+                           "accelerators (GPUs) only: this run goes without it (distributed type %s, %d process(es)), "
+                           "each process holding the whole model.", self.accelerator.distributed_type.value,
                            self.accelerator.num_processes)
         self.is_main = self.accelerator.is_main_process
         self.world_size = self.accelerator.num_processes
