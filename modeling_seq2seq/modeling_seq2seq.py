@@ -255,7 +255,7 @@ def resolve_cache(cache, past_key_values):
         return cache
     if cache is not None:
         raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
-    if CACHE_FIELD == "cache":
+    if CACHE_FIELD == "cache" and not torch.compiler.is_compiling():  # a warning breaks a compiled graph in two
         warnings.warn("`past_key_values` is deprecated: use `cache` instead.", FutureWarning, stacklevel=3)
     return past_key_values
 

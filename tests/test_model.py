@@ -1135,6 +1135,21 @@ def test_static_cache_generate_equals_marian_and_the_dynamic_cache(implementatio
         assert ended.any() and not ended.all(), settings
 
 
+def test_the_old_cache_name_warns_in_eager_and_compiles_in_one_graph():
+    """`past_key_values=` (transformers 5.24 renamed it `cache`) warns as the library's models do; under
+    torch.compile the warning broke the forward's graph (dynamo cannot trace `warnings.warn`)."""
+    from modeling_seq2seq.modeling_seq2seq import CACHE_FIELD, resolve_cache
+
+    cache = torch.ones(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_cache(None, cache) is cache
+    assert [str(w.message) for w in caught] == (
+        ["`past_key_values` is deprecated: use `cache` instead."] if CACHE_FIELD == "cache" else [])
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(resolve_cache, fullgraph=True, backend="eager")(None, cache), cache)
+
+
 def test_static_cache_and_4d_masks_in_forward_equal_the_dynamic_cache():
     model = make_model()
     source, mask = padded_batch()
