@@ -1432,13 +1432,14 @@ def test_resume_follows_a_changed_learning_rate_schedule_and_says_so(assets, tmp
     assert training.main(run_args(assets, output_dir, max_steps=6, logging_steps=1)) == 0  # checkpoint-6 at the end
     with caplog.at_level("WARNING"):
         assert training.main(run_args(assets, output_dir, resume_from_checkpoint="latest", lr_scale=6.0, warmup_steps=20,
-                                      logging_steps=1, adam_beta2=0.5, adam_epsilon=1e-3)) == 0
+                                      logging_steps=1, adam_beta2=0.5, adam_epsilon=1e-3, weight_decay=0.01)) == 0
     assert "learning-rate schedule changed (warmup_steps 10 -> 20, scale 2.0 -> 6.0)" in caplog.text
     assert "the optimizer's settings changed (--adam_beta1/--adam_beta2 (0.9, 0.98) -> (0.9, 0.5), --adam_epsilon " \
-           "1e-09 -> 0.001); the resumed run follows the new ones" in caplog.text
+           "1e-09 -> 0.001, --weight_decay 0 -> 0.01); the resumed run follows the new ones" in caplog.text
     last = ckpt.find_latest_checkpoint(output_dir)
     group = ckpt.load_torch_state(last / training.OPTIMIZER_NAME)["param_groups"][0]
-    assert (tuple(group["betas"]), group["eps"]) == ((0.9, 0.5), 1e-3)
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.9, 0.5), 1e-3, 0.01)
+    assert group["decoupled_weight_decay"] is True  # AdamW's (Adam's state loaded into it), as configured
     logged = {r["step"]: r["lr"] for r in read_log(output_dir) if r["type"] == "train"}
     d_model = TINY_MODEL["d_model"]
     for step in range(1, 13):  # update k uses the schedule at k; from the first update after the checkpoint, the new one
