@@ -197,19 +197,19 @@ def attention_maps(
     Without `target`, the model translates greedily first; then one teacher-forced forward pass with the
     target as decoder input returns every layer's and head's weights (eager attention, `output_attentions`).
     """
-    source_ids = tokenizer(source)["input_ids"]
+    def within_positions(ids, side):  # and a map of n x n per head: 16,669 tokens ran for minutes
+        limit = model.config.max_position_embeddings
+        if len(ids) > limit:
+            raise ValueError(f"the {side} is {len(ids):,} tokens, more than the model's {limit} positions "
+                             "(max_position_embeddings): give a shorter sentence")
+        return ids
+
+    source_ids = within_positions(tokenizer(source)["input_ids"], "source")
     generated = target is None
-    limit = model.config.max_position_embeddings  # and a map of n x n per head: 16,669 tokens ran for minutes
-    if len(source_ids) > limit:
-        raise ValueError(f"the source is {len(source_ids):,} tokens, more than the model's {limit} positions "
-                         "(max_position_embeddings): give a shorter sentence")
     if generated:
         target_ids = generate_target_ids(model, tokenizer, source, max_new_tokens)
     else:
-        target_ids = tokenizer(text_target=target)["input_ids"]
-        if len(target_ids) > limit:
-            raise ValueError(f"the target is {len(target_ids):,} tokens, more than the model's {limit} positions "
-                             "(max_position_embeddings): give a shorter sentence")
+        target_ids = within_positions(tokenizer(text_target=target)["input_ids"], "target")
     if not target_ids:
         raise ValueError(f"empty target for {source!r}: nothing to show")
     pad = tokenizer.pad_token_id
